@@ -1,0 +1,184 @@
+"""Device choice: one place that knows whether arrays are CuPy or NumPy.
+
+Devices (DESIGN §3):
+- "cuda":    CuPy arrays, Numba CUDA kernels on CuPy's current stream; chosen automatically
+             when a GPU is usable.
+- "cpu":     NumPy arrays, Numba njit twins. Chosen when no GPU is usable.
+- "cudasim": NumPy arrays run through the CUDA kernels under Numba's simulator; tests only.
+             It needs NUMBA_ENABLE_CUDASIM=1 in the environment before numba is imported.
+
+`TRITNET_DEVICE=cpu|cuda|cudasim` overrides the automatic choice. Everything else in tritnet asks
+this module (`device()`, `xp()`, `get_array_module()`), so device differences stay here and in
+tritnet_kernels, never scattered through ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:  # CuPy is an optional extra ([cuda12] / [cuda13]); without it we run on the CPU.
+    import cupy
+except Exception:  # pragma: no cover - depends on the machine
+    cupy = None
+
+DEVICES = ("cuda", "cpu", "cudasim")
+META = "meta"  # construction only: modules built with shapes and dtypes, no memory (the trace)
+_device: str | None = None
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used on this machine."""
+
+
+def gpu_usable() -> tuple[bool, str]:
+    """(usable, reason): whether CuPy can see and use a CUDA device."""
+    if cupy is None:
+        return False, "CuPy is not installed (pip install -e .[cuda12] or .[cuda13])"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no device, broken install
+        return False, f"CuPy cannot reach a CUDA driver ({type(e).__name__}: {e})"
+    if n < 1:
+        return False, "no CUDA device is visible"
+    try:
+        cupy.zeros(1).sum().item()
+    except Exception as e:
+        return False, f"a CUDA device is visible but unusable ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def _resolve(name: str | None) -> str:
+    if name is None or name == "" or name == "auto":
+        return "cuda" if gpu_usable()[0] else "cpu"
+    if name not in DEVICES:
+        raise DeviceError(f"unknown device {name!r}: expected one of cpu, cuda, cudasim (or auto)")
+    if name == "cuda":
+        ok, why = gpu_usable()
+        if not ok:
+            raise DeviceError(f"device 'cuda' was asked for but no GPU is usable: {why}. "
+                              "Use TRITNET_DEVICE=cpu (or --device cpu) to run on the CPU.")
+    if name == "cudasim" and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        raise DeviceError("device 'cudasim' needs NUMBA_ENABLE_CUDASIM=1 set before Python starts")
+    return name
+
+
+def device() -> str:
+    """The current device, resolved once from TRITNET_DEVICE or what the machine has."""
+    global _device
+    if _device is None:
+        _device = _resolve(os.environ.get("TRITNET_DEVICE"))
+    return _device
+
+
+def set_device(name: str | None) -> str:
+    """Choose the device for arrays created from now on ("auto" or None: best available)."""
+    global _device
+    _device = _resolve(name)
+    return _device
+
+
+def xp():
+    """The array module of the current device: cupy for cuda, numpy otherwise."""
+    return cupy if device() == "cuda" else np
+
+
+def is_cupy(a) -> bool:
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def get_array_module(*arrays):
+    """cupy if any array is a CuPy array, else numpy (Chainer's get_array_module)."""
+    return cupy if any(is_cupy(a) for a in arrays) else np
+
+
+class MetaArray:
+    """What a buffer would be — shape and dtype — allocated nowhere (device "meta").
+
+    Modules built on the meta device hold these instead of arrays, so the constructor trace
+    (tritnet.config.trace) sizes a 3B-trit model in well under a second and a few MB."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape = tuple(int(n) for n in (shape if isinstance(shape, tuple) else (shape,)))
+        self.dtype = np.dtype(dtype)
+
+    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
+    ndim = property(lambda self: len(self.shape))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+
+    def __repr__(self):
+        return f"MetaArray(shape={self.shape}, dtype={self.dtype})"
+
+
+def is_meta(a) -> bool:
+    return isinstance(a, MetaArray)
+
+
+def zeros(shape, dtype, device: str | None = None):
+    """A zero-filled array on `device` (default: the current one); a MetaArray on "meta"."""
+    device = device or globals()["device"]()
+    if device == META:
+        return MetaArray(shape, dtype)
+    return (cupy if device == "cuda" else np).zeros(shape, dtype=dtype)
+
+
+def empty(shape, dtype, device: str | None = None):
+    device = device or globals()["device"]()
+    if device == META:
+        return MetaArray(shape, dtype)
+    return (cupy if device == "cuda" else np).empty(shape, dtype=dtype)
+
+
+def to_numpy(a) -> np.ndarray:
+    return a.get() if is_cupy(a) else np.asarray(a)
+
+
+def to_device(a, name: str | None = None):
+    """Move an array to `name` (default: the current device) as that device's array type."""
+    name = device() if name is None else name
+    if name == "cuda":
+        return a if is_cupy(a) else cupy.asarray(a)
+    return to_numpy(a)
+
+
+def array_device(a) -> str:
+    return "cuda" if is_cupy(a) else "cpu"
+
+
+def synchronize() -> None:
+    if cupy is not None and device() == "cuda":
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def describe() -> dict:
+    """Backend, device and library versions, for `tritnet info` and benchmark records."""
+    import numba
+
+    info = {"backend": device(), "numpy": np.__version__, "numba": numba.__version__}
+    try:
+        from importlib.metadata import version
+        info["numba-cuda"] = version("numba-cuda")
+    except Exception:
+        info["numba-cuda"] = "not installed"
+    info["cupy"] = cupy.__version__ if cupy is not None else "not installed"
+    ok, why = gpu_usable()
+    if ok:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        info["gpu_memory_gib"] = round(props["totalGlobalMem"] / 2**30, 1)
+    else:
+        info["gpu"] = f"none ({why})"
+    return info
+
+
+def scatter_add(target, indices, values) -> None:
+    """target[indices] += values with repeated indices summed (np.add.at / cupyx.scatter_add)."""
+    if is_cupy(target):
+        import cupyx
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
