@@ -1,0 +1,191 @@
+"""TernaryLinear and TritFlip: integer-only state, exact forward, int8 gradient path, learning."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+import tritnet
+import tritnet.functional as F
+from tritnet import backend
+from tritnet import random as trandom
+from tritnet.gradcheck import check_backward
+from tritnet.nn import Module
+from tritnet.nn.ternary import TernaryLinear, initial_exponent, scale_from_exponent
+from tritnet.optim import TritFlip
+from tritnet_kernels import packing, update
+
+
+def float_arrays(module):
+    return [(n, a.dtype) for n, a in module.held_arrays() if a.dtype.kind in "fc"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    trandom.manual_seed(1234)
+
+
+def test_state_is_integer_and_shaped():
+    layer = TernaryLinear(70, 5)
+    shapes = {n: (a.shape, a.dtype) for n, a in layer.held_arrays()}
+    assert shapes == {"T_packed": ((5, 6), np.uint32), "E": ((5,), np.int8),
+                      "T_accum": ((5, 70), np.int8), "E_accum": ((5,), np.int8)}
+    trits = layer.trits()
+    assert set(np.unique(trits)) <= {-1, 0, 1}
+    assert abs((trits != 0).mean() - 2 / 3) < 0.1
+    assert layer.E[0] == initial_exponent(70)
+
+
+def test_initial_scale_keeps_unit_rms():
+    layer = TernaryLinear(512, 256)
+    x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+    y = layer(tritnet.tensor(x)).numpy()
+    assert 0.8 < float(np.sqrt((y ** 2).mean())) < 1.25
+
+
+def test_forward_matches_reference():
+    layer = TernaryLinear(37, 11)
+    x = np.random.default_rng(1).standard_normal((4, 3, 37)).astype(np.float32)
+    y = layer(tritnet.tensor(x)).numpy()
+    ref = x @ layer.weight(np.float64).T
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert y.shape == (4, 3, 11)
+
+
+def test_input_gradient_finite_differences():
+    layer = TernaryLinear(9, 6)
+    x = tritnet.tensor(np.random.default_rng(2).standard_normal((5, 9)), dtype=np.float64,
+                       requires_grad=True)
+    layer.eval()  # only the input gradient here; the weight path is tested below
+    check_backward(lambda t: layer(t), [x])
+
+
+def test_wrong_width_is_a_clear_error():
+    layer = TernaryLinear(8, 4)
+    with pytest.raises(ValueError, match=r"TernaryLinear\(8, 4\).*\(3, 7\).*\(\.\.\., 8\)"):
+        layer(tritnet.tensor(np.zeros((3, 7), np.float32)))
+
+
+def test_weight_gradient_is_int8_quantised_reference():
+    layer = TernaryLinear(40, 7)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 40)).astype(np.float32)
+    gy = rng.standard_normal((6, 7)).astype(np.float32)
+    seed_T, seed_E = layer.next_grad_seed(0), layer.next_grad_seed(1)
+    y = layer(tritnet.tensor(x))
+    y.backward(gy)
+    assert layer.grad_q.dtype == np.int8 and layer.grad_q.shape == (7, 40)
+    assert layer.grad_E_q.dtype == np.int8 and layer.grad_E_q.shape == (7,)
+    G = gy.T @ x
+    expected = np.zeros((7, 40), np.int8)
+    update.quantize_grad_reference(G, update.grad_inv_scale(G, layer.grad_rms_units), seed_T,
+                                   expected)
+    np.testing.assert_array_equal(layer.grad_q, expected)
+    # the scale gradient: dL/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, quantised the same way
+    gE = (G * layer.trits()).sum(1) * scale_from_exponent(layer.E) * math.log(2) / 8
+    gE = gE.astype(np.float32)
+    expected_E = np.zeros(7, np.int8)
+    update.quantize_grad_reference(gE, update.grad_inv_scale(gE, layer.grad_rms_units), seed_E,
+                                   expected_E)
+    assert np.abs(layer.grad_E_q.astype(int) - expected_E).max() <= 1  # fp32 sum order
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward", "step"])
+def test_no_float_state_survives(phase):
+    """DESIGN §1.1–1.3: no float array on the layer or the optimiser at any phase."""
+    model = TernaryLinear(33, 5)
+    opt = TritFlip(model)
+    x = tritnet.tensor(np.ones((2, 33), np.float32))
+    y = model(x)
+    if phase in ("backward", "step"):
+        (y * y).sum().backward()
+        leftover = {n: (a.shape, a.dtype) for n, a in model.held_arrays()
+                    if n.startswith("grad")}
+        assert leftover == {"grad_q": ((5, 33), np.int8), "grad_E_q": ((5,), np.int8)}
+    if phase == "step":
+        opt.step()
+        assert model.grad_q is None and model.grad_E_q is None
+    assert float_arrays(model) == []
+    held = [v for v in vars(opt).values() if isinstance(v, np.ndarray) or backend.is_cupy(v)]
+    assert held == []
+
+
+def test_float_state_is_detected():
+    """The invariant check itself must fail when a float array sneaks onto a module."""
+    layer = TernaryLinear(4, 2)
+    layer.cache = np.zeros(3, np.float32)
+    assert float_arrays(layer) == [("cache", np.float32)]
+
+
+def test_optimizer_rejects_bad_hyperparameters():
+    layer = TernaryLinear(4, 2)
+    with pytest.raises(ValueError, match=r"flip_threshold must be an integer in \[1, 127\], got 0"):
+        TritFlip(layer, flip_threshold=0)
+    with pytest.raises(ValueError, match="decay_shift"):
+        TritFlip(layer, decay_shift=9)
+    with pytest.raises(ValueError, match="no ternary modules"):
+        TritFlip(Module())
+
+
+def _teacher_run(seed, steps=300):
+    trandom.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    teacher = TernaryLinear(64, 16)
+    student = TernaryLinear(64, 16)
+    student.E[:] = teacher.E  # same scale: the test is about trits
+    opt = TritFlip(student, seed=seed)
+    for _ in range(steps):
+        x = rng.standard_normal((128, 64)).astype(np.float32)
+        with tritnet.no_grad():
+            target = teacher(tritnet.tensor(x)).numpy()
+        err = student(tritnet.tensor(x)) - tritnet.tensor(target)
+        (err * err).mean().backward()
+        opt.step()
+    return student.trits(), teacher.trits()
+
+
+def test_recovers_a_ternary_teacher():
+    student, teacher = _teacher_run(seed=7)
+    assert (student == teacher).mean() >= 0.95
+
+
+def test_training_is_deterministic_for_a_seed():
+    a, _ = _teacher_run(seed=11, steps=20)
+    b, _ = _teacher_run(seed=11, steps=20)
+    c, _ = _teacher_run(seed=12, steps=20)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+class MLP(Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.fc1 = TernaryLinear(sizes[0], sizes[1])
+        self.fc2 = TernaryLinear(sizes[1], sizes[2])
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_ternary_mlp_learns_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(digits.target))
+    X = digits.data[order].astype(np.float32)
+    y = digits.target[order].astype(np.int64)
+    X = (X - X[:1400].mean(0)) / (X[:1400].std(0) + 1e-3)
+    trandom.manual_seed(0)
+    model = MLP((64, 256, 10))
+    opt = TritFlip(model, seed=0)
+    start = time.perf_counter()
+    for step in range(600):
+        idx = rng.integers(0, 1400, 64)
+        loss = F.cross_entropy(model(tritnet.tensor(X[idx])), tritnet.tensor(y[idx]))
+        loss.backward()
+        opt.step()
+    with tritnet.no_grad():
+        accuracy = (model(tritnet.tensor(X[1400:])).numpy().argmax(1) == y[1400:]).mean()
+    assert time.perf_counter() - start < 60
+    assert accuracy >= 0.90, accuracy

@@ -1,0 +1,598 @@
+"""tritnet_kernels.update: gradient quantisation, the row-scale gradient, trit flips and exponent
+steps. CPU twin against the NumPy reference (and against hand-worked cases), the CUDA kernels
+against the CPU twin under the simulator (tiny shapes) and on a GPU (CuPy)."""
+
+import numba
+import numpy as np
+import pytest
+
+from tritnet_kernels import update as U
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+
+try:
+    import cupy
+
+    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0 and bool(cupy.zeros(1).sum().item() == 0)
+except Exception:  # pragma: no cover - no CuPy, no driver, or an unusable device
+    cupy = None
+    HAVE_GPU = False
+
+
+@pytest.fixture(autouse=True)
+def _device_for_marker(request):
+    # Under NUMBA_ENABLE_CUDASIM=1 the public wrappers run the CUDA kernels in the (slow)
+    # simulator; only the tiny-shape cudasim tests are meant for that.
+    is_sim_test = request.node.get_closest_marker("cudasim") is not None
+    if is_sim_test and not SIM:
+        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported")
+    if SIM and not is_sim_test:
+        pytest.skip("CPU test: run without NUMBA_ENABLE_CUDASIM")
+    if request.node.get_closest_marker("cuda") is not None and not HAVE_GPU:
+        pytest.skip("needs CuPy and a CUDA GPU")
+
+
+# --- independent bitplane32 helpers (the layout of notes/common.md, written out again here) ---
+
+
+def pack(T):
+    rows, cols = T.shape
+    groups = -(-cols // 32)
+    out = np.zeros((rows, 2 * groups), dtype=np.uint32)
+    for r in range(rows):
+        for j in range(cols):
+            if T[r, j] == 1:
+                out[r, 2 * (j // 32)] |= np.uint32(1 << (j % 32))
+            elif T[r, j] == -1:
+                out[r, 2 * (j // 32) + 1] |= np.uint32(1 << (j % 32))
+    return out
+
+
+def unpack(T_packed, cols):
+    rows = T_packed.shape[0]
+    T = np.zeros((rows, cols), dtype=np.int64)
+    for r in range(rows):
+        for j in range(cols):
+            p = (int(T_packed[r, 2 * (j // 32)]) >> (j % 32)) & 1
+            m = (int(T_packed[r, 2 * (j // 32) + 1]) >> (j % 32)) & 1
+            T[r, j] = p - m
+    return T
+
+
+def padding_bits(T_packed, cols):
+    """All mask bits that belong to columns >= cols, OR-ed together."""
+    tail = cols % 32
+    if tail == 0:
+        return 0
+    mask = np.uint32(~((1 << tail) - 1) & 0xFFFFFFFF)
+    return int(np.bitwise_or.reduce(T_packed[:, -2:] & mask, axis=None))
+
+
+def random_state(rng, rows, cols):
+    T = rng.integers(-1, 2, size=(rows, cols))
+    return dict(
+        T_packed=pack(T),
+        T_accum=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
+        grad_q=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
+        E=rng.integers(-128, 128, size=rows, dtype=np.int8),
+        E_accum=rng.integers(-128, 128, size=rows, dtype=np.int8),
+        grad_E_q=rng.integers(-128, 128, size=rows, dtype=np.int8),
+    )
+
+
+def copy_state(s):
+    return {k: v.copy() for k, v in s.items()}
+
+
+HYPER = dict(flip_threshold=40, flip_decay_shift=2, scale_threshold=25, scale_decay_shift=1)
+SHAPES = [(1, 1), (1, 31), (2, 32), (3, 33), (5, 70), (4, 100), (2, 257)]
+
+
+# ---------------------------------------------------------------------- quantize_grad (CPU)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 33), (5, 70), (2, 3, 17), (1000,)])
+@pytest.mark.parametrize("inv_scale", [0.0, 1.0, 7.5, 300.0])
+def test_quantize_matches_reference(shape, inv_scale):
+    rng = np.random.default_rng(sum(shape))
+    G = rng.standard_normal(shape).astype(np.float32) * 3
+    out = rng.integers(-127, 128, size=shape, dtype=np.int8)
+    expected = U.quantize_grad_reference(G, inv_scale, 1234, out.copy())
+    got = U.quantize_grad(G, inv_scale, 1234, out.copy())
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_quantize_adds_into_out_and_accepts_device_scale():
+    rng = np.random.default_rng(1)
+    G = rng.standard_normal((4, 40)).astype(np.float32)
+    inv = U.grad_inv_scale(G, 4.0)
+    first = U.quantize_grad(G, inv, 5, np.zeros(G.shape, np.int8))
+    twice = U.quantize_grad(G, inv, 5, first.copy())
+    np.testing.assert_array_equal(twice, np.clip(2 * first.astype(np.int64), -127, 127))
+    from_float = U.quantize_grad(G, float(inv[0]), 5, np.zeros(G.shape, np.int8))
+    np.testing.assert_array_equal(first, from_float)
+
+
+def test_quantize_is_deterministic_per_seed():
+    G = np.full(4096, 0.5, dtype=np.float32)
+    a = U.quantize_grad(G, 1.0, 42, np.zeros(4096, np.int8))
+    b = U.quantize_grad(G, 1.0, 42, np.zeros(4096, np.int8))
+    c = U.quantize_grad(G, 1.0, 43, np.zeros(4096, np.int8))
+    np.testing.assert_array_equal(a, b)
+    assert np.count_nonzero(a != c) > 1000  # nearby seeds: unrelated streams (~2048 expected)
+    for seed in (0, 2**63, 2**64 - 1, np.uint64(7)):
+        U.quantize_grad(G, 1.0, seed, np.zeros(4096, np.int8))
+
+
+@pytest.mark.parametrize("value", [0.3, -2.7, 0.0078125, 5.0])
+def test_stochastic_rounding_is_unbiased(value):
+    n = 400_000
+    G = np.full(n, value, dtype=np.float32)
+    q = U.quantize_grad(G, 1.0, 99, np.zeros(n, np.int8)).astype(np.int64)
+    lo = np.floor(np.float32(value))
+    assert set(np.unique(q)) <= {lo, lo + 1}
+    p = float(np.float32(value) - lo)
+    sigma = np.sqrt(max(p * (1 - p), 1e-12) / n)
+    assert abs(q.mean() - float(np.float32(value))) < 5 * sigma + 1e-12
+
+
+def test_quantize_saturates_and_maps_nan_to_zero():
+    G = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0, 3.0, -3.0], dtype=np.float32)
+    out = np.array([5, 0, 0, 0, 0, 0, 126, -126], dtype=np.int8)
+    U.quantize_grad(G, 1.0, 0, out)
+    np.testing.assert_array_equal(out, [5, 127, -127, 127, -127, 0, 127, -127])
+    out = np.array([-128, 127], dtype=np.int8)  # -128 never survives: the sum saturates at -127
+    U.quantize_grad(np.array([-1.0, 1.0], np.float32), 1.0, 0, out)
+    np.testing.assert_array_equal(out, [-127, 127])
+
+
+def test_grad_inv_scale():
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((30, 20)).astype(np.float32)
+    inv = U.grad_inv_scale(G, 8.0)
+    assert inv.dtype == np.float32 and inv.shape == (1,)
+    rms = np.sqrt(np.mean(G.astype(np.float64) ** 2))
+    np.testing.assert_allclose(inv[0], 8.0 / rms, rtol=1e-6)
+    assert U.grad_inv_scale(np.zeros((3, 3), np.float32), 8.0)[0] == 0
+    for bad in (np.nan, np.inf):
+        Gb = G.copy()
+        Gb[3, 4] = bad
+        inv = U.grad_inv_scale(Gb, 8.0)
+        assert inv[0] == 0
+        # A non-finite gradient therefore gives no update at all.
+        out = U.quantize_grad(Gb, inv, 1, np.zeros(G.shape, np.int8))
+        assert not out.any()
+
+
+# ------------------------------------------------------------------------ row_trit_dot (CPU)
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_row_trit_dot_matches_reference(rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols)
+    G = rng.standard_normal((rows, cols)).astype(np.float32)
+    T = rng.integers(-1, 2, size=(rows, cols))
+    got = U.row_trit_dot(G, pack(T), cols)
+    expected = (G.astype(np.float64) * T).sum(axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(G).sum())
+    np.testing.assert_allclose(U.row_trit_dot_reference(G, pack(T), cols), expected, rtol=1e-6)
+
+
+def test_row_trit_dot_ignores_padding_and_overwrites_out():
+    G = np.ones((1, 3), np.float32)
+    T_packed = np.array([[0xFFFFFFF9, 0x00000004]], dtype=np.uint32)  # cols 0 -> +1, 2 -> -1
+    out = np.full(1, 99.0, np.float32)
+    U.row_trit_dot(G, T_packed, 3, out)
+    assert out[0] == 0.0  # +1 (col 0), 0 (col 1), -1 (col 2); bits 3..31 are padding
+
+
+# ------------------------------------------------------------------ the update rule (CPU)
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("hyper", [HYPER, dict(flip_threshold=1, flip_decay_shift=0,
+                                               scale_threshold=127, scale_decay_shift=7)])
+def test_ternary_update_matches_reference(rows, cols, hyper):
+    rng = np.random.default_rng(rows * 7 + cols)
+    s = random_state(rng, rows, cols)
+    T_ref, Ta_ref, E_ref, Ea_ref, counts_ref = U.ternary_update_reference(**s, **hyper)
+    got = copy_state(s)
+    counts = U.ternary_update(**got, cols=cols, **hyper)
+    np.testing.assert_array_equal(got["T_packed"], T_ref)
+    np.testing.assert_array_equal(got["T_accum"], Ta_ref)
+    np.testing.assert_array_equal(got["E"], E_ref)
+    np.testing.assert_array_equal(got["E_accum"], Ea_ref)
+    np.testing.assert_array_equal(counts, counts_ref)
+    changed = unpack(got["T_packed"], cols) != unpack(s["T_packed"], cols)
+    assert counts[0] == np.count_nonzero(changed)
+    assert counts[1] == np.count_nonzero(got["E"] != s["E"])
+    assert not got["grad_q"].any() and not got["grad_E_q"].any()
+    assert padding_bits(got["T_packed"], cols) == 0
+    assert not (got["T_packed"][:, 0::2] & got["T_packed"][:, 1::2]).any()
+    assert got["T_accum"].min() >= -127 and got["E_accum"].min() >= -127
+
+
+def test_hand_worked_trit_cases():
+    # (t, accum, grad) -> (t, accum) with flip_threshold 50, decay_shift 2
+    cases = [
+        ((0, 30, 20), (-1, 0)),      # reaches +50: descend
+        ((0, -30, -20), (1, 0)),     # reaches -50: ascend
+        ((1, 127, 100), (0, 0)),     # saturates at 127, still flips
+        ((-1, 127, 100), (-1, 96)),  # blocked at -1: 127 - (127 >> 2) = 96, no reset
+        ((1, -127, -1), (1, -96)),   # blocked at +1
+        ((0, 40, 0), (0, 30)),       # decays 40 - 10
+        ((0, -3, 0), (0, -3)),       # 3 >> 2 == 0: small values do not decay
+        ((-1, -60, 10), (0, 0)),     # -50 after the gradient: ascend
+        ((0, -128, -128), (1, 0)),   # -256 saturates at -127
+    ]
+    cols = len(cases)
+    T = np.array([[c[0][0] for c in cases]])
+    s = dict(T_packed=pack(T), T_accum=np.array([[c[0][1] for c in cases]], np.int8),
+             grad_q=np.array([[c[0][2] for c in cases]], np.int8))
+    flips = U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], cols, 50, 2)
+    np.testing.assert_array_equal(unpack(s["T_packed"], cols)[0], [c[1][0] for c in cases])
+    np.testing.assert_array_equal(s["T_accum"][0], [c[1][1] for c in cases])
+    assert flips.dtype == np.int64 and flips.shape == (1,) and flips[0] == 5
+    assert not s["grad_q"].any()
+
+
+def test_hand_worked_exponent_cases():
+    # (E, accum, grad) -> (E, accum) with scale_threshold 10, decay_shift 1
+    cases = [
+        ((0, 5, 5), (-1, 0)),
+        ((-128, 100, 27), (-128, 64)),   # blocked at -128: 127 - 63
+        ((127, -100, -27), (127, -64)),  # blocked at 127
+        ((-128, -9, -1), (-127, 0)),     # leaves the bottom end
+        ((127, 9, 1), (126, 0)),
+        ((3, 9, 0), (3, 5)),             # 9 - 4
+        ((3, -1, 0), (3, -1)),
+    ]
+    E = np.array([c[0][0] for c in cases], np.int8)
+    E_accum = np.array([c[0][1] for c in cases], np.int8)
+    grad_E_q = np.array([c[0][2] for c in cases], np.int8)
+    steps = U.scale_step_update(E, E_accum, grad_E_q, 10, 1)
+    np.testing.assert_array_equal(E, [c[1][0] for c in cases])
+    np.testing.assert_array_equal(E_accum, [c[1][1] for c in cases])
+    assert steps.dtype == np.int64 and steps.shape == (1,) and steps[0] == 3
+    assert not grad_E_q.any()
+
+
+def test_split_updates_equal_the_bundled_one():
+    rng = np.random.default_rng(3)
+    s = random_state(rng, 6, 45)
+    bundled, split = copy_state(s), copy_state(s)
+    counts = U.ternary_update(**bundled, cols=45, **HYPER)
+    flips = U.trit_flip_update(split["T_packed"], split["T_accum"], split["grad_q"], 45,
+                               HYPER["flip_threshold"], HYPER["flip_decay_shift"])
+    steps = U.scale_step_update(split["E"], split["E_accum"], split["grad_E_q"],
+                                HYPER["scale_threshold"], HYPER["scale_decay_shift"])
+    for k in s:
+        np.testing.assert_array_equal(split[k], bundled[k])
+    _, _, _, _, counts_ref = U.ternary_update_reference(**s, **HYPER)
+    np.testing.assert_array_equal(counts, counts_ref)
+    assert (flips[0], steps[0]) == tuple(counts_ref)
+
+
+def test_counts_accumulate_and_zero_grad_false_keeps_gradients():
+    rng = np.random.default_rng(4)
+    s = random_state(rng, 3, 50)
+    counts = np.array([10, 20], np.int64)
+    grads = s["grad_q"].copy(), s["grad_E_q"].copy()
+    _, _, _, _, counts_ref = U.ternary_update_reference(**s, **HYPER)
+    U.ternary_update(**s, cols=50, **HYPER, zero_grad=False, counts=counts)
+    np.testing.assert_array_equal(counts, counts_ref + [10, 20])
+    np.testing.assert_array_equal(s["grad_q"], grads[0])
+    np.testing.assert_array_equal(s["grad_E_q"], grads[1])
+
+
+def test_invalid_code_reads_as_zero_and_padding_is_cleared():
+    T_packed = np.array([[0b101 | (1 << 20), 0b110 | (1 << 21)]], np.uint32)  # col 2: both masks
+    T_accum = np.zeros((1, 3), np.int8)
+    grad_q = np.zeros((1, 3), np.int8)
+    flips = U.trit_flip_update(T_packed, T_accum, grad_q, 3, 10, 0)
+    np.testing.assert_array_equal(unpack(T_packed, 3)[0], [1, -1, 0])
+    assert padding_bits(T_packed, 3) == 0
+    assert flips[0] == 0
+
+
+def test_repeated_steps_follow_a_consistent_gradient():
+    # A constant positive gradient walks every trit down to -1 (a flip every second step at
+    # threshold 60) and then holds it there, its accumulator saturated.
+    rows, cols = 4, 37
+    T_packed = pack(np.ones((rows, cols), np.int64))
+    T_accum = np.zeros((rows, cols), np.int8)
+    total = np.zeros(1, np.int64)
+    for step in range(10):
+        grad_q = np.full((rows, cols), 30, np.int8)
+        U.trit_flip_update(T_packed, T_accum, grad_q, cols, 60, 0, flips=total)
+        assert (unpack(T_packed, cols) == max(-1, 1 - (step + 1) // 2)).all()
+    assert total[0] == 2 * rows * cols
+    assert (T_accum == 127).all()
+    # With decay, the same gradient settles below the threshold: no further flips.
+    T_packed = pack(np.ones((rows, cols), np.int64))
+    T_accum[...] = 0
+    for _ in range(20):
+        U.trit_flip_update(T_packed, T_accum, np.full((rows, cols), 10, np.int8), cols, 60, 1)
+    assert (unpack(T_packed, cols) == 1).all() and (T_accum == 10).all()  # a = ceil((a + 10) / 2)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _state_for_errors():
+    rng = np.random.default_rng(5)
+    return random_state(rng, 3, 40)
+
+
+def _assert_untouched(before, after):
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda s: s.update(T_accum=s["T_accum"].astype(np.int16)), TypeError, "T_accum has dtype int16"),
+    (lambda s: s.update(grad_q=s["grad_q"][:, :39].copy()), ValueError, "grad_q has shape"),
+    (lambda s: s.update(T_packed=s["T_packed"][:, :2].copy()), ValueError, r"expected \(3, 4\)"),
+    (lambda s: s.update(T_packed=s["T_packed"].astype(np.int32)), TypeError, "T_packed has dtype"),
+    (lambda s: s.update(E=s["E"][:2].copy()), ValueError, "one exponent per row"),
+    (lambda s: s.update(E_accum=s["E_accum"].astype(np.uint8)), TypeError, "E_accum has dtype"),
+    (lambda s: s.update(grad_q=np.zeros((3, 80), np.int8)[:, ::2]), ValueError, "not C-contiguous"),
+    (lambda s: s.update(grad_q=s["T_accum"]), ValueError, "share memory"),
+    (lambda s: s.update(grad_E_q=s["E_accum"][::-1][::-1]), ValueError, "share memory"),
+    (lambda s: s.update(T_accum=s["T_accum"].tolist()), TypeError, "must be a NumPy or CuPy array"),
+])
+def test_ternary_update_rejects_bad_arrays(change, error, match):
+    s = _state_for_errors()
+    before, originals = copy_state(s), dict(s)
+    change(s)
+    with pytest.raises(error, match=match):
+        U.ternary_update(**s, cols=40, **HYPER)
+    _assert_untouched(before, originals)
+
+
+@pytest.mark.parametrize("name,value,error", [
+    ("flip_threshold", 0, ValueError), ("flip_threshold", 128, ValueError),
+    ("scale_threshold", -5, ValueError), ("flip_decay_shift", 8, ValueError),
+    ("scale_decay_shift", -1, ValueError), ("flip_threshold", 3.0, TypeError),
+    ("flip_threshold", True, TypeError), ("scale_threshold", None, TypeError),
+])
+def test_ternary_update_rejects_bad_hyperparameters(name, value, error):
+    s = _state_for_errors()
+    before = copy_state(s)
+    with pytest.raises(error, match=name):
+        U.ternary_update(**s, cols=40, **{**HYPER, name: value})
+    _assert_untouched(before, s)
+
+
+def test_bad_counts_and_read_only_arrays():
+    s = _state_for_errors()
+    before = copy_state(s)
+    with pytest.raises(TypeError, match="counts has dtype"):
+        U.ternary_update(**s, cols=40, **HYPER, counts=np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="counts has shape"):
+        U.ternary_update(**s, cols=40, **HYPER, counts=np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="flips has shape"):
+        U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], 40, 5, 0,
+                           flips=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"T_accum has shape \(3, 40\), expected \(rows, 41\)"):
+        U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], 41, 5, 0)
+    with pytest.raises(TypeError, match="cols must be an integer"):
+        U.ternary_update(**s, cols=40.0, **HYPER)
+    s["T_accum"].flags.writeable = False
+    with pytest.raises(ValueError, match="T_accum is read-only"):
+        U.ternary_update(**s, cols=40, **HYPER)
+    _assert_untouched(before, s)
+    with pytest.raises(ValueError, match="decay_shift = 9"):
+        U.scale_step_update(s["E"], s["E_accum"], s["grad_E_q"], 5, 9)
+    with pytest.raises(ValueError, match=r"cols = 0 is out of range, expected 1\.\."):
+        U.trit_flip_update(np.zeros((2, 0), np.uint32), np.zeros((2, 0), np.int8),
+                           np.zeros((2, 0), np.int8), 0, 5, 0)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(G=np.zeros((2, 3), np.float64)), TypeError, "G has dtype float64"),
+    (dict(out=np.zeros((3, 2), np.int8)), ValueError, "out has shape"),
+    (dict(out=np.zeros((2, 3), np.int16)), TypeError, "out has dtype int16"),
+    (dict(G=np.zeros((3, 2), np.float32).T), ValueError, "G is not C-contiguous"),
+    (dict(inv_scale=-1.0), ValueError, "inv_scale"),
+    (dict(inv_scale=float("nan")), ValueError, "inv_scale"),
+    (dict(inv_scale=1e39), ValueError, "float32 max"),
+    (dict(inv_scale=np.ones(2, np.float32)), ValueError, "inv_scale has shape"),
+    (dict(inv_scale=np.ones(1, np.float64)), TypeError, "inv_scale has dtype"),
+    (dict(inv_scale="1"), TypeError, "inv_scale must be"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+])
+def test_quantize_rejects_bad_input(kwargs, error, match):
+    args = dict(G=np.ones((2, 3), np.float32), inv_scale=1.0, seed=0, out=np.zeros((2, 3), np.int8))
+    args.update(kwargs)
+    out_before = args["out"].copy()
+    with pytest.raises(error, match=match):
+        U.quantize_grad(**args)
+    np.testing.assert_array_equal(args["out"], out_before)
+
+
+def test_row_trit_dot_and_grad_inv_scale_reject_bad_input():
+    G = np.ones((2, 40), np.float32)
+    with pytest.raises(ValueError, match=r"T_packed has shape \(2, 2\), expected \(2, 4\)"):
+        U.row_trit_dot(G, np.zeros((2, 2), np.uint32), 40)
+    with pytest.raises(ValueError, match="G has shape"):
+        U.row_trit_dot(np.ones(40, np.float32), np.zeros((2, 4), np.uint32), 40)
+    with pytest.raises(ValueError, match=r"G has shape \(2, 40\), expected \(rows, 39\)"):
+        U.row_trit_dot(G, np.zeros((2, 4), np.uint32), 39)
+    with pytest.raises(ValueError, match="out has shape"):
+        U.row_trit_dot(G, np.zeros((2, 4), np.uint32), 40, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="grad_gain"):
+        U.grad_inv_scale(G, 0.0)
+    with pytest.raises(TypeError, match="G has dtype"):
+        U.grad_inv_scale(G.astype(np.float16), 1.0)
+
+
+# ------------------------------------------------------------ CUDA kernels in the simulator
+
+
+def _sim_inputs(seed=0, rows=3, cols=37):
+    rng = np.random.default_rng(seed)
+    return rng, random_state(rng, rows, cols)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("max_blocks", [U._MAX_BLOCKS, 1])
+def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
+    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)  # 1: every thread strides the grid
+    rng = np.random.default_rng(6)
+    G = (rng.standard_normal(300) * 4).astype(np.float32)
+    G[:3] = [np.nan, np.inf, -1e30]
+    out = rng.integers(-127, 128, size=300, dtype=np.int8)
+    expected = out.copy()  # the CPU twin, called directly: the wrapper runs the simulator
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), expected)
+    got = U.quantize_grad(G, 2.5, 77, out)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("rows,cols,max_blocks", [(1, 1, 4096), (3, 37, 4096), (3, 200, 1)])
+def test_sim_row_trit_dot_matches_cpu_twin(monkeypatch, rows, cols, max_blocks):
+    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
+    rng = np.random.default_rng(rows + cols)
+    G = rng.standard_normal((rows, cols)).astype(np.float32)
+    T_packed = pack(rng.integers(-1, 2, size=(rows, cols)))
+    expected = np.empty(rows, np.float32)
+    U._row_trit_dot_cpu(G, T_packed, np.int64(cols), expected)
+    got = U.row_trit_dot(G, T_packed, cols)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(G).sum())
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("rows,cols,max_blocks",
+                         [(1, 1, 4096), (3, 37, 4096), (5, 64, 1), (9, 33, 1)])
+def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks):
+    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
+    _, s = _sim_inputs(rows * cols, rows, cols)
+    cpu = copy_state(s)
+    cpu_counts = np.zeros(2, np.int64)
+    U._ternary_update_cpu(cpu["T_packed"], cpu["T_accum"], cpu["grad_q"], cpu["E"],
+                          cpu["E_accum"], cpu["grad_E_q"], np.int64(cols),
+                          np.int64(HYPER["flip_threshold"]), np.int64(HYPER["flip_decay_shift"]),
+                          True, np.int64(HYPER["scale_threshold"]),
+                          np.int64(HYPER["scale_decay_shift"]), True, cpu_counts)
+    sim = copy_state(s)
+    counts = U.ternary_update(**sim, cols=cols, **HYPER)
+    for k in s:
+        np.testing.assert_array_equal(sim[k], cpu[k], err_msg=k)
+    np.testing.assert_array_equal(counts, cpu_counts)
+    assert padding_bits(sim["T_packed"], cols) == 0
+
+
+@pytest.mark.cudasim
+def test_sim_trit_flip_and_scale_step_match_cpu_twin():
+    _, s = _sim_inputs(8, 2, 40)
+    expected = U.ternary_update_reference(**s, flip_threshold=20, flip_decay_shift=3,
+                                          scale_threshold=15, scale_decay_shift=2)
+    flips = U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], 40, 20, 3,
+                               zero_grad=False)
+    steps = U.scale_step_update(s["E"], s["E_accum"], s["grad_E_q"], 15, 2)
+    counts = np.concatenate([flips, steps])
+    for got, want in zip((s["T_packed"], s["T_accum"], s["E"], s["E_accum"], counts), expected):
+        np.testing.assert_array_equal(got, want)
+    assert s["grad_q"].any() and not s["grad_E_q"].any()
+
+
+@pytest.mark.cudasim
+def test_sim_scale_step_strides_the_grid(monkeypatch):
+    monkeypatch.setattr(U, "_MAX_BLOCKS", 1)  # one block of 128 threads for 300 rows
+    rng = np.random.default_rng(10)
+    E, E_accum, grad_E_q = (rng.integers(-128, 128, size=300, dtype=np.int8) for _ in range(3))
+    expected = [a.copy() for a in (E, E_accum, grad_E_q)] + [np.zeros(1, np.int64)]
+    U._scale_step_cpu(*expected[:3], np.int64(20), np.int64(3), True, expected[3])
+    steps = U.scale_step_update(E, E_accum, grad_E_q, 20, 3)
+    for got, want in zip((E, E_accum, grad_E_q, steps), expected):
+        np.testing.assert_array_equal(got, want)
+    assert steps[0] > 0
+
+
+# ---------------------------------------------------------------- CUDA kernels on a GPU
+
+
+@pytest.mark.cuda
+def test_cuda_quantize_matches_cpu_twin():
+    rng = np.random.default_rng(9)
+    n = 1_100_003  # more than _MAX_BLOCKS * 256: the grid-stride loop runs
+    G = (rng.standard_normal(n) * 3).astype(np.float32)
+    G[:3] = [np.nan, np.inf, -np.inf]
+    out = rng.integers(-127, 128, size=n, dtype=np.int8)
+    expected = U.quantize_grad(G, 1.75, 2**40 + 3, out.copy())
+    G_d, out_d = cupy.asarray(G), cupy.asarray(out)
+    U.quantize_grad(G_d, 1.75, 2**40 + 3, out_d)
+    np.testing.assert_array_equal(out_d.get(), expected)
+    inv = U.grad_inv_scale(G_d[3:], 4.0)
+    assert isinstance(inv, cupy.ndarray)
+    np.testing.assert_allclose(inv.get(), U.grad_inv_scale(G[3:], 4.0), rtol=1e-6)
+    out_d[...] = 0
+    U.quantize_grad(G_d[3:], inv, 5, out_d[3:])
+    expected = U.quantize_grad(G[3:], inv.get(), 5, np.zeros(n - 3, np.int8))
+    np.testing.assert_array_equal(out_d.get()[3:], expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 100), (300, 4096), (5000, 70)])
+def test_cuda_row_trit_dot_matches_cpu_twin(rows, cols):
+    rng = np.random.default_rng(rows + cols)
+    G = rng.standard_normal((rows, cols)).astype(np.float32)
+    T = rng.integers(-1, 2, size=(rows, cols))
+    T_packed = U._bitplanes_from_trits(T)
+    expected = U.row_trit_dot(G, T_packed, cols)
+    got = U.row_trit_dot(cupy.asarray(G), cupy.asarray(T_packed), cols).get()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(G).sum(axis=1).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 37), (64, 1000), (1100, 1000)])
+def test_cuda_ternary_update_matches_cpu_twin(rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    T = rng.integers(-1, 2, size=(rows, cols))
+    s = dict(T_packed=U._bitplanes_from_trits(T),
+             T_accum=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
+             grad_q=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
+             E=rng.integers(-128, 128, size=rows, dtype=np.int8),
+             E_accum=rng.integers(-128, 128, size=rows, dtype=np.int8),
+             grad_E_q=rng.integers(-128, 128, size=rows, dtype=np.int8))
+    dev = {k: cupy.asarray(v) for k, v in s.items()}
+    cpu_counts = U.ternary_update(**s, cols=cols, **HYPER)
+    counts = U.ternary_update(**dev, cols=cols, **HYPER)
+    assert isinstance(counts, cupy.ndarray)
+    for k in s:
+        np.testing.assert_array_equal(dev[k].get(), s[k], err_msg=k)
+    np.testing.assert_array_equal(counts.get(), cpu_counts)
+    # trits alone, then exponents alone, each counter accumulating over two calls
+    s2 = {k: v.copy() for k, v in s.items()}
+    s2["grad_q"][...] = rng.integers(-128, 128, size=(rows, cols), dtype=np.int8)
+    s2["grad_E_q"][...] = rng.integers(-128, 128, size=rows, dtype=np.int8)
+    dev2 = {k: cupy.asarray(v) for k, v in s2.items()}
+    results = []
+    for arrays in (s2, dev2):
+        flips = U.trit_flip_update(arrays["T_packed"], arrays["T_accum"], arrays["grad_q"],
+                                   cols, 9, 4, zero_grad=False)
+        U.trit_flip_update(arrays["T_packed"], arrays["T_accum"], arrays["grad_q"], cols, 9, 4,
+                           flips=flips)
+        steps = U.scale_step_update(arrays["E"], arrays["E_accum"], arrays["grad_E_q"], 3, 0,
+                                    zero_grad=False)
+        U.scale_step_update(arrays["E"], arrays["E_accum"], arrays["grad_E_q"], 3, 0,
+                            steps=steps)
+        results.append((flips, steps))
+    for k in s2:
+        np.testing.assert_array_equal(dev2[k].get(), s2[k], err_msg=k)
+    assert isinstance(results[1][0], cupy.ndarray)
+    np.testing.assert_array_equal(results[1][0].get(), results[0][0])
+    np.testing.assert_array_equal(results[1][1].get(), results[0][1])
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_mixed_devices_before_launch():
+    s = _state_for_errors()
+    T_accum_before = s["T_accum"].copy()
+    s["grad_q"] = cupy.asarray(s["grad_q"])
+    with pytest.raises(TypeError, match="different devices"):
+        U.ternary_update(**s, cols=40, **HYPER)
+    np.testing.assert_array_equal(s["T_accum"], T_accum_before)

@@ -1,0 +1,247 @@
+"""Ternary layers: weights are packed trits with int8 scales, trained through int8 state.
+
+A ternary weight (rows, cols) is W = diag(s) · T with T in {-1, 0, +1} and
+
+    s = f(E) = 2 ** (E / 8),    E an int8 per row,
+
+so one step of E changes a row's scale by 2**(1/8) ≈ 9%, and the int8 range covers
+2**-16 … 2**15.9. Neither W nor s is ever stored as float: kernels compute s from E on the fly.
+
+Training state beside the weight: `T_accum` (int8, one per trit) and `E_accum` (int8, one per
+row). The op that uses the weight computes the input gradient as usual and hands the weight
+gradient straight to integer state (DESIGN §1.3, §4): G = gyᵀ·x exists only as a transient
+inside backward, where it is quantised to int8 (`grad_q`, weight-shaped) and the scale
+gradient to int8 (`grad_E_q`, one per row). The optimiser (`tritnet.optim.TritFlip`) consumes
+and frees both.
+
+Gradient quantisation: q = stochastic_round(G · grad_rms_units / rms(G)), saturated to ±127.
+Normalising by the tensor's RMS makes the update scale-free (like a sign method that keeps
+magnitudes): a typical entry contributes `grad_rms_units` to its accumulator per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from .. import random as trandom
+from ..autograd import Function, is_grad_enabled
+from .module import Module
+from tritnet_kernels import matmul as kmatmul
+from tritnet_kernels import packing as kpacking
+from tritnet_kernels import tables as ktables
+from tritnet_kernels import update as kupdate
+
+SCALE_EXPONENT_STEP = 0.125  # s = 2 ** (E * SCALE_EXPONENT_STEP)
+DEFAULT_GRAD_RMS_UNITS = 8
+
+
+def scale_from_exponent(E, dtype=np.float32):
+    """s = f(E) = 2 ** (E / 8), as a transient float array (never kept on a module)."""
+    xp = backend.get_array_module(E)
+    return xp.exp2(E.astype(dtype) * dtype(SCALE_EXPONENT_STEP))
+
+
+def initial_exponent(fan_in: int, density: float = 2.0 / 3.0) -> int:
+    """E that gives unit output RMS for unit-RMS inputs: s² · density · fan_in = 1."""
+    e = round(math.log2(1.0 / math.sqrt(density * fan_in)) / SCALE_EXPONENT_STEP)
+    return int(min(max(e, -128), 127))
+
+
+def quantize_gradient(G, units: int, seed: int, out):
+    """Add stochastic_round(G · units / rms(G)) into the int8 `out` (allocated when None).
+
+    The scale stays on G's device (no host sync). A gradient that is all zero or holds NaN/inf
+    gets scale 0 and so changes nothing; the training loop stops on a non-finite loss first.
+    """
+    xp = backend.get_array_module(G)
+    if out is None:
+        out = xp.zeros(G.shape, dtype=np.int8)
+    kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, units), seed, out)
+    return out
+
+
+def _reference_product(fn, a, layer):
+    """float64 is the gradient checks' precision: the NumPy reference (a transient widened
+    weight inside this call) gives exact float64 products. Never a hot path."""
+    host = [backend.to_numpy(v) for v in (a, layer.T_packed, layer.E)]
+    return backend.get_array_module(a).asarray(fn(*host, layer.in_features))
+
+
+def _forward_product(x, layer):
+    if x.dtype == np.float64:
+        return _reference_product(kmatmul.ternary_matmul_reference, x, layer)
+    return kmatmul.ternary_matmul(x, layer.T_packed, layer.E, layer.in_features)
+
+
+def _backward_product(gy, layer):
+    if gy.dtype == np.float64:
+        return _reference_product(kmatmul.ternary_matmul_t_reference, gy, layer)
+    return kmatmul.ternary_matmul_t(gy, layer.T_packed, layer.E, layer.in_features)
+
+
+class TernaryMatmul(Function):
+    """y = x · (diag(s)·T)ᵀ over the last axis of x; the weight's gradient goes to int8 state."""
+
+    def forward(self, x, *, layer):
+        cols = layer.in_features
+        if x.shape[-1] != cols:
+            raise ValueError(f"TernaryLinear({layer.in_features}, {layer.out_features}): input has "
+                             f"shape {tuple(x.shape)}, expected (..., {cols})")
+        xp = backend.get_array_module(x)
+        self.layer, self.x_shape = layer, x.shape
+        x2 = xp.ascontiguousarray(x.reshape(-1, cols))
+        y = _forward_product(x2, layer)
+        self.updates_state = layer.training and is_grad_enabled()
+        if self.updates_state:
+            self.x2 = x2  # the activation lives on the tape (freed after backward), not on the layer
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    def backward(self, gy):
+        layer = self.layer
+        xp = backend.get_array_module(gy)
+        gy2 = xp.ascontiguousarray(gy.reshape(-1, layer.out_features))
+        gx = None
+        if self.needs_input_grad[0]:
+            gx = _backward_product(gy2, layer)
+            gx = gx.reshape(self.x_shape)
+        if self.updates_state:
+            layer.accumulate_weight_grad(gy2, self.x2)
+        return gx
+
+
+class TernaryModule(Module):
+    """Base of modules with ternary weights: knows how the optimiser drives its int8 state.
+
+    A subclass holds one ternary matrix made by `_init_ternary_state` — buffers T_packed
+    (uint32 bitplanes), E, T_accum, E_accum — and implements `apply_update(flip_threshold,
+    scale_threshold, decay_shift)`, `has_grad()` and `zero_grad()`. The optimiser sets
+    `grad_rms_units`, `grad_seed` and `grad_step`; `grad_uses` counts backward contributions
+    within a step so that every quantisation draws fresh random bits.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.grad_rms_units = DEFAULT_GRAD_RMS_UNITS
+        self.grad_seed = int(trandom.generator().integers(0, 2**63))
+        self.grad_step = 0
+        self.grad_uses = 0
+
+    def _init_ternary_state(self, rows: int, cols: int, exponent: int, device: str | None):
+        """Packed-first initial state: uniform random trits (2/3 nonzero) written straight
+        into the packed words by a kernel, E = exponent, zero accumulators (DESIGN §1.4).
+        On the "meta" device only shapes and dtypes are recorded (the constructor trace)."""
+        self.trit_shape = (rows, cols)
+        T_packed = backend.empty((rows, 2 * kpacking.n_groups(cols)), np.uint32, device)
+        E = backend.empty(rows, np.int8, device)
+        if not backend.is_meta(T_packed):
+            seed = int(trandom.generator().integers(0, 2**63))
+            ktables.random_table(T_packed, cols, seed, E=E, exponent=exponent)
+        self.register_buffer("T_packed", T_packed)
+        self.register_buffer("E", E)
+        # zeros() maps zero pages lazily (calloc): building never holds a second copy.
+        self.register_buffer("T_accum", backend.zeros((rows, cols), np.int8, device))
+        self.register_buffer("E_accum", backend.zeros(rows, np.int8, device))
+
+    def logical_trits(self) -> int:
+        """The number of trits this module's ternary matrix holds (rows × cols)."""
+        rows, cols = self.trit_shape
+        return rows * cols
+
+    def packed_trits(self) -> dict:
+        """{buffer name: column count} of the packed-trit buffers (checkpoints need cols)."""
+        return {"T_packed": self.trit_shape[1]}
+
+    def next_grad_seed(self, which: int) -> int:
+        return trandom.mix_seed(self.grad_seed, self.grad_step, self.grad_uses, which)
+
+    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
+        raise NotImplementedError
+
+    def has_grad(self) -> bool:
+        raise NotImplementedError
+
+    def packed_trits(self) -> dict:
+        """{buffer name: cols} for each bitplane32 trit buffer of this module. Checkpoints store
+        these as base3-5 (1.6 bits per trit) and check every trit code when loading."""
+        return {}
+
+
+class TernaryLinear(TernaryModule):
+    """y = x · Wᵀ with W = diag(2 ** (E / 8)) · T, T in {-1, 0, +1}; no bias.
+
+    Buffers: T_packed uint32 (out_features, 2·ceil(in_features/32)) — the bitplane32 layout of
+    tritnet_kernels.packing; E int8 (out_features,); T_accum int8 (out_features, in_features);
+    E_accum int8 (out_features,). After backward, `grad_q` int8 (out, in) and `grad_E_q` int8
+    (out,) hold this step's quantised gradients until the optimiser consumes them.
+
+    Initialisation: uniform random trits (2/3 nonzero) and E = round(8·log2(1/√(2/3·in))), so a
+    unit-RMS input gives a unit-RMS output, like Kaiming/Xavier scaling — without any float
+    array on the module. Ternary layers carry no bias: a bias would be a float parameter, and
+    the RMS-normalised networks we build do not need one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device: str | None = None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"TernaryLinear: {name} must be a positive integer, got {v!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_ternary_state(self.out_features, self.in_features,
+                                 initial_exponent(self.in_features), device)
+        self.grad_q = None
+        self.grad_E_q = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, x):
+        return TernaryMatmul.apply(x, layer=self)
+
+    def packed_trits(self) -> dict:
+        return {"T_packed": self.in_features}
+
+    def trits(self):
+        """T as int8 (out, in): a decoded copy for inspection and tests."""
+        return kpacking.unpack_trits(self.T_packed, self.in_features)
+
+    def weight(self, dtype=np.float32):
+        """diag(s)·T as a transient float array: for inspection and tests only, never stored."""
+        return scale_from_exponent(self.E, dtype)[:, None] * self.trits().astype(dtype)
+
+    # --- the integer gradient path --------------------------------------------------------
+    def accumulate_weight_grad(self, gy, x) -> None:
+        """Quantise G = gyᵀ·x (transient float) into grad_q, and dL/dE into grad_E_q."""
+        xp = backend.get_array_module(gy)
+        G = xp.matmul(gy.T, x)
+        if G.dtype != np.float32:  # the kernels' working precision; float64 only in checks
+            G = G.astype(np.float32)
+        G = xp.ascontiguousarray(G)
+        self.grad_q = quantize_gradient(G, self.grad_rms_units, self.next_grad_seed(0), self.grad_q)
+        # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8
+        row_dot = kupdate.row_trit_dot(G, self.T_packed, self.in_features)
+        del G
+        gE = row_dot * scale_from_exponent(self.E) * np.float32(math.log(2) * SCALE_EXPONENT_STEP)
+        self.grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1),
+                                          self.grad_E_q)
+        self.grad_uses += 1
+
+    def has_grad(self) -> bool:
+        return self.grad_q is not None
+
+    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
+        """Consume grad_q / grad_E_q: accumulate, flip trits and step E across thresholds."""
+        if self.grad_q is None:
+            return None
+        counts = kupdate.ternary_update(
+            self.T_packed, self.T_accum, self.grad_q, self.E, self.E_accum, self.grad_E_q,
+            self.in_features, flip_threshold=flip_threshold, flip_decay_shift=decay_shift,
+            scale_threshold=scale_threshold, scale_decay_shift=decay_shift,
+            zero_grad=False)  # the buffers are dropped right after: no need to clear them
+        self.grad_q = self.grad_E_q = None
+        return counts
+
+    def zero_grad(self) -> None:
+        self.grad_q = self.grad_E_q = None

@@ -1,0 +1,87 @@
+"""TritFlip: the integer optimiser of ternary weights (DESIGN §5).
+
+In the family of latent-free binary optimisers (Bop): the only memory is an int8 accumulator
+per trit (and per row scale), not a float latent weight. One step, for each ternary tensor:
+
+    a  = sat8(T_accum + grad_q)                          grad_q: this step's int8 gradient
+    a ≥ +flip_threshold and t > -1  →  t -= 1, a = 0     (gradient says: decrease)
+    a ≤ -flip_threshold and t < +1  →  t += 1, a = 0
+    otherwise, if decay_shift > 0   →  a -= sign(a)·(|a| >> decay_shift)
+
+and the same for each row's scale exponent E from E_accum, grad_E_q and `scale_threshold`
+(E clamped to the int8 range). grad_q is q = stochastic_round(G · grad_rms_units / rms(G)).
+
+The hyperparameters are this scheme's learning rate:
+- grad_rms_units (default 8): int8 units a gradient entry of one RMS adds to its accumulator;
+- flip_threshold (default 64): accumulated units that move a trit one step. A consistent
+  one-RMS gradient flips a trit in flip_threshold / grad_rms_units = 8 steps; noise (random
+  sign) needs about (flip_threshold / grad_rms_units)² = 64 steps;
+- scale_threshold (default 64): the same for the row scale E (one step = ×2^(±1/8));
+- decay_shift (default 0 = off): each step without a flip leaks |a| >> decay_shift, a memory of
+  about 2**decay_shift steps: larger = longer memory; it filters gradient noise.
+
+Deterministic for a given seed: the stochastic rounding draws counter-based random bits from
+(seed, tensor key, step, use), identical on CPU and GPU. Each tensor's update is one kernel
+launch for its trits and one for its row scales.
+"""
+
+from __future__ import annotations
+
+from . import random as trandom
+from .nn.module import Module
+from .nn.ternary import TernaryModule
+
+
+def _check_int(name, value, lo, hi):
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"TritFlip: {name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+class TritFlip:
+    """Accumulate int8 gradients and flip trits / step scales across thresholds."""
+
+    def __init__(self, modules, *, flip_threshold: int = 64, scale_threshold: int = 64,
+                 decay_shift: int = 0, grad_rms_units: int = 8, seed: int = 0):
+        _check_int("flip_threshold", flip_threshold, 1, 127)
+        _check_int("scale_threshold", scale_threshold, 1, 127)
+        _check_int("decay_shift", decay_shift, 0, 7)
+        _check_int("grad_rms_units", grad_rms_units, 1, 127)
+        _check_int("seed", seed, 0, 2**63 - 1)
+        if isinstance(modules, Module):
+            modules = modules.modules()
+        self.modules = [m for m in modules if isinstance(m, TernaryModule)]
+        if not self.modules:
+            raise ValueError("TritFlip: no ternary modules to optimise (pass a model or a list "
+                             "of modules that contains TernaryLinear or other ternary layers)")
+        self.flip_threshold, self.scale_threshold = flip_threshold, scale_threshold
+        self.decay_shift, self.grad_rms_units, self.seed = decay_shift, grad_rms_units, seed
+        self.step_count = 0
+        for key, m in enumerate(self.modules):
+            m.grad_rms_units = grad_rms_units
+            m.grad_seed = trandom.mix_seed(seed, key)
+        self._sync_modules()
+
+    def _sync_modules(self):
+        for m in self.modules:
+            m.grad_step, m.grad_uses = self.step_count, 0
+
+    def step(self) -> list:
+        """Apply every pending int8 gradient; returns per-module flip counts (device scalars)."""
+        flips = [m.apply_update(self.flip_threshold, self.scale_threshold, self.decay_shift)
+                 for m in self.modules]
+        self.step_count += 1
+        self._sync_modules()
+        return flips
+
+    def zero_grad(self) -> None:
+        for m in self.modules:
+            m.zero_grad()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "seed": self.seed, "flip_threshold": self.flip_threshold,
+                "scale_threshold": self.scale_threshold, "decay_shift": self.decay_shift,
+                "grad_rms_units": self.grad_rms_units}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self._sync_modules()

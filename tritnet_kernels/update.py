@@ -1,0 +1,807 @@
+"""Integer kernels behind the ternary optimiser (DESIGN §5).
+
+A ternary weight W = diag(s)·T trains without any float copy: its float gradient is
+quantised to int8 (`quantize_grad`), added with saturation to the int8 accumulator beside
+each trit, and a trit moves one step when its accumulator crosses a threshold
+(`ternary_update`). The per-row exponent E (s = 2**(E/8)) moves the same way from its own
+accumulator; its float gradient comes from `row_trit_dot`.
+
+One optimiser step for a TernaryLinear with weight gradient G (rows, cols) is:
+
+    dot = row_trit_dot(G, T_packed, cols)                # float32 (rows,)
+    gE  = s * (ln 2 / 8) * dot                            # dL/dE, float32 (rows,)
+    quantize_grad(G,  grad_inv_scale(G,  grad_gain),  seed_T, grad_q)
+    quantize_grad(gE, grad_inv_scale(gE, scale_gain), seed_E, grad_E_q)
+    ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, ...)  # one launch
+
+(data-parallel training all-reduces grad_q / grad_E_q between quantisation and update, so the
+two stay separate kernels.)
+
+Every job here is a CUDA kernel (`_*_cuda`), a Numba CPU twin with the same argument list
+(`_*_cpu`) and a plain-NumPy reference (`*_reference`) used by the tests. Integer outputs are
+bit-exact between the twins and the reference: the stochastic rounding draws its uniforms
+from a counter-based hash of (seed, flat index), not from a stateful generator, and the
+accumulator rule is one njit function (`_accumulator_step`) that both twins call.
+"""
+
+from . import _numba_compat  # noqa: F401  (must precede numba.cuda)
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._launch import is_cupy, launch, target, xp_of
+
+__all__ = [
+    "grad_inv_scale",
+    "quantize_grad",
+    "quantize_grad_reference",
+    "row_trit_dot",
+    "row_trit_dot_reference",
+    "ternary_update",
+    "ternary_update_reference",
+    "trit_flip_update",
+    "scale_step_update",
+    "ACCUM_MAX",
+    "E_MIN",
+    "E_MAX",
+]
+
+# int8 accumulators saturate at ±127, never -128, so that a run of positive and a run of
+# negative gradients of the same size are treated the same (no asymmetric extra step).
+ACCUM_MAX = 127
+E_MIN, E_MAX = -128, 127
+
+# splitmix64 (Steele, Lea & Flood 2014): the golden-ratio increment and the finaliser.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+# 24 bits: every such integer is exact in float32, so u is the same on every device.
+_INV_2_24 = np.float32(1.0 / (1 << 24))
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# Launch geometry. Grid-stride loops keep the grid bounded; the update kernel adds its counts
+# with one global atomic per block, so a bounded grid also bounds atomic traffic.
+_QUANT_THREADS = 256
+_DOT_THREADS = 128          # power of two: tree reduction in shared memory
+_UPDATE_THREADS = 256       # 8 warps; each warp owns one 32-trit group per iteration
+_UPDATE_WARPS = _UPDATE_THREADS // 32
+_SCALE_THREADS = 128
+_MAX_BLOCKS = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# Shared scalar rules: njit functions that the CPU twins call and that numba-cuda compiles
+# into the CUDA kernels, so both devices run one definition. (The simulator calls the CPU
+# build with NumPy scalars.)
+
+
+@numba.njit(cache=True)
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def _uniform24(key, i):
+    """Uniform in [0, 1) on the grid k / 2**24, a pure function of (key, flat index i)."""
+    z = _mix64(key + np.uint64(i) * _GOLDEN)
+    return np.float32(z >> np.uint64(40)) * _INV_2_24
+
+
+@numba.njit(cache=True)
+def _round_stochastic(v, u):
+    """floor(v) + (u < frac(v)) for float32 v clamped to [-128, 128]; NaN -> 0."""
+    if v != v:
+        return np.int64(0)
+    # Clamp before the integer conversion: a huge v must not overflow it, and anything
+    # beyond ±128 saturates the int8 sum anyway.
+    if v > np.float32(128.0):
+        v = np.float32(128.0)
+    elif v < np.float32(-128.0):
+        v = np.float32(-128.0)
+    # np.int64: math.floor of a float32 is an integer on the CPU but a float in numba-cuda.
+    lo = np.int64(math.floor(v))
+    # v - lo is exact in float32 (the fractional part of a float is representable).
+    if u < v - np.float32(lo):
+        return lo + 1
+    return lo
+
+
+@numba.njit(cache=True)
+def _sat_accum(a):
+    if a > ACCUM_MAX:
+        return ACCUM_MAX
+    if a < -ACCUM_MAX:
+        return -ACCUM_MAX
+    return a
+
+
+@numba.njit(cache=True)
+def _accumulator_step(value, accum, grad, threshold, lowest, highest, decay_shift):
+    """The update rule for one trit (lowest=-1, highest=1) or one exponent (-128, 127).
+
+    Returns the new (value, accum). All arguments are int64.
+    """
+    a = _sat_accum(accum + grad)
+    # Positive accumulated gradient: the loss falls as the value falls.
+    if a >= threshold and value > lowest:
+        return value - 1, 0
+    if a <= -threshold and value < highest:
+        return value + 1, 0
+    if decay_shift > 0:
+        if a > 0:
+            a -= a >> decay_shift
+        else:
+            a += (-a) >> decay_shift
+    return value, a
+
+
+def _stream_key(seed: int) -> np.uint64:
+    """Premix the seed on the host so that nearby seeds (step, step+1) give unrelated streams."""
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return np.uint64(z ^ (z >> 31))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared by the wrappers. Everything a caller can get wrong is raised here, before
+# any allocation or launch, so a bad call leaves every array untouched.
+
+
+def _check_array(op, name, a, dtype, ndim=None, shape=None, writeable=False):
+    if not (hasattr(a, "dtype") and hasattr(a, "shape") and hasattr(a, "flags")):
+        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{op}: {name} has dtype {a.dtype}, expected {np.dtype(dtype).name}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {ndim} dimensions")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} is not C-contiguous; pass xp.ascontiguousarray({name})")
+    if writeable and not getattr(a.flags, "writeable", True):
+        raise ValueError(f"{op}: {name} is read-only, but the kernel writes it in place")
+
+
+def _is_real(x):
+    real = isinstance(x, (int, float, np.integer, np.floating))
+    return real and not isinstance(x, (bool, np.bool_))
+
+
+def _check_int(op, name, value, lo, hi):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{op}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{op}: {name} = {int(value)} is out of range, expected {lo}..{hi}")
+    return int(value)
+
+
+def _byte_range(a):
+    ptr = a.data.ptr if hasattr(a.data, "ptr") else a.__array_interface__["data"][0]
+    return ptr, ptr + a.nbytes
+
+
+def _check_distinct(op, **arrays):
+    """In-place kernels read one array while writing another: they must not overlap."""
+    items = [(n, _byte_range(a)) for n, a in arrays.items() if a is not None and a.nbytes]
+    for k, (name_a, (a0, a1)) in enumerate(items):
+        for name_b, (b0, b1) in items[k + 1:]:
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{op}: {name_a} and {name_b} share memory; the kernel updates "
+                                 "them in place and needs separate arrays")
+
+
+def _check_counter(op, name, counter, length):
+    if counter is not None:
+        _check_array(op, name, counter, np.int64, shape=(length,), writeable=True)
+
+
+def _blocks(work_items, per_block):
+    return max(1, min(_MAX_BLOCKS, -(-work_items // per_block)))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Gradient quantisation: float32 -> int8, stochastic rounding against a per-tensor scale.
+
+
+def grad_inv_scale(G, grad_gain):
+    """The per-tensor quantisation scale: grad_gain / rms(G), as a float32 array of shape (1,).
+
+    Computed on G's device without a host sync (the result feeds `quantize_grad` directly),
+    with the sum of squares accumulated in float64. An all-zero or non-finite G gives 0, so
+    that the whole tensor then receives no update (a NaN or inf anywhere in G makes every
+    element of G * 0 NaN or 0, and the kernel maps NaN to 0).
+
+    `grad_gain` is the typical |quantised gradient| of one step, in accumulator units: with
+    flip threshold F, a trit whose gradient is consistently one rms in size flips after about
+    F / grad_gain steps.
+    """
+    op = "grad_inv_scale"
+    _check_array(op, "G", G, np.float32)
+    if not _is_real(grad_gain):
+        raise TypeError(f"{op}: grad_gain must be a real number, got {grad_gain!r}")
+    if not (math.isfinite(grad_gain) and grad_gain > 0):
+        raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
+    xp = xp_of(G)
+    if G.size == 0:
+        return xp.zeros(1, dtype=np.float32)
+    sum_sq = xp.sum(xp.square(G), dtype=np.float64).reshape(1)
+    mean_sq = sum_sq / G.size
+    usable = xp.isfinite(mean_sq) & (mean_sq > 0)
+    inv = xp.where(usable, grad_gain / xp.sqrt(xp.where(usable, mean_sq, 1.0)), 0.0)
+    return inv.astype(np.float32)
+
+
+@numba.njit(parallel=True, cache=True)
+def _quantize_grad_cpu(G, inv_scale, key, out):
+    scale = inv_scale[0]
+    for i in numba.prange(G.shape[0]):
+        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i))
+        out[i] = _sat_accum(q)
+
+
+@cuda.jit(cache=True)
+def _quantize_grad_cuda(G, inv_scale, key, out):
+    scale = inv_scale[0]
+    for i in range(cuda.grid(1), G.shape[0], cuda.gridsize(1)):
+        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i))
+        out[i] = _sat_accum(q)
+
+
+def quantize_grad(G, inv_scale, seed, out):
+    """Add round_stochastic(G * inv_scale) into the int8 array `out`, saturating at ±127.
+
+    G: float32, C-contiguous, any shape (treated as flat, index i in C order).
+    inv_scale: a float (finite, >= 0) or a float32 array of shape (1,) on G's device, e.g.
+        from `grad_inv_scale` (then no host sync is needed).
+    seed: integer in [0, 2**64). Use a different seed for every (step, tensor); nearby seeds
+        give unrelated streams.
+    out: int8, same shape as G, updated in place and returned (it accumulates, so several
+        micro-batches can add into one buffer).
+
+    Per element i:
+        v = float32(G[i] * inv_scale), NaN -> 0, clamped to [-128, 128]
+        u = uniform(seed, i)            # top 24 bits of a splitmix64 hash, / 2**24
+        q = floor(v) + (u < v - floor(v))        # E[q] = v (unbiased)
+        out[i] = clamp(out[i] + q, -127, 127)
+
+    uniform(seed, i) = (mix64(key + i * φ) >> 40) / 2**24, key = mix64(seed + φ),
+    φ = 0x9E3779B97F4A7C15, mix64 = splitmix64's finaliser; identical on every device.
+
+    Non-finite gradients: the caller checks finiteness (or uses `grad_inv_scale`, which turns
+    a non-finite tensor into a zero update). The kernel never writes garbage: NaN rounds to 0,
+    ±inf saturates to ±127.
+    """
+    op = "quantize_grad"
+    scale_on_device = isinstance(inv_scale, np.ndarray) or is_cupy(inv_scale)
+    dev = target(G, out, inv_scale if scale_on_device else None, op=op)
+    _check_array(op, "G", G, np.float32)
+    _check_array(op, "out", out, np.int8, shape=G.shape, writeable=True)
+    if scale_on_device:
+        _check_array(op, "inv_scale", inv_scale, np.float32, shape=(1,))
+    elif _is_real(inv_scale):
+        if not 0 <= inv_scale <= _FLOAT32_MAX:  # also rejects NaN
+            raise ValueError(f"{op}: inv_scale = {inv_scale!r}, expected a number in "
+                             "[0, float32 max]")
+    else:
+        raise TypeError(f"{op}: inv_scale must be a number or a float32 array of shape (1,), "
+                        f"got {type(inv_scale).__name__}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{op}: seed must be an integer in [0, 2**64), got {seed!r}")
+    if not 0 <= int(seed) <= _MASK64:
+        raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
+    _check_distinct(op, G=G, out=out)
+
+    if G.size == 0:
+        return out
+    xp = xp_of(G)
+    if not scale_on_device:
+        inv_scale = xp.full(1, inv_scale, dtype=np.float32)
+    key = _stream_key(int(seed))
+    G_flat, out_flat = G.reshape(-1), out.reshape(-1)
+    if dev == "cpu":
+        _quantize_grad_cpu(G_flat, inv_scale, key, out_flat)
+    else:
+        launch(_quantize_grad_cuda, _blocks(G.size, _QUANT_THREADS), _QUANT_THREADS,
+               G_flat, inv_scale, key, out_flat)
+    return out
+
+
+def quantize_grad_reference(G, inv_scale, seed, out):
+    """NumPy truth for `quantize_grad`, with its signature: updates `out` and returns it."""
+    scale = np.float32(np.asarray(inv_scale, dtype=np.float32).reshape(-1)[0])
+    v = np.asarray(G, dtype=np.float32).reshape(-1) * scale
+    v = np.where(np.isnan(v), np.float32(0), v)
+    v = np.clip(v, np.float32(-128), np.float32(128))
+    lo = np.floor(v)
+    i = np.arange(v.size, dtype=np.uint64)
+    z = _stream_key(int(seed)) + i * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(40)).astype(np.float32) * _INV_2_24
+    q = lo.astype(np.int64) + (u < v - lo)
+    new = np.clip(out.reshape(-1).astype(np.int64) + q, -ACCUM_MAX, ACCUM_MAX)
+    out[...] = new.reshape(out.shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Row scale gradient: sum_j G[r, j] * T[r, j], T read from the bitplane32 masks.
+
+
+@numba.njit(parallel=True, cache=True)
+def _row_trit_dot_cpu(G, T_packed, cols, out):
+    for r in numba.prange(G.shape[0]):
+        acc = 0.0  # float64 accumulation: free on the CPU
+        for g in range((cols + 31) // 32):
+            plus = np.int64(T_packed[r, 2 * g])
+            minus = np.int64(T_packed[r, 2 * g + 1])
+            for b in range(min(32, cols - 32 * g)):
+                t = ((plus >> b) & 1) - ((minus >> b) & 1)
+                if t > 0:
+                    acc += G[r, 32 * g + b]
+                elif t < 0:
+                    acc -= G[r, 32 * g + b]
+        out[r] = acc
+
+
+@cuda.jit(cache=True)
+def _row_trit_dot_cuda(G, T_packed, cols, out):
+    # One block per row (grid-stride over rows); a thread per column, so the loads of G
+    # are coalesced and a warp's 32 columns share one plus/minus word pair.
+    partial = cuda.shared.array(_DOT_THREADS, numba.float32)
+    tid = cuda.threadIdx.x
+    r = cuda.blockIdx.x
+    while r < G.shape[0]:  # uniform across the block: every thread reaches syncthreads
+        acc = np.float32(0.0)
+        j = tid
+        while j < cols:
+            g = j >> 5
+            b = j & 31
+            plus = np.int64(T_packed[r, 2 * g])
+            minus = np.int64(T_packed[r, 2 * g + 1])
+            t = ((plus >> b) & 1) - ((minus >> b) & 1)
+            if t > 0:
+                acc += G[r, j]
+            elif t < 0:
+                acc -= G[r, j]
+            j += _DOT_THREADS
+        partial[tid] = acc
+        cuda.syncthreads()
+        half = _DOT_THREADS // 2
+        while half > 0:
+            if tid < half:
+                partial[tid] += partial[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if tid == 0:
+            out[r] = partial[0]
+        cuda.syncthreads()  # partial is reused by the next row
+        r += cuda.gridDim.x
+
+
+def row_trit_dot(G, T_packed, cols, out=None):
+    """out[r] = sum_j G[r, j] * T[r, j] for float32 G (rows, cols); returns out (float32 (rows,)).
+
+    cols: the matrix's column count (must equal G.shape[1]; T_packed holds ceil(cols/32)
+    plus/minus word pairs per row). `out` is allocated when None.
+
+    With s_r = 2**(E_r/8), the gradient of the loss with respect to the exponent is
+    dL/dE_r = s_r * ln(2)/8 * row_trit_dot(G)[r], where G = dL/dW (rows, cols).
+    Float result: the CUDA kernel accumulates in float32 (per-thread, then a tree), the CPU
+    twin in float64, so they agree within fp32 rounding. `out` is overwritten.
+    """
+    op = "row_trit_dot"
+    dev = target(G, T_packed, out, op=op)
+    _check_array(op, "G", G, np.float32, ndim=2)
+    cols = _check_int(op, "cols", cols, 0, 2**31 - 1)
+    if G.shape[1] != cols:
+        raise ValueError(f"{op}: G has shape {tuple(G.shape)}, expected (rows, {cols}) for "
+                         f"cols = {cols}")
+    rows = G.shape[0]
+    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2)
+    if T_packed.shape != (rows, 2 * -(-cols // 32)):
+        raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
+                         f"{(rows, 2 * -(-cols // 32))} to match G's {rows} rows and {cols} "
+                         "columns (bitplane32: a plus and a minus word per 32 columns)")
+    if out is None:
+        out = xp_of(G).empty(rows, dtype=np.float32)
+    else:
+        _check_array(op, "out", out, np.float32, shape=(rows,), writeable=True)
+    if rows == 0:
+        return out
+    if cols == 0:
+        out[...] = 0
+        return out
+    if dev == "cpu":
+        _row_trit_dot_cpu(G, T_packed, np.int64(cols), out)
+    else:
+        launch(_row_trit_dot_cuda, _blocks(rows, 1), _DOT_THREADS,
+               G, T_packed, np.int64(cols), out)
+    return out
+
+
+def row_trit_dot_reference(G, T_packed, cols):
+    T = _trits_from_bitplanes(T_packed, cols)
+    return (G.astype(np.float64) * T).sum(axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# 3 + 4. The accumulator rule: flip trits, step exponents.
+
+
+@numba.njit(parallel=True, cache=True)
+def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
+                        flip_decay_shift, with_scale, scale_threshold, scale_decay_shift,
+                        zero_grad, counts):
+    rows = T_accum.shape[0]
+    flips = 0
+    steps = 0
+    for r in numba.prange(rows):
+        for g in range((cols + 31) // 32):
+            plus = np.int64(T_packed[r, 2 * g])
+            minus = np.int64(T_packed[r, 2 * g + 1])
+            new_plus = 0
+            new_minus = 0
+            for b in range(min(32, cols - 32 * g)):
+                j = 32 * g + b
+                t = ((plus >> b) & 1) - ((minus >> b) & 1)
+                t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]), np.int64(grad_q[r, j]),
+                                             flip_threshold, -1, 1, flip_decay_shift)
+                T_accum[r, j] = a
+                if zero_grad:
+                    grad_q[r, j] = 0
+                if t_new != t:
+                    flips += 1
+                if t_new > 0:
+                    new_plus |= 1 << b
+                elif t_new < 0:
+                    new_minus |= 1 << b
+            T_packed[r, 2 * g] = new_plus
+            T_packed[r, 2 * g + 1] = new_minus
+        if with_scale:
+            e = np.int64(E[r])
+            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
+                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+            E[r] = e_new
+            E_accum[r] = a
+            if zero_grad:
+                grad_E_q[r] = 0
+            if e_new != e:
+                steps += 1
+    counts[0] += flips
+    if with_scale:  # trit-only calls may pass a 1-element counter
+        counts[1] += steps
+
+
+@cuda.jit(cache=True)
+def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
+                         flip_decay_shift, with_scale, scale_threshold, scale_decay_shift,
+                         zero_grad, counts):
+    # A warp per 32-trit group, a lane per trit: loads and stores of the int8 state are
+    # coalesced, each mask word pair is read once (a broadcast) and written once by lane 0.
+    # The lanes' new bits meet in shared memory (atomic OR) because the simulator that CI
+    # runs has no warp vote functions.
+    new_plus = cuda.shared.array(_UPDATE_WARPS, numba.uint32)
+    new_minus = cuda.shared.array(_UPDATE_WARPS, numba.uint32)
+    block_counts = cuda.shared.array(2, numba.int64)
+    tid = cuda.threadIdx.x
+    lane = tid & 31
+    warp = tid >> 5
+    rows = T_accum.shape[0]
+    groups = (cols + 31) // 32
+    tasks = rows * groups
+    # Zeroed before the loop's first barrier; threads add to it only after the loop (the
+    # wrapper gives every block at least one task, so that barrier is always passed).
+    if tid == 0:
+        block_counts[0] = 0
+        block_counts[1] = 0
+    flips = 0
+    steps = 0
+    base = cuda.blockIdx.x * _UPDATE_WARPS
+    while base < tasks:  # uniform across the block: every thread reaches both syncthreads
+        task = base + warp
+        r = task // groups
+        g = task - r * groups
+        if lane == 0:
+            new_plus[warp] = 0
+            new_minus[warp] = 0
+        cuda.syncthreads()
+        j = 32 * g + lane
+        if task < tasks and j < cols:
+            plus = np.int64(T_packed[r, 2 * g])
+            minus = np.int64(T_packed[r, 2 * g + 1])
+            t = ((plus >> lane) & 1) - ((minus >> lane) & 1)
+            t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]), np.int64(grad_q[r, j]),
+                                         flip_threshold, -1, 1, flip_decay_shift)
+            T_accum[r, j] = a
+            if zero_grad:
+                grad_q[r, j] = 0
+            if t_new != t:
+                flips += 1
+            if t_new > 0:
+                cuda.atomic.or_(new_plus, warp, np.uint32(1 << lane))
+            elif t_new < 0:
+                cuda.atomic.or_(new_minus, warp, np.uint32(1 << lane))
+        if with_scale and task < tasks and g == 0 and lane == 0:
+            e = np.int64(E[r])
+            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
+                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+            E[r] = e_new
+            E_accum[r] = a
+            if zero_grad:
+                grad_E_q[r] = 0
+            if e_new != e:
+                steps += 1
+        cuda.syncthreads()
+        if lane == 0 and task < tasks:
+            T_packed[r, 2 * g] = new_plus[warp]
+            T_packed[r, 2 * g + 1] = new_minus[warp]
+        base += cuda.gridDim.x * _UPDATE_WARPS
+    if flips != 0:
+        cuda.atomic.add(block_counts, 0, flips)
+    if steps != 0:
+        cuda.atomic.add(block_counts, 1, steps)
+    cuda.syncthreads()
+    if tid == 0:
+        if block_counts[0] != 0:
+            cuda.atomic.add(counts, 0, block_counts[0])
+        if block_counts[1] != 0:
+            cuda.atomic.add(counts, 1, block_counts[1])
+
+
+def _check_trit_state(op, T_packed, T_accum, grad_q, cols):
+    cols = _check_int(op, "cols", cols, 1, 2**31 - 1)
+    _check_array(op, "T_accum", T_accum, np.int8, ndim=2, writeable=True)
+    if T_accum.shape[1] != cols:
+        raise ValueError(f"{op}: T_accum has shape {tuple(T_accum.shape)}, expected "
+                         f"(rows, {cols}) for cols = {cols}")
+    rows = T_accum.shape[0]
+    _check_array(op, "grad_q", grad_q, np.int8, shape=(rows, cols), writeable=True)
+    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=True)
+    if T_packed.shape != (rows, 2 * -(-cols // 32)):
+        raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
+                         f"{(rows, 2 * -(-cols // 32))} to match T_accum's {rows} rows and "
+                         f"{cols} columns (bitplane32: a plus and a minus word per 32 columns)")
+    return rows, cols
+
+
+def _check_scale_state(op, E, E_accum, grad_E_q, rows=None):
+    _check_array(op, "E", E, np.int8, ndim=1, writeable=True)
+    if rows is not None and E.shape[0] != rows:
+        raise ValueError(f"{op}: E has shape {tuple(E.shape)}, expected ({rows},): one exponent "
+                         "per row of T_accum")
+    rows = E.shape[0]
+    _check_array(op, "E_accum", E_accum, np.int8, shape=(rows,), writeable=True)
+    _check_array(op, "grad_E_q", grad_E_q, np.int8, shape=(rows,), writeable=True)
+    return rows
+
+
+def _new_counter(xp, counter, length):
+    return xp.zeros(length, dtype=np.int64) if counter is None else counter
+
+
+def _launch_ternary_update(dev, rows, cols, args):
+    if dev == "cpu":
+        _ternary_update_cpu(*args)
+    else:
+        tasks = rows * -(-cols // 32)
+        launch(_ternary_update_cuda, _blocks(tasks, _UPDATE_WARPS), _UPDATE_THREADS, *args)
+
+
+def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, flip_threshold,
+                   flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad=True,
+                   counts=None):
+    """Apply one optimiser step to a ternary matrix and its row exponents, in one launch.
+
+    T_packed uint32 (rows, 2*ceil(cols/32)) bitplane32; T_accum, grad_q int8 (rows, cols);
+    E, E_accum, grad_E_q int8 (rows,). All updated in place; C-contiguous, one device.
+    cols: the matrix's column count (T_accum.shape[1]).
+    flip_threshold, scale_threshold in 1..127; flip_decay_shift, scale_decay_shift in 0..7
+    (0: no decay).
+
+    For every trit t = T[r, j] (j < cols), with a = T_accum[r, j], g = grad_q[r, j]:
+
+        a = clamp(a + g, -127, 127)
+        if   a >=  flip_threshold and t > -1:  t -= 1; a = 0   # positive gradient: descend
+        elif a <= -flip_threshold and t < +1:  t += 1; a = 0
+        elif flip_decay_shift > 0:             a -= sign(a) * (|a| >> flip_decay_shift)
+        T[r, j] = t;  T_accum[r, j] = a;  grad_q[r, j] = 0 (if zero_grad)
+
+    and for every row exponent e = E[r] the same rule with E_accum[r], grad_E_q[r],
+    scale_threshold and scale_decay_shift, e held in [-128, 127] instead of [-1, 1].
+    A value at its end stays there and its accumulator is not reset (only decayed).
+    Padding bits of T_packed (columns >= cols) are written zero; a trit coded in both masks
+    reads as 0 (validate packed data where it enters, e.g. checkpoint load, not here).
+
+    zero_grad: clear grad_q and grad_E_q in the same pass (they are consumed), saving a
+    memset launch; pass False when the caller frees them instead.
+
+    Returns `counts`, int64 (2,) on the arrays' device: counts[0] += trits changed,
+    counts[1] += exponents changed (allocated as zeros when None; pass one array to total
+    several tensors). The wrapper never syncs: reading the counts is the caller's choice.
+    """
+    op = "ternary_update"
+    dev = target(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, counts, op=op)
+    rows, cols = _check_trit_state(op, T_packed, T_accum, grad_q, cols)
+    _check_scale_state(op, E, E_accum, grad_E_q, rows)
+    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
+    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
+    flip_decay_shift = _check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)
+    scale_decay_shift = _check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)
+    _check_counter(op, "counts", counts, 2)
+    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, grad_q=grad_q, E=E,
+                    E_accum=E_accum, grad_E_q=grad_E_q, counts=counts)
+    counts = _new_counter(xp_of(T_accum), counts, 2)
+    if rows:
+        _launch_ternary_update(dev, rows, cols, (
+            T_packed, T_accum, grad_q, E, E_accum, grad_E_q, np.int64(cols),
+            np.int64(flip_threshold), np.int64(flip_decay_shift), True,
+            np.int64(scale_threshold), np.int64(scale_decay_shift), bool(zero_grad), counts))
+    return counts
+
+
+def trit_flip_update(T_packed, T_accum, grad_q, cols, flip_threshold, decay_shift, *,
+                     zero_grad=True, flips=None):
+    """The trit half of `ternary_update` alone (same rule, same kernel, one launch), with
+    `decay_shift` as flip_decay_shift.
+
+    Returns `flips`, int64 (1,) on the arrays' device: flips[0] += trits changed (allocated
+    as zeros when None). The wrapper never syncs.
+    """
+    op = "trit_flip_update"
+    dev = target(T_packed, T_accum, grad_q, flips, op=op)
+    rows, cols = _check_trit_state(op, T_packed, T_accum, grad_q, cols)
+    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
+    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
+    _check_counter(op, "flips", flips, 1)
+    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, grad_q=grad_q, flips=flips)
+    xp = xp_of(T_accum)
+    flips = _new_counter(xp, flips, 1)
+    if rows:
+        # with_scale=False: the kernel never touches the exponent arrays (nor flips[1]), so
+        # one 1-element placeholder stands in for all three (a single kernel specialisation).
+        unused = xp.empty(1, dtype=np.int8)
+        _launch_ternary_update(dev, rows, cols, (
+            T_packed, T_accum, grad_q, unused, unused, unused, np.int64(cols),
+            np.int64(flip_threshold), np.int64(decay_shift), False, np.int64(1), np.int64(0),
+            bool(zero_grad), flips))
+    return flips
+
+
+@numba.njit(parallel=True, cache=True)
+def _scale_step_cpu(E, E_accum, grad_E_q, scale_threshold, decay_shift, zero_grad, steps_out):
+    steps = 0
+    for r in numba.prange(E.shape[0]):
+        e = np.int64(E[r])
+        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
+                                     scale_threshold, E_MIN, E_MAX, decay_shift)
+        E[r] = e_new
+        E_accum[r] = a
+        if zero_grad:
+            grad_E_q[r] = 0
+        if e_new != e:
+            steps += 1
+    steps_out[0] += steps
+
+
+@cuda.jit(cache=True)
+def _scale_step_cuda(E, E_accum, grad_E_q, scale_threshold, decay_shift, zero_grad, steps_out):
+    block_steps = cuda.shared.array(1, numba.int64)
+    if cuda.threadIdx.x == 0:
+        block_steps[0] = 0
+    cuda.syncthreads()
+    steps = 0
+    for r in range(cuda.grid(1), E.shape[0], cuda.gridsize(1)):
+        e = np.int64(E[r])
+        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
+                                     scale_threshold, E_MIN, E_MAX, decay_shift)
+        E[r] = e_new
+        E_accum[r] = a
+        if zero_grad:
+            grad_E_q[r] = 0
+        if e_new != e:
+            steps += 1
+    if steps != 0:
+        cuda.atomic.add(block_steps, 0, steps)
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and block_steps[0] != 0:
+        cuda.atomic.add(steps_out, 0, block_steps[0])
+
+
+def scale_step_update(E, E_accum, grad_E_q, scale_threshold, decay_shift, *, zero_grad=True,
+                      steps=None):
+    """The exponent half of `ternary_update` alone, for int8 E, E_accum, grad_E_q (rows,),
+    with `decay_shift` as scale_decay_shift.
+
+    Its own (small) kernel; a TernaryLinear step uses `ternary_update`, which does both halves
+    in one launch. Returns `steps`, int64 (1,): steps[0] += exponents changed (allocated as
+    zeros when None). The wrapper never syncs.
+    """
+    op = "scale_step_update"
+    dev = target(E, E_accum, grad_E_q, steps, op=op)
+    rows = _check_scale_state(op, E, E_accum, grad_E_q)
+    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
+    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
+    _check_counter(op, "steps", steps, 1)
+    _check_distinct(op, E=E, E_accum=E_accum, grad_E_q=grad_E_q, steps=steps)
+    steps = _new_counter(xp_of(E), steps, 1)
+    if rows:
+        args = (E, E_accum, grad_E_q, np.int64(scale_threshold), np.int64(decay_shift),
+                bool(zero_grad), steps)
+        if dev == "cpu":
+            _scale_step_cpu(*args)
+        else:
+            launch(_scale_step_cuda, _blocks(rows, _SCALE_THREADS), _SCALE_THREADS, *args)
+    return steps
+
+
+def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift):
+    """Vectorised `_accumulator_step` over int64 arrays: returns (value, accum)."""
+    a = np.clip(accum + grad, -ACCUM_MAX, ACCUM_MAX)
+    down = (a >= threshold) & (value > lowest)
+    up = ~down & (a <= -threshold) & (value < highest)
+    if decay_shift > 0:
+        decayed = a - np.sign(a) * (np.abs(a) >> decay_shift)
+    else:
+        decayed = a
+    value = value - down + up
+    accum = np.where(down | up, 0, decayed)
+    return value, accum
+
+
+def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, grad_E_q=None, *,
+                             flip_threshold, flip_decay_shift, scale_threshold=1,
+                             scale_decay_shift=0):
+    """NumPy truth for `ternary_update` (and, with E None, `trit_flip_update`).
+
+    Returns (T_packed, T_accum, E, E_accum, counts) as new arrays (E, E_accum None when E is
+    None); the gradients are consumed (a zeroing kernel leaves them zero).
+    """
+    cols = T_accum.shape[1]
+    T = _trits_from_bitplanes(T_packed, cols)
+    T_new, T_accum_new = _rule_reference(T, T_accum.astype(np.int64), grad_q.astype(np.int64),
+                                         flip_threshold, -1, 1, flip_decay_shift)
+    counts = np.array([np.count_nonzero(T_new != T), 0], dtype=np.int64)
+    E_new = E_accum_new = None
+    if E is not None:
+        E_new, E_accum_new = _rule_reference(E.astype(np.int64), E_accum.astype(np.int64),
+                                             grad_E_q.astype(np.int64), scale_threshold,
+                                             E_MIN, E_MAX, scale_decay_shift)
+        counts[1] = np.count_nonzero(E_new != E)
+        E_new, E_accum_new = E_new.astype(np.int8), E_accum_new.astype(np.int8)
+    return (_bitplanes_from_trits(T_new), T_accum_new.astype(np.int8), E_new, E_accum_new,
+            counts)
+
+
+# The reference decodes the masks itself rather than through tritnet_kernels.packing, so that
+# it stays independent of the kernels it checks.
+
+
+def _trits_from_bitplanes(T_packed, cols):
+    words = np.asarray(T_packed, dtype=np.uint32)
+    bits = np.arange(32, dtype=np.uint32)
+    plus = (words[:, 0::2, None] >> bits) & 1
+    minus = (words[:, 1::2, None] >> bits) & 1
+    T = plus.astype(np.int64) - minus.astype(np.int64)
+    return T.reshape(words.shape[0], -1)[:, :cols]
+
+
+def _bitplanes_from_trits(T):
+    rows, cols = T.shape
+    groups = -(-cols // 32)
+    padded = np.zeros((rows, groups * 32), dtype=np.int64)
+    padded[:, :cols] = T
+    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
+    padded = padded.reshape(rows, groups, 32)
+    out = np.empty((rows, 2 * groups), dtype=np.uint32)
+    out[:, 0::2] = ((padded > 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
+    out[:, 1::2] = ((padded < 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
+    return out
