@@ -1,0 +1,822 @@
+"""Sparse row access to a large ternary table (DESIGN §1.4, §6; issue 4).
+
+A table of `rows` ternary rows of width `cols` is the integer state
+    T_packed uint32 (rows, 2G) bitplane32, G = ceil(cols/32)   s_r = 2 ** (E[r] / 8)
+    E        int8   (rows,)
+    T_accum  int8   (rows, cols), E_accum int8 (rows,)          (training state)
+and a training step touches only the rows a batch used:
+
+    T_packed = random_table(xp.empty((rows, 2G), uint32), cols, seed)   # packed-first init
+    y        = gather_rows(T_packed, E, indices, cols)                  # forward
+    rows_u, inverse, order, offsets = unique_rows(indices)              # backward ...
+    G_u      = segment_sum_rows(gy, inverse, len(rows_u), segments=(order, offsets))
+    (quantise G_u and its exponent gradient to int8: tritnet_kernels.update.quantize_grad)
+    sparse_ternary_update(T_packed, T_accum, E, E_accum, rows_u, grad_q_u, grad_E_q_u, ...)
+
+Every job is a CUDA kernel (`_*_cuda`), a Numba CPU twin with the same argument list
+(`_*_cpu`) and a NumPy reference (`*_reference`) that the tests trust. The public wrappers
+validate everything a caller can get wrong (dtypes, shapes, contiguity, index ranges) before
+anything is allocated or launched, so a failing call leaves every array as it was.
+
+Index checks on CuPy arrays cost one small reduction and a host sync; callers that pass indices
+they produced themselves (nearest_code's output, unique_rows' output) may pass `check=False`.
+"""
+
+from . import _numba_compat  # noqa: F401  (must precede numba.cuda)
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._launch import launch, simulator, target, xp_of
+from .update import (
+    ACCUM_MAX,
+    E_MAX,
+    E_MIN,
+    _GOLDEN,
+    _accumulator_step,  # the one definition of the trit-flip / scale-step rule
+    _check_array,
+    _check_distinct,
+    _check_int,
+    _mix64,
+    _stream_key,
+)
+
+__all__ = [
+    "SCALE_OF_E",
+    "random_table",
+    "random_table_reference",
+    "gather_rows",
+    "gather_rows_reference",
+    "unique_rows",
+    "segment_sum_rows",
+    "segment_sum_rows_reference",
+    "sparse_ternary_update",
+    "sparse_trit_flip_update",
+    "sparse_scale_step_update",
+    "sparse_ternary_update_reference",
+]
+
+# s = f(E) = 2 ** (E / 8), correctly rounded to float32, for E = -128..127. A table rather than
+# exp2f in the kernels: CUDA's exp2f and the CPU's differ in the last bit for some E, the table
+# makes gathered rows bit-identical on every device (and costs one cached load).
+SCALE_OF_E = np.exp2(np.arange(-128, 128, dtype=np.float64) / 8.0).astype(np.float32)
+_SCALE_OF_E = SCALE_OF_E  # the kernels' frozen copy
+
+_THREADS = 256
+_WARPS = _THREADS // 32
+_MAX_BLOCKS = 4096
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _blocks(work_items, per_block):
+    # The simulator runs each thread as a Python thread: keep its grids tiny (every kernel here
+    # uses grid-stride loops, so any grid is correct).
+    cap = 2 if simulator() else _MAX_BLOCKS
+    return max(1, min(cap, -(-work_items // per_block)))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared by the wrappers.
+
+
+def _check_indices(op, name, idx, limit, check, what="rows"):
+    """idx: int32/int64, 1-D, C-contiguous; with `check`, every value in [0, limit)."""
+    if not (hasattr(idx, "dtype") and hasattr(idx, "shape") and hasattr(idx, "flags")):
+        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array of int32 or int64, got "
+                        f"{type(idx).__name__}")
+    if idx.dtype not in (np.int32, np.int64):
+        raise TypeError(f"{op}: {name} has dtype {idx.dtype}, expected int32 or int64")
+    if idx.ndim != 1:
+        raise ValueError(f"{op}: {name} has shape {tuple(idx.shape)}, expected a 1-D array")
+    if not idx.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} is not C-contiguous; pass xp.ascontiguousarray({name})")
+    if check and idx.size:
+        xp = xp_of(idx)
+        lo, hi = (int(v) for v in xp.stack([idx.min().astype(np.int64),
+                                            idx.max().astype(np.int64)]).tolist())
+        if lo < 0 or hi >= limit:
+            bad_value = lo if lo < 0 else hi
+            pos = int(xp.argmax(idx == bad_value))
+            raise ValueError(f"{op}: {name}[{pos}] = {bad_value} is out of range; expected "
+                             f"{what} in [0, {limit})")
+
+
+def _check_strictly_increasing(op, name, idx):
+    """One comparison pass: the sparse update needs each row once (xp.unique's output)."""
+    if idx.size < 2:
+        return
+    xp = xp_of(idx)
+    bad = xp.flatnonzero(idx[1:] <= idx[:-1])
+    if bad.size:
+        k = int(bad[0])
+        raise ValueError(f"{op}: {name} must be strictly increasing (each row once, as "
+                         f"xp.unique or unique_rows returns it), but {name}[{k}] = "
+                         f"{int(idx[k])} and {name}[{k + 1}] = {int(idx[k + 1])}")
+
+
+def _check_table(op, T_packed, cols, E=None, writeable=False):
+    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=writeable)
+    cols = _check_int(op, "cols", cols, 1, 1 << 30)
+    groups = -(-cols // 32)
+    if T_packed.shape[1] != 2 * groups:
+        raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
+                         f"(rows, {2 * groups}) for cols={cols} (bitplane32: a plus and a minus "
+                         "word per 32 columns)")
+    if E is not None:
+        _check_array(op, "E", E, np.int8, shape=(T_packed.shape[0],), writeable=writeable)
+    return cols
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Packed-first initialisation: uniform random trits straight into bitplane32 words.
+
+_RANDOM_DOC = """
+    Trits are uniform on {-1, 0, +1}, a pure function of (seed, row, group): for the 32-trit
+    group g of row r,
+
+        h = mix64(key + (r * G + g) * φ),   key = mix64(seed + φ)   (splitmix64, as update.py)
+        for b in 0..31:  digit_b = floor(3 * h / 2**64);  h = 3 * h mod 2**64
+        t[r, 32 g + b] = digit_b - 1
+
+    i.e. the first 32 base-3 digits of h / 2**64. Each of the 3**32 patterns of a group has
+    probability within 1e-4 (relative) of 3**-32, so every trit is uniform to that precision and
+    independent of the others. Padding bits (columns >= cols) are zero.
+"""
+
+
+@numba.njit(cache=True)
+def _random_group_masks(key, counter, nbits):
+    """(plus, minus) masks of one 32-trit group from one 64-bit hash; see _RANDOM_DOC."""
+    h = _mix64(key + np.uint64(counter) * _GOLDEN)
+    plus = np.uint64(0)
+    minus = np.uint64(0)
+    for b in range(nbits):
+        # 3*h as a 66-bit number from 32-bit halves: the carry out of 64 bits is the digit.
+        lo = (h & _M32) * np.uint64(3)
+        hi = (h >> np.uint64(32)) * np.uint64(3) + (lo >> np.uint64(32))
+        digit = hi >> np.uint64(32)
+        h = ((hi & _M32) << np.uint64(32)) | (lo & _M32)
+        if digit == 2:
+            plus |= np.uint64(1) << np.uint64(b)
+        elif digit == 0:
+            minus |= np.uint64(1) << np.uint64(b)
+    return np.uint32(plus), np.uint32(minus)
+
+
+@numba.njit(parallel=True, cache=True)
+def _random_table_cpu(T_packed, cols, key):
+    groups = T_packed.shape[1] // 2
+    for r in numba.prange(T_packed.shape[0]):
+        for g in range(groups):
+            plus, minus = _random_group_masks(key, r * groups + g, min(32, cols - 32 * g))
+            T_packed[r, 2 * g] = plus
+            T_packed[r, 2 * g + 1] = minus
+
+
+@cuda.jit(cache=True)
+def _random_table_cuda(T_packed, cols, key):
+    groups = T_packed.shape[1] // 2
+    tasks = T_packed.shape[0] * groups
+    for task in range(cuda.grid(1), tasks, cuda.gridsize(1)):
+        r = task // groups
+        g = task - r * groups
+        plus, minus = _random_group_masks(key, task, min(32, cols - 32 * g))
+        T_packed[r, 2 * g] = plus
+        T_packed[r, 2 * g + 1] = minus
+
+
+def random_table(T_packed, cols, seed, *, E=None, exponent=0):
+    """Fill T_packed (rows, 2*ceil(cols/32)) uint32 in place with uniform random trits.
+
+    Packed-first (DESIGN §1.4): no array of the table's trit shape is ever made, only the
+    packed words are written, so a 10M x 64 table costs its 160 MB of words and nothing else.
+    With `E` (int8 (rows,)), also sets E[:] = exponent. Returns T_packed.
+    {doc}
+    The CPU twin runs in parallel over rows; the CUDA kernel a thread per (row, group).
+    """
+    op = "random_table"
+    dev = target(T_packed, E, op=op)
+    cols = _check_table(op, T_packed, cols, E, writeable=True)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{op}: seed must be an integer in [0, 2**64), got {seed!r}")
+    if not 0 <= int(seed) < 1 << 64:
+        raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
+    exponent = _check_int(op, "exponent", exponent, E_MIN, E_MAX)
+    rows = T_packed.shape[0]
+    if rows:
+        key = _stream_key(int(seed))
+        if dev == "cpu":
+            _random_table_cpu(T_packed, np.int64(cols), key)
+        else:
+            tasks = rows * (T_packed.shape[1] // 2)
+            launch(_random_table_cuda, _blocks(tasks, _THREADS), _THREADS, T_packed,
+                   np.int64(cols), key)
+    if E is not None:
+        E.fill(exponent)
+    return T_packed
+
+
+random_table.__doc__ = random_table.__doc__.replace("{doc}", _RANDOM_DOC.strip("\n"))
+
+
+def _mix64_np(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def random_table_reference(rows, cols, seed):
+    """NumPy truth for `random_table`: the trits as int8 (rows, cols) (tests only: it makes
+    the full trit array)."""
+    groups = -(-cols // 32)
+    counter = np.arange(rows * groups, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = _mix64_np(_stream_key(int(seed)) + counter * _GOLDEN)
+        digits = np.empty((rows * groups, 32), dtype=np.int8)
+        for b in range(32):
+            lo = (h & _M32) * np.uint64(3)
+            hi = (h >> np.uint64(32)) * np.uint64(3) + (lo >> np.uint64(32))
+            digits[:, b] = (hi >> np.uint64(32)).astype(np.int8)
+            h = ((hi & _M32) << np.uint64(32)) | (lo & _M32)
+    T = (digits.reshape(rows, groups * 32) - 1)[:, :cols]
+    return np.ascontiguousarray(T)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Gather: out[i] = s[idx] * T[idx], widened only for the gathered rows.
+
+
+@numba.njit(parallel=True, cache=True)
+def _gather_rows_cpu(T_packed, E, indices, cols, out):
+    for i in numba.prange(indices.shape[0]):
+        r = indices[i]
+        s = _SCALE_OF_E[np.int64(E[r]) + 128]
+        for g in range((cols + 31) // 32):
+            plus = np.int64(T_packed[r, 2 * g])
+            minus = np.int64(T_packed[r, 2 * g + 1])
+            for b in range(min(32, cols - 32 * g)):
+                t = ((plus >> b) & 1) - ((minus >> b) & 1)
+                out[i, 32 * g + b] = s * np.float32(t)
+
+
+@cuda.jit(cache=True)
+def _gather_rows_cuda(T_packed, E, indices, cols, out):
+    # A warp per gathered row, a lane per column: the two mask words are one broadcast load,
+    # the stores of a row are coalesced.
+    lane = cuda.threadIdx.x & 31
+    i = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + (cuda.threadIdx.x >> 5)
+    stride = cuda.gridDim.x * (cuda.blockDim.x >> 5)
+    while i < indices.shape[0]:
+        r = indices[i]
+        s = _SCALE_OF_E[np.int64(E[r]) + 128]
+        j = lane
+        while j < cols:
+            g = j >> 5
+            t = ((np.int64(T_packed[r, 2 * g]) >> lane) & 1) - ((np.int64(T_packed[r, 2 * g + 1]) >> lane) & 1)
+            out[i, j] = s * np.float32(t)
+            j += 32
+        i += stride
+
+
+def gather_rows(T_packed, E, indices, cols, out=None, dtype=np.float32, *, check=True):
+    """out[i, :] = 2 ** (E[idx] / 8) * T[idx, :cols] for idx = indices[i]; returns out (n, cols).
+
+    T_packed uint32 (rows, 2*ceil(cols/32)), E int8 (rows,), indices int32/int64 (n,) in
+    [0, rows) (repeats allowed). dtype float32 (CPU and GPU) or float16 (GPU only; scales below
+    2**-14 become fp16 subnormals). The scale is `SCALE_OF_E[E + 128]`, float32(2**(E/8))
+    correctly rounded, so each output is exactly 0 or ±s and identical on every device.
+    `out`, if given, must be C-contiguous of shape (n, cols) and dtype `dtype`; it is overwritten.
+    `check=False` skips the index range check (one reduction and a host sync on the GPU).
+    """
+    op = "gather_rows"
+    dev = target(T_packed, E, indices, out, op=op)
+    cols = _check_table(op, T_packed, cols, E)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise TypeError(f"{op}: dtype {dtype} is not supported, expected float32 (or float16 "
+                        "on the GPU)")
+    if dtype == np.float16 and dev != "cuda":
+        raise TypeError(f"{op}: float16 output is GPU-only (Numba's CPU target has no float16); "
+                        "use dtype=float32")
+    _check_indices(op, "indices", indices, T_packed.shape[0], check)
+    n = indices.shape[0]
+    if out is None:
+        out = xp_of(T_packed).empty((n, cols), dtype=dtype)
+    else:
+        _check_array(op, "out", out, dtype, shape=(n, cols), writeable=True)
+    if n == 0:
+        return out
+    if dev == "cpu":
+        _gather_rows_cpu(T_packed, E, indices, np.int64(cols), out)
+    else:
+        launch(_gather_rows_cuda, _blocks(n, _WARPS), _THREADS, T_packed, E, indices,
+               np.int64(cols), out)
+    return out
+
+
+def gather_rows_reference(T_packed, E, indices, cols):
+    T = _trits_from_bitplanes(np.asarray(T_packed)[np.asarray(indices)], cols)
+    s = np.exp2(np.asarray(E)[np.asarray(indices)].astype(np.float64) / 8).astype(np.float32)
+    return (s[:, None] * T.astype(np.float32)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Backward of a gather: sum the gradient rows of repeated indices.
+
+
+def unique_rows(indices):
+    """The rows a batch touched, and how to sum its gradient deterministically.
+
+    Returns (rows, inverse, order, offsets):
+        rows     int64 (u,) sorted unique values of `indices` (as xp.unique);
+        inverse  int64 (n,) with rows[inverse] == indices (as xp.unique's return_inverse);
+        order    int64 (n,) a stable argsort of indices: positions of row k's occurrences are
+                 order[offsets[k]:offsets[k + 1]], in increasing position;
+        offsets  int64 (u + 1,).
+    One stable sort (what xp.unique does anyway); pass segments=(order, offsets) to
+    segment_sum_rows for a deterministic sum. Syncs once with the host (to learn u).
+    """
+    op = "unique_rows"
+    _check_indices(op, "indices", indices, 0, check=False)
+    xp = xp_of(indices)
+    n = indices.shape[0]
+    order = xp.argsort(indices, kind="stable") if xp is np else xp.argsort(indices)
+    order = order.astype(np.int64, copy=False)
+    sorted_idx = indices[order]
+    starts = xp.empty(n, dtype=bool)
+    if n:
+        starts[0] = True
+        xp.not_equal(sorted_idx[1:], sorted_idx[:-1], out=starts[1:])
+    first = xp.flatnonzero(starts)
+    rows = sorted_idx[first].astype(np.int64)
+    inverse = xp.empty(n, dtype=np.int64)
+    inverse[order] = xp.cumsum(starts, dtype=np.int64) - 1
+    offsets = xp.empty(first.size + 1, dtype=np.int64)
+    offsets[:-1] = first
+    offsets[-1] = n
+    return rows, inverse, order, offsets
+
+
+@numba.njit(cache=True)
+def _segment_sum_rows_cpu(grad, inverse, out):
+    # In order of i: the same additions, in the same order, as np.add.at (bit-identical).
+    for i in range(grad.shape[0]):
+        u = inverse[i]
+        for j in range(grad.shape[1]):
+            out[u, j] += grad[i, j]
+
+
+@cuda.jit(cache=True)
+def _segment_sum_rows_cuda(grad, inverse, out):
+    # Float atomics: the order in which repeats of one row are added varies from run to run.
+    lane = cuda.threadIdx.x & 31
+    i = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + (cuda.threadIdx.x >> 5)
+    stride = cuda.gridDim.x * (cuda.blockDim.x >> 5)
+    cols = grad.shape[1]
+    while i < grad.shape[0]:
+        u = inverse[i]
+        j = lane
+        while j < cols:
+            cuda.atomic.add(out, (u, j), grad[i, j])
+            j += 32
+        i += stride
+
+
+@numba.njit(parallel=True, cache=True)
+def _segment_sum_sorted_cpu(grad, order, offsets, out):
+    for u in numba.prange(out.shape[0]):
+        for j in range(grad.shape[1]):
+            acc = np.float32(0.0)
+            for k in range(offsets[u], offsets[u + 1]):
+                acc += grad[order[k], j]
+            out[u, j] = acc
+
+
+@cuda.jit(cache=True)
+def _segment_sum_sorted_cuda(grad, order, offsets, out):
+    # A warp per unique row, a lane per column; repeats added in increasing position, the
+    # order np.add.at uses: the result is bit-identical to the CPU and to the reference.
+    lane = cuda.threadIdx.x & 31
+    u = cuda.blockIdx.x * (cuda.blockDim.x >> 5) + (cuda.threadIdx.x >> 5)
+    stride = cuda.gridDim.x * (cuda.blockDim.x >> 5)
+    cols = grad.shape[1]
+    while u < out.shape[0]:
+        j = lane
+        while j < cols:
+            acc = np.float32(0.0)
+            for k in range(offsets[u], offsets[u + 1]):
+                acc += grad[order[k], j]
+            out[u, j] = acc
+            j += 32
+        u += stride
+
+
+def segment_sum_rows(grad, inverse, n_unique, *, segments=None, out=None, check=True):
+    """out[u] = sum of grad[i] over i with inverse[i] == u; returns out float32 (n_unique, cols).
+
+    grad float32 (n, cols); inverse int32/int64 (n,) in [0, n_unique), e.g. from
+    xp.unique(indices, return_inverse=True) or `unique_rows`. `out` is overwritten.
+
+    Summation order:
+    - CPU: always in increasing i, bit-identical to np.add.at (the reference).
+    - GPU with segments=(order, offsets) from `unique_rows`: a warp per output row adds its
+      repeats in increasing i -- deterministic and bit-identical to the CPU.
+    - GPU without segments: float atomics, one per gradient element; repeats of a row are
+      added in an order that varies between runs, so results agree with the CPU only within
+      float32 rounding (exactly when no index repeats).
+    `check=False` skips the range checks of inverse/order/offsets (a host sync on the GPU).
+    """
+    op = "segment_sum_rows"
+    order, offsets = segments if segments is not None else (None, None)
+    dev = target(grad, inverse, order, offsets, out, op=op)
+    _check_array(op, "grad", grad, np.float32, ndim=2)
+    n, cols = grad.shape
+    n_unique = _check_int(op, "n_unique", n_unique, 0, 1 << 62)
+    _check_indices(op, "inverse", inverse, n_unique, check, what="unique-row positions")
+    if inverse.shape[0] != n:
+        raise ValueError(f"{op}: inverse has {inverse.shape[0]} entries, expected {n} (one per "
+                         "row of grad)")
+    if segments is not None:
+        _check_array(op, "order", order, np.int64, shape=(n,))
+        _check_array(op, "offsets", offsets, np.int64, shape=(n_unique + 1,))
+        if check:
+            _check_indices(op, "order", order, n, True, what="positions")
+            xp = xp_of(offsets)
+            ends = [int(v) for v in xp.stack([offsets[0], offsets[-1]]).tolist()]
+            if ends != [0, n] or (n_unique and bool((offsets[1:] < offsets[:-1]).any())):
+                raise ValueError(f"{op}: offsets must rise from 0 to {n} (from unique_rows), "
+                                 f"got offsets[0] = {ends[0]}, offsets[-1] = {ends[1]}")
+    xp = xp_of(grad)
+    if out is None:
+        out = xp.empty((n_unique, cols), dtype=np.float32)
+    else:
+        _check_array(op, "out", out, np.float32, shape=(n_unique, cols), writeable=True)
+        _check_distinct(op, grad=grad, out=out)
+    if n_unique == 0 or cols == 0:
+        return out
+    if segments is not None:
+        args = (grad, order, offsets, out)
+        if dev == "cpu":
+            _segment_sum_sorted_cpu(*args)
+        else:
+            launch(_segment_sum_sorted_cuda, _blocks(n_unique, _WARPS), _THREADS, *args)
+        return out
+    out.fill(0)
+    if n == 0:
+        return out
+    if dev == "cpu":
+        _segment_sum_rows_cpu(grad, inverse, out)
+    else:
+        launch(_segment_sum_rows_cuda, _blocks(n, _WARPS), _THREADS, grad, inverse, out)
+    return out
+
+
+def segment_sum_rows_reference(grad, inverse, n_unique):
+    out = np.zeros((n_unique, np.shape(grad)[1]), dtype=np.float32)
+    np.add.at(out, np.asarray(inverse), np.asarray(grad, dtype=np.float32))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The optimiser step on the touched rows only.
+
+_SPARSE_RULE_DOC = """
+    For each listed row r = rows[k] and each trit t = T[r, j] (j < cols), with a = T_accum[r, j]
+    and g = grad_q_rows[k, j] (the dense rule of tritnet_kernels.update, same function):
+
+        a = clamp(a + g, -127, 127)
+        if   a >=  flip_threshold and t > -1:  t -= 1; a = 0
+        elif a <= -flip_threshold and t < +1:  t += 1; a = 0
+        elif decay_shift > 0:                  a -= sign(a) * (|a| >> decay_shift)
+
+    and for E[r] the same rule with E_accum[r], grad_E_q_rows[k], scale_threshold, its own
+    decay shift, and E held in [-128, 127]. Rows not listed are not read or written.
+"""
+
+
+@numba.njit(parallel=True, cache=True)
+def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows,
+                               cols, flip_threshold, flip_decay_shift, scale_threshold,
+                               scale_decay_shift, counts):
+    u = rows.shape[0]
+    with_trits = grad_q_rows.shape[0] == u
+    with_scale = grad_E_q_rows.shape[0] == u
+    groups = (cols + 31) // 32
+    flips = 0
+    steps = 0
+    for k in numba.prange(u):
+        # Per-row counts, added to the reductions at the top of the loop body: numba 0.68
+        # loses `flips += 1` reductions made inside a branch's nested loop (they read 0).
+        row_flips = 0
+        row_steps = 0
+        r = rows[k]
+        if with_trits:
+            for g in range(groups):
+                plus = np.int64(T_packed[r, 2 * g])
+                minus = np.int64(T_packed[r, 2 * g + 1])
+                new_plus = 0
+                new_minus = 0
+                for b in range(min(32, cols - 32 * g)):
+                    j = 32 * g + b
+                    t = ((plus >> b) & 1) - ((minus >> b) & 1)
+                    t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
+                                                 np.int64(grad_q_rows[k, j]), flip_threshold,
+                                                 -1, 1, flip_decay_shift)
+                    T_accum[r, j] = a
+                    if t_new != t:
+                        row_flips += 1
+                    if t_new > 0:
+                        new_plus |= 1 << b
+                    elif t_new < 0:
+                        new_minus |= 1 << b
+                T_packed[r, 2 * g] = new_plus
+                T_packed[r, 2 * g + 1] = new_minus
+        if with_scale:
+            e = np.int64(E[r])
+            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q_rows[k]),
+                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+            E[r] = e_new
+            E_accum[r] = a
+            if e_new != e:
+                row_steps = 1
+        flips += row_flips
+        steps += row_steps
+    counts[0] += flips
+    counts[1] += steps
+
+
+@cuda.jit(cache=True)
+def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows,
+                                cols, flip_threshold, flip_decay_shift, scale_threshold,
+                                scale_decay_shift, counts):
+    # A thread per (listed row, 32-trit group): it owns the group's two mask words and its 32
+    # accumulator bytes (one 32-byte sector), so no two threads write the same word. The
+    # group-0 thread also steps the row's exponent. Counts meet in shared memory, then one
+    # global atomic per block.
+    block_counts = cuda.shared.array(2, numba.int64)
+    if cuda.threadIdx.x == 0:
+        block_counts[0] = 0
+        block_counts[1] = 0
+    cuda.syncthreads()
+    u = rows.shape[0]
+    with_trits = grad_q_rows.shape[0] == u
+    with_scale = grad_E_q_rows.shape[0] == u
+    groups = (cols + 31) // 32
+    flips = 0
+    steps = 0
+    for task in range(cuda.grid(1), u * groups, cuda.gridsize(1)):
+        k = task // groups
+        g = task - k * groups
+        r = rows[k]
+        if with_trits:
+            plus = np.int64(T_packed[r, 2 * g])
+            minus = np.int64(T_packed[r, 2 * g + 1])
+            new_plus = 0
+            new_minus = 0
+            for b in range(min(32, cols - 32 * g)):
+                j = 32 * g + b
+                t = ((plus >> b) & 1) - ((minus >> b) & 1)
+                t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
+                                             np.int64(grad_q_rows[k, j]), flip_threshold,
+                                             -1, 1, flip_decay_shift)
+                T_accum[r, j] = a
+                if t_new != t:
+                    flips += 1
+                if t_new > 0:
+                    new_plus |= 1 << b
+                elif t_new < 0:
+                    new_minus |= 1 << b
+            T_packed[r, 2 * g] = new_plus
+            T_packed[r, 2 * g + 1] = new_minus
+        if with_scale and g == 0:
+            e = np.int64(E[r])
+            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q_rows[k]),
+                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+            E[r] = e_new
+            E_accum[r] = a
+            if e_new != e:
+                steps += 1
+    if flips != 0:
+        cuda.atomic.add(block_counts, 0, flips)
+    if steps != 0:
+        cuda.atomic.add(block_counts, 1, steps)
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        if block_counts[0] != 0:
+            cuda.atomic.add(counts, 0, block_counts[0])
+        if block_counts[1] != 0:
+            cuda.atomic.add(counts, 1, block_counts[1])
+
+
+def _check_rows(op, rows, limit, check):
+    _check_indices(op, "rows", rows, limit, check)
+    if check:
+        _check_strictly_increasing(op, "rows", rows)
+
+
+def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows, *,
+                          flip_threshold, flip_decay_shift, scale_threshold, scale_decay_shift,
+                          counts=None, check=True):
+    """One optimiser step on the listed rows of a table, trits and exponents in one launch.
+
+    T_packed uint32 (R, 2*ceil(cols/32)), T_accum int8 (R, cols), E, E_accum int8 (R,): the
+    table's state, updated in place for the listed rows only. rows int32/int64 (u,): strictly
+    increasing (each row once; xp.unique / unique_rows give that), in [0, R).
+    grad_q_rows int8 (u, cols), grad_E_q_rows int8 (u,): the quantised gradients of those rows,
+    in the order of `rows` (read, not modified). Thresholds in 1..127, decay shifts in 0..7.
+    {rule}
+    Returns `counts` int64 (2,) on the table's device: counts[0] += trits changed,
+    counts[1] += exponents changed; the wrapper never syncs on it.
+    `check=False` skips the range and strictly-increasing checks of `rows` (one host sync on
+    the GPU): pass it only for rows that come from unique_rows / xp.unique of valid indices.
+    Cost: O(u * cols), independent of R.
+    """
+    op = "sparse_ternary_update"
+    dev = target(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows, counts, op=op)
+    R, cols = _check_trit_table(op, T_packed, T_accum)
+    _check_array(op, "E", E, np.int8, shape=(R,), writeable=True)
+    _check_array(op, "E_accum", E_accum, np.int8, shape=(R,), writeable=True)
+    u = _check_grad_rows(op, rows, grad_q_rows, cols)
+    _check_array(op, "grad_E_q_rows", grad_E_q_rows, np.int8, shape=(u,))
+    hyper = _check_hyper(op, flip_threshold, flip_decay_shift, scale_threshold,
+                         scale_decay_shift)
+    _check_counts(op, counts)
+    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, E=E, E_accum=E_accum,
+                    counts=counts)
+    _check_rows(op, rows, R, check)
+    counts = xp_of(T_accum).zeros(2, dtype=np.int64) if counts is None else counts
+    _launch_sparse(dev, (T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows,
+                         np.int64(cols), *hyper, counts), u, cols)
+    return counts
+
+
+sparse_ternary_update.__doc__ = sparse_ternary_update.__doc__.replace(
+    "{rule}", _SPARSE_RULE_DOC.strip("\n"))
+
+
+def sparse_trit_flip_update(T_packed, T_accum, rows, grad_q_rows, cols, flip_threshold,
+                            decay_shift, *, counts=None, check=True):
+    """The trit half of `sparse_ternary_update` (same kernel, one launch); see there.
+
+    Returns counts int64 (2,): counts[0] += trits changed.
+    """
+    op = "sparse_trit_flip_update"
+    dev = target(T_packed, T_accum, rows, grad_q_rows, counts, op=op)
+    R, table_cols = _check_trit_table(op, T_packed, T_accum)
+    cols = _check_int(op, "cols", cols, 1, 1 << 30)
+    if cols != table_cols:
+        raise ValueError(f"{op}: cols = {cols}, but T_accum has shape {tuple(T_accum.shape)}")
+    u = _check_grad_rows(op, rows, grad_q_rows, cols)
+    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
+    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
+    _check_counts(op, counts)
+    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, counts=counts)
+    _check_rows(op, rows, R, check)
+    xp = xp_of(T_accum)
+    counts = xp.zeros(2, dtype=np.int64) if counts is None else counts
+    no_scale = xp.zeros(0, dtype=np.int8)  # length != u switches the exponent part off
+    _launch_sparse(dev, (T_packed, T_accum, no_scale, no_scale, rows, grad_q_rows, no_scale,
+                         np.int64(cols), np.int64(flip_threshold), np.int64(decay_shift),
+                         np.int64(1), np.int64(0), counts), u, cols)
+    return counts
+
+
+def sparse_scale_step_update(E, E_accum, rows, grad_E_q_rows, scale_threshold, decay_shift, *,
+                             counts=None, check=True):
+    """The exponent half of `sparse_ternary_update` (same kernel, one launch); see there.
+
+    Returns counts int64 (2,): counts[1] += exponents changed.
+    """
+    op = "sparse_scale_step_update"
+    dev = target(E, E_accum, rows, grad_E_q_rows, counts, op=op)
+    _check_array(op, "E", E, np.int8, ndim=1, writeable=True)
+    R = E.shape[0]
+    _check_array(op, "E_accum", E_accum, np.int8, shape=(R,), writeable=True)
+    _check_indices(op, "rows", rows, R, check=False)
+    u = rows.shape[0]
+    _check_array(op, "grad_E_q_rows", grad_E_q_rows, np.int8, shape=(u,))
+    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
+    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
+    _check_counts(op, counts)
+    _check_distinct(op, E=E, E_accum=E_accum, counts=counts)
+    _check_rows(op, rows, R, check)
+    xp = xp_of(E)
+    counts = xp.zeros(2, dtype=np.int64) if counts is None else counts
+    no_T = xp.zeros((0, 0), dtype=np.uint32)  # a (0, 0) grad_q_rows switches the trits off
+    no_accum = xp.zeros((0, 0), dtype=np.int8)
+    _launch_sparse(dev, (no_T, no_accum, E, E_accum, rows, no_accum, grad_E_q_rows,
+                         np.int64(1), np.int64(1), np.int64(0), np.int64(scale_threshold),
+                         np.int64(decay_shift), counts), u, 1)
+    return counts
+
+
+def _check_trit_table(op, T_packed, T_accum):
+    _check_array(op, "T_accum", T_accum, np.int8, ndim=2, writeable=True)
+    R, cols = T_accum.shape
+    if cols == 0:
+        raise ValueError(f"{op}: T_accum has shape {tuple(T_accum.shape)}; a ternary table "
+                         "needs at least one column")
+    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=True)
+    if T_packed.shape != (R, 2 * -(-cols // 32)):
+        raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
+                         f"{(R, 2 * -(-cols // 32))} to match T_accum's {R} rows and {cols} "
+                         "columns (bitplane32: a plus and a minus word per 32 columns)")
+    return R, cols
+
+
+def _check_grad_rows(op, rows, grad_q_rows, cols):
+    _check_indices(op, "rows", rows, 0, check=False)
+    u = rows.shape[0]
+    _check_array(op, "grad_q_rows", grad_q_rows, np.int8, shape=(u, cols))
+    return u
+
+
+def _check_hyper(op, flip_threshold, flip_decay_shift, scale_threshold, scale_decay_shift):
+    return (np.int64(_check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)),
+            np.int64(_check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)),
+            np.int64(_check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)),
+            np.int64(_check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)))
+
+
+def _check_counts(op, counts):
+    if counts is not None:
+        _check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
+
+
+def _launch_sparse(dev, args, u, cols):
+    if u == 0:
+        return
+    if dev == "cpu":
+        _sparse_ternary_update_cpu(*args)
+    else:
+        tasks = u * -(-cols // 32)
+        launch(_sparse_ternary_update_cuda, _blocks(tasks, _THREADS), _THREADS, *args)
+
+
+def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_rows,
+                                    grad_E_q_rows, *, flip_threshold, flip_decay_shift,
+                                    scale_threshold, scale_decay_shift):
+    """NumPy truth: returns new (T_packed, T_accum, E, E_accum, counts); inputs untouched.
+
+    E/E_accum/grad_E_q_rows may be None (trits only); T_packed/T_accum/grad_q_rows may be
+    None (exponents only).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    counts = np.zeros(2, dtype=np.int64)
+    T_packed_new = T_accum_new = E_new = E_accum_new = None
+    if T_packed is not None:
+        cols = T_accum.shape[1]
+        T = _trits_from_bitplanes(T_packed[rows], cols)
+        t, a = _rule_reference(T, T_accum[rows].astype(np.int64),
+                               np.asarray(grad_q_rows, dtype=np.int64), flip_threshold, -1, 1,
+                               flip_decay_shift)
+        counts[0] = np.count_nonzero(t != T)
+        T_packed_new = np.array(T_packed, copy=True)
+        T_accum_new = np.array(T_accum, copy=True)
+        T_packed_new[rows] = _bitplanes_from_trits(t)
+        T_accum_new[rows] = a.astype(np.int8)
+    if E is not None:
+        e, a = _rule_reference(E[rows].astype(np.int64), E_accum[rows].astype(np.int64),
+                               np.asarray(grad_E_q_rows, dtype=np.int64), scale_threshold,
+                               E_MIN, E_MAX, scale_decay_shift)
+        counts[1] = np.count_nonzero(e != E[rows])
+        E_new = np.array(E, copy=True)
+        E_accum_new = np.array(E_accum, copy=True)
+        E_new[rows] = e.astype(np.int8)
+        E_accum_new[rows] = a.astype(np.int8)
+    return T_packed_new, T_accum_new, E_new, E_accum_new, counts
+
+
+def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift):
+    a = np.clip(accum + grad, -ACCUM_MAX, ACCUM_MAX)
+    down = (a >= threshold) & (value > lowest)
+    up = ~down & (a <= -threshold) & (value < highest)
+    decayed = a - np.sign(a) * (np.abs(a) >> decay_shift) if decay_shift > 0 else a
+    return value - down + up, np.where(down | up, 0, decayed)
+
+
+# The references decode the masks themselves (not through tritnet_kernels.packing) so that
+# they stay independent of the kernels they check.
+
+
+def _trits_from_bitplanes(T_packed, cols):
+    words = np.asarray(T_packed, dtype=np.uint32)
+    bits = np.arange(32, dtype=np.uint32)
+    plus = (words[:, 0::2, None] >> bits) & 1
+    minus = (words[:, 1::2, None] >> bits) & 1
+    T = plus.astype(np.int64) - minus.astype(np.int64)
+    return T.reshape(words.shape[0], -1)[:, :cols]
+
+
+def _bitplanes_from_trits(T):
+    rows, cols = T.shape
+    groups = -(-cols // 32)
+    padded = np.zeros((rows, groups * 32), dtype=np.int64)
+    padded[:, :cols] = T
+    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
+    padded = padded.reshape(rows, groups, 32)
+    out = np.empty((rows, 2 * groups), dtype=np.uint32)
+    out[:, 0::2] = ((padded > 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
+    out[:, 1::2] = ((padded < 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
+    return out

@@ -1,0 +1,1200 @@
+"""Nearest-code search over a ternary codebook, and the small kernels around it (issue 4).
+
+A codebook of K ternary codes of width `dim` is T_packed uint32 (K, 2G), G = ceil(dim/32),
+bitplane32 (notes/common.md), with int8 exponents E beside it that the search ignores.
+
+The distance (exact, integer, identical on every device)
+--------------------------------------------------------
+Queries are ternarised first (`ternarize_queries`):
+
+    acc_i   = sum_j |x[i, j]|                      float32, added in increasing j
+    q[i, j] = sign(x[i, j])  if float32(2 * dim) * |x[i, j]| > acc_i  else 0
+
+i.e. q keeps the sign of the entries above half the row's mean magnitude (about a third of a
+Gaussian row becomes 0). Every step is one IEEE float32 operation in a fixed order, so the
+bitplanes are the same on every device. NaN entries (and rows holding a NaN or inf) give 0.
+
+For a ternary query q and code c (trits T[c]):
+
+    d(q, c)  = q · T[c] = pc((q+ & c+) | (q- & c-)) - pc((q+ & c-) | (q- & c+))   (per group)
+    nn(c)    = max(number of nonzero trits of c, 1)
+    score(c) = d * |d| / nn(c)       -- the signed square of the cosine d / (|q| sqrt(nn(c))),
+                                        |q| being the same for every code
+
+The nearest code maximises score; ties go to the lowest code index. Scores are compared
+exactly, as d1*|d1|*nn2 > d2*|d2|*nn1 (int64 in the twins; float32 on the tensor-core path,
+where every term is an integer below 2**24 and so exact too). Code scales s = 2**(E/8) do not enter:
+the search picks a direction, the gathered code supplies its learned length.
+
+Kernels
+-------
+- `ternarize_queries(x)`                     float32 (n, dim) -> bitplanes uint32 (n, 2G)
+- `nearest_code(queries, T_packed, dim)`     exact argmax over the whole book. On a GPU with
+  dim <= 64 the dot products run on the int8 tensor cores (mma.m16n8k32.s8: trits are exact
+  int8), each block takes 256 queries x one chunk of the book, and a second small kernel
+  merges the chunks in index order; other shapes use a plain scan (same results).
+- `top_codes(queries, T_packed, dim, k)`     the k best codes per query (coarse routing).
+- `nearest_code_in_partitions(...)`          exact argmax over the codes of each query's
+  probed partitions (routed search).
+- `count_usage(indices, usage)`              int16 usage counts, saturating at 32767.
+
+Each is a CUDA kernel (`_*_cuda`) with a Numba CPU twin of the same argument list (`_*_cpu`)
+and a NumPy reference (`*_reference`) written independently (unpacked trits, float64 scores)
+that the tests compare against; argmins are identical, not merely close.
+"""
+
+from . import _numba_compat  # noqa: F401  (must precede numba.cuda)
+
+import math
+import threading
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._launch import is_cupy, launch, simulator, target, xp_of
+from .tables import _check_indices
+from .update import _check_array, _check_int
+
+__all__ = [
+    "ternarize_queries",
+    "ternarize_queries_reference",
+    "nearest_code",
+    "nearest_code_reference",
+    "top_codes",
+    "top_codes_reference",
+    "nearest_code_in_partitions",
+    "nearest_code_in_partitions_reference",
+    "count_usage",
+    "count_usage_reference",
+    "code_scores_reference",
+    "USAGE_MAX",
+]
+
+USAGE_MAX = 32767
+_MAX_TOP_K = 64
+_MAX_TOP_SLICES = 64
+_THREADS = 128
+_MAX_BLOCKS = 4096
+
+# Tensor-core search geometry: a warp owns _MMA_MT m-tiles of 16 queries (their int8 A
+# fragments stay in registers), a block _MMA_WARPS warps; all warps of a block stream the same
+# chunk of the book, 8 codes (one n-tile) per step.
+_MMA_MT = 4
+_MMA_WARPS = 4
+_MMA_QPW = 16 * _MMA_MT
+# int32 bits of float32 1.5 * 2**23: an mma accumulator started here reads, as a float, as
+# exactly 1.5 * 2**23 + d for |d| < 2**22, so the epilogue gets d as a float without a
+# conversion instruction (the compare below is float arithmetic on small integers: exact).
+_F32_BIAS_BITS = np.int32(0x4B400000)
+_F32_BIAS = np.float32(12582912.0)
+_NO_SCORE = np.float32(-1.0e30)
+
+
+# --------------------------------------------------------------------------------------------
+# Device intrinsics: the int8 mma and a float bit cast, each with a simulator twin.
+
+if simulator():
+    _mma_slots = {}
+
+    def _s8x4(word):
+        return np.array([word], dtype=np.uint32).view(np.int8).astype(np.int64)
+
+    def _mma_s8(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """D = A·B + C for A 16x32, B 32x8 int8 fragments (PTX mma.m16n8k32 layout)."""
+        th = threading.current_thread()
+        lane = th.thread_id % 32
+        key = (th.blockIdx.x, th.blockIdx.y, th.blockIdx.z, th.thread_id // 32)
+        th.syncthreads()  # every lane has finished reading the previous call's slot
+        slot = _mma_slots.setdefault(key, [None] * 32)
+        slot[lane] = ((a0, a1, a2, a3), (b0, b1))
+        th.syncthreads()
+        A = np.zeros((16, 32), dtype=np.int64)
+        B = np.zeros((32, 8), dtype=np.int64)
+        for ln, ((x0, x1, x2, x3), (y0, y1)) in enumerate(slot):
+            g, t = ln >> 2, ln & 3
+            A[g, 4 * t:4 * t + 4] = _s8x4(x0)
+            A[g + 8, 4 * t:4 * t + 4] = _s8x4(x1)
+            A[g, 16 + 4 * t:20 + 4 * t] = _s8x4(x2)
+            A[g + 8, 16 + 4 * t:20 + 4 * t] = _s8x4(x3)
+            B[4 * t:4 * t + 4, g] = _s8x4(y0)
+            B[16 + 4 * t:20 + 4 * t, g] = _s8x4(y1)
+        D = A @ B
+        g, t = lane >> 2, lane & 3
+        return (np.int32(int(c0) + D[g, 2 * t]), np.int32(int(c1) + D[g, 2 * t + 1]),
+                np.int32(int(c2) + D[g + 8, 2 * t]), np.int32(int(c3) + D[g + 8, 2 * t + 1]))
+
+    def _f32_from_bits(word):
+        return np.array([word], dtype=np.int32).view(np.float32)[0]
+
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _mma_s8(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        sig = types.UniTuple(types.int32, 4)(*([types.uint32] * 6 + [types.int32] * 4))
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * 10)
+            asm = ("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+                   "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+            # Not side-effecting: LLVM may schedule loads across it.
+            call = ir.InlineAsm(fnty, asm, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r")
+            res = builder.call(call, args)
+            vals = [builder.extract_value(res, i) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def _f32_from_bits(typingctx, word):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.int32), codegen
+
+
+# --------------------------------------------------------------------------------------------
+# Shared scalar helpers (njit: the CPU twins call them, numba-cuda compiles them into kernels).
+
+
+@numba.njit(cache=True)
+def _popc(x):
+    """Population count of a 32-bit value (SWAR; LLVM turns it into one popcnt on the CPU)."""
+    x = np.uint64(x) & np.uint64(0xFFFFFFFF)
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@numba.njit(cache=True)
+def _group_dot(qp, qm, cp, cm):
+    """The dot of one 32-trit group: 2 popcounts of disjoint agree / disagree sets."""
+    qp = np.uint64(qp)
+    qm = np.uint64(qm)
+    cp = np.uint64(cp)
+    cm = np.uint64(cm)
+    return _popc((qp & cp) | (qm & cm)) - _popc((qp & cm) | (qm & cp))
+
+
+@numba.njit(cache=True)
+def _group_nnz(cp, cm):
+    return _popc(np.uint64(cp) | np.uint64(cm))
+
+
+# The kernels below loop over groups themselves and pass scalars to the helpers: Numba's CUDA
+# simulator cannot hand its device arrays to an njit function. (`_trit_dot`, `_code_nn` take
+# arrays and serve the CPU twins.)
+
+
+@numba.njit(cache=True)
+def _trit_dot(queries, q, T_packed, c):
+    d = np.int64(0)
+    for w in range(0, queries.shape[1], 2):
+        d += _group_dot(queries[q, w], queries[q, w + 1], T_packed[c, w], T_packed[c, w + 1])
+    return d
+
+
+@numba.njit(cache=True)
+def _code_nn(T_packed, c):
+    nnz = np.int64(0)
+    for w in range(0, T_packed.shape[1], 2):
+        nnz += _group_nnz(T_packed[c, w], T_packed[c, w + 1])
+    return max(nnz, np.int64(1))
+
+
+@numba.njit(cache=True)
+def _beats(d, nn, idx, best_d, best_nn, best_idx):
+    """Whether code idx (dot d, nn) ranks above the current best; exact, ties to lower index."""
+    if best_idx < 0:
+        return idx >= 0
+    if idx < 0:
+        return False
+    lhs = d * abs(d) * best_nn
+    rhs = best_d * abs(best_d) * nn
+    if lhs != rhs:
+        return lhs > rhs
+    return idx < best_idx
+
+
+@numba.njit(cache=True)
+def _trit_bytes(plus, minus, shift):
+    """Four trits at bit `shift` of a group as int8x4 in a uint32 (0x01 = +1, 0xFF = -1)."""
+    p = ((np.uint64(plus) >> np.uint64(shift)) & np.uint64(0xF)) * np.uint64(0x00204081)
+    m = ((np.uint64(minus) >> np.uint64(shift)) & np.uint64(0xF)) * np.uint64(0x00204081)
+    p &= np.uint64(0x01010101)
+    m &= np.uint64(0x01010101)
+    # A valid trit never has both bits, so no byte carries into the next.
+    return np.uint32(p + m * np.uint64(0xFF))
+
+
+@numba.njit(cache=True)
+def _sqrt_f32(x):
+    return math.sqrt(np.float32(x))
+
+
+def _grid_cap():
+    return 2 if simulator() else _MAX_BLOCKS
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Query ternarisation.
+
+
+@numba.njit(parallel=True, cache=True)
+def _ternarize_queries_cpu(x, out):
+    n, dim = x.shape
+    scale = np.float32(2 * dim)
+    for i in numba.prange(n):
+        acc = np.float32(0.0)
+        for j in range(dim):
+            acc += abs(x[i, j])
+        for g in range(out.shape[1] // 2):
+            plus = np.uint32(0)
+            minus = np.uint32(0)
+            for b in range(min(32, dim - 32 * g)):
+                v = x[i, 32 * g + b]
+                if abs(v) * scale > acc:
+                    if v > 0:
+                        plus |= np.uint32(1) << np.uint32(b)
+                    else:
+                        minus |= np.uint32(1) << np.uint32(b)
+            out[i, 2 * g] = plus
+            out[i, 2 * g + 1] = minus
+
+
+@cuda.jit(cache=True)
+def _ternarize_queries_cuda(x, out):
+    # A thread per row: the row sum must be added in one fixed order to match the CPU bit for
+    # bit, and rows are short (a VQ input is 64 wide).
+    n, dim = x.shape
+    scale = np.float32(2 * dim)
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        acc = np.float32(0.0)
+        for j in range(dim):
+            acc += abs(x[i, j])
+        for g in range(out.shape[1] // 2):
+            plus = np.uint32(0)
+            minus = np.uint32(0)
+            for b in range(min(32, dim - 32 * g)):
+                v = x[i, 32 * g + b]
+                if abs(v) * scale > acc:
+                    if v > 0:
+                        plus |= np.uint32(1) << np.uint32(b)
+                    else:
+                        minus |= np.uint32(1) << np.uint32(b)
+            out[i, 2 * g] = plus
+            out[i, 2 * g + 1] = minus
+
+
+def ternarize_queries(x, out=None):
+    """Ternarise float32 queries x (n, dim) into bitplanes uint32 (n, 2*ceil(dim/32)).
+
+    q = sign(x) where |x| > 0.5 * mean|x| of the row, else 0; exactly as in the module doc.
+    `out`, if given, is overwritten and returned.
+    """
+    op = "ternarize_queries"
+    dev = target(x, out, op=op)
+    _check_array(op, "x", x, np.float32, ndim=2)
+    n, dim = x.shape
+    if dim == 0:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; queries need at least one column")
+    words = 2 * -(-dim // 32)
+    if out is None:
+        out = xp_of(x).empty((n, words), dtype=np.uint32)
+    else:
+        _check_array(op, "out", out, np.uint32, shape=(n, words), writeable=True)
+    if n == 0:
+        return out
+    if dev == "cpu":
+        _ternarize_queries_cpu(x, out)
+    else:
+        blocks = max(1, min(_grid_cap(), -(-n // _THREADS)))
+        launch(_ternarize_queries_cuda, blocks, _THREADS, x, out)
+    return out
+
+
+def ternarize_queries_reference(x):
+    """NumPy truth: the ternary queries as int8 (n, dim) (not packed)."""
+    x = np.asarray(x, dtype=np.float32)
+    n, dim = x.shape
+    acc = np.zeros(n, dtype=np.float32)
+    for j in range(dim):  # one float32 addition per column, in order, as the kernels do
+        acc = acc + np.abs(x[:, j])
+    with np.errstate(invalid="ignore"):
+        keep = np.abs(x) * np.float32(2 * dim) > acc[:, None]
+    return np.where(keep, np.sign(x), 0).astype(np.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Exact nearest code: per-chunk partial argmax, then an in-order merge of the chunks.
+
+
+@numba.njit(parallel=True, cache=True)
+def _code_nnz_cpu(T_packed, out):
+    for c in numba.prange(T_packed.shape[0]):
+        out[c] = _code_nn(T_packed, c)
+
+
+@cuda.jit(cache=True)
+def _code_nnz_cuda(T_packed, out):
+    for c in range(cuda.grid(1), T_packed.shape[0], cuda.gridsize(1)):
+        nnz = np.int64(0)
+        for w in range(0, T_packed.shape[1], 2):
+            nnz += _group_nnz(T_packed[c, w], T_packed[c, w + 1])
+        out[c] = max(nnz, np.int64(1))
+
+
+_CPU_QB = 16  # queries a CPU task scans the book with, so each code is read once per 16
+
+
+@numba.njit(parallel=True, cache=True)
+def _nearest_partial_cpu(queries, T_packed, code_nnz, chunk, part_dot, part_nnz, part_index):
+    n = queries.shape[0]
+    K = T_packed.shape[0]
+    n_chunks = part_index.shape[0]
+    qblocks = (n + _CPU_QB - 1) // _CPU_QB
+    for task in numba.prange(n_chunks * qblocks):
+        ck = task // qblocks
+        q0 = (task - ck * qblocks) * _CPU_QB
+        q1 = min(n, q0 + _CPU_QB)
+        c0 = ck * chunk
+        c1 = min(K, c0 + chunk)
+        best_d = np.zeros(_CPU_QB, dtype=np.int64)
+        best_nn = np.ones(_CPU_QB, dtype=np.int64)
+        best_i = np.full(_CPU_QB, -1, dtype=np.int64)
+        for c in range(c0, c1):
+            nn = np.int64(code_nnz[c])
+            for q in range(q0, q1):
+                d = _trit_dot(queries, q, T_packed, c)
+                k = q - q0
+                if _beats(d, nn, c, best_d[k], best_nn[k], best_i[k]):
+                    best_d[k] = d
+                    best_nn[k] = nn
+                    best_i[k] = c
+        for q in range(q0, q1):
+            part_dot[ck, q] = best_d[q - q0]
+            part_nnz[ck, q] = best_nn[q - q0]
+            part_index[ck, q] = best_i[q - q0]
+
+
+@cuda.jit(cache=True)
+def _nearest_partial_scan_cuda(queries, T_packed, code_nnz, chunk, part_dot, part_nnz,
+                               part_index):
+    # Any width: a thread per query scans the block's chunk; the threads of a warp read the
+    # same code at the same time (one broadcast load).
+    n = queries.shape[0]
+    K = T_packed.shape[0]
+    ck = cuda.blockIdx.y
+    c0 = ck * chunk
+    c1 = min(K, c0 + chunk)
+    q = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if q >= n:
+        return
+    best_d = np.int64(0)
+    best_nn = np.int64(1)
+    best_i = np.int64(-1)
+    for c in range(c0, c1):
+        d = np.int64(0)
+        for w in range(0, queries.shape[1], 2):
+            d += _group_dot(queries[q, w], queries[q, w + 1], T_packed[c, w], T_packed[c, w + 1])
+        nn = np.int64(code_nnz[c])
+        if _beats(d, nn, np.int64(c), best_d, best_nn, best_i):
+            best_d = d
+            best_nn = nn
+            best_i = c
+    part_dot[ck, q] = best_d
+    part_nnz[ck, q] = best_nn
+    part_index[ck, q] = best_i
+
+
+@cuda.jit(cache=True)
+def _nearest_partial_mma_cuda(queries, T_packed, code_nnz, chunk, part_dot, part_nnz,
+                              part_index):
+    """dim <= 64: dots on the int8 tensor cores. grid (query blocks, chunks), block 32*w.
+
+    Thread (lane = 4*gid + tq) of a warp holds, per m-tile, the A fragments of query rows gid
+    and gid+8, and after each mma the dots of those rows with codes a = n0+2tq and a+1. It
+    keeps the best of what it sees for its rows (visiting codes in increasing order, so a
+    strict improvement keeps the lowest index); the four threads of a row are merged through
+    shared memory at the end. code_nnz is float32 (K + 8,), padded past K.
+
+    Per row and step one filter decides whether either code can beat the row's best: with
+    m = max(d_a, d_b) and nn_lo = min(nn_a, nn_b), a code beats (key, nn) only if
+    d*|d| * nn > key * nn_code >= key * nn_lo when key >= 0, so m*|m| * nn <= key * nn_lo rules
+    both out (a negative best filters nothing). Only rows that pass run the exact compare.
+    The next step's code words are loaded before this step's mmas (latency hiding).
+    """
+    s_d = cuda.shared.array((_MMA_WARPS, _MMA_QPW, 4), numba.int32)
+    s_nn = cuda.shared.array((_MMA_WARPS, _MMA_QPW, 4), numba.int32)
+    s_i = cuda.shared.array((_MMA_WARPS, _MMA_QPW, 4), numba.int32)
+    n = queries.shape[0]
+    K = T_packed.shape[0]
+    two_groups = queries.shape[1] == 4
+    lane = cuda.threadIdx.x & 31
+    warp = cuda.threadIdx.x >> 5
+    warps = cuda.blockDim.x >> 5
+    gid = lane >> 2
+    tq = lane & 3
+    q_warp = (cuda.blockIdx.x * warps + warp) * _MMA_QPW
+    ck = cuda.blockIdx.y
+    c0 = ck * chunk
+    c1 = min(K, c0 + chunk)
+
+    A = cuda.local.array((_MMA_MT, 8), numba.uint32)
+    best_key = cuda.local.array((_MMA_MT, 2), numba.float32)  # d*|d| of the best, exact
+    best_nn = cuda.local.array((_MMA_MT, 2), numba.float32)
+    best_i = cuda.local.array((_MMA_MT, 2), numba.int32)
+    filt_key = cuda.local.array((_MMA_MT, 2), numba.float32)  # best_key, or -1e30 if < 0
+    for mt in range(_MMA_MT):
+        for h in range(2):
+            q = q_warp + 16 * mt + gid + 8 * h
+            p0 = np.uint32(0)
+            m0 = np.uint32(0)
+            p1 = np.uint32(0)
+            m1 = np.uint32(0)
+            if q < n:
+                p0 = queries[q, 0]
+                m0 = queries[q, 1]
+                if two_groups:
+                    p1 = queries[q, 2]
+                    m1 = queries[q, 3]
+            A[mt, h] = _trit_bytes(p0, m0, 4 * tq)
+            A[mt, 2 + h] = _trit_bytes(p0, m0, 16 + 4 * tq)
+            A[mt, 4 + h] = _trit_bytes(p1, m1, 4 * tq)
+            A[mt, 6 + h] = _trit_bytes(p1, m1, 16 + 4 * tq)
+            best_key[mt, h] = _NO_SCORE
+            best_nn[mt, h] = np.float32(1.0)
+            best_i[mt, h] = -1
+            filt_key[mt, h] = _NO_SCORE
+
+    # Words of this thread's B code (n0 + gid) and the nn of its C codes (a, a + 1), loaded
+    # one step ahead. Unsigned indices: Numba then skips its negative-index wraparound code.
+    p0 = np.uint32(0)
+    m0 = np.uint32(0)
+    p1 = np.uint32(0)
+    m1 = np.uint32(0)
+    if c0 + gid < c1:
+        ub = np.uint64(c0 + gid)
+        p0 = T_packed[ub, np.uint64(0)]
+        m0 = T_packed[ub, np.uint64(1)]
+        if two_groups:
+            p1 = T_packed[ub, np.uint64(2)]
+            m1 = T_packed[ub, np.uint64(3)]
+    nn_a = code_nnz[np.uint64(c0 + 2 * tq)]  # padded: a + 1 <= K + 7 is in range
+    nn_b = code_nnz[np.uint64(c0 + 2 * tq + 1)]
+    n0 = c0
+    while n0 < c1:  # the same trip count for every thread of the block (the simulator's mma)
+        b0 = _trit_bytes(p0, m0, 4 * tq)
+        b1 = _trit_bytes(p0, m0, 16 + 4 * tq)
+        b2 = _trit_bytes(p1, m1, 4 * tq)
+        b3 = _trit_bytes(p1, m1, 16 + 4 * tq)
+        cur_nn_a = nn_a
+        cur_nn_b = nn_b
+        nxt = n0 + 8
+        p0 = np.uint32(0)
+        m0 = np.uint32(0)
+        p1 = np.uint32(0)
+        m1 = np.uint32(0)
+        if nxt + gid < c1:
+            ub = np.uint64(nxt + gid)
+            p0 = T_packed[ub, np.uint64(0)]
+            m0 = T_packed[ub, np.uint64(1)]
+            if two_groups:
+                p1 = T_packed[ub, np.uint64(2)]
+                m1 = T_packed[ub, np.uint64(3)]
+        if nxt < c1:
+            nn_a = code_nnz[np.uint64(nxt + 2 * tq)]
+            nn_b = code_nnz[np.uint64(nxt + 2 * tq + 1)]
+        nn_lo = min(cur_nn_a, cur_nn_b)
+        code_a = n0 + 2 * tq
+
+        # All mmas of the step first, so their latencies overlap; then the filters.
+        R = cuda.local.array((_MMA_MT, 4), numba.int32)
+        for mt in range(_MMA_MT):
+            # Always both 32-trit groups: for dim <= 32 the second is zeros (a wasted mma,
+            # but no branch in the loop).
+            r0, r1, r2, r3 = _mma_s8(A[mt, 0], A[mt, 1], A[mt, 2], A[mt, 3], b0, b1,
+                                     _F32_BIAS_BITS, _F32_BIAS_BITS, _F32_BIAS_BITS,
+                                     _F32_BIAS_BITS)
+            R[mt, 0], R[mt, 1], R[mt, 2], R[mt, 3] = _mma_s8(A[mt, 4], A[mt, 5], A[mt, 6],
+                                                             A[mt, 7], b2, b3, r0, r1, r2, r3)
+        for mt in range(_MMA_MT):
+            for h in range(2):
+                # rows gid (h = 0: values 0, 1) and gid + 8 (h = 1: values 2, 3)
+                ra = R[mt, 2 * h]
+                rb = R[mt, 2 * h + 1]
+                m = _f32_from_bits(max(ra, rb)) - _F32_BIAS
+                # Every term is an integer below 2**24: float32 is exact here.
+                if m * abs(m) * best_nn[mt, h] - filt_key[mt, h] * nn_lo > np.float32(0.0):
+                    for v in range(2):
+                        code = code_a + v
+                        nn = cur_nn_a if v == 0 else cur_nn_b
+                        d = _f32_from_bits(ra if v == 0 else rb) - _F32_BIAS
+                        key = d * abs(d)
+                        if key * best_nn[mt, h] - best_key[mt, h] * nn > np.float32(0.0):
+                            if code < c1:
+                                best_key[mt, h] = key
+                                best_nn[mt, h] = nn
+                                best_i[mt, h] = code
+                                filt_key[mt, h] = key if key >= 0 else _NO_SCORE
+        n0 = nxt
+
+    for mt in range(_MMA_MT):
+        for h in range(2):
+            row = 16 * mt + gid + 8 * h
+            key = best_key[mt, h]
+            d = np.int32(0)
+            if best_i[mt, h] >= 0:  # key = d*|d| is a perfect square: its root is exact
+                d = np.int32(round(_sqrt_f32(abs(key))))
+                if key < 0:
+                    d = -d
+            s_d[warp, row, tq] = d
+            s_nn[warp, row, tq] = np.int32(best_nn[mt, h])
+            s_i[warp, row, tq] = best_i[mt, h]
+    cuda.syncthreads()
+    for row in range(lane, _MMA_QPW, 32):
+        q = q_warp + row
+        if q < n:
+            bd = np.int64(0)
+            bn = np.int64(1)
+            bi = np.int64(-1)
+            for t in range(4):
+                if _beats(np.int64(s_d[warp, row, t]), np.int64(s_nn[warp, row, t]),
+                          np.int64(s_i[warp, row, t]), bd, bn, bi):
+                    bd = np.int64(s_d[warp, row, t])
+                    bn = np.int64(s_nn[warp, row, t])
+                    bi = np.int64(s_i[warp, row, t])
+            part_dot[ck, q] = bd
+            part_nnz[ck, q] = bn
+            part_index[ck, q] = bi
+
+
+@numba.njit(parallel=True, cache=True)
+def _nearest_merge_cpu(part_dot, part_nnz, part_index, out_index, out_dot):
+    for q in numba.prange(out_index.shape[0]):
+        bd = np.int64(0)
+        bn = np.int64(1)
+        bi = np.int64(-1)
+        for ck in range(part_index.shape[0]):
+            if _beats(np.int64(part_dot[ck, q]), np.int64(part_nnz[ck, q]),
+                      np.int64(part_index[ck, q]), bd, bn, bi):
+                bd = np.int64(part_dot[ck, q])
+                bn = np.int64(part_nnz[ck, q])
+                bi = np.int64(part_index[ck, q])
+        out_index[q] = bi
+        out_dot[q] = bd
+
+
+@cuda.jit(cache=True)
+def _nearest_merge_cuda(part_dot, part_nnz, part_index, out_index, out_dot):
+    for q in range(cuda.grid(1), out_index.shape[0], cuda.gridsize(1)):
+        bd = np.int64(0)
+        bn = np.int64(1)
+        bi = np.int64(-1)
+        for ck in range(part_index.shape[0]):
+            if _beats(np.int64(part_dot[ck, q]), np.int64(part_nnz[ck, q]),
+                      np.int64(part_index[ck, q]), bd, bn, bi):
+                bd = np.int64(part_dot[ck, q])
+                bn = np.int64(part_nnz[ck, q])
+                bi = np.int64(part_index[ck, q])
+        out_index[q] = bi
+        out_dot[q] = bd
+
+
+def _check_book(op, queries, T_packed, dim):
+    dim = _check_int(op, "dim", dim, 1, 1 << 20)
+    words = 2 * -(-dim // 32)
+    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2)
+    if T_packed.shape[1] != words:
+        raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
+                         f"(K, {words}) for dim={dim} (bitplane32: 2 words per 32 columns)")
+    if not 1 <= T_packed.shape[0] < 1 << 31:
+        raise ValueError(f"{op}: T_packed has {T_packed.shape[0]} codes, expected 1 to 2**31-1")
+    if not (hasattr(queries, "dtype") and hasattr(queries, "shape")):
+        raise TypeError(f"{op}: queries must be a NumPy or CuPy array, got "
+                        f"{type(queries).__name__}")
+    if queries.dtype != np.uint32:
+        raise TypeError(f"{op}: queries has dtype {queries.dtype}, expected uint32 bitplanes "
+                        "(ternarise float queries with ternarize_queries first)")
+    if queries.ndim != 2 or queries.shape[1] != words:
+        raise ValueError(f"{op}: queries has shape {tuple(queries.shape)}, expected "
+                         f"(n, {words}) for dim={dim} (ternarize_queries of (n, {dim}) "
+                         "float32 queries)")
+    _check_array(op, "queries", queries, np.uint32, ndim=2)
+    return dim
+
+
+def _check_out(op, name, out, n, xp, dtype=np.int32):
+    if out is None:
+        return xp.empty(n, dtype=dtype)
+    _check_array(op, name, out, dtype, shape=(n,), writeable=True)
+    return out
+
+
+def _sm_count():
+    if simulator():
+        return 1
+    import cupy
+
+    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+
+
+def code_nnz(T_packed):
+    """Per code max(nonzero trits, 1) as float32 (K + 8,) on T_packed's device.
+
+    Entries past K pad the tensor-core kernel's 8-code steps; entry K holds the book's
+    smallest nn, which bounds its filter. One pass over the book.
+    """
+    dev = target(T_packed, op="code_nnz")
+    K = T_packed.shape[0]
+    xp = xp_of(T_packed)
+    out = xp.ones(K + 8, dtype=np.float32)
+    if dev == "cpu":
+        _code_nnz_cpu(T_packed, out)
+    else:
+        blocks = max(1, min(_grid_cap(), -(-K // 256)))
+        launch(_code_nnz_cuda, blocks, 256, T_packed, out)
+    out[K] = out[:K].min()  # stays on the device: no sync
+    return out
+
+
+def nearest_code(queries, T_packed, dim, out_index=None, out_dot=None, *, method="auto"):
+    """Exact nearest code of each ternary query; returns out_index int32 (n,).
+
+    queries uint32 (n, 2G) bitplanes from `ternarize_queries`; T_packed uint32 (K, 2G);
+    dim = the codes' width (G = ceil(dim/32)). out_index gets the code maximising
+    d*|d|/nn (module doc), ties to the lowest index; out_dot (optional, int32 (n,)) gets that
+    code's dot d. Both are overwritten. method: "auto" (tensor cores when on a GPU and
+    dim <= 64), "mma" or "scan" (tests and benchmarks; same results).
+    Costs one pass over the book per 256 queries on the GPU, plus a (K + 8,) float32 table of
+    nonzero counts made per call (one more pass; a transient, not module state).
+    """
+    op = "nearest_code"
+    dev = target(queries, T_packed, out_index, out_dot, op=op)
+    dim = _check_book(op, queries, T_packed, dim)
+    n = queries.shape[0]
+    xp = xp_of(T_packed)
+    out_index = _check_out(op, "out_index", out_index, n, xp)
+    if out_dot is not None:
+        _check_out(op, "out_dot", out_dot, n, xp)
+    if method not in ("auto", "mma", "scan"):
+        raise ValueError(f"{op}: method = {method!r}, expected 'auto', 'mma' or 'scan'")
+    if method == "mma" and (dev == "cpu" or dim > 64):
+        raise ValueError(f"{op}: method 'mma' needs a GPU (or the simulator) and dim <= 64, "
+                         f"got device {dev} and dim={dim}")
+    if n == 0:
+        return out_index
+    K = T_packed.shape[0]
+    nnz = code_nnz(T_packed)
+    if dev == "cpu":
+        n_chunks = 1 if K < 1 << 16 else min(64, -(-K // (1 << 16)))
+        chunk = -(-K // n_chunks)
+        kernel = _nearest_partial_cpu
+    else:
+        use_mma = method == "mma" or (method == "auto" and dim <= 64)
+        if use_mma:
+            warps = 1 if simulator() else min(_MMA_WARPS, -(-n // _MMA_QPW))
+            per_block = warps * _MMA_QPW
+            threads = 32 * warps
+            kernel = _nearest_partial_mma_cuda
+        else:
+            threads = 32 if simulator() else _THREADS
+            per_block = threads
+            kernel = _nearest_partial_scan_cuda
+        q_blocks = -(-n // per_block)
+        # About 8 blocks per multiprocessor in all: enough to fill it, few enough that the
+        # partial results (3 int32 per query and chunk) stay small.
+        want = 2 if simulator() else 8 * _sm_count()
+        n_chunks = max(1, min(-(-K // 8), -(-want // q_blocks)))
+        chunk = -(-K // n_chunks)
+        chunk = -(-chunk // 8) * 8
+        n_chunks = -(-K // chunk)
+    part_dot = xp.empty((n_chunks, n), dtype=np.int32)
+    part_nnz = xp.empty((n_chunks, n), dtype=np.int32)
+    part_index = xp.empty((n_chunks, n), dtype=np.int32)
+    dot = out_dot if out_dot is not None else xp.empty(n, dtype=np.int32)
+    args = (queries, T_packed, nnz, np.int64(chunk), part_dot, part_nnz, part_index)
+    if dev == "cpu":
+        kernel(*args)
+        _nearest_merge_cpu(part_dot, part_nnz, part_index, out_index, dot)
+    else:
+        launch(kernel, (q_blocks, n_chunks), threads, *args)
+        blocks = max(1, min(_grid_cap(), -(-n // _THREADS)))
+        launch(_nearest_merge_cuda, blocks, _THREADS, part_dot, part_nnz, part_index,
+               out_index, dot)
+    return out_index
+
+
+def _unpack_bits(words, dim):
+    """Bitplane rows -> trits int8 (rows, dim), straight from the bits (not via the kernels)."""
+    words = np.ascontiguousarray(words, dtype=np.uint32)
+    rows, W = words.shape
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
+    bits = bits.reshape(rows, W // 2, 2, 32).astype(np.int8)
+    return (bits[:, :, 0] - bits[:, :, 1]).reshape(rows, -1)[:, :dim]
+
+
+def code_scores_reference(queries, T_packed, dim):
+    """(d int64, score float64), each (n, K): dots and scores of every query and code.
+
+    score = d*|d| / max(nnz, 1) in float64. That is exact enough to rank: two different
+    scores a/m and b/l (|a|, |b| <= dim**2, m, l <= dim) differ by at least 1/dim**2, far above
+    float64 rounding for any dim < 2**17, and equal rationals round to the same double.
+    """
+    q = _unpack_bits(queries, dim).astype(np.float32)
+    T = _unpack_bits(T_packed, dim)
+    # Sums of at most dim products of +-1: exact in float32 below 2**24, and a BLAS product.
+    d = (q @ T.T.astype(np.float32)).astype(np.int64)
+    nn = np.maximum(np.count_nonzero(T, axis=1), 1)
+    return d, (d * np.abs(d)) / nn
+
+
+def nearest_code_reference(queries, T_packed, dim):
+    """NumPy truth: (index int32 (n,), dot int32 (n,))."""
+    d, score = code_scores_reference(queries, T_packed, dim)
+    idx = np.argmax(score, axis=1)  # the first maximum: the lowest index
+    return idx.astype(np.int32), d[np.arange(len(idx)), idx].astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The k best codes (coarse routing over a small centroid book).
+
+
+@numba.njit(cache=True)
+def _top_insert(top_d, top_nn, top_i, filled, k, d, nn, c):
+    """Insert code c into the sorted top-k lists if it ranks; returns the new fill count."""
+    if filled == k and not _beats(d, nn, c, top_d[k - 1], top_nn[k - 1], top_i[k - 1]):
+        return filled
+    pos = filled if filled < k else k - 1
+    # Codes arrive in increasing index, so an equal score stays behind the earlier code.
+    while pos > 0 and _beats(d, nn, c, top_d[pos - 1], top_nn[pos - 1], top_i[pos - 1]):
+        top_d[pos] = top_d[pos - 1]
+        top_nn[pos] = top_nn[pos - 1]
+        top_i[pos] = top_i[pos - 1]
+        pos -= 1
+    top_d[pos] = d
+    top_nn[pos] = nn
+    top_i[pos] = c
+    return filled + 1 if filled < k else filled
+
+
+@numba.njit(parallel=True, cache=True)
+def _top_codes_partial_cpu(queries, T_packed, slice_len, part_d, part_nn, part_i):
+    S, n, k = part_i.shape
+    K = T_packed.shape[0]
+    for task in numba.prange(S * n):
+        s = task // n
+        q = task - s * n
+        top_d = np.zeros(_MAX_TOP_K, dtype=np.int64)
+        top_nn = np.ones(_MAX_TOP_K, dtype=np.int64)
+        top_i = np.full(_MAX_TOP_K, -1, dtype=np.int64)
+        filled = 0
+        for c in range(s * slice_len, min(K, (s + 1) * slice_len)):
+            filled = _top_insert(top_d, top_nn, top_i, filled, k,
+                                 _trit_dot(queries, q, T_packed, c), _code_nn(T_packed, c),
+                                 np.int64(c))
+        for j in range(k):
+            part_d[s, q, j] = top_d[j] if j < filled else 0
+            part_nn[s, q, j] = top_nn[j] if j < filled else 1
+            part_i[s, q, j] = top_i[j] if j < filled else -1
+
+
+@cuda.jit(cache=True)
+def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_i):
+    # A thread per (query, slice of the book) with its sorted list in local memory; slices
+    # give the small coarse search enough threads to fill the GPU.
+    S, n, k = part_i.shape
+    K = T_packed.shape[0]
+    top_d = cuda.local.array(_MAX_TOP_K, numba.int64)
+    top_nn = cuda.local.array(_MAX_TOP_K, numba.int64)
+    top_i = cuda.local.array(_MAX_TOP_K, numba.int64)
+    for task in range(cuda.grid(1), S * n, cuda.gridsize(1)):
+        s = task // n
+        q = task - s * n
+        filled = 0
+        for c in range(s * slice_len, min(K, (s + 1) * slice_len)):
+            d = np.int64(0)
+            nnz = np.int64(0)
+            for w in range(0, queries.shape[1], 2):
+                d += _group_dot(queries[q, w], queries[q, w + 1], T_packed[c, w],
+                                T_packed[c, w + 1])
+                nnz += _group_nnz(T_packed[c, w], T_packed[c, w + 1])
+            filled = _top_insert(top_d, top_nn, top_i, filled, k, d, max(nnz, np.int64(1)),
+                                 np.int64(c))
+        for j in range(k):
+            part_d[s, q, j] = top_d[j] if j < filled else 0
+            part_nn[s, q, j] = top_nn[j] if j < filled else 1
+            part_i[s, q, j] = top_i[j] if j < filled else -1
+
+
+@numba.njit(cache=True)
+def _top_merge_one(part_d, part_nn, part_i, q, heads, out_index, out_dot):
+    """Merge the sorted per-slice lists of query q, best first (ties: lower index)."""
+    S, _, k = part_i.shape
+    for s in range(S):
+        heads[s] = 0
+    for j in range(k):
+        best_s = -1
+        bd = np.int64(0)
+        bn = np.int64(1)
+        bi = np.int64(-1)
+        for s in range(S):
+            h = heads[s]
+            if h < k and part_i[s, q, h] >= 0:
+                if _beats(np.int64(part_d[s, q, h]), np.int64(part_nn[s, q, h]),
+                          np.int64(part_i[s, q, h]), bd, bn, bi):
+                    best_s = s
+                    bd = np.int64(part_d[s, q, h])
+                    bn = np.int64(part_nn[s, q, h])
+                    bi = np.int64(part_i[s, q, h])
+        out_index[q, j] = bi
+        out_dot[q, j] = bd
+        if best_s >= 0:
+            heads[best_s] += 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _top_codes_merge_cpu(part_d, part_nn, part_i, out_index, out_dot):
+    for q in numba.prange(out_index.shape[0]):
+        heads = np.zeros(_MAX_TOP_SLICES, dtype=np.int64)
+        _top_merge_one(part_d, part_nn, part_i, q, heads, out_index, out_dot)
+
+
+@cuda.jit(cache=True)
+def _top_codes_merge_cuda(part_d, part_nn, part_i, out_index, out_dot):
+    # _top_merge_one written out: the simulator cannot pass its arrays to an njit function.
+    S, _, k = part_i.shape
+    heads = cuda.local.array(_MAX_TOP_SLICES, numba.int64)
+    for q in range(cuda.grid(1), out_index.shape[0], cuda.gridsize(1)):
+        for s in range(S):
+            heads[s] = 0
+        for j in range(k):
+            best_s = -1
+            bd = np.int64(0)
+            bn = np.int64(1)
+            bi = np.int64(-1)
+            for s in range(S):
+                h = heads[s]
+                if h < k and part_i[s, q, h] >= 0:
+                    if _beats(np.int64(part_d[s, q, h]), np.int64(part_nn[s, q, h]),
+                              np.int64(part_i[s, q, h]), bd, bn, bi):
+                        best_s = s
+                        bd = np.int64(part_d[s, q, h])
+                        bn = np.int64(part_nn[s, q, h])
+                        bi = np.int64(part_i[s, q, h])
+            out_index[q, j] = bi
+            out_dot[q, j] = bd
+            if best_s >= 0:
+                heads[best_s] += 1
+
+
+def top_codes(queries, T_packed, dim, k, out_index=None, out_dot=None):
+    """The k best codes of each query, best first; returns out_index int32 (n, k).
+
+    Same score and tie rule as `nearest_code` (top_codes(..., 1)[:, 0] == nearest_code);
+    entries past the book's size are -1 (dot 0). k in 1..64. Meant for coarse routing over a
+    small centroid book: on the GPU a thread keeps the top k of one slice of the book for one
+    query (about 64K threads in all), and a second kernel merges the sorted slices in order.
+    """
+    op = "top_codes"
+    dev = target(queries, T_packed, out_index, out_dot, op=op)
+    dim = _check_book(op, queries, T_packed, dim)
+    k = _check_int(op, "k", k, 1, _MAX_TOP_K)
+    n = queries.shape[0]
+    xp = xp_of(T_packed)
+    if out_index is None:
+        out_index = xp.empty((n, k), dtype=np.int32)
+    else:
+        _check_array(op, "out_index", out_index, np.int32, shape=(n, k), writeable=True)
+    if out_dot is None:
+        out_dot = xp.empty((n, k), dtype=np.int32)
+    else:
+        _check_array(op, "out_dot", out_dot, np.int32, shape=(n, k), writeable=True)
+    if n == 0:
+        return out_index
+    K = T_packed.shape[0]
+    if dev == "cpu":
+        slice_len = K  # the CPU twin is parallel over queries already
+    else:
+        # About 64K (query, slice) threads, slices of at least 4*k codes, at most 64 slices.
+        want = max(1, min(_MAX_TOP_SLICES, -(-65536 // n)))
+        slice_len = max(2 if simulator() else 4 * k, -(-K // want))
+    S = -(-K // slice_len)
+    part_d = xp.empty((S, n, k), dtype=np.int32)
+    part_nn = xp.empty((S, n, k), dtype=np.int32)
+    part_i = xp.empty((S, n, k), dtype=np.int32)
+    args = (queries, T_packed, np.int64(slice_len), part_d, part_nn, part_i)
+    if dev == "cpu":
+        _top_codes_partial_cpu(*args)
+        _top_codes_merge_cpu(part_d, part_nn, part_i, out_index, out_dot)
+    else:
+        threads = 32 if simulator() else 64
+        blocks = max(1, min(_grid_cap(), -(-(S * n) // threads)))
+        launch(_top_codes_partial_cuda, blocks, threads, *args)
+        blocks = max(1, min(_grid_cap(), -(-n // threads)))
+        launch(_top_codes_merge_cuda, blocks, threads, part_d, part_nn, part_i, out_index,
+               out_dot)
+    return out_index
+
+
+def top_codes_reference(queries, T_packed, dim, k):
+    d, score = code_scores_reference(queries, T_packed, dim)
+    n, K = score.shape
+    out = np.full((n, k), -1, dtype=np.int32)
+    dots = np.zeros((n, k), dtype=np.int32)
+    for q in range(n):
+        order = np.lexsort((np.arange(K), -score[q]))[:k]  # score down, then index up
+        out[q, :len(order)] = order
+        dots[q, :len(order)] = d[q, order]
+    return out, dots
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Exact search inside probed partitions (routed search).
+
+_ROUTE_WARPS = 4
+
+
+@numba.njit(parallel=True, cache=True)
+def _nearest_in_partitions_cpu(queries, T_packed, partition_offsets, partition_codes, probe,
+                               out_index, out_dot):
+    for q in numba.prange(queries.shape[0]):
+        bd = np.int64(0)
+        bn = np.int64(1)
+        bi = np.int64(-1)
+        for j in range(probe.shape[1]):
+            p = probe[q, j]
+            for pos in range(partition_offsets[p], partition_offsets[p + 1]):
+                c = np.int64(partition_codes[pos])
+                d = _trit_dot(queries, q, T_packed, c)
+                nn = _code_nn(T_packed, c)
+                if _beats(d, nn, c, bd, bn, bi):
+                    bd = d
+                    bn = nn
+                    bi = c
+        out_index[q] = bi
+        out_dot[q] = bd
+
+
+@cuda.jit(cache=True)
+def _nearest_in_partitions_cuda(queries, T_packed, partition_offsets, partition_codes, probe,
+                                out_index, out_dot):
+    # A warp per query: its lanes stride over the probed partitions' code lists (coalesced
+    # reads of partition_codes), each keeps a best, and lane 0 merges the 32 through shared
+    # memory. Codes are visited in list order, so ties are settled by index explicitly.
+    s_d = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
+    s_nn = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
+    s_i = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
+    lane = cuda.threadIdx.x & 31
+    warp = cuda.threadIdx.x >> 5
+    q = cuda.blockIdx.x * _ROUTE_WARPS + warp
+    bd = np.int64(0)
+    bn = np.int64(1)
+    bi = np.int64(-1)
+    if q < queries.shape[0]:
+        for j in range(probe.shape[1]):
+            p = probe[q, j]
+            pos = partition_offsets[p] + lane
+            end = partition_offsets[p + 1]
+            while pos < end:
+                c = np.int64(partition_codes[pos])
+                d = np.int64(0)
+                nnz = np.int64(0)
+                for w in range(0, queries.shape[1], 2):
+                    d += _group_dot(queries[q, w], queries[q, w + 1], T_packed[c, w],
+                                    T_packed[c, w + 1])
+                    nnz += _group_nnz(T_packed[c, w], T_packed[c, w + 1])
+                nn = max(nnz, np.int64(1))
+                if _beats(d, nn, c, bd, bn, bi):
+                    bd = d
+                    bn = nn
+                    bi = c
+                pos += 32
+    s_d[warp, lane] = bd
+    s_nn[warp, lane] = bn
+    s_i[warp, lane] = bi
+    cuda.syncthreads()
+    if lane == 0 and q < queries.shape[0]:
+        for t in range(1, 32):
+            if _beats(s_d[warp, t], s_nn[warp, t], s_i[warp, t], bd, bn, bi):
+                bd = s_d[warp, t]
+                bn = s_nn[warp, t]
+                bi = s_i[warp, t]
+        out_index[q] = bi
+        out_dot[q] = bd
+
+
+def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partition_codes,
+                               probe, out_index=None, out_dot=None, *, check=True):
+    """Exact nearest code among the codes of each query's probed partitions.
+
+    The book's codes are grouped by partition through an index permutation: partition p holds
+    codes partition_codes[partition_offsets[p]:partition_offsets[p + 1]].
+    partition_offsets int64 (P+1,) rising from 0 to len(partition_codes); partition_codes
+    int32 in [0, K); probe int32 (n, nprobe) in [0, P) (e.g. from top_codes over P centroids;
+    a partition probed twice is harmless). Score and ties as `nearest_code` (ties go to the
+    lowest code index, whatever the list order). A query whose probed partitions are all empty
+    gets index -1 and dot 0. Returns out_index int32 (n,).
+    `check=False` skips the range/monotonicity checks (one host sync on the GPU).
+    """
+    op = "nearest_code_in_partitions"
+    dev = target(queries, T_packed, partition_offsets, partition_codes, probe, out_index,
+                 out_dot, op=op)
+    dim = _check_book(op, queries, T_packed, dim)
+    n = queries.shape[0]
+    K = T_packed.shape[0]
+    _check_array(op, "partition_offsets", partition_offsets, np.int64, ndim=1)
+    P = partition_offsets.shape[0] - 1
+    if P < 1:
+        raise ValueError(f"{op}: partition_offsets has shape {tuple(partition_offsets.shape)}, "
+                         "expected (P + 1,) with at least one partition")
+    _check_array(op, "partition_codes", partition_codes, np.int32, ndim=1)
+    if not (hasattr(probe, "dtype") and probe.dtype == np.int32):
+        raise TypeError(f"{op}: probe has dtype {getattr(probe, 'dtype', type(probe).__name__)}"
+                        ", expected int32 (n, nprobe)")
+    _check_array(op, "probe", probe, np.int32, ndim=2)
+    if probe.shape[0] != n:
+        raise ValueError(f"{op}: probe has shape {tuple(probe.shape)}, expected ({n}, nprobe) "
+                         "to match the queries")
+    xp = xp_of(T_packed)
+    out_index = _check_out(op, "out_index", out_index, n, xp)
+    dot = _check_out(op, "out_dot", out_dot, n, xp)
+    if check:
+        L = partition_codes.shape[0]
+        parts = [partition_offsets[0], partition_offsets[-1],
+                 (partition_offsets[1:] < partition_offsets[:-1]).sum()]
+        parts += [partition_codes.min(), partition_codes.max()] if L else [0, 0]
+        parts += [probe.min(), probe.max()] if probe.size else [0, 0]
+        stats = xp.stack([xp.asarray(v, dtype=np.int64) for v in parts])
+        first, last, falls, cmin, cmax, pmin, pmax = (int(v) for v in stats.tolist())
+        if first != 0 or last != L or falls:
+            raise ValueError(f"{op}: partition_offsets must rise from 0 to "
+                             f"len(partition_codes) = {L}; got offsets[0] = {first}, "
+                             f"offsets[-1] = {last}, {falls} decreasing step(s)")
+        if L and (cmin < 0 or cmax >= K):
+            raise ValueError(f"{op}: partition_codes holds {cmin if cmin < 0 else cmax}, "
+                             f"expected code indices in [0, {K})")
+        if probe.size and (pmin < 0 or pmax >= P):
+            raise ValueError(f"{op}: probe holds {pmin if pmin < 0 else pmax}, expected "
+                             f"partition indices in [0, {P})")
+    if n == 0:
+        return out_index
+    args = (queries, T_packed, partition_offsets, partition_codes, probe, out_index, dot)
+    if dev == "cpu":
+        _nearest_in_partitions_cpu(*args)
+    else:
+        blocks = -(-n // _ROUTE_WARPS)
+        launch(_nearest_in_partitions_cuda, blocks, 32 * _ROUTE_WARPS, *args)
+    return out_index
+
+
+def nearest_code_in_partitions_reference(queries, T_packed, dim, partition_offsets,
+                                         partition_codes, probe):
+    d, score = code_scores_reference(queries, T_packed, dim)
+    n = d.shape[0]
+    out = np.full(n, -1, dtype=np.int32)
+    dots = np.zeros(n, dtype=np.int32)
+    offsets = np.asarray(partition_offsets)
+    codes = np.asarray(partition_codes)
+    for q in range(n):
+        cand = np.unique(np.concatenate(
+            [codes[offsets[p]:offsets[p + 1]] for p in np.asarray(probe)[q]]))
+        if cand.size:
+            best = cand[np.argmax(score[q, cand])]  # cand is sorted: first max = lowest index
+            out[q] = best
+            dots[q] = d[q, best]
+    return out, dots
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Code usage counts: int16, saturating.
+
+
+@numba.njit(cache=True)
+def _add_one_saturating(word, half):
+    """The 32-bit word with its int16 half `half` (0 low, 1 high) increased by 1, saturating."""
+    shift = np.uint32(16 * half)
+    value = np.int64(np.int16((np.uint32(word) >> shift) & np.uint32(0xFFFF)))
+    if value >= USAGE_MAX:
+        return np.uint32(word), False
+    keep = np.uint32(word) & ~(np.uint32(0xFFFF) << shift)
+    return keep | (np.uint32((value + 1) & 0xFFFF) << shift), True
+
+
+@numba.njit(cache=True)
+def _count_usage_cpu(indices, usage_words, tail_count):
+    for i in range(indices.shape[0]):
+        c = np.int64(indices[i])
+        w = c >> 1
+        if w >= usage_words.shape[0]:
+            tail_count[0] += 1
+            continue
+        new, changed = _add_one_saturating(usage_words[w], c & 1)
+        if changed:
+            usage_words[w] = new
+
+
+@cuda.jit(cache=True)
+def _count_usage_cuda(indices, usage_words, tail_count):
+    # int16 has no atomics: compare-and-swap the 32-bit word that holds the counter. A code
+    # chosen by many queries of the batch serialises on its word; that is at most n retries.
+    for i in range(cuda.grid(1), indices.shape[0], cuda.gridsize(1)):
+        c = np.int64(indices[i])
+        w = c >> 1
+        if w >= usage_words.shape[0]:
+            cuda.atomic.add(tail_count, 0, 1)
+            continue
+        old = usage_words[w]
+        while True:
+            new, changed = _add_one_saturating(old, c & 1)
+            if not changed:
+                break
+            seen = cuda.atomic.cas(usage_words, w, old, new)
+            if seen == old:
+                break
+            old = seen
+
+
+def count_usage(indices, usage, *, check=True):
+    """usage[c] += (number of times c occurs in indices), saturating at 32767, in place.
+
+    indices int32/int64 (n,) in [0, K); usage int16 (K,) C-contiguous and 4-byte aligned (any
+    fresh array is), on the same device. Returns usage. `check=False` skips the index range
+    check (a host sync on the GPU); pass it for nearest_code's own output.
+    """
+    op = "count_usage"
+    dev = target(indices, usage, op=op)
+    _check_array(op, "usage", usage, np.int16, ndim=1, writeable=True)
+    K = usage.shape[0]
+    _check_indices(op, "indices", indices, K, check, what="code indices")
+    ptr = usage.data.ptr if is_cupy(usage) else usage.__array_interface__["data"][0]
+    if ptr % 4:
+        raise ValueError(f"{op}: usage must start on a 4-byte boundary (the kernel updates "
+                         "pairs of counters as 32-bit words); pass a fresh array, not a slice "
+                         "at an odd offset")
+    if indices.shape[0] == 0 or K == 0:
+        return usage
+    xp = xp_of(usage)
+    even = K - (K & 1)
+    usage_words = usage[:even].view(np.int32) if even else xp.zeros(0, dtype=np.int32)
+    tail_count = xp.zeros(1, dtype=np.int32)
+    if dev == "cpu":
+        _count_usage_cpu(indices, usage_words.view(np.uint32), tail_count)
+    else:
+        blocks = max(1, min(_grid_cap(), -(-indices.shape[0] // 256)))
+        launch(_count_usage_cuda, blocks, 256, indices, usage_words.view(np.uint32),
+               tail_count)
+    if K & 1:  # the last counter of an odd-sized book sits in half a word: add it here
+        tail = usage[K - 1:].astype(np.int32) + tail_count
+        usage[K - 1:] = xp.minimum(tail, USAGE_MAX).astype(np.int16)
+    return usage
+
+
+def count_usage_reference(indices, usage):
+    counts = np.bincount(np.asarray(indices, dtype=np.int64), minlength=usage.shape[0])
+    return np.minimum(usage.astype(np.int64) + counts, USAGE_MAX).astype(np.int16)
