@@ -1,0 +1,155 @@
+"""MoEGraph, CompositeHead, CodeMemoryLM, the config presets and the no-allocation trace."""
+
+import json
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tritnet
+from tritnet import backend
+from tritnet import random as trandom
+from tritnet.config import Config, ConfigError, load_config, preset, trace
+from tritnet.models import CodeMemoryLM, MoEGraph
+from tritnet.nn.tables import TernaryVQCodebook
+from tritnet.optim import TritFlip
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    trandom.manual_seed(5)
+
+
+def float_state(module):
+    """Every float parameter or buffer in the tree (MetaArrays included, by dtype)."""
+    found = [(n, a.dtype) for n, a in module.held_arrays() if np.dtype(a.dtype).kind in "fc"]
+    found += [(n, b.dtype) for n, b in module.named_buffers() if np.dtype(b.dtype).kind in "fc"]
+    return found
+
+
+def test_large_active_graph_is_bounded_and_integer():
+    moe = MoEGraph(32, 10_000_000, n_experts=2, expert_hidden=16, top_k=1, code_dim=64,
+                   slots=8, capacity=4096 * 8)
+    g = moe.graph
+    assert g.edge_index.shape == (2, 0)
+    dtypes = {n: (b.dtype, b.shape) for n, b in g.named_buffers()}
+    assert dtypes["active_edge_src"] == (np.int32, (32768,))
+    assert dtypes["active_edge_dst"] == (np.int32, (32768,))
+    assert dtypes["active_edge_attr"] == (np.int8, (32768,))
+    assert dtypes["active_edge_score"] == (np.int8, (32768,))
+    assert float_state(moe) == []
+    rng = np.random.default_rng(0)
+    buffers = {n: b for n, b in g.named_buffers()}
+    for _ in range(20):  # 20 × 20,000 transitions over 10M codes
+        codes = rng.integers(0, 10_000_000, (4, 5001)).astype(np.int32)
+        signs = rng.integers(-1, 2, (4, 5000)).astype(np.int8)
+        g.observe(codes, signs)
+    after = {n: b for n, b in g.named_buffers()}
+    assert all(after[n] is buffers[n] and after[n].shape == buffers[n].shape for n in after)
+    assert (g.active_edge_dst >= 0).sum() == 32768  # full, and never more than capacity
+
+
+def test_small_graph_forward_backward_and_edges_matter():
+    memory = TernaryVQCodebook(64, 64)
+    moe = MoEGraph(32, 64, n_experts=4, expert_hidden=16, top_k=2, code_dim=64, slots=4)
+    assert moe.graph.edge_index.shape == (2, 64 * 4) and moe.graph.edge_score.dtype == np.int8
+    x = tritnet.tensor(np.random.default_rng(1).standard_normal((2, 6, 32)).astype(np.float32),
+                       requires_grad=True)
+    moe.eval()
+    memory.eval()
+    out, aux = moe(x, memory)
+    (out.sum() + aux).backward()
+    assert np.isfinite(out.numpy()).all() and np.isfinite(x.grad).all()
+    # give every code an edge to code 0 with full score: the one-hop read must change
+    src, dst, attr, score = moe.graph.edges()
+    dst[::4], attr[::4], score[::4] = 0, 1, 127
+    src[::4] = np.arange(64)
+    out2, _ = moe(x, memory)
+    assert not np.allclose(out.numpy(), out2.numpy())
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_real_presets_hold_no_float_state(name):
+    model = CodeMemoryLM(preset(name))
+    assert float_state(model) == []
+
+
+def test_default_preset_traces_to_three_billion_trits_without_allocating():
+    tracemalloc.start()
+    start = time.perf_counter()
+    report = trace(preset("default"))
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 2 and peak < 100 * 2**20, (seconds, peak)
+    assert abs(report.total - 3.0e9) <= 0.01 * 3.0e9, report.total
+    assert sum(report.components.values()) == report.total
+    assert report.components["shared_vq"] == 10_000_000 * 64
+    assert report.components["kgvq"] == 5_000_000 * 64
+    model = CodeMemoryLM(preset("default"), device="meta")
+    assert float_state(model) == []
+    c = preset("default")
+    assert (c.codebook_dim, c.shared_vq_size, c.kgvq_size, c.kgvq_dim) == (64, 10_000_000,
+                                                                           5_000_000, 64)
+
+
+def test_small_preset_is_the_comparison_size():
+    assert 25e6 <= trace(preset("small")).total <= 30e6
+
+
+def test_tiny_model_learns_a_fixed_batch():
+    config = preset("tiny")
+    model = CodeMemoryLM(config)
+    opt = TritFlip(model, seed=0)
+    data = np.random.default_rng(2).integers(0, 256, (8, 65))
+    losses = []
+    for _ in range(50):
+        loss, ce = model.loss(data[:, :-1], data[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(ce.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_config_validation_names_field_value_and_range():
+    with pytest.raises(ConfigError, match=r"flip_threshold = 300 is out of range: expected "
+                                          r"1 <= flip_threshold <= 127"):
+        preset("tiny").override(flip_threshold=300)
+    with pytest.raises(ConfigError, match=r"d_model = 130 must be divisible by n_heads = 4"):
+        Config(d_model=130).validate()
+    with pytest.raises(ConfigError, match=r"d_model = 'big': expected int"):
+        Config(d_model="big").validate()
+    with pytest.raises(ConfigError, match="unknown config field"):
+        preset("tiny").override(learning_rate=3)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_config_round_trips_through_files(tmp_path, suffix):
+    if suffix == ".toml" and sys.version_info < (3, 11):
+        pytest.skip("TOML reading needs Python 3.11")
+    c = preset("small").override(steps=7, vq_search="routed", use_kgvq=False)
+    path = tmp_path / f"run{suffix}"
+    c.save(path)
+    assert load_config(path) == c
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"top_k": 9, "n_experts": 4}))
+    with pytest.raises(ConfigError, match=r"bad.json: config field top_k = 9 exceeds n_experts"):
+        load_config(path)
+
+
+def test_trace_command():
+    from cli.main import main
+    result = CliRunner().invoke(main, ["trace", "--preset", "default", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert abs(data["total"] - 3.0e9) <= 0.03e9 and data["seconds"] < 2

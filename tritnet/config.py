@@ -1,0 +1,237 @@
+"""One config object: the model's shape and the training run, with presets and validation.
+
+`Config` is a flat dataclass (nanoGPT-style: every knob in one place, readable top to
+bottom). Presets are named overrides of the defaults; a JSON or TOML file and CLI flags
+override further. Every field is checked by `validate()`, which names the field, the value and
+the allowed range.
+
+`trace(config)` builds the model tree on the "meta" device — shapes and dtypes only, nothing
+allocated — and reports the logical trits per component: the default preset's 3.0B in well
+under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value is out of range, of the wrong type, or unknown."""
+
+
+@dataclass
+class Config:
+    # --- model: a byte-level decoder with a ternary code memory (DESIGN §6b) -------------
+    vocab_size: int = 256          # bytes
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    context: int = 256             # longest sequence the model is built for
+    n_experts: int = 4             # MoEGraph partitions: routing centroids and ternary experts
+    expert_hidden: int = 256
+    top_k: int = 2                 # experts per token
+    codebook_dim: int = 64         # CODEBOOK_DIM
+    shared_vq_size: int = 4096     # SHARED_VQ_SIZE
+    kgvq_size: int = 1024          # KGVQ_CODEBOOK_SIZE
+    kgvq_dim: int = 64             # KGVQ_CODEBOOK_DIM
+    graph_slots: int = 8           # out-edges kept per code (dense) or per bucket (active)
+    graph_capacity: int = 0        # active-edge capacity; 0: dense edges (one bucket per code)
+    vq_search: str = "exact"       # "exact" or "routed"
+    vq_beta: float = 0.25          # commitment weight
+    aux_loss_weight: float = 0.01  # weight of VQ and load-balancing losses in the total
+    use_shared_vq: bool = True     # ablation switches (benchmarks/ablation.py)
+    use_kgvq: bool = True
+    use_graph_edges: bool = True
+    use_composite_head: bool = True
+    # --- optimiser: TritFlip (tritnet/optim.py explains each) ------------------------------
+    flip_threshold: int = 64
+    scale_threshold: int = 64
+    decay_shift: int = 0
+    grad_rms_units: int = 8
+    # --- training run -----------------------------------------------------------------------
+    batch_size: int = 16
+    seq_len: int = 128
+    steps: int = 1000
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 500
+    seed: int = 0
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_TYPES[f.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"config field {f.name} = {value!r}: expected "
+                                  f"{kind.__name__}")
+        for name, (lo, hi) in _RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ConfigError(f"config field {name} = {value!r} is out of range: "
+                                  f"expected {lo} <= {name} <= {hi}")
+        if self.vq_search not in ("exact", "routed"):
+            raise ConfigError(f"config field vq_search = {self.vq_search!r}: expected 'exact' "
+                              "or 'routed'")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"config field d_model = {self.d_model} must be divisible by "
+                              f"n_heads = {self.n_heads}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"config field top_k = {self.top_k} exceeds n_experts = "
+                              f"{self.n_experts}")
+        if self.seq_len > self.context:
+            raise ConfigError(f"config field seq_len = {self.seq_len} exceeds context = "
+                              f"{self.context}")
+        if self.graph_capacity and self.graph_capacity % self.graph_slots:
+            raise ConfigError(f"config field graph_capacity = {self.graph_capacity} must be a "
+                              f"multiple of graph_slots = {self.graph_slots}")
+        return self
+
+    # --- files and overrides ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path) -> None:
+        """Write JSON (.json) or TOML (.toml), chosen by the suffix."""
+        path = Path(path)
+        if path.suffix == ".toml":
+            lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_dict().items()]
+            path.write_text("\n".join(lines) + "\n")
+        else:
+            path.write_text(self.to_json() + "\n")
+
+    def override(self, **values) -> "Config":
+        """A validated copy with `values` replacing fields (None values are ignored)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        unknown = sorted(set(values) - set(_FIELD_TYPES))
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; known fields: "
+                              f"{', '.join(_FIELD_TYPES)}")
+        return dataclasses.replace(self, **values).validate()
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+_FIELD_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+                for f in fields(Config)}
+
+_RANGES = {
+    "vocab_size": (2, 65536), "d_model": (8, 65536), "n_layers": (1, 1024),
+    "n_heads": (1, 1024), "context": (2, 1 << 20), "n_experts": (1, 4096),
+    "expert_hidden": (1, 1 << 20), "top_k": (1, 64), "codebook_dim": (1, 4096),
+    "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
+    "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
+    "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
+    "decay_shift": (0, 7), "grad_rms_units": (1, 127), "batch_size": (1, 1 << 20),
+    "seq_len": (1, 1 << 20), "steps": (0, 1 << 40), "eval_every": (0, 1 << 40),
+    "eval_batches": (1, 1 << 20), "save_every": (0, 1 << 40), "seed": (0, 2**63 - 1),
+}
+
+# Presets: named overrides of the defaults above (which are the `tiny` preset).
+PRESETS = {
+    # trains on a two-core CPU: `tritnet train` with no options
+    "tiny": {},
+    # 25–30M logical trits: the comparison preset
+    "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
+                  expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
+                  graph_capacity=1 << 16, batch_size=32, seq_len=256),
+    # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64
+    "default": dict(d_model=2560, n_layers=24, n_heads=20, context=1024, n_experts=8,
+                    expert_hidden=1424, shared_vq_size=10_000_000, kgvq_size=5_000_000,
+                    graph_slots=8, graph_capacity=1 << 18, vq_search="routed",
+                    batch_size=4, seq_len=512),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return Config(**PRESETS[name]).validate()
+
+
+def load_config(path, base: Config | None = None) -> Config:
+    """Fields from a JSON or TOML file over `base` (default: the tiny preset), validated."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror})") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python ≥ 3.11
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except ImportError:
+        raise ConfigError(f"config file {path}: TOML needs Python 3.11 or newer; use JSON") \
+            from None
+    except Exception as e:
+        raise ConfigError(f"config file {path}: not valid {path.suffix.lstrip('.') or 'JSON'}"
+                          f" ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a table of field = value")
+    if "preset" in values:
+        base = preset(values.pop("preset"))
+    try:
+        return (base or Config()).override(**values)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+@dataclass
+class TraceReport:
+    """Logical ternary counts per component of a model built with shapes only."""
+    components: dict = field(default_factory=dict)   # component -> logical trits
+    state_bytes: dict = field(default_factory=dict)  # component -> bytes of integer state
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def format(self) -> str:
+        width = max(len(k) for k in self.components) if self.components else 10
+        lines = [f"{'component':<{width}}  {'logical trits':>16}  {'share':>6}  "
+                 f"{'state bytes/trit':>16}"]
+        for name, n in self.components.items():
+            per = self.state_bytes[name] / n if n else 0.0
+            lines.append(f"{name:<{width}}  {n:>16,}  {n / self.total:>6.1%}  {per:>16.3f}")
+        lines.append(f"{'total':<{width}}  {self.total:>16,}  {1:>6.0%}  "
+                     f"{sum(self.state_bytes.values()) / max(self.total, 1):>16.3f}")
+        lines.append(f"(traced in {self.seconds * 1000:.0f} ms, nothing allocated)")
+        return "\n".join(lines)
+
+
+def trace(config: Config) -> TraceReport:
+    """Build the model on the "meta" device and count logical trits per component."""
+    from .models import CodeMemoryLM
+    from .nn.ternary import TernaryModule
+
+    start = time.perf_counter()
+    model = CodeMemoryLM(config, device="meta")
+    report = TraceReport()
+    for component, module in model.components().items():
+        trits = state = 0
+        for m in module.modules():
+            if isinstance(m, TernaryModule):
+                trits += m.logical_trits()
+            state += sum(b.nbytes for b in m._buffers.values() if b is not None)
+        report.components[component] = trits
+        report.state_bytes[component] = state
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,330 @@
+"""CodeMemoryLM: a byte-level ternary language model with a huge ternary code memory.
+
+One reading of the seed (DESIGN §6b), in the family of large sparse memory layers:
+
+    x      = embed[token]                              TernaryEmbeddingTable(vocab, d)
+    block: x += Attention(rms_norm(x))                 ternary q, k, v, o; causal, no positions
+           x += MoEGraph(rms_norm(x), memory)          routed ternary experts + code memory
+    m      = motif(rms_norm(x))                        TernaryLinear d -> CODEBOOK_DIM
+    q, c   = shared_vq(m)                              nearest of SHARED_VQ_SIZE ternary codes
+    r      = kgvq(q_prev, q)                           relation code of consecutive codes
+    logits = head(x, q, r, graph(c))                   dense LM head + code/relation/graph reads
+
+Every weight is ternary with int8 state; every component either receives gradient (the
+ternary layers and tables, through the int8 path) or has an integer learning rule (the code
+graph's edges, from observed code transitions). Attention uses no positional encoding: a
+causal decoder infers positions from the mask ("NoPE"), and it keeps the model free of float
+tables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .autograd import Tensor, is_grad_enabled
+from .config import Config
+from .nn import Module, ModuleList
+from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
+from .nn.ternary import TernaryLinear
+from tritnet_kernels import graph as kgraph
+
+
+class Attention(Module):
+    def __init__(self, d_model: int, n_heads: int, device=None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = TernaryLinear(d_model, d_model, device)
+        self.k = TernaryLinear(d_model, d_model, device)
+        self.v = TernaryLinear(d_model, d_model, device)
+        self.o = TernaryLinear(d_model, d_model, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        h = self.n_heads
+
+        def heads(t):
+            return t.reshape(B, T, h, d // h).transpose(0, 2, 1, 3)
+
+        y = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
+                                           causal=True)
+        return self.o(y.transpose(0, 2, 1, 3).reshape(B, T, d))
+
+
+class Expert(Module):
+    """A ternary feed-forward expert: down(silu(up(x)))."""
+
+    def __init__(self, d_model: int, hidden: int, device=None):
+        super().__init__()
+        self.up = TernaryLinear(d_model, hidden, device)
+        self.down = TernaryLinear(hidden, d_model, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.up(x)))
+
+
+class CodeGraph(Module):
+    """Edges between codes of the shared memory, learned online from code transitions.
+
+    Small books keep dense edges: every code owns `slots` out-edges, exposed as `edge_index`
+    (int32 (2, K·slots)) and `edge_score` / `edge_attr` (int8). Large books (capacity > 0)
+    keep a bounded active edge set in a hashed table of `capacity` slots — `active_edge_src`,
+    `active_edge_dst` (int32), `active_edge_attr` (int8 ternary sign), `active_edge_score`
+    (int8 residual score) — and an empty `edge_index` of shape (2, 0). The admission and
+    eviction rule, and the hash, are in tritnet_kernels/graph.py; no float state either way.
+    """
+
+    def __init__(self, codebook_size: int, slots: int, capacity: int = 0, device=None):
+        super().__init__()
+        self.codebook_size, self.slots = codebook_size, slots
+        self.dense = capacity == 0
+        self.n_buckets = codebook_size if self.dense else capacity // slots
+        n = self.n_buckets * slots
+        src = backend.zeros(n, np.int32, device)
+        dst = backend.empty(n, np.int32, device)
+        if not backend.is_meta(dst):
+            dst.fill(-1)  # -1: an empty slot
+        attr, score = backend.zeros(n, np.int8, device), backend.zeros(n, np.int8, device)
+        if self.dense:
+            index = backend.empty((2, n), np.int32, device)
+            if not backend.is_meta(index):
+                index[0], index[1] = src, dst
+            self.register_buffer("edge_index", index)
+            self.register_buffer("edge_attr", attr)
+            self.register_buffer("edge_score", score)
+        else:
+            self.register_buffer("edge_index", backend.zeros((2, 0), np.int32, device))
+            self.register_buffer("active_edge_src", src)
+            self.register_buffer("active_edge_dst", dst)
+            self.register_buffer("active_edge_attr", attr)
+            self.register_buffer("active_edge_score", score)
+
+    def edges(self):
+        """(src, dst, attr, score) arrays of the edge table, in either mode."""
+        if self.dense:
+            return self.edge_index[0], self.edge_index[1], self.edge_attr, self.edge_score
+        return (self.active_edge_src, self.active_edge_dst, self.active_edge_attr,
+                self.active_edge_score)
+
+    def neighbors(self, codes):
+        """(dst int32 (n, slots), weight float32 (n, slots)) of each code's out-edges."""
+        src, dst, attr, score = self.edges()
+        return kgraph.edge_neighbors(src, dst, attr, score, codes, self.n_buckets, self.slots,
+                                     self.codebook_size)
+
+    def observe(self, codes, signs) -> None:
+        """Learn from transitions codes[:, t] -> codes[:, t+1] with ternary signs (B, T-1)."""
+        xp = backend.get_array_module(codes)
+        a = xp.ascontiguousarray(codes[:, :-1].reshape(-1))
+        b = xp.ascontiguousarray(codes[:, 1:].reshape(-1))
+        src, dst, attr, score = self.edges()
+        kgraph.observe_edges(src, dst, attr, score, a, b,
+                             xp.ascontiguousarray(signs.reshape(-1)).astype(np.int8),
+                             self.n_buckets, self.slots, self.codebook_size)
+
+
+class MoEGraph(Module):
+    """Routed ternary experts over a ternary code memory, with one hop along code edges.
+
+    Each token is routed by its similarity to the ternary routing centroids (a
+    TernaryEmbeddingTable of n_experts rows) to its top_k experts, weighted by the softmax of
+    the routing scores renormalised over the chosen k; a load-balancing term
+    n_experts · Σ_e f_e · P_e (f_e: share of tokens whose first choice is e, P_e: mean routing
+    probability of e) keeps the experts used evenly. The token also reads the code memory:
+    its projection to the code width picks the nearest code (straight-through), whose
+    out-edges in the code graph add their codes weighted by sign · score / 127 (one hop);
+    the sum returns to the model width through a ternary readout.
+    """
+
+    def __init__(self, d_model: int, codebook_size: int, *, n_experts: int, expert_hidden: int,
+                 top_k: int, code_dim: int, slots: int, capacity: int = 0, device=None):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = TernaryEmbeddingTable(n_experts, d_model, device)
+        self.experts = ModuleList([Expert(d_model, expert_hidden, device)
+                                   for _ in range(n_experts)])
+        self.code_in = TernaryLinear(d_model, code_dim, device)
+        self.code_out = TernaryLinear(code_dim, d_model, device)
+        self.graph = CodeGraph(codebook_size, slots, capacity, device)
+        self.use_edges = True
+
+    def route(self, h: Tensor):
+        """(expert ids (N, k) int, gates Tensor (N, k), load-balancing loss)."""
+        xp = backend.get_array_module(h.data)
+        centroids = self.router(xp.arange(self.n_experts))
+        probs = F.softmax(h @ centroids.T * (1.0 / math.sqrt(h.shape[-1])), axis=-1)
+        # top-k on the data (no gradient through the choice), stable for determinism
+        choice = xp.argsort(-probs.data, axis=-1, kind="stable")[:, :self.top_k]
+        rows = xp.arange(h.shape[0])[:, None]
+        chosen = probs[rows, choice]
+        gates = chosen / chosen.sum(axis=-1, keepdims=True)
+        first = xp.bincount(choice[:, 0], minlength=self.n_experts).astype(probs.dtype)
+        share = Tensor(first / h.shape[0])
+        balance = (share * probs.mean(axis=0)).sum() * float(self.n_experts)
+        return choice, gates, balance
+
+    def experts_forward(self, h: Tensor, choice, gates: Tensor) -> Tensor:
+        """Run each expert once on the tokens routed to it; combine with the gates."""
+        xp = backend.get_array_module(h.data)
+        N, k = choice.shape
+        flat = choice.reshape(-1)
+        order = xp.argsort(flat, kind="stable")
+        counts = backend.to_numpy(xp.bincount(flat, minlength=self.n_experts))
+        xs = F.take(h, order // k)
+        outs, start = [], 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                outs.append(expert(xs[start:start + int(n)]))
+            start += int(n)
+        ys = F.concat(outs, axis=0)
+        inverse = xp.empty_like(order)
+        inverse[order] = xp.arange(order.shape[0])
+        ys = F.take(ys, inverse).reshape(N, k, h.shape[-1])
+        return (ys * gates.reshape(N, k, 1)).sum(axis=1)
+
+    def forward(self, x: Tensor, memory: TernaryVQCodebook | None):
+        B, T, d = x.shape
+        h = x.reshape(B * T, d)
+        choice, gates, aux = self.route(h)
+        out = self.experts_forward(h, choice, gates)
+        if memory is not None:
+            read = memory(self.code_in(h))
+            aux = aux + read.loss
+            g = read.quantized
+            if self.use_edges:
+                g = g + self.expand(memory, read.indices)
+                if self.training and is_grad_enabled():
+                    self.learn_edges(read.quantized, read.indices, B, T)
+            out = out + self.code_out(g)
+        return out.reshape(B, T, d), aux
+
+    def expand(self, memory: TernaryEmbeddingTable, codes) -> Tensor:
+        """One hop: Σ over each code's out-edges of weight · code(dst), per token."""
+        xp = backend.get_array_module(codes)
+        dst, weight = self.graph.neighbors(codes.reshape(-1))
+        rows = TernaryEmbeddingTable.forward(memory, xp.maximum(dst, 0))  # (n, slots, dim)
+        return (rows * Tensor(weight[..., None])).sum(axis=1)
+
+    def learn_edges(self, quantized: Tensor, codes, B: int, T: int) -> None:
+        """Transitions between consecutive tokens' codes; the sign is that of their codes'
+        dot product (aligned codes reinforce, opposed codes inhibit)."""
+        xp = backend.get_array_module(codes)
+        q = quantized.data.reshape(B, T, -1)
+        signs = xp.sign((q[:, :-1] * q[:, 1:]).sum(-1)).astype(np.int8)
+        self.graph.observe(codes.reshape(B, T), signs)
+
+
+class Block(Module):
+    def __init__(self, config: Config, device=None):
+        super().__init__()
+        c = config
+        self.attn = Attention(c.d_model, c.n_heads, device)
+        self.moe = MoEGraph(c.d_model, c.shared_vq_size, n_experts=c.n_experts,
+                            expert_hidden=c.expert_hidden, top_k=c.top_k,
+                            code_dim=c.codebook_dim, slots=c.graph_slots,
+                            capacity=c.graph_capacity, device=device)
+        self.moe.use_edges = c.use_graph_edges
+
+    def forward(self, x: Tensor, memory):
+        x = x + self.attn(F.rms_norm(x))
+        y, aux = self.moe(F.rms_norm(x), memory)
+        return x + y, aux
+
+
+class CompositeHead(Module):
+    """Dense ternary LM head over the residual stream plus ternary readouts of the chosen
+    code, the relation code and the code's graph neighbourhood: one sum, one norm, one head."""
+
+    def __init__(self, d_model: int, vocab_size: int, code_dim: int, device=None):
+        super().__init__()
+        self.code_read = TernaryLinear(code_dim, d_model, device)
+        self.relation_read = TernaryLinear(code_dim, d_model, device)
+        self.graph_read = TernaryLinear(code_dim, d_model, device)
+        self.lm_head = TernaryLinear(d_model, vocab_size, device)
+        self.composite = True
+
+    def forward(self, x: Tensor, code=None, relation=None, graph=None) -> Tensor:
+        h = x
+        if self.composite:
+            for read, v in ((self.code_read, code), (self.relation_read, relation),
+                            (self.graph_read, graph)):
+                if v is not None:
+                    h = h + read(v)
+        return self.lm_head(F.rms_norm(h))
+
+
+class CodeMemoryLM(Module):
+    """The assembled model; `forward(tokens)` -> (logits, auxiliary loss)."""
+
+    def __init__(self, config: Config, device=None):
+        super().__init__()
+        c = config.validate()
+        if c.kgvq_dim != c.codebook_dim:
+            raise ValueError(f"config: kgvq_dim = {c.kgvq_dim} must equal codebook_dim = "
+                             f"{c.codebook_dim} (the relation composes two shared codes)")
+        self.config = c
+        self.embed = TernaryEmbeddingTable(c.vocab_size, c.d_model, device)
+        self.blocks = ModuleList([Block(c, device) for _ in range(c.n_layers)])
+        self.motif = TernaryLinear(c.d_model, c.codebook_dim, device)
+        self.shared_vq = TernaryVQCodebook(c.shared_vq_size, c.codebook_dim, beta=c.vq_beta,
+                                           search=c.vq_search, device=device)
+        self.kgvq = KGVQCodebook(c.kgvq_size, c.kgvq_dim, beta=c.vq_beta, search=c.vq_search,
+                                 device=device)
+        self.head = CompositeHead(c.d_model, c.vocab_size, c.codebook_dim, device)
+        self.head.composite = c.use_composite_head
+
+    def components(self) -> dict:
+        """Named groups of modules, for the trace and per-component reports."""
+        group = ModuleList
+        b = list(self.blocks)
+        return {
+            "embedding": self.embed,
+            "attention": group([blk.attn for blk in b]),
+            "moe_experts": group([blk.moe.experts for blk in b]),
+            "moe_router": group([blk.moe.router for blk in b]),
+            "moe_code_io": group([m for blk in b for m in (blk.moe.code_in, blk.moe.code_out)]),
+            "moe_graph": group([blk.moe.graph for blk in b]),
+            "motif": self.motif,
+            "shared_vq": self.shared_vq,
+            "kgvq": self.kgvq,
+            "head": self.head,
+        }
+
+    def forward(self, tokens):
+        c = self.config
+        if isinstance(tokens, Tensor):
+            tokens = tokens.data
+        B, T = tokens.shape
+        if T > c.context:
+            raise ValueError(f"CodeMemoryLM: sequence of {T} tokens exceeds context = {c.context}")
+        memory = self.shared_vq if c.use_shared_vq else None
+        x = self.embed(tokens)
+        aux = None
+        for block in self.blocks:
+            x, a = block(x, memory)
+            aux = a if aux is None else aux + a
+        code = relation = graph = None
+        if c.use_shared_vq:
+            vq = self.shared_vq(self.motif(F.rms_norm(x)))
+            aux = aux + vq.loss
+            code = vq.quantized
+            if c.use_graph_edges:
+                graph = self.blocks[-1].moe.expand(self.shared_vq, vq.indices).reshape(
+                    B, T, c.codebook_dim)
+            if c.use_kgvq:
+                previous = F.concat([code[:, :1] * 0.0, code[:, :-1]], axis=1)
+                rel = self.kgvq(previous, code)
+                aux = aux + rel.loss
+                relation = rel.quantized
+        return self.head(x, code, relation, graph), aux
+
+    def loss(self, tokens, targets):
+        """(total loss, cross-entropy in nats per token) for next-token prediction."""
+        logits, aux = self(tokens)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                             Tensor(backend.get_array_module(logits.data).asarray(
+                                 targets).reshape(-1)))
+        return ce + aux * self.config.aux_loss_weight, ce
