@@ -153,3 +153,10 @@ def test_trace_command():
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert abs(data["total"] - 3.0e9) <= 0.03e9 and data["seconds"] < 2
+
+
+def test_default_preset_persistent_state_fits_the_memory_plan():
+    """Issue 7's memory plan: persistent training state <= 1.3 bytes per logical trit
+    (2-bit packed trits + int8 accumulators + small per-row and graph state)."""
+    report = trace(preset("default"))
+    assert sum(report.state_bytes.values()) <= 1.3 * report.total, report.format()

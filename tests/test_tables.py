@@ -253,21 +253,40 @@ def test_sparse_update_matches_reference_and_dense_rule(R, cols, u, hyper):
     np.testing.assert_array_equal(counts, dense[4])
 
 
-def test_split_sparse_updates_equal_the_fused_one():
+def test_sparse_update_halves_are_independent():
+    # The one launch does two separate jobs: the trits' result does not depend on the
+    # exponent state, nor the exponents' on the trit state, and each half is the reference's
+    # trits-only / exponents-only step.
     rng = np.random.default_rng(7)
     a = _state(30, 45, 1)
-    b = [x.copy() for x in a]
+    other = _state(30, 45, 2)
     rows = np.array([0, 3, 4, 29], dtype=np.int64)
     gq = rng.integers(-90, 91, (4, 45)).astype(np.int8)
     gE = rng.integers(-90, 91, 4).astype(np.int8)
+    before = [x.copy() for x in a]
     fused = tb.sparse_ternary_update(*a, rows, gq, gE, **HYPER)
-    counts = tb.sparse_trit_flip_update(b[0], b[1], rows, gq, 45, HYPER["flip_threshold"],
-                                        HYPER["flip_decay_shift"])
-    tb.sparse_scale_step_update(b[2], b[3], rows, gE, HYPER["scale_threshold"],
-                                HYPER["scale_decay_shift"], counts=counts)
-    for x, y in zip(a, b):
+    trit_half = [before[0].copy(), before[1].copy(), other[2], other[3]]
+    trit_half_ref = tb.sparse_ternary_update_reference(*trit_half, rows, gq, gE, **HYPER)
+    total = np.array([100, 200], np.int64)  # a caller's counter: the step adds into it
+    counts_t = tb.sparse_ternary_update(*trit_half, rows, gq, gE, **HYPER, counts=total)
+    assert counts_t is total
+    np.testing.assert_array_equal(total, trit_half_ref[4] + [100, 200])
+    scale_half = [other[0], other[1], before[2].copy(), before[3].copy()]
+    counts_e = tb.sparse_ternary_update(*scale_half, rows, gq, gE, **HYPER)
+    for x, y in zip(a[:2], trit_half[:2]):
         np.testing.assert_array_equal(x, y)
-    np.testing.assert_array_equal(fused, counts)
+    for x, y in zip(a[2:], scale_half[2:]):
+        np.testing.assert_array_equal(x, y)
+    T_ref, Ta_ref, E_none, _, trit_counts = tb.sparse_ternary_update_reference(
+        before[0], before[1], None, None, rows, gq, None, **HYPER)
+    T_none, _, E_ref, Ea_ref, scale_counts = tb.sparse_ternary_update_reference(
+        None, None, before[2], before[3], rows, None, gE, **HYPER)
+    assert E_none is None and T_none is None
+    for got, want in zip(a, (T_ref, Ta_ref, E_ref, Ea_ref)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(fused, [trit_counts[0], scale_counts[1]])
+    assert trit_counts[1] == 0 and scale_counts[0] == 0
+    assert (counts_t[0] - 100, counts_e[1]) == (fused[0], fused[1])
     assert fused[0] > 0 and fused[1] > 0
 
 

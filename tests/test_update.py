@@ -212,8 +212,13 @@ def test_ternary_update_matches_reference(rows, cols, hyper):
     assert got["T_accum"].min() >= -127 and got["E_accum"].min() >= -127
 
 
+def _step(s, cols, **hyper):
+    """ternary_update on a state dict, with the module's defaults for unspecified hyper."""
+    return U.ternary_update(**s, cols=cols, **{**HYPER, **hyper})
+
+
 def test_hand_worked_trit_cases():
-    # (t, accum, grad) -> (t, accum) with flip_threshold 50, decay_shift 2
+    # (t, accum, grad) -> (t, accum) with flip_threshold 50, flip_decay_shift 2
     cases = [
         ((0, 30, 20), (-1, 0)),      # reaches +50: descend
         ((0, -30, -20), (1, 0)),     # reaches -50: ascend
@@ -227,17 +232,22 @@ def test_hand_worked_trit_cases():
     ]
     cols = len(cases)
     T = np.array([[c[0][0] for c in cases]])
+    # The row's exponent sits still (zero accumulator, zero gradient): only trits move.
     s = dict(T_packed=pack(T), T_accum=np.array([[c[0][1] for c in cases]], np.int8),
-             grad_q=np.array([[c[0][2] for c in cases]], np.int8))
-    flips = U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], cols, 50, 2)
+             grad_q=np.array([[c[0][2] for c in cases]], np.int8),
+             E=np.array([5], np.int8), E_accum=np.zeros(1, np.int8),
+             grad_E_q=np.zeros(1, np.int8))
+    counts = _step(s, cols, flip_threshold=50, flip_decay_shift=2)
     np.testing.assert_array_equal(unpack(s["T_packed"], cols)[0], [c[1][0] for c in cases])
     np.testing.assert_array_equal(s["T_accum"][0], [c[1][1] for c in cases])
-    assert flips.dtype == np.int64 and flips.shape == (1,) and flips[0] == 5
+    assert counts.dtype == np.int64 and counts.shape == (2,)
+    np.testing.assert_array_equal(counts, [5, 0])
+    assert s["E"][0] == 5 and s["E_accum"][0] == 0
     assert not s["grad_q"].any()
 
 
 def test_hand_worked_exponent_cases():
-    # (E, accum, grad) -> (E, accum) with scale_threshold 10, decay_shift 1
+    # (E, accum, grad) -> (E, accum) with scale_threshold 10, scale_decay_shift 1
     cases = [
         ((0, 5, 5), (-1, 0)),
         ((-128, 100, 27), (-128, 64)),   # blocked at -128: 127 - 63
@@ -247,30 +257,51 @@ def test_hand_worked_exponent_cases():
         ((3, 9, 0), (3, 5)),             # 9 - 4
         ((3, -1, 0), (3, -1)),
     ]
-    E = np.array([c[0][0] for c in cases], np.int8)
-    E_accum = np.array([c[0][1] for c in cases], np.int8)
-    grad_E_q = np.array([c[0][2] for c in cases], np.int8)
-    steps = U.scale_step_update(E, E_accum, grad_E_q, 10, 1)
-    np.testing.assert_array_equal(E, [c[1][0] for c in cases])
-    np.testing.assert_array_equal(E_accum, [c[1][1] for c in cases])
-    assert steps.dtype == np.int64 and steps.shape == (1,) and steps[0] == 3
-    assert not grad_E_q.any()
+    rows = len(cases)
+    # One column per row whose trit sits still (zero accumulator, zero gradient).
+    T_packed = pack(np.ones((rows, 1), np.int64))
+    s = dict(T_packed=T_packed.copy(), T_accum=np.zeros((rows, 1), np.int8),
+             grad_q=np.zeros((rows, 1), np.int8),
+             E=np.array([c[0][0] for c in cases], np.int8),
+             E_accum=np.array([c[0][1] for c in cases], np.int8),
+             grad_E_q=np.array([c[0][2] for c in cases], np.int8))
+    counts = _step(s, 1, scale_threshold=10, scale_decay_shift=1)
+    np.testing.assert_array_equal(s["E"], [c[1][0] for c in cases])
+    np.testing.assert_array_equal(s["E_accum"], [c[1][1] for c in cases])
+    assert counts.dtype == np.int64 and counts.shape == (2,)
+    np.testing.assert_array_equal(counts, [0, 3])
+    np.testing.assert_array_equal(s["T_packed"], T_packed)
+    assert not s["T_accum"].any()
+    assert not s["grad_E_q"].any()
 
 
-def test_split_updates_equal_the_bundled_one():
+def test_trit_and_exponent_halves_are_independent():
+    # The one launch does two separate jobs: the trits' result does not depend on the
+    # exponent state, nor the exponents' on the trit state, and each half alone is the
+    # reference's trits-only step.
     rng = np.random.default_rng(3)
     s = random_state(rng, 6, 45)
-    bundled, split = copy_state(s), copy_state(s)
-    counts = U.ternary_update(**bundled, cols=45, **HYPER)
-    flips = U.trit_flip_update(split["T_packed"], split["T_accum"], split["grad_q"], 45,
-                               HYPER["flip_threshold"], HYPER["flip_decay_shift"])
-    steps = U.scale_step_update(split["E"], split["E_accum"], split["grad_E_q"],
-                                HYPER["scale_threshold"], HYPER["scale_decay_shift"])
-    for k in s:
-        np.testing.assert_array_equal(split[k], bundled[k])
+    other = random_state(rng, 6, 45)
+    fused = copy_state(s)
+    counts = U.ternary_update(**fused, cols=45, **HYPER)
+    trit_half = {**copy_state(s), **{k: other[k].copy() for k in ("E", "E_accum", "grad_E_q")}}
+    counts_t = U.ternary_update(**trit_half, cols=45, **HYPER)
+    scale_half = {**copy_state(other), **{k: s[k].copy() for k in ("E", "E_accum", "grad_E_q")}}
+    counts_e = U.ternary_update(**scale_half, cols=45, **HYPER)
+    for k in ("T_packed", "T_accum", "grad_q"):
+        np.testing.assert_array_equal(trit_half[k], fused[k], err_msg=k)
+    for k in ("E", "E_accum", "grad_E_q"):
+        np.testing.assert_array_equal(scale_half[k], fused[k], err_msg=k)
+    T_ref, Ta_ref, E_none, Ea_none, trit_counts_ref = U.ternary_update_reference(
+        s["T_packed"], s["T_accum"], s["grad_q"], **HYPER)
+    assert E_none is None and Ea_none is None
+    np.testing.assert_array_equal(fused["T_packed"], T_ref)
+    np.testing.assert_array_equal(fused["T_accum"], Ta_ref)
     _, _, _, _, counts_ref = U.ternary_update_reference(**s, **HYPER)
     np.testing.assert_array_equal(counts, counts_ref)
-    assert (flips[0], steps[0]) == tuple(counts_ref)
+    assert (counts_t[0], counts_e[1]) == tuple(counts_ref)
+    assert trit_counts_ref[0] == counts_ref[0] and trit_counts_ref[1] == 0
+    assert counts_ref[0] > 0 and counts_ref[1] > 0
 
 
 def test_counts_accumulate_and_zero_grad_false_keeps_gradients():
@@ -287,33 +318,46 @@ def test_counts_accumulate_and_zero_grad_false_keeps_gradients():
 
 def test_invalid_code_reads_as_zero_and_padding_is_cleared():
     T_packed = np.array([[0b101 | (1 << 20), 0b110 | (1 << 21)]], np.uint32)  # col 2: both masks
-    T_accum = np.zeros((1, 3), np.int8)
-    grad_q = np.zeros((1, 3), np.int8)
-    flips = U.trit_flip_update(T_packed, T_accum, grad_q, 3, 10, 0)
+    s = dict(T_packed=T_packed, T_accum=np.zeros((1, 3), np.int8),
+             grad_q=np.zeros((1, 3), np.int8), E=np.zeros(1, np.int8),
+             E_accum=np.zeros(1, np.int8), grad_E_q=np.zeros(1, np.int8))
+    counts = _step(s, 3, flip_threshold=10, flip_decay_shift=0)
     np.testing.assert_array_equal(unpack(T_packed, 3)[0], [1, -1, 0])
     assert padding_bits(T_packed, 3) == 0
-    assert flips[0] == 0
+    np.testing.assert_array_equal(counts, [0, 0])
+
+
+def _still_exponents(rows):
+    """E state that never moves: zero accumulator and, each step, zero gradient."""
+    return dict(E=np.full(rows, -7, np.int8), E_accum=np.zeros(rows, np.int8),
+                grad_E_q=np.zeros(rows, np.int8))
 
 
 def test_repeated_steps_follow_a_consistent_gradient():
     # A constant positive gradient walks every trit down to -1 (a flip every second step at
     # threshold 60) and then holds it there, its accumulator saturated.
     rows, cols = 4, 37
-    T_packed = pack(np.ones((rows, cols), np.int64))
-    T_accum = np.zeros((rows, cols), np.int8)
-    total = np.zeros(1, np.int64)
+    s = dict(T_packed=pack(np.ones((rows, cols), np.int64)),
+             T_accum=np.zeros((rows, cols), np.int8), **_still_exponents(rows))
+    total = np.zeros(2, np.int64)
     for step in range(10):
-        grad_q = np.full((rows, cols), 30, np.int8)
-        U.trit_flip_update(T_packed, T_accum, grad_q, cols, 60, 0, flips=total)
-        assert (unpack(T_packed, cols) == max(-1, 1 - (step + 1) // 2)).all()
-    assert total[0] == 2 * rows * cols
-    assert (T_accum == 127).all()
+        s["grad_q"] = np.full((rows, cols), 30, np.int8)
+        U.ternary_update(**s, cols=cols, **{**HYPER, "flip_threshold": 60,
+                                            "flip_decay_shift": 0}, counts=total)
+        assert (unpack(s["T_packed"], cols) == max(-1, 1 - (step + 1) // 2)).all()
+    np.testing.assert_array_equal(total, [2 * rows * cols, 0])
+    assert (s["T_accum"] == 127).all()
+    assert (s["E"] == -7).all() and not s["E_accum"].any()
     # With decay, the same gradient settles below the threshold: no further flips.
-    T_packed = pack(np.ones((rows, cols), np.int64))
-    T_accum[...] = 0
+    s = dict(T_packed=pack(np.ones((rows, cols), np.int64)),
+             T_accum=np.zeros((rows, cols), np.int8), **_still_exponents(rows))
     for _ in range(20):
-        U.trit_flip_update(T_packed, T_accum, np.full((rows, cols), 10, np.int8), cols, 60, 1)
-    assert (unpack(T_packed, cols) == 1).all() and (T_accum == 10).all()  # a = ceil((a + 10) / 2)
+        s["grad_q"] = np.full((rows, cols), 10, np.int8)
+        counts = U.ternary_update(**s, cols=cols, **{**HYPER, "flip_threshold": 60,
+                                                     "flip_decay_shift": 1})
+        np.testing.assert_array_equal(counts, [0, 0])
+    # a = ceil((a + 10) / 2)
+    assert (unpack(s["T_packed"], cols) == 1).all() and (s["T_accum"] == 10).all()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -369,24 +413,28 @@ def test_bad_counts_and_read_only_arrays():
     before = copy_state(s)
     with pytest.raises(TypeError, match="counts has dtype"):
         U.ternary_update(**s, cols=40, **HYPER, counts=np.zeros(2, np.int32))
-    with pytest.raises(ValueError, match="counts has shape"):
+    with pytest.raises(ValueError, match=r"counts has shape \(1,\), expected \(2,\)"):
         U.ternary_update(**s, cols=40, **HYPER, counts=np.zeros(1, np.int64))
-    with pytest.raises(ValueError, match="flips has shape"):
-        U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], 40, 5, 0,
-                           flips=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"counts has shape \(3,\), expected \(2,\)"):
+        U.ternary_update(**s, cols=40, **HYPER, counts=np.zeros(3, np.int64))
     with pytest.raises(ValueError, match=r"T_accum has shape \(3, 40\), expected \(rows, 41\)"):
-        U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], 41, 5, 0)
+        U.ternary_update(**s, cols=41, **HYPER)
     with pytest.raises(TypeError, match="cols must be an integer"):
         U.ternary_update(**s, cols=40.0, **HYPER)
+    with pytest.raises(ValueError, match="scale_decay_shift = 9 is out of range"):
+        U.ternary_update(**s, cols=40, **{**HYPER, "scale_decay_shift": 9})
+    with pytest.raises(ValueError, match=r"cols = 0 is out of range, expected 1\.\."):
+        U.ternary_update(np.zeros((2, 0), np.uint32), np.zeros((2, 0), np.int8),
+                         np.zeros((2, 0), np.int8), np.zeros(2, np.int8), np.zeros(2, np.int8),
+                         np.zeros(2, np.int8), 0, **HYPER)
+    read_only_counts = np.zeros(2, np.int64)
+    read_only_counts.flags.writeable = False
+    with pytest.raises(ValueError, match="counts is read-only"):
+        U.ternary_update(**s, cols=40, **HYPER, counts=read_only_counts)
     s["T_accum"].flags.writeable = False
     with pytest.raises(ValueError, match="T_accum is read-only"):
         U.ternary_update(**s, cols=40, **HYPER)
     _assert_untouched(before, s)
-    with pytest.raises(ValueError, match="decay_shift = 9"):
-        U.scale_step_update(s["E"], s["E_accum"], s["grad_E_q"], 5, 9)
-    with pytest.raises(ValueError, match=r"cols = 0 is out of range, expected 1\.\."):
-        U.trit_flip_update(np.zeros((2, 0), np.uint32), np.zeros((2, 0), np.int8),
-                           np.zeros((2, 0), np.int8), 0, 5, 0)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -475,7 +523,7 @@ def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks
     U._ternary_update_cpu(cpu["T_packed"], cpu["T_accum"], cpu["grad_q"], cpu["E"],
                           cpu["E_accum"], cpu["grad_E_q"], np.int64(cols),
                           np.int64(HYPER["flip_threshold"]), np.int64(HYPER["flip_decay_shift"]),
-                          True, np.int64(HYPER["scale_threshold"]),
+                          np.int64(HYPER["scale_threshold"]),
                           np.int64(HYPER["scale_decay_shift"]), True, cpu_counts)
     sim = copy_state(s)
     counts = U.ternary_update(**sim, cols=cols, **HYPER)
@@ -486,30 +534,44 @@ def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks
 
 
 @pytest.mark.cudasim
-def test_sim_trit_flip_and_scale_step_match_cpu_twin():
+def test_sim_zero_grad_false_and_counts_accumulate():
+    # The kernel's zero_grad=False path and a caller's counter, over two steps.
+    hyper = dict(flip_threshold=20, flip_decay_shift=3, scale_threshold=15, scale_decay_shift=2)
     _, s = _sim_inputs(8, 2, 40)
-    expected = U.ternary_update_reference(**s, flip_threshold=20, flip_decay_shift=3,
-                                          scale_threshold=15, scale_decay_shift=2)
-    flips = U.trit_flip_update(s["T_packed"], s["T_accum"], s["grad_q"], 40, 20, 3,
-                               zero_grad=False)
-    steps = U.scale_step_update(s["E"], s["E_accum"], s["grad_E_q"], 15, 2)
-    counts = np.concatenate([flips, steps])
-    for got, want in zip((s["T_packed"], s["T_accum"], s["E"], s["E_accum"], counts), expected):
+    first = U.ternary_update_reference(**s, **hyper)
+    grads = s["grad_q"].copy(), s["grad_E_q"].copy()
+    counts = np.array([10, 20], np.int64)
+    assert U.ternary_update(**s, cols=40, **hyper, zero_grad=False, counts=counts) is counts
+    for got, want in zip((s["T_packed"], s["T_accum"], s["E"], s["E_accum"]), first):
         np.testing.assert_array_equal(got, want)
-    assert s["grad_q"].any() and not s["grad_E_q"].any()
+    np.testing.assert_array_equal(counts, first[4] + [10, 20])
+    np.testing.assert_array_equal(s["grad_q"], grads[0])
+    np.testing.assert_array_equal(s["grad_E_q"], grads[1])
+    second = U.ternary_update_reference(**s, **hyper)
+    U.ternary_update(**s, cols=40, **hyper, counts=counts)
+    for got, want in zip((s["T_packed"], s["T_accum"], s["E"], s["E_accum"]), second):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(counts, first[4] + second[4] + [10, 20])
+    assert not s["grad_q"].any() and not s["grad_E_q"].any()
 
 
 @pytest.mark.cudasim
-def test_sim_scale_step_strides_the_grid(monkeypatch):
-    monkeypatch.setattr(U, "_MAX_BLOCKS", 1)  # one block of 128 threads for 300 rows
-    rng = np.random.default_rng(10)
-    E, E_accum, grad_E_q = (rng.integers(-128, 128, size=300, dtype=np.int8) for _ in range(3))
-    expected = [a.copy() for a in (E, E_accum, grad_E_q)] + [np.zeros(1, np.int64)]
-    U._scale_step_cpu(*expected[:3], np.int64(20), np.int64(3), True, expected[3])
-    steps = U.scale_step_update(E, E_accum, grad_E_q, 20, 3)
-    for got, want in zip((E, E_accum, grad_E_q, steps), expected):
-        np.testing.assert_array_equal(got, want)
-    assert steps[0] > 0
+def test_sim_exponents_stride_the_grid(monkeypatch):
+    # One block of 8 warps for 300 rows of one group each: every warp strides the grid, and
+    # each row's exponent is stepped once, by the warp that owns the row's group 0.
+    monkeypatch.setattr(U, "_MAX_BLOCKS", 1)
+    _, s = _sim_inputs(10, 300, 1)
+    cpu = copy_state(s)
+    cpu_counts = np.zeros(2, np.int64)
+    U._ternary_update_cpu(cpu["T_packed"], cpu["T_accum"], cpu["grad_q"], cpu["E"],
+                          cpu["E_accum"], cpu["grad_E_q"], np.int64(1), np.int64(20),
+                          np.int64(3), np.int64(20), np.int64(3), True, cpu_counts)
+    counts = U.ternary_update(**s, cols=1, flip_threshold=20, flip_decay_shift=3,
+                              scale_threshold=20, scale_decay_shift=3)
+    for k in s:
+        np.testing.assert_array_equal(s[k], cpu[k], err_msg=k)
+    np.testing.assert_array_equal(counts, cpu_counts)
+    assert counts[1] > 0
 
 
 # ---------------------------------------------------------------- CUDA kernels on a GPU
@@ -565,27 +627,21 @@ def test_cuda_ternary_update_matches_cpu_twin(rows, cols):
     for k in s:
         np.testing.assert_array_equal(dev[k].get(), s[k], err_msg=k)
     np.testing.assert_array_equal(counts.get(), cpu_counts)
-    # trits alone, then exponents alone, each counter accumulating over two calls
+    # zero_grad=False, then a second step into the same counter, with other hyperparameters
     s2 = {k: v.copy() for k, v in s.items()}
     s2["grad_q"][...] = rng.integers(-128, 128, size=(rows, cols), dtype=np.int8)
     s2["grad_E_q"][...] = rng.integers(-128, 128, size=rows, dtype=np.int8)
     dev2 = {k: cupy.asarray(v) for k, v in s2.items()}
+    hyper2 = dict(flip_threshold=9, flip_decay_shift=4, scale_threshold=3, scale_decay_shift=0)
     results = []
     for arrays in (s2, dev2):
-        flips = U.trit_flip_update(arrays["T_packed"], arrays["T_accum"], arrays["grad_q"],
-                                   cols, 9, 4, zero_grad=False)
-        U.trit_flip_update(arrays["T_packed"], arrays["T_accum"], arrays["grad_q"], cols, 9, 4,
-                           flips=flips)
-        steps = U.scale_step_update(arrays["E"], arrays["E_accum"], arrays["grad_E_q"], 3, 0,
-                                    zero_grad=False)
-        U.scale_step_update(arrays["E"], arrays["E_accum"], arrays["grad_E_q"], 3, 0,
-                            steps=steps)
-        results.append((flips, steps))
+        totals = U.ternary_update(**arrays, cols=cols, **hyper2, zero_grad=False)
+        U.ternary_update(**arrays, cols=cols, **hyper2, counts=totals)
+        results.append(totals)
     for k in s2:
         np.testing.assert_array_equal(dev2[k].get(), s2[k], err_msg=k)
-    assert isinstance(results[1][0], cupy.ndarray)
-    np.testing.assert_array_equal(results[1][0].get(), results[0][0])
-    np.testing.assert_array_equal(results[1][1].get(), results[0][1])
+    assert isinstance(results[1], cupy.ndarray)
+    np.testing.assert_array_equal(results[1].get(), results[0])
 
 
 @pytest.mark.cuda

@@ -44,6 +44,14 @@ import threading
 import numba
 import numpy as np
 from numba import cuda
+from numba.cuda.core import config as _cuda_config  # numba.config itself when Numba is installed
+
+# Tiny grids are deliberate: a kernel on a tiny tensor (a row of exponents, a test shape) needs
+# a block or two, and every kernel here strides its grid. Numba's dispatch (the fallback path
+# below) would print NumbaPerformanceWarning "Grid size N will likely result in GPU
+# under-utilization" for each such launch. A user's NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS wins.
+if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+    _cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 try:  # CuPy is optional: CPU machines run without it.
     import cupy

@@ -52,8 +52,6 @@ __all__ = [
     "segment_sum_rows",
     "segment_sum_rows_reference",
     "sparse_ternary_update",
-    "sparse_trit_flip_update",
-    "sparse_scale_step_update",
     "sparse_ternary_update_reference",
 ]
 
@@ -499,47 +497,42 @@ _SPARSE_RULE_DOC = """
 def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows,
                                cols, flip_threshold, flip_decay_shift, scale_threshold,
                                scale_decay_shift, counts):
-    u = rows.shape[0]
-    with_trits = grad_q_rows.shape[0] == u
-    with_scale = grad_E_q_rows.shape[0] == u
     groups = (cols + 31) // 32
     flips = 0
     steps = 0
-    for k in numba.prange(u):
+    for k in numba.prange(rows.shape[0]):
         # Per-row counts, added to the reductions at the top of the loop body: numba 0.68
         # loses `flips += 1` reductions made inside a branch's nested loop (they read 0).
         row_flips = 0
         row_steps = 0
         r = rows[k]
-        if with_trits:
-            for g in range(groups):
-                plus = np.int64(T_packed[r, 2 * g])
-                minus = np.int64(T_packed[r, 2 * g + 1])
-                new_plus = 0
-                new_minus = 0
-                for b in range(min(32, cols - 32 * g)):
-                    j = 32 * g + b
-                    t = ((plus >> b) & 1) - ((minus >> b) & 1)
-                    t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
-                                                 np.int64(grad_q_rows[k, j]), flip_threshold,
-                                                 -1, 1, flip_decay_shift)
-                    T_accum[r, j] = a
-                    if t_new != t:
-                        row_flips += 1
-                    if t_new > 0:
-                        new_plus |= 1 << b
-                    elif t_new < 0:
-                        new_minus |= 1 << b
-                T_packed[r, 2 * g] = new_plus
-                T_packed[r, 2 * g + 1] = new_minus
-        if with_scale:
-            e = np.int64(E[r])
-            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q_rows[k]),
-                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
-            E[r] = e_new
-            E_accum[r] = a
-            if e_new != e:
-                row_steps = 1
+        for g in range(groups):
+            plus = np.int64(T_packed[r, 2 * g])
+            minus = np.int64(T_packed[r, 2 * g + 1])
+            new_plus = 0
+            new_minus = 0
+            for b in range(min(32, cols - 32 * g)):
+                j = 32 * g + b
+                t = ((plus >> b) & 1) - ((minus >> b) & 1)
+                t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
+                                             np.int64(grad_q_rows[k, j]), flip_threshold,
+                                             -1, 1, flip_decay_shift)
+                T_accum[r, j] = a
+                if t_new != t:
+                    row_flips += 1
+                if t_new > 0:
+                    new_plus |= 1 << b
+                elif t_new < 0:
+                    new_minus |= 1 << b
+            T_packed[r, 2 * g] = new_plus
+            T_packed[r, 2 * g + 1] = new_minus
+        e = np.int64(E[r])
+        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q_rows[k]),
+                                     scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+        E[r] = e_new
+        E_accum[r] = a
+        if e_new != e:
+            row_steps = 1
         flips += row_flips
         steps += row_steps
     counts[0] += flips
@@ -559,37 +552,33 @@ def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows
         block_counts[0] = 0
         block_counts[1] = 0
     cuda.syncthreads()
-    u = rows.shape[0]
-    with_trits = grad_q_rows.shape[0] == u
-    with_scale = grad_E_q_rows.shape[0] == u
     groups = (cols + 31) // 32
     flips = 0
     steps = 0
-    for task in range(cuda.grid(1), u * groups, cuda.gridsize(1)):
+    for task in range(cuda.grid(1), rows.shape[0] * groups, cuda.gridsize(1)):
         k = task // groups
         g = task - k * groups
         r = rows[k]
-        if with_trits:
-            plus = np.int64(T_packed[r, 2 * g])
-            minus = np.int64(T_packed[r, 2 * g + 1])
-            new_plus = 0
-            new_minus = 0
-            for b in range(min(32, cols - 32 * g)):
-                j = 32 * g + b
-                t = ((plus >> b) & 1) - ((minus >> b) & 1)
-                t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
-                                             np.int64(grad_q_rows[k, j]), flip_threshold,
-                                             -1, 1, flip_decay_shift)
-                T_accum[r, j] = a
-                if t_new != t:
-                    flips += 1
-                if t_new > 0:
-                    new_plus |= 1 << b
-                elif t_new < 0:
-                    new_minus |= 1 << b
-            T_packed[r, 2 * g] = new_plus
-            T_packed[r, 2 * g + 1] = new_minus
-        if with_scale and g == 0:
+        plus = np.int64(T_packed[r, 2 * g])
+        minus = np.int64(T_packed[r, 2 * g + 1])
+        new_plus = 0
+        new_minus = 0
+        for b in range(min(32, cols - 32 * g)):
+            j = 32 * g + b
+            t = ((plus >> b) & 1) - ((minus >> b) & 1)
+            t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
+                                         np.int64(grad_q_rows[k, j]), flip_threshold,
+                                         -1, 1, flip_decay_shift)
+            T_accum[r, j] = a
+            if t_new != t:
+                flips += 1
+            if t_new > 0:
+                new_plus |= 1 << b
+            elif t_new < 0:
+                new_minus |= 1 << b
+        T_packed[r, 2 * g] = new_plus
+        T_packed[r, 2 * g + 1] = new_minus
+        if g == 0:
             e = np.int64(E[r])
             e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q_rows[k]),
                                          scale_threshold, E_MIN, E_MAX, scale_decay_shift)
@@ -607,12 +596,6 @@ def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows
             cuda.atomic.add(counts, 0, block_counts[0])
         if block_counts[1] != 0:
             cuda.atomic.add(counts, 1, block_counts[1])
-
-
-def _check_rows(op, rows, limit, check):
-    _check_indices(op, "rows", rows, limit, check)
-    if check:
-        _check_strictly_increasing(op, "rows", rows)
 
 
 def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows, *,
@@ -637,78 +620,38 @@ def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad
     R, cols = _check_trit_table(op, T_packed, T_accum)
     _check_array(op, "E", E, np.int8, shape=(R,), writeable=True)
     _check_array(op, "E_accum", E_accum, np.int8, shape=(R,), writeable=True)
-    u = _check_grad_rows(op, rows, grad_q_rows, cols)
+    _check_indices(op, "rows", rows, 0, check=False)
+    u = rows.shape[0]
+    _check_array(op, "grad_q_rows", grad_q_rows, np.int8, shape=(u, cols))
     _check_array(op, "grad_E_q_rows", grad_E_q_rows, np.int8, shape=(u,))
-    hyper = _check_hyper(op, flip_threshold, flip_decay_shift, scale_threshold,
-                         scale_decay_shift)
-    _check_counts(op, counts)
+    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
+    flip_decay_shift = _check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)
+    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
+    scale_decay_shift = _check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)
+    if counts is not None:
+        _check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
     _check_distinct(op, T_packed=T_packed, T_accum=T_accum, E=E, E_accum=E_accum,
                     counts=counts)
-    _check_rows(op, rows, R, check)
-    counts = xp_of(T_accum).zeros(2, dtype=np.int64) if counts is None else counts
-    _launch_sparse(dev, (T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows,
-                         np.int64(cols), *hyper, counts), u, cols)
+    _check_indices(op, "rows", rows, R, check)
+    if check:
+        _check_strictly_increasing(op, "rows", rows)
+    if counts is None:
+        counts = xp_of(T_accum).zeros(2, dtype=np.int64)
+    if u == 0:
+        return counts
+    args = (T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows, np.int64(cols),
+            np.int64(flip_threshold), np.int64(flip_decay_shift), np.int64(scale_threshold),
+            np.int64(scale_decay_shift), counts)
+    if dev == "cpu":
+        _sparse_ternary_update_cpu(*args)
+    else:
+        tasks = u * -(-cols // 32)
+        launch(_sparse_ternary_update_cuda, _blocks(tasks, _THREADS), _THREADS, *args)
     return counts
 
 
 sparse_ternary_update.__doc__ = sparse_ternary_update.__doc__.replace(
     "{rule}", _SPARSE_RULE_DOC.strip("\n"))
-
-
-def sparse_trit_flip_update(T_packed, T_accum, rows, grad_q_rows, cols, flip_threshold,
-                            decay_shift, *, counts=None, check=True):
-    """The trit half of `sparse_ternary_update` (same kernel, one launch); see there.
-
-    Returns counts int64 (2,): counts[0] += trits changed.
-    """
-    op = "sparse_trit_flip_update"
-    dev = target(T_packed, T_accum, rows, grad_q_rows, counts, op=op)
-    R, table_cols = _check_trit_table(op, T_packed, T_accum)
-    cols = _check_int(op, "cols", cols, 1, 1 << 30)
-    if cols != table_cols:
-        raise ValueError(f"{op}: cols = {cols}, but T_accum has shape {tuple(T_accum.shape)}")
-    u = _check_grad_rows(op, rows, grad_q_rows, cols)
-    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
-    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
-    _check_counts(op, counts)
-    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, counts=counts)
-    _check_rows(op, rows, R, check)
-    xp = xp_of(T_accum)
-    counts = xp.zeros(2, dtype=np.int64) if counts is None else counts
-    no_scale = xp.zeros(0, dtype=np.int8)  # length != u switches the exponent part off
-    _launch_sparse(dev, (T_packed, T_accum, no_scale, no_scale, rows, grad_q_rows, no_scale,
-                         np.int64(cols), np.int64(flip_threshold), np.int64(decay_shift),
-                         np.int64(1), np.int64(0), counts), u, cols)
-    return counts
-
-
-def sparse_scale_step_update(E, E_accum, rows, grad_E_q_rows, scale_threshold, decay_shift, *,
-                             counts=None, check=True):
-    """The exponent half of `sparse_ternary_update` (same kernel, one launch); see there.
-
-    Returns counts int64 (2,): counts[1] += exponents changed.
-    """
-    op = "sparse_scale_step_update"
-    dev = target(E, E_accum, rows, grad_E_q_rows, counts, op=op)
-    _check_array(op, "E", E, np.int8, ndim=1, writeable=True)
-    R = E.shape[0]
-    _check_array(op, "E_accum", E_accum, np.int8, shape=(R,), writeable=True)
-    _check_indices(op, "rows", rows, R, check=False)
-    u = rows.shape[0]
-    _check_array(op, "grad_E_q_rows", grad_E_q_rows, np.int8, shape=(u,))
-    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
-    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
-    _check_counts(op, counts)
-    _check_distinct(op, E=E, E_accum=E_accum, counts=counts)
-    _check_rows(op, rows, R, check)
-    xp = xp_of(E)
-    counts = xp.zeros(2, dtype=np.int64) if counts is None else counts
-    no_T = xp.zeros((0, 0), dtype=np.uint32)  # a (0, 0) grad_q_rows switches the trits off
-    no_accum = xp.zeros((0, 0), dtype=np.int8)
-    _launch_sparse(dev, (no_T, no_accum, E, E_accum, rows, no_accum, grad_E_q_rows,
-                         np.int64(1), np.int64(1), np.int64(0), np.int64(scale_threshold),
-                         np.int64(decay_shift), counts), u, 1)
-    return counts
 
 
 def _check_trit_table(op, T_packed, T_accum):
@@ -723,35 +666,6 @@ def _check_trit_table(op, T_packed, T_accum):
                          f"{(R, 2 * -(-cols // 32))} to match T_accum's {R} rows and {cols} "
                          "columns (bitplane32: a plus and a minus word per 32 columns)")
     return R, cols
-
-
-def _check_grad_rows(op, rows, grad_q_rows, cols):
-    _check_indices(op, "rows", rows, 0, check=False)
-    u = rows.shape[0]
-    _check_array(op, "grad_q_rows", grad_q_rows, np.int8, shape=(u, cols))
-    return u
-
-
-def _check_hyper(op, flip_threshold, flip_decay_shift, scale_threshold, scale_decay_shift):
-    return (np.int64(_check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)),
-            np.int64(_check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)),
-            np.int64(_check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)),
-            np.int64(_check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)))
-
-
-def _check_counts(op, counts):
-    if counts is not None:
-        _check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
-
-
-def _launch_sparse(dev, args, u, cols):
-    if u == 0:
-        return
-    if dev == "cpu":
-        _sparse_ternary_update_cpu(*args)
-    else:
-        tasks = u * -(-cols // 32)
-        launch(_sparse_ternary_update_cuda, _blocks(tasks, _THREADS), _THREADS, *args)
 
 
 def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_rows,

@@ -42,8 +42,6 @@ __all__ = [
     "row_trit_dot_reference",
     "ternary_update",
     "ternary_update_reference",
-    "trit_flip_update",
-    "scale_step_update",
     "ACCUM_MAX",
     "E_MIN",
     "E_MAX",
@@ -69,7 +67,6 @@ _QUANT_THREADS = 256
 _DOT_THREADS = 128          # power of two: tree reduction in shared memory
 _UPDATE_THREADS = 256       # 8 warps; each warp owns one 32-trit group per iteration
 _UPDATE_WARPS = _UPDATE_THREADS // 32
-_SCALE_THREADS = 128
 _MAX_BLOCKS = 4096
 
 
@@ -195,11 +192,6 @@ def _check_distinct(op, **arrays):
             if a0 < b1 and b0 < a1:
                 raise ValueError(f"{op}: {name_a} and {name_b} share memory; the kernel updates "
                                  "them in place and needs separate arrays")
-
-
-def _check_counter(op, name, counter, length):
-    if counter is not None:
-        _check_array(op, name, counter, np.int64, shape=(length,), writeable=True)
 
 
 def _blocks(work_items, per_block):
@@ -439,8 +431,7 @@ def row_trit_dot_reference(G, T_packed, cols):
 
 @numba.njit(parallel=True, cache=True)
 def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
-                        flip_decay_shift, with_scale, scale_threshold, scale_decay_shift,
-                        zero_grad, counts):
+                        flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad, counts):
     rows = T_accum.shape[0]
     flips = 0
     steps = 0
@@ -466,25 +457,22 @@ def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, f
                     new_minus |= 1 << b
             T_packed[r, 2 * g] = new_plus
             T_packed[r, 2 * g + 1] = new_minus
-        if with_scale:
-            e = np.int64(E[r])
-            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
-                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
-            E[r] = e_new
-            E_accum[r] = a
-            if zero_grad:
-                grad_E_q[r] = 0
-            if e_new != e:
-                steps += 1
+        e = np.int64(E[r])
+        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
+                                     scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+        E[r] = e_new
+        E_accum[r] = a
+        if zero_grad:
+            grad_E_q[r] = 0
+        if e_new != e:
+            steps += 1
     counts[0] += flips
-    if with_scale:  # trit-only calls may pass a 1-element counter
-        counts[1] += steps
+    counts[1] += steps
 
 
 @cuda.jit(cache=True)
 def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
-                         flip_decay_shift, with_scale, scale_threshold, scale_decay_shift,
-                         zero_grad, counts):
+                         flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad, counts):
     # A warp per 32-trit group, a lane per trit: loads and stores of the int8 state are
     # coalesced, each mask word pair is read once (a broadcast) and written once by lane 0.
     # The lanes' new bits meet in shared memory (atomic OR) because the simulator that CI
@@ -530,7 +518,7 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
                 cuda.atomic.or_(new_plus, warp, np.uint32(1 << lane))
             elif t_new < 0:
                 cuda.atomic.or_(new_minus, warp, np.uint32(1 << lane))
-        if with_scale and task < tasks and g == 0 and lane == 0:
+        if task < tasks and g == 0 and lane == 0:
             e = np.int64(E[r])
             e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
                                          scale_threshold, E_MIN, E_MAX, scale_decay_shift)
@@ -573,27 +561,13 @@ def _check_trit_state(op, T_packed, T_accum, grad_q, cols):
     return rows, cols
 
 
-def _check_scale_state(op, E, E_accum, grad_E_q, rows=None):
+def _check_scale_state(op, E, E_accum, grad_E_q, rows):
     _check_array(op, "E", E, np.int8, ndim=1, writeable=True)
-    if rows is not None and E.shape[0] != rows:
+    if E.shape[0] != rows:
         raise ValueError(f"{op}: E has shape {tuple(E.shape)}, expected ({rows},): one exponent "
                          "per row of T_accum")
-    rows = E.shape[0]
     _check_array(op, "E_accum", E_accum, np.int8, shape=(rows,), writeable=True)
     _check_array(op, "grad_E_q", grad_E_q, np.int8, shape=(rows,), writeable=True)
-    return rows
-
-
-def _new_counter(xp, counter, length):
-    return xp.zeros(length, dtype=np.int64) if counter is None else counter
-
-
-def _launch_ternary_update(dev, rows, cols, args):
-    if dev == "cpu":
-        _ternary_update_cpu(*args)
-    else:
-        tasks = rows * -(-cols // 32)
-        launch(_ternary_update_cuda, _blocks(tasks, _UPDATE_WARPS), _UPDATE_THREADS, *args)
 
 
 def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, flip_threshold,
@@ -636,111 +610,23 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
     scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
     flip_decay_shift = _check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)
     scale_decay_shift = _check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)
-    _check_counter(op, "counts", counts, 2)
+    if counts is not None:
+        _check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
     _check_distinct(op, T_packed=T_packed, T_accum=T_accum, grad_q=grad_q, E=E,
                     E_accum=E_accum, grad_E_q=grad_E_q, counts=counts)
-    counts = _new_counter(xp_of(T_accum), counts, 2)
-    if rows:
-        _launch_ternary_update(dev, rows, cols, (
-            T_packed, T_accum, grad_q, E, E_accum, grad_E_q, np.int64(cols),
-            np.int64(flip_threshold), np.int64(flip_decay_shift), True,
-            np.int64(scale_threshold), np.int64(scale_decay_shift), bool(zero_grad), counts))
+    if counts is None:
+        counts = xp_of(T_accum).zeros(2, dtype=np.int64)
+    if rows == 0:
+        return counts
+    args = (T_packed, T_accum, grad_q, E, E_accum, grad_E_q, np.int64(cols),
+            np.int64(flip_threshold), np.int64(flip_decay_shift), np.int64(scale_threshold),
+            np.int64(scale_decay_shift), np.int64(bool(zero_grad)), counts)
+    if dev == "cpu":
+        _ternary_update_cpu(*args)
+    else:
+        tasks = rows * -(-cols // 32)
+        launch(_ternary_update_cuda, _blocks(tasks, _UPDATE_WARPS), _UPDATE_THREADS, *args)
     return counts
-
-
-def trit_flip_update(T_packed, T_accum, grad_q, cols, flip_threshold, decay_shift, *,
-                     zero_grad=True, flips=None):
-    """The trit half of `ternary_update` alone (same rule, same kernel, one launch), with
-    `decay_shift` as flip_decay_shift.
-
-    Returns `flips`, int64 (1,) on the arrays' device: flips[0] += trits changed (allocated
-    as zeros when None). The wrapper never syncs.
-    """
-    op = "trit_flip_update"
-    dev = target(T_packed, T_accum, grad_q, flips, op=op)
-    rows, cols = _check_trit_state(op, T_packed, T_accum, grad_q, cols)
-    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
-    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
-    _check_counter(op, "flips", flips, 1)
-    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, grad_q=grad_q, flips=flips)
-    xp = xp_of(T_accum)
-    flips = _new_counter(xp, flips, 1)
-    if rows:
-        # with_scale=False: the kernel never touches the exponent arrays (nor flips[1]), so
-        # one 1-element placeholder stands in for all three (a single kernel specialisation).
-        unused = xp.empty(1, dtype=np.int8)
-        _launch_ternary_update(dev, rows, cols, (
-            T_packed, T_accum, grad_q, unused, unused, unused, np.int64(cols),
-            np.int64(flip_threshold), np.int64(decay_shift), False, np.int64(1), np.int64(0),
-            bool(zero_grad), flips))
-    return flips
-
-
-@numba.njit(parallel=True, cache=True)
-def _scale_step_cpu(E, E_accum, grad_E_q, scale_threshold, decay_shift, zero_grad, steps_out):
-    steps = 0
-    for r in numba.prange(E.shape[0]):
-        e = np.int64(E[r])
-        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
-                                     scale_threshold, E_MIN, E_MAX, decay_shift)
-        E[r] = e_new
-        E_accum[r] = a
-        if zero_grad:
-            grad_E_q[r] = 0
-        if e_new != e:
-            steps += 1
-    steps_out[0] += steps
-
-
-@cuda.jit(cache=True)
-def _scale_step_cuda(E, E_accum, grad_E_q, scale_threshold, decay_shift, zero_grad, steps_out):
-    block_steps = cuda.shared.array(1, numba.int64)
-    if cuda.threadIdx.x == 0:
-        block_steps[0] = 0
-    cuda.syncthreads()
-    steps = 0
-    for r in range(cuda.grid(1), E.shape[0], cuda.gridsize(1)):
-        e = np.int64(E[r])
-        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
-                                     scale_threshold, E_MIN, E_MAX, decay_shift)
-        E[r] = e_new
-        E_accum[r] = a
-        if zero_grad:
-            grad_E_q[r] = 0
-        if e_new != e:
-            steps += 1
-    if steps != 0:
-        cuda.atomic.add(block_steps, 0, steps)
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0 and block_steps[0] != 0:
-        cuda.atomic.add(steps_out, 0, block_steps[0])
-
-
-def scale_step_update(E, E_accum, grad_E_q, scale_threshold, decay_shift, *, zero_grad=True,
-                      steps=None):
-    """The exponent half of `ternary_update` alone, for int8 E, E_accum, grad_E_q (rows,),
-    with `decay_shift` as scale_decay_shift.
-
-    Its own (small) kernel; a TernaryLinear step uses `ternary_update`, which does both halves
-    in one launch. Returns `steps`, int64 (1,): steps[0] += exponents changed (allocated as
-    zeros when None). The wrapper never syncs.
-    """
-    op = "scale_step_update"
-    dev = target(E, E_accum, grad_E_q, steps, op=op)
-    rows = _check_scale_state(op, E, E_accum, grad_E_q)
-    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
-    decay_shift = _check_int(op, "decay_shift", decay_shift, 0, 7)
-    _check_counter(op, "steps", steps, 1)
-    _check_distinct(op, E=E, E_accum=E_accum, grad_E_q=grad_E_q, steps=steps)
-    steps = _new_counter(xp_of(E), steps, 1)
-    if rows:
-        args = (E, E_accum, grad_E_q, np.int64(scale_threshold), np.int64(decay_shift),
-                bool(zero_grad), steps)
-        if dev == "cpu":
-            _scale_step_cpu(*args)
-        else:
-            launch(_scale_step_cuda, _blocks(rows, _SCALE_THREADS), _SCALE_THREADS, *args)
-    return steps
 
 
 def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift):
@@ -760,7 +646,7 @@ def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift)
 def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, grad_E_q=None, *,
                              flip_threshold, flip_decay_shift, scale_threshold=1,
                              scale_decay_shift=0):
-    """NumPy truth for `ternary_update` (and, with E None, `trit_flip_update`).
+    """NumPy truth for `ternary_update` (with E None: the trits alone).
 
     Returns (T_packed, T_accum, E, E_accum, counts) as new arrays (E, E_accum None when E is
     None); the gradients are consumed (a zeroing kernel leaves them zero).

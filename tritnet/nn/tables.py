@@ -99,9 +99,6 @@ class TernaryEmbeddingTable(TernaryModule):
         out = RowGather.apply(table=self, indices=flat)
         return out.reshape(*shape, self.dim)
 
-    def packed_trits(self) -> dict:
-        return {"T_packed": self.dim}
-
     def trits(self, rows=None):
         """T (or the listed rows of T) as int8: a decoded copy for inspection and tests."""
         packed = self.T_packed if rows is None else self.T_packed[rows]
@@ -124,9 +121,6 @@ class TernaryEmbeddingTable(TernaryModule):
         grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1), None)
         self.pending.append((rows, grad_q, grad_E_q))
         self.grad_uses += 1
-
-    def has_grad(self) -> bool:
-        return bool(self.pending)
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
         counts = None

@@ -117,9 +117,9 @@ class TernaryModule(Module):
 
     A subclass holds one ternary matrix made by `_init_ternary_state` — buffers T_packed
     (uint32 bitplanes), E, T_accum, E_accum — and implements `apply_update(flip_threshold,
-    scale_threshold, decay_shift)`, `has_grad()` and `zero_grad()`. The optimiser sets
-    `grad_rms_units`, `grad_seed` and `grad_step`; `grad_uses` counts backward contributions
-    within a step so that every quantisation draws fresh random bits.
+    scale_threshold, decay_shift)` and `zero_grad()`. The optimiser sets `grad_rms_units`,
+    `grad_seed` and `grad_step`; `grad_uses` counts backward contributions within a step so
+    that every quantisation draws fresh random bits.
     """
 
     def __init__(self):
@@ -151,7 +151,8 @@ class TernaryModule(Module):
         return rows * cols
 
     def packed_trits(self) -> dict:
-        """{buffer name: column count} of the packed-trit buffers (checkpoints need cols)."""
+        """{buffer name: cols} of each bitplane32 trit buffer. Checkpoints store these as
+        base3-5 (1.6 bits per trit) and check every trit code when loading."""
         return {"T_packed": self.trit_shape[1]}
 
     def next_grad_seed(self, which: int) -> int:
@@ -159,14 +160,6 @@ class TernaryModule(Module):
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
         raise NotImplementedError
-
-    def has_grad(self) -> bool:
-        raise NotImplementedError
-
-    def packed_trits(self) -> dict:
-        """{buffer name: cols} for each bitplane32 trit buffer of this module. Checkpoints store
-        these as base3-5 (1.6 bits per trit) and check every trit code when loading."""
-        return {}
 
 
 class TernaryLinear(TernaryModule):
@@ -200,9 +193,6 @@ class TernaryLinear(TernaryModule):
     def forward(self, x):
         return TernaryMatmul.apply(x, layer=self)
 
-    def packed_trits(self) -> dict:
-        return {"T_packed": self.in_features}
-
     def trits(self):
         """T as int8 (out, in): a decoded copy for inspection and tests."""
         return kpacking.unpack_trits(self.T_packed, self.in_features)
@@ -227,9 +217,6 @@ class TernaryLinear(TernaryModule):
         self.grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1),
                                           self.grad_E_q)
         self.grad_uses += 1
-
-    def has_grad(self) -> bool:
-        return self.grad_q is not None
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
         """Consume grad_q / grad_E_q: accumulate, flip trits and step E across thresholds."""
