@@ -1,5 +1,6 @@
 """Fixtures shared by the test files (add yours below; do not remove others')."""
 
+import numba
 import pytest
 
 from tritnet import backend
@@ -9,10 +10,26 @@ from tritnet import backend
 def device(request):
     """Each test that takes `device` runs on NumPy ("cpu") and, marked `cuda`, on CuPy.
 
-    `pytest -m cuda` runs only the CuPy variants; they skip on a machine without a usable GPU.
+    `pytest -m cuda` runs only the CuPy variants; they skip on a machine without a usable GPU
+    (pytest_runtest_setup below).
     """
-    if request.param == "cuda":
+    return request.param
+
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+
+
+def pytest_runtest_setup(item):
+    """Marker rules for every test: `cudasim` tests run only in the simulator pass (they need
+    NUMBA_ENABLE_CUDASIM=1 before numba is imported; tests/test_cudasim.py starts that pass),
+    and nothing else runs there (the public wrappers would send it through the slow
+    simulator); `cuda` tests need a usable GPU."""
+    is_sim_test = item.get_closest_marker("cudasim") is not None
+    if is_sim_test and not SIM:
+        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported")
+    if SIM and not is_sim_test:
+        pytest.skip("CPU test: run without NUMBA_ENABLE_CUDASIM")
+    if item.get_closest_marker("cuda") is not None:
         usable, why = backend.gpu_usable()
         if not usable:
             pytest.skip(f"no usable GPU: {why}")
-    return request.param

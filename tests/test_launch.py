@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 from numba import cuda
 
+from tritnet import backend
 from tritnet_kernels import _launch
 
-try:
-    import cupy
-
-    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0 and bool(cupy.zeros(1).sum().item() == 0)
-except Exception:  # pragma: no cover
-    cupy = None
-    HAVE_GPU = False
+cupy = backend.cupy
+HAVE_GPU = backend.gpu_usable()[0]
 
 pytestmark = pytest.mark.cuda
 

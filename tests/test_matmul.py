@@ -9,30 +9,17 @@ import numba
 import numpy as np
 import pytest
 
+from tritnet import backend
 from tritnet_kernels import matmul as MM
 from tritnet_kernels import packing as P
 from tritnet_kernels._launch import launch
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 
-try:
-    import cupy
-
-    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0 and bool(cupy.zeros(1).sum().item() == 0)
-except Exception:  # pragma: no cover - no CuPy, no driver, or an unusable device
-    cupy = None
-    HAVE_GPU = False
+cupy = backend.cupy
+HAVE_GPU = backend.gpu_usable()[0]
 
 
-@pytest.fixture(autouse=True)
-def _device_for_marker(request):
-    is_sim = request.node.get_closest_marker("cudasim") is not None
-    if is_sim and not SIM:
-        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported")
-    if SIM and not is_sim:
-        pytest.skip("CPU test: run without NUMBA_ENABLE_CUDASIM")
-    if request.node.get_closest_marker("cuda") is not None and not HAVE_GPU:
-        pytest.skip("no usable GPU (CuPy)")
 
 
 def problem(seed, M, N, K, dtype=np.float32):

@@ -15,31 +15,16 @@ import numba
 import numpy as np
 import pytest
 
+from tritnet import backend
 from tritnet_kernels import tables as tb
 from tritnet_kernels import update as U
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 
-try:
-    import cupy
-
-    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0 and bool(cupy.zeros(1).sum().item() == 0)
-except Exception:  # pragma: no cover - no CuPy, no driver, or an unusable device
-    cupy = None
-    HAVE_GPU = False
+cupy = backend.cupy
+HAVE_GPU = backend.gpu_usable()[0]
 
 
-@pytest.fixture(autouse=True)
-def _device_for_marker(request):
-    # Under NUMBA_ENABLE_CUDASIM=1 the wrappers run the CUDA kernels in the (slow) simulator;
-    # only the tiny-shape cudasim tests are meant for that.
-    is_sim_test = request.node.get_closest_marker("cudasim") is not None
-    if is_sim_test and not SIM:
-        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported")
-    if SIM and not is_sim_test:
-        pytest.skip("CPU test: run without NUMBA_ENABLE_CUDASIM")
-    if request.node.get_closest_marker("cuda") is not None and not HAVE_GPU:
-        pytest.skip("needs CuPy and a CUDA GPU")
 
 
 # --- independent bitplane32 helpers (the layout of notes/common.md, written out again) ---
