@@ -3,7 +3,6 @@ packed by hand) must give exactly what Numba's own dispatch gives, for every arg
 the kernels use: arrays of 1-3 dimensions and several dtypes, contiguous or strided, and
 scalars of each width."""
 
-import numba
 import numpy as np
 import pytest
 from numba import cuda
@@ -12,15 +11,8 @@ from tritnet import backend
 from tritnet_kernels import _launch
 
 cupy = backend.cupy
-HAVE_GPU = backend.gpu_usable()[0]
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture(autouse=True)
-def _needs_gpu():
-    if numba.config.ENABLE_CUDASIM or not HAVE_GPU:
-        pytest.skip("needs a usable GPU (CuPy), without the simulator")
 
 
 @cuda.jit
