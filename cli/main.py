@@ -1,13 +1,29 @@
-"""`tritnet`: the click application behind the console script."""
+"""`tritnet`: the click application behind the console script.
+
+Commands parse options and call the library (tritnet.train, tritnet.sample, ...). A user error
+(bad data, a bad checkpoint, an invalid config value, no GPU, a refused run folder, a NaN loss)
+prints one line, `tritnet: error: ...`, on stderr and exits 1, without a traceback unless
+--debug; click's own usage errors exit 2; Ctrl-C exits 130.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
+import warnings
 
-import click
+# One OpenBLAS thread unless the user says otherwise; it must be set before NumPy loads.
+# NumPy's BLAS only runs attention's small batched matmuls here (the ternary products are
+# Numba kernels), and with two OpenBLAS threads on a two-core machine that is busy with
+# anything else, their spin-waiting made a tiny-preset step 10-20x slower (measured: 8 s
+# instead of 0.5 s under a concurrent pytest); alone, one thread is as fast as two.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import tritnet
+import click  # noqa: E402
+
+import tritnet  # noqa: E402
 
 
 class DeviceChoice(click.Choice):
@@ -19,6 +35,41 @@ class DeviceChoice(click.Choice):
 @click.version_option(tritnet.__version__, prog_name="tritnet")
 def main():
     """tritnet: train true-ternary neural networks (packed trits, integer state, no float weights)."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"tritnet: warning: {message}\n"
+
+
+def _user_errors():
+    from tritnet.backend import DeviceError
+    from tritnet.checkpoint import CheckpointError
+    from tritnet.config import ConfigError
+    from tritnet.data import DataError
+    from tritnet.train import TrainError
+    return (ConfigError, DataError, CheckpointError, DeviceError, TrainError)
+
+
+def _fail(message: str, code: int = 1):
+    click.echo("tritnet: error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
+def user_errors_are_one_line(command):
+    """Add --debug, and turn the library's user errors into one stderr line and exit 1."""
+
+    @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+    @functools.wraps(command)
+    def wrapper(*args, debug=False, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("tritnet: interrupted", err=True)
+            sys.exit(130)
+        except _user_errors() as e:
+            if debug:
+                raise
+            _fail(e)
+    return wrapper
 
 
 @main.command()
@@ -62,6 +113,131 @@ def trace(preset_name, config_path, as_json):
                                "state_bytes": report.state_bytes, "seconds": report.seconds}))
     else:
         click.echo(report.format())
+
+
+@main.command()
+@click.option("--preset", "preset_name", help="Preset: tiny (default), small or default.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="A JSON or TOML config file (over the preset; flags override it).")
+@click.option("--data", "data_path", type=click.Path(),
+              help="A text file, a folder of text files, or a .bin of tokens "
+                   "(default: the Python standard library's source files).")
+@click.option("--dtype", type=click.Choice(["uint8", "uint16"]), help="Token dtype of a .bin.")
+@click.option("--steps", type=int, help="Training steps.")
+@click.option("--tokens", type=int, help="Train on this many tokens instead: "
+              "steps = ceil(tokens / (batch size x seq len)).")
+@click.option("--batch-size", type=int, help="Sequences per step.")
+@click.option("--seq-len", type=int, help="Tokens per sequence.")
+@click.option("--flip-threshold", type=int, help="TritFlip: accumulated int8 units that flip a "
+              "trit (1..127; larger = slower learning).")
+@click.option("--scale-threshold", type=int, help="TritFlip: the same for the row scales.")
+@click.option("--decay-shift", type=int, help="TritFlip: accumulator leak, 0 = off (0..7).")
+@click.option("--grad-rms-units", type=int, help="TritFlip: int8 units of a one-RMS gradient.")
+@click.option("--eval-every", type=int, help="Steps between held-out evaluations (0: at the end).")
+@click.option("--save-every", type=int, help="Steps between checkpoints (0: at the end only).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Run folder (default: runs/<preset>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its ckpt.h5.")
+@click.option("--overwrite", is_flag=True, help="Start over in --out; the earlier run's files "
+              "move to previous-<time>/ inside it.")
+@click.option("--seed", type=int, help="Seed of the initial trits, the data order and the "
+              "optimiser's rounding.")
+@click.option("--device", type=DeviceChoice(), default=None,
+              help="auto (default: the GPU if usable, else the CPU), cpu or cuda.")
+@user_errors_are_one_line
+def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size, seq_len,
+          flip_threshold, scale_threshold, decay_shift, grad_rms_units, eval_every, save_every,
+          out_dir, resume, overwrite, seed, device):
+    """Train a model; with no options, the tiny preset on the default corpus.
+
+    The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
+    """
+    from tritnet.config import Config, load_config, preset
+    from tritnet.train import train as run_train
+    if steps is not None and tokens is not None:
+        raise click.UsageError("give --steps or --tokens, not both")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a run and --overwrite starts a new one: "
+                               "give one of them")
+    out_dir = out_dir or os.path.join("runs", preset_name or "tiny")
+    run_config = os.path.join(out_dir, "config.json")
+    if resume and not preset_name and not config_path and os.path.exists(run_config):
+        config = load_config(run_config, base=Config())   # continue the run as it was set up
+    else:
+        config = preset(preset_name or "tiny")
+        if config_path:
+            config = load_config(config_path, base=config)
+    config = config.override(steps=steps, batch_size=batch_size, seq_len=seq_len,
+                             flip_threshold=flip_threshold, scale_threshold=scale_threshold,
+                             decay_shift=decay_shift, grad_rms_units=grad_rms_units,
+                             eval_every=eval_every, save_every=save_every, seed=seed)
+    run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
+              overwrite=overwrite, device=device, tokens=tokens,
+              log=lambda line: click.echo(line))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@user_errors_are_one_line
+def inspect(checkpoint, as_json):
+    """Show what a checkpoint holds: module tree, shapes, dtypes, trits, bytes, config, step."""
+    from tritnet.checkpoint import inspect_checkpoint, render_inspection
+    info = inspect_checkpoint(checkpoint)
+    click.echo(json.dumps(info) if as_json else render_inspection(info))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prompt", default="", help="Text to continue (UTF-8 bytes; default: a newline).")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
+              help="Softmax temperature; 0 picks the most likely token.")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Sample among the k most likely tokens (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--device", type=DeviceChoice(), default=None, help="auto, cpu or cuda.")
+@user_errors_are_one_line
+def sample(checkpoint, prompt, n_tokens, temperature, top_k, seed, device):
+    """Generate text from a checkpoint's model (eval mode, no gradients)."""
+    from tritnet.sample import load_model, sample as run_sample
+    model, config = load_model(checkpoint, device=device)
+    prompt_tokens = prompt.encode("utf-8")
+    out = run_sample(model, prompt_tokens, n_tokens, temperature=temperature, top_k=top_k,
+                     seed=seed)
+    if config.vocab_size <= 256:   # byte tokens
+        click.echo(prompt + bytes(out).decode("utf-8", errors="replace"))
+    else:
+        click.echo(" ".join(str(t) for t in out))
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", "data_path", type=click.Path(),
+              help="Data whose held-out split to score (default: the default corpus).")
+@click.option("--dtype", type=click.Choice(["uint8", "uint16"]), help="Token dtype of a .bin.")
+@click.option("--batches", type=click.IntRange(min=0), default=None,
+              help="Held-out batches to score (default: the config's eval_batches; 0: all).")
+@click.option("--device", type=DeviceChoice(), default=None, help="auto, cpu or cuda.")
+@user_errors_are_one_line
+def evaluate(checkpoint, data_path, dtype, batches, device):
+    """Held-out bits per byte of a checkpoint's model, beside the bigram baseline."""
+    from tritnet import data as tdata
+    from tritnet.sample import load_model
+    from tritnet.train import evaluate as run_evaluate
+    model, config = load_model(checkpoint, device=device)
+    corpus = tdata.load_corpus(data_path, dtype=dtype)
+    corpus.check_seq_len(config.seq_len)
+    limit = config.eval_batches if batches is None else (batches or None)
+    windows = list(tdata.eval_batches(corpus.val, config.batch_size, config.seq_len, limit))
+    per_byte = corpus.tokens_per_byte or 1.0
+    unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
+    val = tdata.bits_per_byte(run_evaluate(model, windows), per_byte)
+    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size, per_byte)
+    n = sum(x.size for x, _ in windows)
+    click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source} | "
+               f"bigram baseline {bigram:.4f} {unit}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -502,6 +502,21 @@ def _read_dataset(path, key, ds, cols, valid_range):
     return out
 
 
+def read_header(path) -> dict:
+    """The validated root attributes (format, versions, config, train_state, metrics) without
+    reading any dataset: what a caller needs to build the model before load_checkpoint."""
+    path = os.fspath(path)
+    _check_file(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return _read_header(path, f)
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: "
+                              f"{e}); use an earlier checkpoint") from None
+
+
 def load_checkpoint(path, model=None, optimizer=None, *, restore_rng: bool = False) -> Checkpoint:
     """Read and validate a checkpoint; then, if given, load it into `model` and `optimizer`.
 

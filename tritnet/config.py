@@ -142,10 +142,13 @@ _RANGES = {
     "eval_batches": (1, 1 << 20), "save_every": (0, 1 << 40), "seed": (0, 2**63 - 1),
 }
 
-# Presets: named overrides of the defaults above (which are the `tiny` preset).
+# Presets: named overrides of the defaults above (the `tiny` model).
 PRESETS = {
-    # trains on a two-core CPU: `tritnet train` with no options
-    "tiny": {},
+    # trains on a two-core CPU: `tritnet train` with no options, ~5 minutes, ending near
+    # 3.1 held-out bpb against the bigram's 3.47 on the default corpus. Measured on two cores:
+    # at 2048 tokens a step, 64 x 32 learned faster than 32 x 64 and 16 x 128 (16 x 128 stayed
+    # near the bigram for 400 steps); a step is ~0.55 s, half of it the VQ search.
+    "tiny": dict(batch_size=64, seq_len=32, steps=500, eval_every=100, save_every=100),
     # 25–30M logical trits: the comparison preset
     "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,

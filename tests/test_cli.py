@@ -1,0 +1,363 @@
+"""`tritnet train / inspect / sample / eval`, and every bad input and fault of the training
+product: one clear line on stderr, a non-zero exit, no traceback, no checkpoint lost."""
+
+import builtins
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from tritnet import backend
+from tritnet import data as tdata
+from tritnet.checkpoint import load_checkpoint
+from tritnet.models import CodeMemoryLM
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
+             top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
+             graph_slots=4, batch_size=2, seq_len=16, steps=4, eval_every=2, eval_batches=2,
+             save_every=2)
+TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + 1\n" for i in range(400))
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch):
+    monkeypatch.setenv("TRITNET_DEVICE", "cpu")
+    backend.set_device("cpu")
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A small config file and a text file to train on."""
+    (tmp_path / "small.json").write_text(json.dumps(SMALL))
+    (tmp_path / "code.txt").write_text(TEXT)
+    return tmp_path
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def train_args(files, out, *extra):
+    return ["train", "--config", files / "small.json", "--data", files / "code.txt", "--out",
+            out, *extra]
+
+
+@pytest.fixture
+def run(files):
+    """A finished small run: its folder holds config.json, metrics.jsonl and ckpt.h5."""
+    res = cli(*train_args(files, files / "run"))
+    assert res.exit_code == 0, res.output
+    return files / "run"
+
+
+def checkpoints(root):
+    """sha256 of every .h5 under root: what no failing command may change or remove."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(".h5"):
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as fh:
+                    out[path] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def fails(root, args, match, code=1):
+    """The command exits `code` with exactly one stderr line `tritnet: error: ...` matching
+    `match`, no traceback, and every checkpoint that was under root still there, unchanged."""
+    before = checkpoints(root)
+    res = cli(*args)
+    assert res.exit_code == code, res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("tritnet: error: "), lines[0]
+    assert re.search(match, lines[0]), lines[0]
+    assert "Traceback" not in res.output
+    after = checkpoints(root)
+    assert {k: after.get(k) for k in before} == before   # new ones may appear (a NaN's save)
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The commands.
+
+
+def test_train_writes_the_run_folder_and_prints_the_baseline(run):
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.h5", "config.json", "metrics.jsonl"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and "val_bpb" in rows[-1] and "bigram_bpb" in rows[-1]
+    assert json.loads((run / "config.json").read_text())["d_model"] == 32
+    assert load_checkpoint(run / "ckpt.h5").step == 4
+
+
+def test_train_output(files):
+    res = cli(*train_args(files, files / "r", "--steps", "2", "--seed", "3"))
+    assert res.exit_code == 0, res.output
+    assert "bigram baseline: " in res.stdout
+    assert "held-out" in res.stdout and "done: step 2" in res.stdout
+    assert res.stderr == ""
+    assert json.loads((files / "r" / "config.json").read_text())["seed"] == 3
+
+
+def test_resume_through_the_cli_is_exact(files):
+    straight, split = files / "straight", files / "split"
+    assert cli(*train_args(files, straight, "--steps", 4)).exit_code == 0
+    assert cli(*train_args(files, split, "--steps", 2)).exit_code == 0
+    # --resume alone continues the run as it was set up (its config.json), to the new --steps.
+    res = cli("train", "--data", files / "code.txt", "--out", split, "--resume", "--steps", 4)
+    assert res.exit_code == 0, res.output
+    assert "resumed from" in res.stdout
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl")
+                                                      .read_text().splitlines()) if "loss" in r]
+    assert losses(split) == losses(straight)
+
+
+def test_tokens_option(files):
+    res = cli(*train_args(files, files / "r", "--tokens", 100, "--eval-every", 0))
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(files / "r" / "ckpt.h5").step == 4    # ceil(100 / (2 * 16))
+
+
+def test_inspect(run):
+    res = cli("inspect", run / "ckpt.h5")
+    assert res.exit_code == 0, res.output
+    assert "step 4" in res.stdout and "T_packed" in res.stdout and "B/trit" in res.stdout
+    info = json.loads(cli("inspect", run / "ckpt.h5", "--json").stdout)
+    assert info["step"] == 4 and info["config"]["d_model"] == 32
+    assert info["tensors"]["embed/T_packed"]["dtype"] == "uint8"
+
+
+def test_sample(run):
+    res = cli("sample", run / "ckpt.h5", "--prompt", "def ", "--tokens", 12, "--seed", 1)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("def ") and len(res.stdout.encode()) >= 5
+    again = cli("sample", run / "ckpt.h5", "--prompt", "def ", "--tokens", 12, "--seed", 1)
+    assert again.stdout == res.stdout
+    greedy = cli("sample", run / "ckpt.h5", "--tokens", 5, "--temperature", 0)
+    assert greedy.exit_code == 0, greedy.output
+
+
+def test_eval_matches_the_runs_last_evaluation(run, files):
+    res = cli("eval", run / "ckpt.h5", "--data", files / "code.txt")
+    assert res.exit_code == 0, res.output
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"held-out {last['val_bpb']:.4f} bpb" in res.stdout
+    assert f"bigram baseline {last['bigram_bpb']:.4f} bpb" in res.stdout
+    assert cli("eval", run / "ckpt.h5", "--data", files / "code.txt", "--batches", 0) \
+        .exit_code == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and faults (issue 6).
+
+
+def test_missing_data(run, files):
+    fails(files, train_args(files, run, "--resume") + ["--data", files / "nope.txt"],
+          r"data path .*nope.txt does not exist")
+
+
+def test_empty_data(files):
+    (files / "empty.txt").write_bytes(b"")
+    fails(files, train_args(files, files / "r") + ["--data", files / "empty.txt"],
+          r"empty.txt is empty; point --data at a file with text in it")
+    (files / "emptydir").mkdir()
+    fails(files, train_args(files, files / "r") + ["--data", files / "emptydir"],
+          r"no UTF-8 text files found")
+
+
+def test_unreadable_data(files, monkeypatch):
+    path = files / "secret.txt"
+    path.write_text(TEXT)
+    os.chmod(path, 0)
+    if os.geteuid() == 0 or os.access(path, os.R_OK):   # root reads anything: refuse by hand
+        real_open = builtins.open
+
+        def guarded(file, *args, **kwargs):
+            if os.fspath(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(file, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", guarded)
+    fails(files, train_args(files, files / "r") + ["--data", path],
+          r"cannot read .*secret.txt: Permission denied")
+
+
+def test_not_utf8_data(files):
+    (files / "blob.txt").write_bytes(bytes(range(256)) * 10)
+    fails(files, train_args(files, files / "r") + ["--data", files / "blob.txt"],
+          r"is not UTF-8 text")
+
+
+def test_bin_size_not_a_multiple_of_its_dtype(files):
+    (files / "tokens.bin").write_bytes(b"\x01\x00\x02\x00\x03")
+    fails(files, train_args(files, files / "r") + ["--data", files / "tokens.bin", "--dtype",
+                                                   "uint16"],
+          r"tokens.bin has 5 bytes, not a multiple of 2 \(uint16 tokens\)")
+
+
+def test_seq_len_longer_than_the_data(files):
+    (files / "short.txt").write_text("x = 1\n" * 60)
+    fails(files, train_args(files, files / "r") + ["--data", files / "short.txt", "--seq-len",
+                                                   32],
+          r"too few for seq_len 32 .*use a smaller --seq-len or more data")
+
+
+def test_invalid_config_values(files, run):
+    fails(files, train_args(files, files / "r", "--batch-size", 0),
+          r"config field batch_size = 0 is out of range: expected 1 <= batch_size")
+    fails(files, train_args(files, files / "r", "--flip-threshold", 500),
+          r"flip_threshold = 500 is out of range")
+    (files / "bad.json").write_text(json.dumps({"n_heads": 5}))
+    fails(files, ["train", "--config", files / "bad.json", "--out", files / "r"],
+          r"config file .*bad.json: config field d_model = 128 must be divisible by n_heads = 5")
+    (files / "typo.json").write_text(json.dumps({"d_modle": 64}))
+    fails(files, ["train", "--config", files / "typo.json", "--out", files / "r"],
+          r"unknown config field\(s\): d_modle")
+    fails(files, ["train", "--preset", "huge", "--out", files / "r"], r"unknown preset 'huge'")
+    fails(files, train_args(files, run, "--resume", "--seq-len", 64),
+          r"seq_len = 64 exceeds context = 32")
+    assert not (files / "r").exists()
+
+
+def test_device_cuda_without_a_gpu(files):
+    if backend.gpu_usable()[0]:
+        pytest.skip("a GPU is usable here")
+    fails(files, train_args(files, files / "r", "--device", "cuda"),
+          r"device 'cuda' was asked for but no GPU is usable: .*--device cpu")
+    assert not (files / "r").exists()
+
+
+def test_run_folder_already_holding_a_run(run, files):
+    fails(files, train_args(files, run), r"run folder .*run already holds a run \(config.json, "
+                                         r"ckpt.h5, metrics.jsonl\); continue it with --resume")
+    res = cli(*train_args(files, run, "--resume", "--overwrite"))
+    assert res.exit_code == 2 and "give one of them" in res.output
+    assert cli(*train_args(files, run, "--steps", 2, "--tokens", 64)).exit_code == 2
+    old = checkpoints(run)
+    res = cli(*train_args(files, run, "--overwrite", "--steps", 2))
+    assert res.exit_code == 0, res.output
+    (previous,) = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert checkpoints(previous) == {str(previous / "ckpt.h5"): old[str(run / "ckpt.h5")]}
+
+
+def _tamper(path, fn):
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+def _replace(f, name, array):
+    attrs = dict(f[name].attrs)
+    del f[name]
+    f[name] = array
+    for k, v in attrs.items():
+        f[name].attrs[k] = v
+
+
+def _poke(name, index, value):
+    def fn(f):
+        f[name][index] = value
+    return fn
+
+
+BAD_CHECKPOINTS = {
+    "not_hdf5": (lambda p: p.write_text("step,loss\n1,2.0\n"),
+                 r"is not an HDF5 file \(first bytes b'step,los'\)"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+                  r"is truncated or corrupted .*use an earlier checkpoint"),
+    "newer_format": (lambda p: _tamper(p, lambda f: f.attrs.__setitem__("format_version", 3)),
+                     r"written by a newer tritnet\? format 3 > 1 .*upgrade tritnet"),
+    "tampered_dtype": (lambda p: _tamper(p, lambda f: _replace(
+        f, "embed/T_packed", f["embed/T_packed"][()].astype(np.float32))),
+        r"dataset `embed/T_packed` has dtype float32, expected uint8"),
+    "tampered_shape": (lambda p: _tamper(p, lambda f: _replace(
+        f, "blocks/0/attn/q/T_accum", np.zeros((32, 31), np.int8))),
+        r"`blocks/0/attn/q/T_accum` has shape \(32, 31\), expected \(32, 32\)"),
+    "trit_code_out_of_range": (lambda p: _tamper(p, _poke("embed/T_packed", (5, 2), 250)),
+                               r"`embed/T_packed`: byte \[5, 2\] = 250 is not a trit code"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoints(run, files, kind):
+    damage, match = BAD_CHECKPOINTS[kind]
+    damage(run / "ckpt.h5")
+    fails(files, train_args(files, run, "--resume", "--steps", 6), match)
+    fails(files, ["eval", run / "ckpt.h5", "--data", files / "code.txt"], match)
+    fails(files, ["sample", run / "ckpt.h5", "--tokens", 3], match)
+    if kind in ("not_hdf5", "truncated", "newer_format"):
+        fails(files, ["inspect", run / "ckpt.h5"], match)
+    assert [p.name for p in run.iterdir() if p.name.endswith(".h5")] == ["ckpt.h5"]
+
+
+def test_missing_checkpoint(files):
+    fails(files, ["inspect", files / "nope.h5"], r"checkpoint .*nope.h5 does not exist")
+    fails(files, train_args(files, files / "r", "--resume"), r"nothing to resume")
+
+
+def test_nan_loss_stops_with_the_last_good_step(files, monkeypatch):
+    original, calls = CodeMemoryLM.loss, []
+
+    def poisoned(self, tokens, targets):
+        loss, ce = original(self, tokens, targets)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                loss = loss * float("inf")
+        return loss, ce
+
+    monkeypatch.setattr(CodeMemoryLM, "loss", poisoned)
+    fails(files, train_args(files, files / "r", "--save-every", 0),
+          r"step 3: the loss is (inf|nan); stopped and saved the last good step \(2\)")
+    assert load_checkpoint(files / "r" / "ckpt.h5").step == 2
+
+
+def test_debug_shows_the_traceback(files):
+    res = cli(*train_args(files, files / "r", "--debug") + ["--data", files / "nope.txt"])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, tdata.DataError)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(files):
+    """SIGINT to a real `tritnet train` after its first checkpoint: exit 130, a checkpoint of
+    a whole step that loads, and metrics up to that step."""
+    out = files / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRITNET_DEVICE="cpu")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "train", "--config", str(files / "small.json"),
+         "--data", str(files / "code.txt"), "--out", str(out), "--steps", "100000",
+         "--save-every", "1", "--eval-every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "ckpt.h5").exists() and time.monotonic() < deadline \
+                and child.poll() is None:
+            time.sleep(0.05)
+        assert (out / "ckpt.h5").exists(), child.communicate(timeout=30)
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted at step" in stdout
+    assert stderr.strip().splitlines()[-1] == "tritnet: interrupted"
+    config = json.loads((out / "config.json").read_text())
+    from tritnet.config import Config
+    model = CodeMemoryLM(Config().override(**config))
+    ckpt = load_checkpoint(out / "ckpt.h5", model)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ckpt.step >= 1 and rows[-1]["step"] == ckpt.step

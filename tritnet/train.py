@@ -1,0 +1,388 @@
+"""The training loop behind `tritnet train`, nanoGPT-plain: read it top to bottom.
+
+    train(config, out_dir="runs/tiny")    # the tiny preset on the default corpus
+
+A run folder (`out_dir`) holds one run:
+
+    config.json        the run's Config, written when the run starts (and on resume)
+    metrics.jsonl      one JSON object per step: step, tokens, loss, train_bpb, tokens_per_s,
+                       elapsed; at evaluation points also val_bpb and bigram_bpb
+    ckpt.h5            the latest checkpoint (tritnet/checkpoint.py: atomic, HDF5), written
+                       every `save_every` steps, at the end, on Ctrl-C and on a non-finite loss
+    previous-<time>/   an earlier run's files, moved aside (never deleted) by overwrite=True
+
+A folder that already holds a run is refused unless `resume` (continue it from ckpt.h5) or
+`overwrite` (move its files to previous-<time>/ once the new run is ready to start, so no
+checkpoint is ever deleted). Resume is bit-exact: the checkpoint restores the integer model
+state, the optimiser's step, tritnet's RNG and the data position, so the losses of an
+interrupted-and-resumed run equal those of an uninterrupted one.
+
+Faults: a NaN or inf loss is caught before backward, so the weights, the optimiser and the
+data position are still those of the last good step; that state is saved and LossNotFinite is
+raised. (The failing forward has already counted its batch in the integer statistics that
+forward itself keeps: VQ usage and code-graph edges.) Ctrl-C is taken at the next step
+boundary, never mid-update: the run saves ckpt.h5 and raises KeyboardInterrupt (the CLI exits
+130). A second Ctrl-C stops at once, without saving.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+from . import backend, data as tdata
+from . import random as trandom
+from .autograd import no_grad
+from .checkpoint import load_checkpoint, read_header, save_checkpoint
+from .config import Config, ConfigError
+from .models import CodeMemoryLM
+from .nn.ternary import TernaryModule
+from .optim import TritFlip
+
+RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
+# Fields that may change when a run is resumed: the run's length, logging and the optimiser's
+# "learning rate". Every other field shapes the model, and must match the checkpoint's.
+RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
+                    "seq_len", "flip_threshold", "scale_threshold", "decay_shift",
+                    "grad_rms_units", "seed")
+
+
+class TrainError(Exception):
+    """The run cannot start or go on; the message says what and how to fix it."""
+
+
+class LossNotFinite(TrainError):
+    """The loss became NaN or inf; the last good step was saved."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces the loop uses (also used by `tritnet eval`).
+
+
+def steps_for_tokens(tokens: int, batch_size: int, seq_len: int) -> int:
+    """Steps that train on at least `tokens` tokens: ceil(tokens / (batch_size * seq_len))."""
+    return math.ceil(tokens / (batch_size * seq_len))
+
+
+def evaluate(model, batches) -> float:
+    """Mean cross-entropy (nats/token) of `model` over fixed held-out batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with no_grad():
+        for x, y in batches:
+            _, ce = model.loss(x, y)
+            total += float(ce.item()) * x.size
+            count += x.size
+    model.train(was_training)
+    return total / count
+
+
+def build(config: Config, device=None):
+    """(model, optimizer) from the config's fields."""
+    try:
+        model = CodeMemoryLM(config, device=device)
+    except ValueError as e:   # a combination of fields the model cannot be built with
+        raise ConfigError(str(e)) from None
+    optimizer = TritFlip(model, flip_threshold=config.flip_threshold,
+                         scale_threshold=config.scale_threshold, decay_shift=config.decay_shift,
+                         grad_rms_units=config.grad_rms_units, seed=config.seed)
+    return model, optimizer
+
+
+def _check_vocab(corpus, config):
+    if corpus.vocab_size > config.vocab_size:
+        raise TrainError(f"the data has vocabulary {corpus.vocab_size} but the model's "
+                         f"vocab_size is {config.vocab_size}; set vocab_size = "
+                         f"{corpus.vocab_size} in a --config file")
+
+
+def _existing_run(out_dir):
+    return [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+
+
+def _move_aside(out_dir, names) -> str:
+    """Move an earlier run's files into out_dir/previous-<time>/ (same filesystem: renames)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = os.path.join(out_dir, f"previous-{stamp}"), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(out_dir, f"previous-{stamp}-{n}")
+    os.makedirs(target)
+    for name in names:
+        os.replace(os.path.join(out_dir, name), os.path.join(target, name))
+    return target
+
+
+def _trim_metrics(path, last_step):
+    """Drop metrics of steps after the checkpoint we resume from (they will be redone), and a
+    line cut short by a kill."""
+    if not os.path.exists(path):
+        return
+
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    with open(path) as fh:
+        lines = fh.readlines()
+    keep = [line for line in lines if kept(line)]
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def _duration(seconds) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _Progress:
+    """One status line rewritten in place (a TTY), or nothing: log lines clear it first."""
+
+    def __init__(self, enabled, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.shown = False
+
+    def update(self, text):
+        if self.enabled:
+            self.stream.write("\r" + text + "\x1b[K")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self):
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.clear()   # an error message must not land on the end of a status line
+        return False
+
+
+class _StopOnSigint:
+    """Turn the first Ctrl-C into a flag the loop checks between steps (a save mid-update
+    would keep half a step); a second Ctrl-C raises at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:   # not the main thread: leave Ctrl-C as it is
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\ntritnet: stopping after this step to save a checkpoint (Ctrl-C "
+                         "again: stop now, without saving)\n")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, device=None,
+          tokens=None, log=print, progress=True, dtype=None) -> dict:
+    """Train `config` on `data` (a Corpus, a path for load_corpus with `dtype` for a .bin, or
+    None for the default corpus), keeping the run in `out_dir`; `tokens` sets the steps.
+
+    Returns the final metrics (step, tokens, loss, val_bpb, bigram_bpb, elapsed, unit).
+    Raises TrainError, DataError, CheckpointError, ConfigError or DeviceError with a message
+    that says how to fix the problem, and KeyboardInterrupt after saving on Ctrl-C.
+    """
+    out_dir = os.fspath(out_dir)
+    config = config.validate()
+    if tokens is not None:
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise ConfigError(f"tokens = {tokens!r}: expected a positive integer")
+        config = config.override(steps=steps_for_tokens(tokens, config.batch_size,
+                                                        config.seq_len))
+    if resume and overwrite:
+        raise TrainError("resume and overwrite exclude each other: --resume continues the run "
+                         f"in {out_dir}, --overwrite starts a new one there")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    existing = _existing_run(out_dir)
+    ckpt_path = os.path.join(out_dir, "ckpt.h5")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if resume and not os.path.exists(ckpt_path):
+        raise TrainError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to "
+                         "start a run" + (", or --overwrite to start over" if existing else ""))
+    if existing and not resume and not overwrite:
+        raise TrainError(f"run folder {out_dir} already holds a run ({', '.join(existing)}); "
+                         "continue it with --resume, start over with --overwrite (its files "
+                         "move to previous-<time>/), or choose another --out")
+    if resume:
+        _check_resumable(read_header(ckpt_path)["config"], config, ckpt_path)
+
+    # Device and seeds first: the model's initial trits come from tritnet.random.
+    backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
+    trandom.manual_seed(config.seed)
+
+    # Data, and the bigram baseline on the same held-out split.
+    if data is None or isinstance(data, (str, os.PathLike)):
+        corpus = tdata.load_corpus(data, dtype=dtype)
+    else:
+        corpus = data
+    corpus.check_seq_len(config.seq_len)
+    _check_vocab(corpus, config)
+    unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
+    tokens_per_byte = corpus.tokens_per_byte or 1.0
+    log(f"data: {corpus.describe()}")
+    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size, tokens_per_byte)
+    log(f"bigram baseline: {bigram:.4f} held-out {unit} (add-one bigram fitted on train)")
+    batches = tdata.Batches(corpus, config.batch_size, config.seq_len,
+                            seed=trandom.mix_seed(config.seed, 1))
+    # Fixed held-out windows: every evaluation scores the same text, so numbers compare.
+    val_batches = list(tdata.eval_batches(corpus.val, config.batch_size, config.seq_len,
+                                          config.eval_batches))
+    data_id = {"source": corpus.source, "train_tokens": len(corpus.train),
+               "val_tokens": len(corpus.val), "vocab_size": corpus.vocab_size}
+
+    # Model and optimiser, then the run's starting point.
+    model, optimizer = build(config)
+    trits = sum(m.logical_trits() for m in model.modules() if isinstance(m, TernaryModule))
+    log(f"model: CodeMemoryLM, d_model {config.d_model}, n_layers {config.n_layers}, "
+        f"{trits:,} logical trits, on {backend.device()}")
+    step, elapsed_before, summary = 0, 0.0, {}
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, model, optimizer, restore_rng=True)
+        if ckpt.train_state.get("data_id", data_id) != data_id:
+            raise TrainError(f"resume: {ckpt_path} was trained on other data "
+                             f"({ckpt.train_state['data_id']['source']}); pass the run's --data")
+        batches.load_state_dict(ckpt.train_state["data"])
+        step = int(ckpt.step)
+        elapsed_before = float(ckpt.train_state.get("elapsed", 0.0))
+        summary = dict(ckpt.metrics or {})
+        _trim_metrics(metrics_path, step)
+        log(f"resumed from {ckpt_path} at step {step}")
+    elif existing:
+        moved = _move_aside(out_dir, existing)
+        log(f"overwrite: the earlier run's files moved to {moved}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        config.save(os.path.join(out_dir, "config.json"))
+    except OSError as e:
+        raise TrainError(f"cannot write the run folder {out_dir} ({e.strerror}); choose another "
+                         "--out") from None
+
+    tokens_per_step = config.batch_size * config.seq_len
+    summary.update(step=step, tokens=step * tokens_per_step, bigram_bpb=bigram)
+    start = time.perf_counter()
+
+    def elapsed():
+        return elapsed_before + time.perf_counter() - start
+
+    def save():
+        state = {"step": step, "data": batches.state_dict(), "data_id": data_id,
+                 "tokens": step * tokens_per_step, "elapsed": elapsed()}
+        save_checkpoint(ckpt_path, model, optimizer=optimizer, config=config.to_dict(),
+                        train_state=state, metrics_summary=summary)
+
+    bar = _Progress(progress)
+
+    def say(text):
+        bar.clear()
+        log(text)
+
+    def record(row):
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def estimate_loss(status=""):
+        val = tdata.bits_per_byte(evaluate(model, val_batches), tokens_per_byte)
+        summary["val_bpb"] = val
+        say(f"step {step}/{config.steps}{status} | held-out {val:.4f} {unit} | bigram "
+            f"baseline {bigram:.4f} {unit}")
+        return val
+
+    if step == 0 and config.eval_every and not resume:
+        record({"step": 0, "tokens": 0, "elapsed": 0.0, "val_bpb": estimate_loss(),
+                "bigram_bpb": bigram})
+    log(f"training {config.steps - step} steps of {config.batch_size} x {config.seq_len} "
+        f"tokens (to step {config.steps}), checkpoints in {ckpt_path}")
+    step_time = None
+    with _StopOnSigint() as stop, bar:
+        while step < config.steps and not stop.requested:
+            t0 = time.perf_counter()
+            data_before, rng_before = batches.state_dict(), trandom.get_state()
+            x, y = batches.get("train")
+            loss, ce = model.loss(x, y)
+            loss_value = float(loss.item())
+            if not math.isfinite(loss_value):
+                # Nothing has been updated by this step yet: save the last good one.
+                batches.load_state_dict(data_before)
+                trandom.set_state(rng_before)
+                save()
+                raise LossNotFinite(
+                    f"step {step + 1}: the loss is {loss_value}; stopped and saved the last good "
+                    f"step ({step}) in {ckpt_path}. Try a larger --flip-threshold or a smaller "
+                    "--grad-rms-units, then --resume")
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+            dt = time.perf_counter() - t0
+            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+            row = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value,
+                   "train_bpb": tdata.bits_per_byte(float(ce.item()), tokens_per_byte),
+                   "tokens_per_s": tokens_per_step / dt, "elapsed": elapsed()}
+            summary.update(step=step, tokens=row["tokens"], loss=loss_value,
+                           elapsed=row["elapsed"])
+            status = (f" | loss {loss_value:.4f} | {tokens_per_step / step_time:,.0f} tok/s | "
+                      f"ETA {_duration((config.steps - step) * step_time)}")
+            bar.update(f"step {step}/{config.steps}{status}")
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                row.update(val_bpb=estimate_loss(status), bigram_bpb=bigram)
+            record(row)
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                save()
+        if stop.requested:
+            save()
+            say(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
+            raise KeyboardInterrupt
+        if "val_bpb" not in summary:   # eval_every = 0, or resumed at the end
+            estimate_loss()
+        save()
+    val = summary["val_bpb"]
+    log(f"done: step {step}, held-out {val:.4f} {unit} vs bigram {bigram:.4f} {unit} "
+        f"({'below' if val < bigram else 'NOT below'} the baseline), "
+        f"{_duration(elapsed())}, checkpoint {ckpt_path}")
+    return dict(summary, unit=unit, out_dir=out_dir)
+
+
+def _check_resumable(saved: dict, config: Config, path):
+    try:
+        saved_config = Config().override(**saved)
+    except ConfigError as e:
+        raise TrainError(f"resume: the config in {path} cannot be used ({e})") from None
+    changed = [f"{k} = {getattr(config, k)!r} (checkpoint: {v!r})"
+               for k, v in saved_config.to_dict().items()
+               if k not in RESUMABLE_FIELDS and getattr(config, k) != v]
+    if changed:
+        raise TrainError(f"resume: {path} is a model with other settings: "
+                         f"{'; '.join(changed)}; resume with the run's own config (its "
+                         "config.json), or start a new run with another --out")
