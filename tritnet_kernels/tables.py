@@ -35,13 +35,11 @@ from .update import (
     E_MIN,
     _GOLDEN,
     _accumulator_step,  # the one definition of the trit-flip / scale-step rule
-    _bitplanes_from_trits,
     _check_array,
     _check_distinct,
     _check_int,
     _mix64,
     _stream_key,
-    _trits_from_bitplanes,
 )
 
 __all__ = [
@@ -712,5 +710,27 @@ def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift)
     return value - down + up, np.where(down | up, 0, decayed)
 
 
-# The references decode the masks with update.py's NumPy helpers (not through
-# tritnet_kernels.packing), so that they stay independent of the kernels they check.
+# The references decode the masks themselves (not through tritnet_kernels.packing) so that
+# they stay independent of the kernels they check.
+
+
+def _trits_from_bitplanes(T_packed, cols):
+    words = np.asarray(T_packed, dtype=np.uint32)
+    bits = np.arange(32, dtype=np.uint32)
+    plus = (words[:, 0::2, None] >> bits) & 1
+    minus = (words[:, 1::2, None] >> bits) & 1
+    T = plus.astype(np.int64) - minus.astype(np.int64)
+    return T.reshape(words.shape[0], -1)[:, :cols]
+
+
+def _bitplanes_from_trits(T):
+    rows, cols = T.shape
+    groups = -(-cols // 32)
+    padded = np.zeros((rows, groups * 32), dtype=np.int64)
+    padded[:, :cols] = T
+    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
+    padded = padded.reshape(rows, groups, 32)
+    out = np.empty((rows, 2 * groups), dtype=np.uint32)
+    out[:, 0::2] = ((padded > 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
+    out[:, 1::2] = ((padded < 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
+    return out
