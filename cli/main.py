@@ -43,8 +43,9 @@ def _user_errors():
     from tritnet.checkpoint import CheckpointError
     from tritnet.config import ConfigError
     from tritnet.data import DataError
+    from tritnet.distributed import DistributedError
     from tritnet.train import TrainError
-    return (ConfigError, DataError, CheckpointError, DeviceError, TrainError)
+    return (ConfigError, DataError, CheckpointError, DeviceError, TrainError, DistributedError)
 
 
 def _fail(message: str, code: int = 1):
@@ -144,10 +145,17 @@ def trace(preset_name, config_path, as_json):
               "optimiser's rounding.")
 @click.option("--device", type=DeviceChoice(), default=None,
               help="auto (default: the GPU if usable, else the CPU), cpu or cuda.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None,
+              help="Train data-parallel on this many GPUs of this host, one process each "
+              "(NCCL). Under a launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) leave "
+              "it out.")
+@click.option("--micro-batches", type=click.IntRange(min=1), default=None,
+              help="Cut each step's batch into this many shards, combined exactly in "
+              "integers (a multiple of --gpus; default: one per GPU).")
 @user_errors_are_one_line
 def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size, seq_len,
           flip_threshold, scale_threshold, decay_shift, grad_rms_units, eval_every, save_every,
-          out_dir, resume, overwrite, seed, device):
+          out_dir, resume, overwrite, seed, device, gpus, micro_batches):
     """Train a model; with no options, the tiny preset on the default corpus.
 
     The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
@@ -170,9 +178,10 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
     config = config.override(steps=steps, batch_size=batch_size, seq_len=seq_len,
                              flip_threshold=flip_threshold, scale_threshold=scale_threshold,
                              decay_shift=decay_shift, grad_rms_units=grad_rms_units,
-                             eval_every=eval_every, save_every=save_every, seed=seed)
+                             eval_every=eval_every, save_every=save_every, seed=seed,
+                             micro_batches=micro_batches)
     run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
-              overwrite=overwrite, device=device, tokens=tokens,
+              overwrite=overwrite, device=device, tokens=tokens, gpus=gpus,
               log=lambda line: click.echo(line))
 
 

@@ -175,14 +175,30 @@ def test_vq_learns_hidden_ternary_centres_without_collapse():
 def test_dead_codes_are_restarted_from_the_batch():
     vq = TernaryVQCodebook(256, 64, restart_every=1)
     x = np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32)
-    before = vq.T_packed.copy()
+    before, usage_before = vq.T_packed.copy(), vq.usage.copy()
     out = vq(tritnet.tensor(x))
+    # forward only records: the codes and counts change at the step, not mid-step
+    np.testing.assert_array_equal(vq.T_packed, before)
+    np.testing.assert_array_equal(vq.usage, usage_before)
+    vq.apply_observations()
     used = np.unique(out.indices)
     restarted = np.nonzero((vq.T_packed != before).any(1))[0]
     assert len(restarted) == 32 and not np.intersect1d(restarted, used).size
     # a restarted code is the ternarised batch row itself, so it now wins that row
     out2 = vq(tritnet.tensor(x))
     assert np.isin(out2.indices, restarted).mean() > 0.9
+
+
+def test_a_dropped_step_leaves_no_observation():
+    """A step abandoned with zero_grad (the loop's NaN path) changes no count and no code."""
+    vq = TernaryVQCodebook(64, 64, restart_every=1)
+    opt = TritFlip(vq, seed=0)
+    state = {n: b.copy() for n, b in vq.named_buffers()}
+    vq(tritnet.tensor(np.random.default_rng(4).standard_normal((16, 64)).astype(np.float32)))
+    opt.zero_grad()
+    opt.step()
+    for n, b in vq.named_buffers():
+        np.testing.assert_array_equal(b, state[n], err_msg=n)
 
 
 def test_straight_through_gradient_and_commitment():

@@ -55,6 +55,8 @@ class Config:
     # --- training run -----------------------------------------------------------------------
     batch_size: int = 16
     seq_len: int = 128
+    micro_batches: int = 1         # shards of a step's batch, combined exactly (distributed.py);
+                                   # with N GPUs a multiple of N (1 means: one per GPU)
     steps: int = 1000
     eval_every: int = 100
     eval_batches: int = 8
@@ -88,6 +90,9 @@ class Config:
         if self.seq_len > self.context:
             raise ConfigError(f"config field seq_len = {self.seq_len} exceeds context = "
                               f"{self.context}")
+        if self.batch_size % self.micro_batches:
+            raise ConfigError(f"config field batch_size = {self.batch_size} must be divisible by "
+                              f"micro_batches = {self.micro_batches} (equal shards)")
         if self.graph_capacity and self.graph_capacity % self.graph_slots:
             raise ConfigError(f"config field graph_capacity = {self.graph_capacity} must be a "
                               f"multiple of graph_slots = {self.graph_slots}")
@@ -138,6 +143,7 @@ _RANGES = {
     "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
     "decay_shift": (0, 7), "grad_rms_units": (1, 127), "batch_size": (1, 1 << 20),
+    "micro_batches": (1, 1 << 16),
     "seq_len": (1, 1 << 20), "steps": (0, 1 << 40), "eval_every": (0, 1 << 40),
     "eval_batches": (1, 1 << 20), "save_every": (0, 1 << 40), "seed": (0, 2**63 - 1),
 }

@@ -75,6 +75,10 @@ class CodeGraph(Module):
     `active_edge_dst` (int32), `active_edge_attr` (int8 ternary sign), `active_edge_score`
     (int8 residual score) — and an empty `edge_index` of shape (2, 0). The admission and
     eviction rule, and the hash, are in tritnet_kernels/graph.py; no float state either way.
+
+    A training forward only `record`s its transitions; the optimiser's step applies them
+    (`apply_observations`, in the order recorded), so a forward never reads edges learned
+    from its own batch — the transition t -> t+1 would tell position t its next token.
     """
 
     def __init__(self, codebook_size: int, slots: int, capacity: int = 0, device=None):
@@ -101,6 +105,7 @@ class CodeGraph(Module):
             self.register_buffer("active_edge_dst", dst)
             self.register_buffer("active_edge_attr", attr)
             self.register_buffer("active_edge_score", score)
+        self.observed = []   # this step's (src codes, dst codes, signs), in order
 
     def edges(self):
         """(src, dst, attr, score) arrays of the edge table, in either mode."""
@@ -116,14 +121,33 @@ class CodeGraph(Module):
                                      self.codebook_size)
 
     def observe(self, codes, signs) -> None:
-        """Learn from transitions codes[:, t] -> codes[:, t+1] with ternary signs (B, T-1)."""
+        """Learn now from transitions codes[:, t] -> codes[:, t+1] with ternary signs (B, T-1)."""
+        self._learn(*self._transitions(codes, signs))
+
+    def record(self, codes, signs) -> None:
+        """Keep the transitions for the step's `apply_observations` (training forwards)."""
+        self.observed.append(self._transitions(codes, signs))
+
+    def apply_observations(self) -> None:
+        if self.observed:
+            xp = backend.get_array_module(self.observed[0][0])
+            self._learn(*(xp.concatenate(parts) for parts in zip(*self.observed)))
+            self.observed = []
+
+    def clear_observations(self) -> None:
+        self.observed = []
+
+    @staticmethod
+    def _transitions(codes, signs):
         xp = backend.get_array_module(codes)
-        a = xp.ascontiguousarray(codes[:, :-1].reshape(-1))
-        b = xp.ascontiguousarray(codes[:, 1:].reshape(-1))
+        return (xp.ascontiguousarray(codes[:, :-1].reshape(-1)),
+                xp.ascontiguousarray(codes[:, 1:].reshape(-1)),
+                xp.ascontiguousarray(signs.reshape(-1)).astype(np.int8))
+
+    def _learn(self, a, b, signs) -> None:
         src, dst, attr, score = self.edges()
-        kgraph.observe_edges(src, dst, attr, score, a, b,
-                             xp.ascontiguousarray(signs.reshape(-1)).astype(np.int8),
-                             self.n_buckets, self.slots, self.codebook_size)
+        kgraph.observe_edges(src, dst, attr, score, a, b, signs, self.n_buckets, self.slots,
+                             self.codebook_size)
 
 
 class MoEGraph(Module):
@@ -214,7 +238,7 @@ class MoEGraph(Module):
         xp = backend.get_array_module(codes)
         q = quantized.data.reshape(B, T, -1)
         signs = xp.sign((q[:, :-1] * q[:, 1:]).sum(-1)).astype(np.int8)
-        self.graph.observe(codes.reshape(B, T), signs)
+        self.graph.record(codes.reshape(B, T), signs)
 
 
 class Block(Module):

@@ -20,6 +20,10 @@ The hyperparameters are this scheme's learning rate:
 - decay_shift (default 0 = off): each step without a flip leaks |a| >> decay_shift, a memory of
   about 2**decay_shift steps: larger = longer memory; it filters gradient noise.
 
+After the weight updates, a step applies what the step's training forwards observed:
+modules with integer learning rules that are not gradients (VQ usage counts and dead-code
+restarts, code-graph edges) implement `apply_observations()`.
+
 Deterministic for a given seed: the stochastic rounding draws counter-based random bits from
 (seed, tensor key, step, use), identical on CPU and GPU. Each tensor's update is one kernel
 launch for its trits and one for its row scales.
@@ -49,7 +53,9 @@ class TritFlip:
         _check_int("seed", seed, 0, 2**63 - 1)
         if isinstance(modules, Module):
             modules = modules.modules()
+        modules = list(modules)
         self.modules = [m for m in modules if isinstance(m, TernaryModule)]
+        self.observers = [m for m in modules if hasattr(m, "apply_observations")]
         if not self.modules:
             raise ValueError("TritFlip: no ternary modules to optimise (pass a model or a list "
                              "of modules that contains TernaryLinear or other ternary layers)")
@@ -61,21 +67,32 @@ class TritFlip:
             m.grad_seed = trandom.mix_seed(seed, key)
         self._sync_modules()
 
-    def _sync_modules(self):
+    def _sync_modules(self, shard: int = 0):
         for m in self.modules:
-            m.grad_step, m.grad_uses = self.step_count, 0
+            m.grad_step, m.grad_shard, m.grad_uses = self.step_count, shard, 0
+
+    def begin_shard(self, shard: int) -> None:
+        """The next backward belongs to micro-batch `shard` of this step's global batch: its
+        quantisation draws the random bits of that shard (tritnet/distributed.py)."""
+        self._sync_modules(shard)
 
     def step(self) -> list:
-        """Apply every pending int8 gradient; returns per-module flip counts (device scalars)."""
+        """Apply every pending int8 gradient, then the step's observations; returns
+        per-module flip counts (device scalars)."""
         flips = [m.apply_update(self.flip_threshold, self.scale_threshold, self.decay_shift)
                  for m in self.modules]
+        for m in self.observers:
+            m.apply_observations()
         self.step_count += 1
         self._sync_modules()
         return flips
 
     def zero_grad(self) -> None:
+        """Drop the step's pending gradients and observations (nothing is applied)."""
         for m in self.modules:
             m.zero_grad()
+        for m in self.observers:
+            m.clear_observations()
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "seed": self.seed, "flip_threshold": self.flip_threshold,

@@ -17,12 +17,17 @@ checkpoint is ever deleted). Resume is bit-exact: the checkpoint restores the in
 state, the optimiser's step, tritnet's RNG and the data position, so the losses of an
 interrupted-and-resumed run equal those of an uninterrupted one.
 
-Faults: a NaN or inf loss is caught before backward, so the weights, the optimiser and the
+Faults: a NaN or inf loss is caught before the optimiser's step, so the weights, the
+optimiser, the integer statistics (VQ usage, code-graph edges: applied at the step too) and the
 data position are still those of the last good step; that state is saved and LossNotFinite is
-raised. (The failing forward has already counted its batch in the integer statistics that
-forward itself keeps: VQ usage and code-graph edges.) Ctrl-C is taken at the next step
-boundary, never mid-update: the run saves ckpt.h5 and raises KeyboardInterrupt (the CLI exits
-130). A second Ctrl-C stops at once, without saving.
+raised. Ctrl-C is taken at the next step boundary, never mid-update: the run saves ckpt.h5 and
+raises KeyboardInterrupt (the CLI exits 130). A second Ctrl-C stops at once, without saving.
+
+Data-parallel (tritnet/distributed.py): `gpus=N` starts one process per GPU; each rank draws
+the same global batch and runs its shards of it; the step's loss, its finiteness and a Ctrl-C
+are agreed through one all-reduce, so all ranks stop on the same step. Rank 0 alone logs,
+evaluates and writes the run folder; every checkpoint is preceded by a check that all ranks
+hold identical state.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import signal
 import sys
 import time
 
-from . import backend, data as tdata
+import numpy as np
+
+from . import backend, data as tdata, distributed
 from . import random as trandom
 from .autograd import no_grad
 from .checkpoint import load_checkpoint, read_header, save_checkpoint
@@ -47,7 +54,7 @@ RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
 # Fields that may change when a run is resumed: the run's length, logging and the optimiser's
 # "learning rate". Every other field shapes the model, and must match the checkpoint's.
 RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
-                    "seq_len", "flip_threshold", "scale_threshold", "decay_shift",
+                    "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
                     "grad_rms_units", "seed")
 
 
@@ -61,6 +68,10 @@ class LossNotFinite(TrainError):
 
 # --------------------------------------------------------------------------------------------
 # Pieces the loop uses (also used by `tritnet eval`).
+
+
+def _silent(*_):
+    """The log of ranks other than 0."""
 
 
 def steps_for_tokens(tokens: int, batch_size: int, seq_len: int) -> int:
@@ -205,16 +216,45 @@ class _StopOnSigint:
 
 
 def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, device=None,
-          tokens=None, log=print, progress=True, dtype=None) -> dict:
+          tokens=None, log=print, progress=True, dtype=None, gpus=None, group=None) -> dict:
     """Train `config` on `data` (a Corpus, a path for load_corpus with `dtype` for a .bin, or
     None for the default corpus), keeping the run in `out_dir`; `tokens` sets the steps.
 
+    `gpus=N` (N > 1) trains data-parallel on N GPUs of this host, one process each; a process
+    started by a launcher finds its rank in the environment (tritnet/distributed.py); `group`
+    passes a rank group directly.
+
     Returns the final metrics (step, tokens, loss, val_bpb, bigram_bpb, elapsed, unit).
-    Raises TrainError, DataError, CheckpointError, ConfigError or DeviceError with a message
-    that says how to fix the problem, and KeyboardInterrupt after saving on Ctrl-C.
+    Raises TrainError, DataError, CheckpointError, ConfigError, DeviceError or
+    DistributedError with a message that says how to fix the problem, and KeyboardInterrupt
+    after saving on Ctrl-C.
     """
     out_dir = os.fspath(out_dir)
     config = config.validate()
+    if gpus is not None and (not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1):
+        raise ConfigError(f"gpus = {gpus!r}: expected a positive integer")
+    if gpus and gpus > 1 and group is None:
+        if distributed.group_from_env_size() > 1:
+            raise TrainError("--gpus starts its own ranks, but this process was started as a "
+                             "rank (WORLD_SIZE is set): drop --gpus under a launcher")
+        return distributed.launch(gpus, dict(
+            config=config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
+            device=device, tokens=tokens, progress=progress, dtype=dtype))
+    group = group if group is not None else distributed.group_from_env()
+    is_main = group.rank == 0
+    if not is_main:
+        log = _silent
+    if group.size > 1:
+        if isinstance(group, distributed.NcclGroup):
+            if device not in (None, "cuda"):
+                raise TrainError(f"data-parallel training runs on GPUs (NCCL); drop --device "
+                                 f"{device} or use --device cuda")
+            device = "cuda"
+        if config.micro_batches == 1:
+            config = config.override(micro_batches=group.size)
+        if config.micro_batches % group.size:
+            raise ConfigError(f"config field micro_batches = {config.micro_batches} must be a "
+                              f"multiple of the {group.size} ranks")
     if tokens is not None:
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
             raise ConfigError(f"tokens = {tokens!r}: expected a positive integer")
@@ -237,6 +277,7 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
                          "move to previous-<time>/), or choose another --out")
     if resume:
         _check_resumable(read_header(ckpt_path)["config"], config, ckpt_path)
+    group.barrier()   # every rank has looked at the folder before rank 0 changes it
 
     # Device and seeds first: the model's initial trits come from tritnet.random.
     backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
@@ -277,17 +318,25 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
         step = int(ckpt.step)
         elapsed_before = float(ckpt.train_state.get("elapsed", 0.0))
         summary = dict(ckpt.metrics or {})
-        _trim_metrics(metrics_path, step)
+        if is_main:
+            _trim_metrics(metrics_path, step)
         log(f"resumed from {ckpt_path} at step {step}")
-    elif existing:
+    elif existing and is_main:
         moved = _move_aside(out_dir, existing)
         log(f"overwrite: the earlier run's files moved to {moved}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        config.save(os.path.join(out_dir, "config.json"))
-    except OSError as e:
-        raise TrainError(f"cannot write the run folder {out_dir} ({e.strerror}); choose another "
-                         "--out") from None
+    if is_main:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            config.save(os.path.join(out_dir, "config.json"))
+        except OSError as e:
+            raise TrainError(f"cannot write the run folder {out_dir} ({e.strerror}); choose "
+                             "another --out") from None
+    shards = config.micro_batches
+    local_shards, shard_rows = shards // group.size, config.batch_size // shards
+    reducer = distributed.StepReducer(model, group, shards) if shards > 1 else None
+    if group.size > 1:
+        log(f"data-parallel: {group.size} ranks, {shards} shards of {shard_rows} x "
+            f"{config.seq_len} tokens a step")
 
     tokens_per_step = config.batch_size * config.seq_len
     summary.update(step=step, tokens=step * tokens_per_step, bigram_bpb=bigram)
@@ -297,22 +346,28 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
         return elapsed_before + time.perf_counter() - start
 
     def save():
+        distributed.check_replicas(group, model, step)
+        if not is_main:
+            return
         state = {"step": step, "data": batches.state_dict(), "data_id": data_id,
                  "tokens": step * tokens_per_step, "elapsed": elapsed()}
         save_checkpoint(ckpt_path, model, optimizer=optimizer, config=config.to_dict(),
                         train_state=state, metrics_summary=summary)
 
-    bar = _Progress(progress)
+    bar = _Progress(progress and is_main)
 
     def say(text):
         bar.clear()
         log(text)
 
     def record(row):
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        if is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
 
     def estimate_loss(status=""):
+        if not is_main:   # rank 0 evaluates; evaluation changes no state
+            return None
         val = tdata.bits_per_byte(evaluate(model, val_batches), tokens_per_byte)
         summary["val_bpb"] = val
         say(f"step {step}/{config.steps}{status} | held-out {val:.4f} {unit} | bigram "
@@ -325,15 +380,33 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     log(f"training {config.steps - step} steps of {config.batch_size} x {config.seq_len} "
         f"tokens (to step {config.steps}), checkpoints in {ckpt_path}")
     step_time = None
+    stopping = False
     with _StopOnSigint() as stop, bar:
-        while step < config.steps and not stop.requested:
+        while step < config.steps and not stopping:
             t0 = time.perf_counter()
             data_before, rng_before = batches.state_dict(), trandom.get_state()
             x, y = batches.get("train")
-            loss, ce = model.loss(x, y)
-            loss_value = float(loss.item())
+            losses = []
+            for j in range(local_shards):
+                shard = group.rank * local_shards + j
+                rows = slice(shard * shard_rows, (shard + 1) * shard_rows)
+                optimizer.begin_shard(shard)
+                loss, ce = model.loss(x[rows], y[rows])
+                loss.backward()
+                if reducer is not None:
+                    reducer.collect()
+                losses += [loss.data.reshape(1), ce.data.reshape(1)]
+            # One all-reduce (and one host sync) agrees on the step's loss and on stopping.
+            xp = backend.get_array_module(losses[0])
+            totals = xp.concatenate([xp.stack(losses[0::2]).sum(0), xp.stack(losses[1::2]).sum(0),
+                                     xp.full(1, float(stop.requested))]).astype(np.float64)
+            loss_sum, ce_sum, stops = group.all_reduce_sum([totals])[0].tolist()
+            loss_value, ce_value = loss_sum / shards, ce_sum / shards
             if not math.isfinite(loss_value):
-                # Nothing has been updated by this step yet: save the last good one.
+                # Nothing has been applied by this step: drop it and save the last good one.
+                optimizer.zero_grad()
+                if reducer is not None:
+                    reducer.clear()
                 batches.load_state_dict(data_before)
                 trandom.set_state(rng_before)
                 save()
@@ -341,14 +414,16 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
                     f"step {step + 1}: the loss is {loss_value}; stopped and saved the last good "
                     f"step ({step}) in {ckpt_path}. Try a larger --flip-threshold or a smaller "
                     "--grad-rms-units, then --resume")
-            loss.backward()
+            if reducer is not None:
+                reducer.reduce()
             optimizer.step()
             step += 1
+            stopping = stops > 0
 
             dt = time.perf_counter() - t0
             step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
             row = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value,
-                   "train_bpb": tdata.bits_per_byte(float(ce.item()), tokens_per_byte),
+                   "train_bpb": tdata.bits_per_byte(ce_value, tokens_per_byte),
                    "tokens_per_s": tokens_per_step / dt, "elapsed": elapsed()}
             summary.update(step=step, tokens=row["tokens"], loss=loss_value,
                            elapsed=row["elapsed"])
@@ -360,13 +435,15 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             record(row)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 save()
-        if stop.requested:
+        if stopping:
             save()
             say(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
             raise KeyboardInterrupt
         if "val_bpb" not in summary:   # eval_every = 0, or resumed at the end
             estimate_loss()
         save()
+    if not is_main:
+        return dict(summary, unit=unit, out_dir=out_dir)
     val = summary["val_bpb"]
     log(f"done: step {step}, held-out {val:.4f} {unit} vs bigram {bigram:.4f} {unit} "
         f"({'below' if val < bigram else 'NOT below'} the baseline), "

@@ -30,6 +30,7 @@ from tritnet_kernels import vq as kvq
 
 # Rows of uniform random trits (2/3 nonzero) at scale 2**(2/8) ≈ 1.19 ≈ sqrt(3/2) have unit RMS.
 UNIT_RMS_EXPONENT = 2
+RESTART_STREAM = 0x5245  # mixed into the seed of dead-code restarts' random choices
 
 
 def _index_array(op, indices, rows, like):
@@ -163,10 +164,16 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     routed search against exact on given queries.
 
     Dead codes (DESIGN §6): `usage` (int16, saturating) counts how often each code was chosen.
-    Every `restart_every` training forwards, each code with usage 0 is restarted from a random
-    row of the current batch (its ternarised pattern, with the least-squares scale for it),
+    Every `restart_every` training steps, each code with usage 0 is restarted from a random
+    row of the step's queries (its ternarised pattern, with the least-squares scale for it),
     its accumulators cleared; then all counts are halved, so a code must keep being chosen to
     stay alive.
+
+    Forward never changes this state: a training forward records its choices (and, on a step
+    that restarts codes, its queries) in `observed`; the optimiser's step applies them
+    (`apply_observations`), after the weight update. So every use of the book within a step
+    sees the same codes, a failed step (a NaN loss) leaves no trace, and data-parallel ranks
+    can gather each other's observations and apply the same ones (tritnet/distributed.py).
     """
 
     def __init__(self, size: int, dim: int = 64, *, beta: float = 0.25, search: str = "exact",
@@ -190,6 +197,8 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         self.index = None          # (centroids, partition_offsets, partition_codes), integer
         self.steps_since_index = 0
         self.steps_since_restart = 0
+        self.observed = []         # this step's chosen codes, one int32 array per use
+        self.restart_queries = []  # (float queries, ternarised queries) per use, restart steps only
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, search={self.search_mode!r}"
@@ -276,8 +285,9 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         if codes.dtype != x.dtype:
             codes = codes.astype(x.dtype)
         if self.training and is_grad_enabled():
-            kvq.count_usage(indices, self.usage, check=False)
-            self._maintain(flat, queries)
+            self.observed.append(indices)
+            if self.restart_due():
+                self.restart_queries.append((flat, queries))
         diff = codes - x.detach()
         loss = (diff * diff).mean()
         if self.beta:
@@ -286,23 +296,46 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         quantized = x + (codes - x).detach()
         return VQOutput(quantized, indices.reshape(x.shape[:-1]), loss)
 
-    def _maintain(self, flat, queries) -> None:
+    def restart_due(self) -> bool:
+        """Whether this step's observations end with a dead-code restart."""
+        return bool(self.restart_every) and self.steps_since_restart + 1 >= self.restart_every
+
+    def apply_observations(self) -> None:
+        """Apply the step's recorded choices: usage counts, then (on restart steps) the
+        dead-code restart from the step's queries, then the routed index's refresh clock."""
+        if not self.observed:
+            return
+        xp = backend.get_array_module(self.T_packed)
+        kvq.count_usage(xp.concatenate(self.observed), self.usage, check=False)
         self.steps_since_restart += 1
         if self.restart_every and self.steps_since_restart >= self.restart_every:
+            if self.restart_queries:
+                flat = xp.concatenate([f for f, _ in self.restart_queries])
+                queries = xp.concatenate([q for _, q in self.restart_queries])
+            else:  # restart_every was lowered mid-step: no queries kept, only halve the counts
+                flat = xp.zeros((0, self.dim), np.float32)
+                queries = xp.zeros((0, 2 * kpacking.n_groups(self.dim)), np.uint32)
             self.restart_dead_codes(flat, queries)
         self.steps_since_index += 1
         if self.search_mode == "routed" and self.steps_since_index >= self.index_refresh:
             self.index = None  # rebuilt lazily by the next search
+        self.clear_observations()
+
+    def clear_observations(self) -> None:
+        self.observed, self.restart_queries = [], []
 
     def restart_dead_codes(self, flat, queries=None) -> int:
-        """Restart unused codes from rows of this batch (the rule in the class doc)."""
+        """Restart unused codes from rows of `flat` (float queries (n, dim)), the rule in the
+        class doc; returns the number restarted."""
         xp = backend.get_array_module(self.T_packed)
         if queries is None:
             queries = kvq.ternarize_queries(flat)
         dead = xp.nonzero(self.usage == 0)[0]
         n = min(int(dead.shape[0]), flat.shape[0])
         if n:
-            rng = trandom.generator()
+            # counter-based: the same draws on every rank, and after a resume
+            rng = np.random.default_rng(trandom.mix_seed(self.grad_seed, self.grad_step,
+                                                         RESTART_STREAM))
             dead = dead[xp.asarray(rng.choice(int(dead.shape[0]), n, replace=False))]
             src = xp.asarray(rng.choice(flat.shape[0], n, replace=False))
             self.T_packed[dead] = queries[src]

@@ -118,8 +118,9 @@ class TernaryModule(Module):
     A subclass holds one ternary matrix made by `_init_ternary_state` — buffers T_packed
     (uint32 bitplanes), E, T_accum, E_accum — and implements `apply_update(flip_threshold,
     scale_threshold, decay_shift)` and `zero_grad()`. The optimiser sets `grad_rms_units`,
-    `grad_seed` and `grad_step`; `grad_uses` counts backward contributions within a step so
-    that every quantisation draws fresh random bits.
+    `grad_seed` and `grad_step`, and `grad_shard` (which micro-batch of the step's global batch
+    is running, tritnet/distributed.py); `grad_uses` counts backward contributions within a
+    shard so that every quantisation draws fresh random bits.
     """
 
     def __init__(self):
@@ -127,6 +128,7 @@ class TernaryModule(Module):
         self.grad_rms_units = DEFAULT_GRAD_RMS_UNITS
         self.grad_seed = int(trandom.generator().integers(0, 2**63))
         self.grad_step = 0
+        self.grad_shard = 0
         self.grad_uses = 0
 
     def _init_ternary_state(self, rows: int, cols: int, exponent: int, device: str | None):
@@ -156,7 +158,8 @@ class TernaryModule(Module):
         return {"T_packed": self.trit_shape[1]}
 
     def next_grad_seed(self, which: int) -> int:
-        return trandom.mix_seed(self.grad_seed, self.grad_step, self.grad_uses, which)
+        return trandom.mix_seed(self.grad_seed, self.grad_step, self.grad_shard, self.grad_uses,
+                                which)
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
         raise NotImplementedError
