@@ -187,6 +187,18 @@ def test_group_from_env_explains_a_missing_rendezvous():
         distributed.group_from_env({"WORLD_SIZE": "two"})
 
 
+def test_rendezvous_hands_rank_zeros_nccl_id_to_the_others():
+    port, uid, got = distributed._free_port(), bytes(range(128)), {}
+    others = [threading.Thread(target=lambda r=r: got.__setitem__(
+        r, distributed.rendezvous(r, 3, "127.0.0.1", port, timeout=30))) for r in (1, 2)]
+    for t in others:
+        t.start()
+    got[0] = distributed.rendezvous(0, 3, "127.0.0.1", port, lambda: uid, timeout=30)
+    for t in others:
+        t.join()
+    assert got == {0: uid, 1: uid, 2: uid}
+
+
 def test_micro_batches_must_divide_the_batch():
     with pytest.raises(tritnet.config.ConfigError, match="micro_batches"):
         small_config(micro_batches=3)

@@ -33,7 +33,6 @@ from rank 0 to the others over one TCP connection each (MASTER_ADDR:MASTER_PORT)
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue
@@ -186,7 +185,7 @@ def rendezvous(rank, size, addr, port, make_id=None, timeout=300.0):
     """Rank 0 makes the NCCL unique id and sends it to every other rank over TCP."""
     if rank == 0:
         uid = make_id()
-        payload = json.dumps(list(uid)).encode()
+        payload = bytes(uid)   # NCCL's unique id: 128 opaque bytes
         with socket.create_server((addr, port), reuse_port=False) as server:
             server.settimeout(timeout)
             for _ in range(size - 1):
@@ -203,7 +202,7 @@ def rendezvous(rank, size, addr, port, make_id=None, timeout=300.0):
         try:
             with socket.create_connection((addr, port), timeout=timeout) as conn:
                 head = _receive(conn, 4)
-                return tuple(json.loads(_receive(conn, struct.unpack("!I", head)[0])))
+                return _receive(conn, struct.unpack("!I", head)[0])
         except (ConnectionRefusedError, OSError) as e:
             if time.monotonic() > deadline:
                 raise DistributedError(f"rank {rank}: cannot reach rank 0 at {addr}:{port} "
@@ -409,25 +408,43 @@ class StepReducer:
         self.clear()
 
     def _dense_totals(self, m):
+        """(sum of grad_q, sum of grad_E_q) of this rank's shards, or None if m had none."""
         if m in self.dense_sums:
             return self.dense_sums.pop(m)
-        xp = backend.get_array_module(m.T_packed)
-        if m.grad_q is None:
-            return (xp.zeros(m.trit_shape, np.int32), xp.zeros(m.trit_shape[0], np.int32))
-        return m.grad_q.astype(np.int32), m.grad_E_q.astype(np.int32)
+        return None if m.grad_q is None else (m.grad_q, m.grad_E_q)
 
     def _reduce_dense(self):
-        bucket, filled = [], 0
-        for i, m in enumerate(self.dense):
-            bucket.append((m, self._dense_totals(m)))
-            filled += bucket[-1][1][0].size
-            if filled >= DENSE_BUCKET or i == len(self.dense) - 1:
-                self.group.all_reduce_sum([t for _, pair in bucket for t in pair])
-                for mod, (tq, tE) in bucket:
-                    seed = trandom.mix_seed(mod.grad_seed, mod.grad_step, COMBINE_STREAM)
-                    mod.grad_q = _round_mean(tq, self.shards, trandom.mix_seed(seed, 0))
-                    mod.grad_E_q = _round_mean(tE, self.shards, trandom.mix_seed(seed, 1))
-                bucket, filled = [], 0
+        """Dense sums travel in flat int32 buckets: one all-reduce and one rounding a bucket,
+        whatever the number of layers; each module's int8 result is a view of the bucket's."""
+        buckets, current, filled = [], [], 0
+        for m in self.dense:
+            current.append(m)
+            filled += m.logical_trits() + m.trit_shape[0]
+            if filled >= DENSE_BUCKET:
+                buckets.append(current)
+                current, filled = [], 0
+        if current:
+            buckets.append(current)
+        for number, modules in enumerate(buckets):
+            sizes = [(m.logical_trits(), m.trit_shape[0]) for m in modules]
+            xp = backend.get_array_module(modules[0].T_packed)
+            flat = xp.zeros(sum(nq + nE for nq, nE in sizes), np.int32)
+            at = 0
+            for m, (nq, nE) in zip(modules, sizes):
+                totals = self._dense_totals(m)
+                if totals is not None:
+                    flat[at:at + nq] = totals[0].reshape(-1)
+                    flat[at + nq:at + nq + nE] = totals[1]
+                at += nq + nE
+            self.group.all_reduce_sum([flat])
+            seed = trandom.mix_seed(modules[0].grad_seed, modules[0].grad_step, COMBINE_STREAM,
+                                    number)
+            mean = _round_mean(flat, self.shards, seed)
+            at = 0
+            for m, (nq, nE) in zip(modules, sizes):
+                m.grad_q = mean[at:at + nq].reshape(m.trit_shape)
+                m.grad_E_q = mean[at + nq:at + nq + nE]
+                at += nq + nE
 
     def _reduce_tables(self):
         locals_ = []
