@@ -69,11 +69,14 @@ def cross_entropy_ref(logits, targets, reduction="mean", ignore_index=-100):
     return losses.sum() / (1 if reduction == "sum" else max((targets != ignore_index).sum(), 1))
 
 
-def attention_ref(q, k, v, causal=True, scale=None):
+def attention_ref(q, k, v, causal=True, scale=None, slopes=None):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = q @ np.swapaxes(k, -1, -2) * scale
+    Tq, Tk = s.shape[-2:]
+    if slopes is not None:
+        distance = np.abs(np.arange(Tq)[:, None] + Tk - Tq - np.arange(Tk)[None, :])
+        s = s - np.asarray(slopes)[..., None, None] * distance
     if causal:
-        Tq, Tk = s.shape[-2:]
         s = np.where(np.arange(Tk)[None, :] <= np.arange(Tq)[:, None] + Tk - Tq, s, -np.inf)
     return softmax_ref(s) @ v
 
@@ -196,6 +199,13 @@ CASES = [
          [(2, 3, 4), (2, 7, 4), (2, 7, 4)], attention_ref),
     Case("attention-scale-one-block", lambda q, k, v: sdpa(q, k, v, scale=0.3),
          [(2, 6, 4)] * 3, lambda q, k, v: attention_ref(q, k, v, scale=0.3)),
+    Case("attention-alibi-causal",
+         lambda q, k, v: sdpa(q, k, v, block_size=3, alibi_slopes=F.alibi_slopes(2)),
+         [(2, 2, 7, 4)] * 3, lambda q, k, v: attention_ref(q, k, v, slopes=F.alibi_slopes(2))),
+    Case("attention-alibi-full-fewer-queries",
+         lambda q, k, v: sdpa(q, k, v, causal=False, block_size=2, alibi_slopes=[0.5, 0.25]),
+         [(2, 3, 4), (2, 6, 4), (2, 6, 4)],
+         lambda q, k, v: attention_ref(q, k, v, False, slopes=[0.5, 0.25])),
 ]
 CASE_IDS = [c.id for c in CASES]
 
@@ -369,6 +379,9 @@ BAD_INPUT = [
      r"scaled_dot_product_attention: causal attention with more queries than keys \(q \(6, 4\)"),
     (lambda: sdpa(t(5, 4), t(5, 4), t(5, 4, dtype=np.float64)), TypeError,
      r"scaled_dot_product_attention: dtypes differ \(q float32, k float32, v float64\)"),
+    (lambda: sdpa(t(2, 5, 4), t(2, 5, 4), t(2, 5, 4), alibi_slopes=[1.0, 2.0, 3.0]), ValueError,
+     r"scaled_dot_product_attention: alibi_slopes of shape \(3,\) do not broadcast to the "
+     r"batch dimensions \(2,\)"),
     (lambda: sdpa(t(4), t(4), t(4)), ValueError, r"scaled_dot_product_attention: q has shape \(4,\); expected \(..., T, D\)"),
 ]
 

@@ -116,6 +116,29 @@ def test_tiny_model_learns_a_fixed_batch():
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
+def test_alibi_positions_make_attention_see_order():
+    """With ALiBi the same tokens in another order give other outputs at the last position;
+    NoPE attention alone is order-blind for a set of keys (the causal mask is its only cue)."""
+    from tritnet.models import Attention
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 6, 32)).astype(np.float32)
+    swapped = x[:, [1, 0, 2, 3, 4, 5]]   # same keys seen by the last query, order changed
+    outputs = {}
+    for position in ("alibi", "nope"):
+        tritnet.random.manual_seed(0)
+        attn = Attention(32, 4, position=position)
+        with tritnet.no_grad():
+            a, b = (attn(tritnet.tensor(v)).numpy()[0, -1] for v in (x, swapped))
+        outputs[position] = np.abs(a - b).max()
+    assert outputs["nope"] < 1e-5 and outputs["alibi"] > 1e-3, outputs
+    with pytest.raises(ValueError, match="position must be 'alibi' or 'nope'"):
+        Attention(32, 4, position="rope")
+    with pytest.raises(ConfigError, match="position = 'rope'"):
+        preset("tiny").override(position="rope")
+    # configs written before the field existed meant NoPE; every preset uses ALiBi
+    assert Config().position == "nope"
+
+
 def test_config_validation_names_field_value_and_range():
     with pytest.raises(ConfigError, match=r"flip_threshold = 300 is out of range: expected "
                                           r"1 <= flip_threshold <= 127"):

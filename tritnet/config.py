@@ -31,6 +31,9 @@ class Config:
     n_layers: int = 2
     n_heads: int = 4
     context: int = 256             # longest sequence the model is built for
+    position: str = "nope"         # attention positions: "nope" (none: the causal mask alone),
+                                   # or "alibi" (a fixed per-head recency bias); the presets
+                                   # choose; "nope" is what configs written before it meant
     n_experts: int = 4             # MoEGraph partitions: routing centroids and ternary experts
     expert_hidden: int = 256
     top_k: int = 2                 # experts per token
@@ -78,6 +81,9 @@ class Config:
             if not lo <= value <= hi:
                 raise ConfigError(f"config field {name} = {value!r} is out of range: "
                                   f"expected {lo} <= {name} <= {hi}")
+        if self.position not in ("alibi", "nope"):
+            raise ConfigError(f"config field position = {self.position!r}: expected 'alibi' or "
+                              "'nope'")
         if self.vq_search not in ("exact", "routed"):
             raise ConfigError(f"config field vq_search = {self.vq_search!r}: expected 'exact' "
                               "or 'routed'")
@@ -154,16 +160,19 @@ PRESETS = {
     # 3.1 held-out bpb against the bigram's 3.47 on the default corpus. Measured on two cores:
     # at 2048 tokens a step, 64 x 32 learned faster than 32 x 64 and 16 x 128 (16 x 128 stayed
     # near the bigram for 400 steps); a step is ~0.55 s, half of it the VQ search.
-    "tiny": dict(batch_size=64, seq_len=32, steps=500, eval_every=100, save_every=100),
-    # 25–30M logical trits: the comparison preset
+    "tiny": dict(batch_size=64, seq_len=32, steps=500, eval_every=100, save_every=100,
+                 position="alibi"),
+    # 25–30M logical trits: the comparison preset. 256 x 32 tokens a step: on the H100, 5M
+    # tokens reached 3.00 held-out bpb at 256 x 32 against 3.21 at 128 x 64 and 3.54 at
+    # 32 x 256 (NoPE attention; benchmarks/results/train-small-5m-h100/)
     "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
-                  graph_capacity=1 << 16, batch_size=32, seq_len=256),
+                  graph_capacity=1 << 16, batch_size=256, seq_len=32, position="alibi"),
     # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64
     "default": dict(d_model=2560, n_layers=24, n_heads=20, context=1024, n_experts=8,
                     expert_hidden=1424, shared_vq_size=10_000_000, kgvq_size=5_000_000,
                     graph_slots=8, graph_capacity=1 << 18, vq_search="routed",
-                    batch_size=4, seq_len=512),
+                    batch_size=4, seq_len=512, position="alibi"),
 }
 
 

@@ -773,11 +773,16 @@ class ScaledDotProductAttention(Function):
     transient is one (..., Tq, block) tile. The causal mask is aligned to the bottom right, as
     in FlashAttention-2: query i sees keys j <= i + (Tk - Tq), so queries at the end of a longer
     key sequence (decoding with a cache) see their whole past.
+
+    alibi_slopes (ALiBi, Press et al. 2022): per head h, the constant -slope_h · |i - j| is added
+    to the scaled scores (i, j: the query's and key's positions, aligned as the mask is). A
+    constant bias leaves the backward formulas as they are; it is rebuilt tile by tile.
     """
 
-    def forward(self, q, k, v, causal, scale, block_size):
+    def forward(self, q, k, v, causal, scale, block_size, alibi_slopes):
         xp = _xp(q, k, v)
         self.causal, self.scale, self.block_size = causal, scale, block_size
+        self.slopes = None if alibi_slopes is None else xp.asarray(alibi_slopes, q.dtype)
         row_max = xp.full(q.shape[:-1], -math.inf, q.dtype)
         row_sum = xp.zeros(q.shape[:-1], q.dtype)
         acc = xp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
@@ -821,18 +826,30 @@ class ScaledDotProductAttention(Function):
             ke = builtins.min(ks + self.block_size, Tk)
             q0 = builtins.max(ks - offset, 0) if self.causal else 0
             s = xp.matmul(q[..., q0:, :], xp.swapaxes(k[..., ks:ke, :], -1, -2)) * self.scale
+            if self.slopes is not None:
+                distance = xp.abs(xp.arange(q0, Tq, dtype=s.dtype)[:, None] + offset
+                                  - xp.arange(ks, ke, dtype=s.dtype)[None, :])
+                s = s - self.slopes[..., None, None] * distance
             if self.causal and ke - 1 > q0 + offset:  # the block crosses the diagonal
                 visible = xp.arange(ks, ke)[None, :] <= xp.arange(q0, Tq)[:, None] + offset
                 s = xp.where(visible, s, -math.inf)
             yield q0, ks, ke, s
 
 
-def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=128):
+def alibi_slopes(n_heads: int):
+    """ALiBi's head slopes 2**(-8h/n), h = 1..n (float64 (n,)): a fixed recency bias per head,
+    the steepest looking at the last few tokens, the flattest at the whole context."""
+    return 2.0 ** (-8.0 * np.arange(1, n_heads + 1) / n_heads)
+
+
+def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=128,
+                                 alibi_slopes=None):
     """Attention over (..., T, D) tensors: q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv).
 
     scale defaults to 1/sqrt(D). causal=True masks future keys (bottom-right aligned, needs
     Tq <= Tk). block_size is the key-block length: memory (one (..., Tq, block) tile) against
-    Python overhead per block.
+    Python overhead per block. alibi_slopes: None, or slopes broadcastable to the batch dims
+    q.shape[:-2] (e.g. (H,) for (B, H, T, D)) that add -slope · |i - j| to the scores.
     """
     op = "scaled_dot_product_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -854,5 +871,16 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=12
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"{op}: block_size={block_size!r}; expected a positive integer")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if alibi_slopes is not None:
+        slopes = np.asarray(backend.to_numpy(alibi_slopes), dtype=np.float64)
+        batch = tuple(q.shape[:-2])
+        try:
+            fits = np.broadcast_shapes(slopes.shape, batch) == batch
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{op}: alibi_slopes of shape {slopes.shape} do not broadcast to "
+                             f"the batch dimensions {batch} of {shapes}")
+        alibi_slopes = slopes
     return ScaledDotProductAttention.apply(q, k, v, causal=bool(causal), scale=scale,
-                                           block_size=int(block_size))
+                                           block_size=int(block_size), alibi_slopes=alibi_slopes)

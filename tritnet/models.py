@@ -3,7 +3,7 @@
 One reading of the seed (DESIGN §6b), in the family of large sparse memory layers:
 
     x      = embed[token]                              TernaryEmbeddingTable(vocab, d)
-    block: x += Attention(rms_norm(x))                 ternary q, k, v, o; causal, no positions
+    block: x += Attention(rms_norm(x))                 ternary q, k, v, o; causal, ALiBi
            x += MoEGraph(rms_norm(x), memory)          routed ternary experts + code memory
     m      = motif(rms_norm(x))                        TernaryLinear d -> CODEBOOK_DIM
     q, c   = shared_vq(m)                              nearest of SHARED_VQ_SIZE ternary codes
@@ -12,9 +12,9 @@ One reading of the seed (DESIGN §6b), in the family of large sparse memory laye
 
 Every weight is ternary with int8 state; every component either receives gradient (the
 ternary layers and tables, through the int8 path) or has an integer learning rule (the code
-graph's edges, from observed code transitions). Attention uses no positional encoding: a
-causal decoder infers positions from the mask ("NoPE"), and it keeps the model free of float
-tables.
+graph's edges, from observed code transitions). Attention positions come from ALiBi, a fixed
+per-head bias -slope·distance on the scores, computed on the fly: no position table, nothing
+learned, no float state (or, with position = "nope", from the causal mask alone).
 """
 
 from __future__ import annotations
@@ -34,9 +34,15 @@ from tritnet_kernels import graph as kgraph
 
 
 class Attention(Module):
-    def __init__(self, d_model: int, n_heads: int, device=None):
+    """Causal multi-head attention with ternary q, k, v, o. Positions: none ("nope": the
+    causal mask alone tells order) or ALiBi ("alibi": a fixed per-head recency bias on the
+    scores, computed on the fly; no table, nothing learned)."""
+
+    def __init__(self, d_model: int, n_heads: int, device=None, position: str = "alibi"):
         super().__init__()
-        self.n_heads = n_heads
+        if position not in ("alibi", "nope"):
+            raise ValueError(f"Attention: position must be 'alibi' or 'nope', got {position!r}")
+        self.n_heads, self.position = n_heads, position
         self.q = TernaryLinear(d_model, d_model, device)
         self.k = TernaryLinear(d_model, d_model, device)
         self.v = TernaryLinear(d_model, d_model, device)
@@ -49,8 +55,9 @@ class Attention(Module):
         def heads(t):
             return t.reshape(B, T, h, d // h).transpose(0, 2, 1, 3)
 
+        slopes = F.alibi_slopes(h) if self.position == "alibi" else None
         y = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
-                                           causal=True)
+                                           causal=True, alibi_slopes=slopes)
         return self.o(y.transpose(0, 2, 1, 3).reshape(B, T, d))
 
 
@@ -245,7 +252,7 @@ class Block(Module):
     def __init__(self, config: Config, device=None):
         super().__init__()
         c = config
-        self.attn = Attention(c.d_model, c.n_heads, device)
+        self.attn = Attention(c.d_model, c.n_heads, device, position=c.position)
         self.moe = MoEGraph(c.d_model, c.shared_vq_size, n_experts=c.n_experts,
                             expert_hidden=c.expert_hidden, top_k=c.top_k,
                             code_dim=c.codebook_dim, slots=c.graph_slots,

@@ -1,0 +1,211 @@
+"""One whole training step on the GPU: tokens/s, peak device memory, launches, time by component.
+
+    python benchmarks/bench_step.py --preset small --batch-size 32 --seq-len 256   # issue 7's shape
+    python benchmarks/bench_step.py --preset default          # batch 4 x 512, ≈3.0B trits
+
+Two phases on the same model:
+1. `--steps` plain training steps (forward, backward, integer update; the loop of
+   tritnet/train.py without its logging) after `--warmup` steps: median tokens/s and host time
+   per step, Numba kernel launches per step (CuPy's own element-wise kernels are not counted),
+   and the peak of device memory the CuPy pool handed out, from the model's construction on.
+2. `--profile-steps` steps with a stream synchronisation at every component boundary, to split
+   a step's wall time by component: forward of embedding, attention, MoEGraph (its code-memory
+   reads of the shared VQ counted under shared_vq), motif, shared_vq, kgvq, head; then
+   backward as a whole, and the optimiser's update. The synchronisations slow the step; the
+   shares, not the sum, are the point.
+
+Peer numbers (issue 7, BitNet-b1.58-style PyTorch, fp32 latents + AdamW, same H100): 3.2B
+parameters at 4 x 512: 62.5 GiB, 7,900 tokens/s; 27.7M at 32 x 256: 2.3 GiB, 180,000 tokens/s.
+Writes benchmarks/results/step-<preset>-<gpu>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PEER = {"default": {"tokens_per_s": 7900, "peak_gib": 62.5},
+        "small": {"tokens_per_s": 180_000, "peak_gib": 2.3}}
+
+
+def track_peak_memory():
+    """Route CuPy allocations through the default pool, recording the most ever in use."""
+    import cupy
+    pool = cupy.get_default_memory_pool()
+    peak = {"bytes": 0}
+
+    def malloc(size):
+        mem = pool.malloc(size)
+        peak["bytes"] = max(peak["bytes"], pool.used_bytes())
+        return mem
+
+    cupy.cuda.set_allocator(malloc)
+    return peak
+
+
+def count_launches():
+    import tritnet_kernels
+    from tritnet_kernels import _launch
+    counter = {"n": 0}
+    original = _launch.launch
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return original(*args, **kwargs)
+
+    for name in ("graph", "matmul", "packing", "tables", "update", "vq"):
+        module = getattr(tritnet_kernels, name, None) or __import__(
+            f"tritnet_kernels.{name}", fromlist=[name])
+        module.launch = counted
+    return counter
+
+
+def time_components(model, sync, times):
+    """Patch component forwards to add their exclusive wall time (synchronised) to `times`."""
+    stack = []
+
+    def wrap(name, module):
+        forward = module.forward
+
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                sync()
+                spent = time.perf_counter() - start
+                inner = stack.pop()
+                times[name] += spent - inner
+                if stack:
+                    stack[-1] += spent
+
+        module.forward = timed
+
+    wrap("embedding", model.embed)
+    for block in model.blocks:
+        wrap("attention", block.attn)
+        wrap("moe_graph", block.moe)
+    wrap("motif", model.motif)
+    wrap("shared_vq", model.shared_vq)
+    wrap("kgvq", model.kgvq)
+    wrap("head", model.head)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    args = parser.parse_args()
+
+    import cupy
+    peak = track_peak_memory()
+    launches = count_launches()
+    from tritnet import backend, data as tdata
+    from tritnet import random as trandom
+    from tritnet.config import preset
+    from tritnet.nn.ternary import TernaryModule
+    from tritnet.train import build
+
+    backend.set_device("cuda")
+    config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len)
+    trandom.manual_seed(config.seed)
+    corpus = tdata.load_corpus(None)
+    batches = tdata.Batches(corpus, config.batch_size, config.seq_len, seed=1)
+    t0 = time.perf_counter()
+    model, optimizer = build(config)
+    cupy.cuda.get_current_stream().synchronize()
+    build_s = time.perf_counter() - t0
+    trits = sum(m.logical_trits() for m in model.modules() if isinstance(m, TernaryModule))
+    state = sum(b.nbytes for _, b in model.named_buffers())
+    tokens = config.batch_size * config.seq_len
+
+    def step():
+        x, y = batches.get("train")
+        loss, _ = model.loss(x, y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    rates, host, per_step_launches = [], [], []
+    for i in range(args.warmup + args.steps):
+        before = launches["n"]
+        start = time.perf_counter()
+        loss = step()
+        issued = time.perf_counter() - start
+        float(loss.item())   # the loop's one sync a step
+        wall = time.perf_counter() - start
+        if i >= args.warmup:
+            rates.append(tokens / wall)
+            host.append(issued)
+            per_step_launches.append(launches["n"] - before)
+
+    sync = cupy.cuda.get_current_stream().synchronize
+    times = defaultdict(float)
+    time_components(model, sync, times)
+    components = ("embedding", "attention", "moe_graph", "motif", "shared_vq", "kgvq", "head")
+    for _ in range(args.profile_steps):
+        sync()
+        inside_before = sum(times[c] for c in components)
+        start = time.perf_counter()
+        x, y = batches.get("train")
+        loss, _ = model.loss(x, y)
+        sync()
+        forward_total = time.perf_counter() - start
+        # the loss, norms and residual adds between the components
+        times["forward (rest)"] += forward_total - (sum(times[c] for c in components) -
+                                                    inside_before)
+        mark = time.perf_counter()
+        loss.backward()
+        sync()
+        times["backward"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        optimizer.step()
+        sync()
+        times["update"] += time.perf_counter() - mark
+    component_s = {k: v / args.profile_steps for k, v in times.items()}
+    total = sum(component_s.values())
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    result = {
+        "device": name, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
+        "batch": [config.batch_size, config.seq_len], "logical_trits": trits,
+        "state_bytes": state, "state_bytes_per_trit": state / trits, "build_s": build_s,
+        "tokens_per_s": statistics.median(rates), "host_s_per_step": statistics.median(host),
+        "launches_per_step": statistics.median(per_step_launches),
+        "peak_device_bytes": peak["bytes"],
+        "peak_device_gib": peak["bytes"] / 2**30,
+        "peer": PEER.get(args.preset), "component_s_per_step": component_s,
+        "method": __doc__.strip(),
+    }
+    path = os.path.join(ROOT, "benchmarks", "results",
+                        f"step-{args.preset}-{name.lower().replace(' ', '-')}.json")
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"{args.preset}: {trits:,} trits, state {state / trits:.3f} B/trit, "
+          f"{result['tokens_per_s']:,.0f} tok/s, peak {result['peak_device_gib']:.2f} GiB, "
+          f"{result['launches_per_step']:.0f} Numba launches/step, host "
+          f"{result['host_s_per_step'] * 1e3:.0f} ms/step, build {build_s:.1f} s")
+    if args.preset in PEER:
+        peer = PEER[args.preset]
+        print(f"  peer (fp32-latent AdamW): {peer['tokens_per_s']:,} tok/s, "
+              f"{peer['peak_gib']} GiB")
+    for k, v in sorted(component_s.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<16} {v * 1e3:9.1f} ms  {v / total:6.1%}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
