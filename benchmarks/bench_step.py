@@ -52,7 +52,8 @@ def track_peak_memory():
 
 
 def count_launches():
-    import tritnet_kernels
+    """Count calls of tritnet_kernels._launch.launch (each kernel module imported it by name)."""
+    import importlib
     from tritnet_kernels import _launch
     counter = {"n": 0}
     original = _launch.launch
@@ -62,9 +63,7 @@ def count_launches():
         return original(*args, **kwargs)
 
     for name in ("graph", "matmul", "packing", "tables", "update", "vq"):
-        module = getattr(tritnet_kernels, name, None) or __import__(
-            f"tritnet_kernels.{name}", fromlist=[name])
-        module.launch = counted
+        importlib.import_module(f"tritnet_kernels.{name}").launch = counted
     return counter
 
 
