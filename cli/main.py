@@ -134,6 +134,10 @@ def trace(preset_name, config_path, as_json):
 @click.option("--scale-threshold", type=int, help="TritFlip: the same for the row scales.")
 @click.option("--decay-shift", type=int, help="TritFlip: accumulator leak, 0 = off (0..7).")
 @click.option("--grad-rms-units", type=int, help="TritFlip: int8 units of a one-RMS gradient.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]),
+              help="TritFlip: the gain's decay over the run (its learning-rate schedule).")
+@click.option("--final-grad-rms-units", type=float,
+              help="TritFlip: the gain at the last step under --schedule cosine.")
 @click.option("--eval-every", type=int, help="Steps between held-out evaluations (0: at the end).")
 @click.option("--save-every", type=int, help="Steps between checkpoints (0: at the end only).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -152,10 +156,15 @@ def trace(preset_name, config_path, as_json):
 @click.option("--micro-batches", type=click.IntRange(min=1), default=None,
               help="Cut each step's batch into this many shards, combined exactly in "
               "integers (a multiple of --gpus; default: one per GPU).")
+@click.option("--recompute/--no-recompute", default=None,
+              help="Keep one block's activations and recompute each block in backward: the "
+              "same training in far less device memory, for a second forward (default: the "
+              "preset's).")
 @user_errors_are_one_line
 def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size, seq_len,
-          flip_threshold, scale_threshold, decay_shift, grad_rms_units, eval_every, save_every,
-          out_dir, resume, overwrite, seed, device, gpus, micro_batches):
+          flip_threshold, scale_threshold, decay_shift, grad_rms_units, schedule,
+          final_grad_rms_units, eval_every, save_every, out_dir, resume, overwrite, seed, device,
+          gpus, micro_batches, recompute):
     """Train a model; with no options, the tiny preset on the default corpus.
 
     The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
@@ -178,8 +187,9 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
     config = config.override(steps=steps, batch_size=batch_size, seq_len=seq_len,
                              flip_threshold=flip_threshold, scale_threshold=scale_threshold,
                              decay_shift=decay_shift, grad_rms_units=grad_rms_units,
+                             schedule=schedule, final_grad_rms_units=final_grad_rms_units,
                              eval_every=eval_every, save_every=save_every, seed=seed,
-                             micro_batches=micro_batches)
+                             micro_batches=micro_batches, recompute=recompute)
     run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
               overwrite=overwrite, device=device, tokens=tokens, gpus=gpus,
               log=lambda line: click.echo(line))
@@ -228,18 +238,26 @@ def sample(checkpoint, prompt, n_tokens, temperature, top_k, seed, device):
 @click.option("--dtype", type=click.Choice(["uint8", "uint16"]), help="Token dtype of a .bin.")
 @click.option("--batches", type=click.IntRange(min=0), default=None,
               help="Held-out batches to score (default: the config's eval_batches; 0: all).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              help="Tokens per scored window (default: the training seq_len; at most the "
+              "model's context). Each window is scored from its own first token.")
 @click.option("--device", type=DeviceChoice(), default=None, help="auto, cpu or cuda.")
 @user_errors_are_one_line
-def evaluate(checkpoint, data_path, dtype, batches, device):
+def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
     """Held-out bits per byte of a checkpoint's model, beside the bigram baseline."""
     from tritnet import data as tdata
     from tritnet.sample import load_model
     from tritnet.train import evaluate as run_evaluate
     model, config = load_model(checkpoint, device=device)
+    from tritnet.config import ConfigError
+    seq_len = config.seq_len if seq_len is None else seq_len
+    if seq_len > config.context:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context = {config.context}; "
+                          f"score windows of at most {config.context} tokens")
     corpus = tdata.load_corpus(data_path, dtype=dtype)
-    corpus.check_seq_len(config.seq_len)
+    corpus.check_seq_len(seq_len)
     limit = config.eval_batches if batches is None else (batches or None)
-    windows = list(tdata.eval_batches(corpus.val, config.batch_size, config.seq_len, limit))
+    windows = list(tdata.eval_batches(corpus.val, config.batch_size, seq_len, limit))
     per_byte = corpus.tokens_per_byte or 1.0
     unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
     val = tdata.bits_per_byte(run_evaluate(model, windows), per_byte)

@@ -361,3 +361,27 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(files):
     ckpt = load_checkpoint(out / "ckpt.h5", model)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ckpt.step >= 1 and rows[-1]["step"] == ckpt.step
+
+
+def test_eval_at_another_window_length(run, files):
+    config = json.loads((run / "config.json").read_text())
+    res = cli("eval", run / "ckpt.h5", "--data", files / "code.txt", "--seq-len", 8)
+    assert res.exit_code == 0, res.output
+    windows = config["batch_size"] * config["eval_batches"]
+    assert f"on {windows * 8:,} tokens" in res.stdout
+    fails(files, ["eval", run / "ckpt.h5", "--data", files / "code.txt", "--seq-len",
+                  config["context"] + 1],
+          rf"--seq-len {config['context'] + 1} exceeds the model's context = "
+          rf"{config['context']}; score windows of at most")
+
+
+def test_schedule_and_recompute_flags_reach_the_run_config(files):
+    out = files / "flags"
+    res = cli(*train_args(files, out, "--schedule", "cosine", "--final-grad-rms-units", 2,
+                          "--recompute"))
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["schedule"], config["final_grad_rms_units"], config["recompute"]) == \
+        ("cosine", 2.0, True)
+    fails(files, train_args(files, files / "bad", "--final-grad-rms-units", 9),
+          r"config field final_grad_rms_units = 9.0 exceeds grad_rms_units = 8")

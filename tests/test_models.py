@@ -183,3 +183,75 @@ def test_default_preset_persistent_state_fits_the_memory_plan():
     (2-bit packed trits + int8 accumulators + small per-row and graph state)."""
     report = trace(preset("default"))
     assert sum(report.state_bytes.values()) <= 1.3 * report.total, report.format()
+
+
+# --- recomputation (config.recompute) --------------------------------------------------------
+
+def _recompute_pair_config(recompute):
+    return preset("tiny").override(batch_size=8, seq_len=16, d_model=64, n_heads=4, n_layers=3,
+                                   shared_vq_size=512, kgvq_size=128, recompute=recompute)
+
+
+def _one_backward(recompute):
+    from tritnet.nn.tables import TernaryEmbeddingTable
+    from tritnet.nn.ternary import TernaryLinear
+    trandom.manual_seed(0)
+    model = CodeMemoryLM(_recompute_pair_config(recompute))
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 256, (8, 17))
+    loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    grads = {}
+    for name, m in model.named_modules():
+        if isinstance(m, TernaryLinear):
+            grads[name] = (m.grad_q.copy(), m.grad_E_q.copy())
+        elif isinstance(m, TernaryEmbeddingTable) and len(m.pending) == 1:
+            rows, q, qE = m.pending[0]
+            grads[name] = (rows.copy(), q.copy(), qE.copy())
+    return loss.item(), grads
+
+
+def test_recompute_gives_the_same_loss_and_int8_gradients():
+    """Recomputing the blocks in backward changes nothing a step computes for any layer and any
+    table read once: the same loss, the same int8 gradients. (The shared VQ, read by every
+    block, quantises each read with the seed of its place in backward's order, which
+    recomputation changes: its gradients are equally valid, not identical.)"""
+    plain_loss, plain = _one_backward(False)
+    again_loss, again = _one_backward(True)
+    assert plain_loss == again_loss
+    assert plain.keys() == again.keys() and len(plain) > 40
+    for name in plain:
+        for a, b in zip(plain[name], again[name]):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_recompute_keeps_a_fraction_of_the_activations():
+    """Issue 7's memory plan: with recompute, a training forward keeps one input per block
+    instead of every block's intermediates (traced on the CPU: NumPy reports its allocations
+    to tracemalloc)."""
+    kept = {}
+    for recompute in (False, True):
+        config = preset("tiny").override(batch_size=8, seq_len=64, n_layers=4,
+                                         recompute=recompute)
+        trandom.manual_seed(0)
+        model = CodeMemoryLM(config)
+        tokens = np.random.default_rng(0).integers(0, 256, (8, 65))
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+            kept[recompute] = tracemalloc.get_traced_memory()[0] - base
+            tracemalloc.reset_peak()
+            loss.backward()
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        if recompute:
+            assert peak < 0.5 * kept[False], (peak, kept)
+    assert kept[True] < 0.25 * kept[False], kept
+
+
+def test_default_preset_recomputes_its_blocks():
+    """The 16 GB budget of issue 7 holds only with recomputation (6.08 GiB measured against
+    16.04 GiB without, benchmarks/results/step-default-4x512-*.json)."""
+    assert preset("default").recompute and not Config().recompute

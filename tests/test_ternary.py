@@ -189,3 +189,30 @@ def test_ternary_mlp_learns_digits():
         accuracy = (model(tritnet.tensor(X[1400:])).numpy().argmax(1) == y[1400:]).mean()
     assert time.perf_counter() - start < 60
     assert accuracy >= 0.90, accuracy
+
+
+def test_tritflip_cosine_gain_schedule():
+    from tritnet.optim import TritFlip
+    layer = TernaryLinear(8, 4)
+    opt = TritFlip([layer], grad_rms_units=8, schedule="cosine", final_grad_rms_units=1.0,
+                   total_steps=10)
+    assert opt.gain(0) == 8.0 and opt.gain(10) == 1.0 and opt.gain(25) == 1.0
+    assert opt.gain(5) == pytest.approx(4.5)
+    assert all(opt.gain(s) > opt.gain(s + 1) for s in range(10))
+    assert layer.grad_rms_units == 8.0
+    opt.step()
+    assert layer.grad_rms_units == pytest.approx(opt.gain(1))   # modules follow the step
+    constant = TritFlip([TernaryLinear(8, 4)], grad_rms_units=8)
+    assert constant.gain(0) == constant.gain(10**6) == 8.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(schedule="linear", total_steps=10), "schedule must be 'constant' or 'cosine'"),
+    (dict(schedule="cosine"), "needs total_steps > 0"),
+    (dict(schedule="cosine", total_steps=10, final_grad_rms_units=9.0),
+     r"final_grad_rms_units must be in \(0, grad_rms_units = 8\], got 9.0"),
+])
+def test_tritflip_schedule_errors(kwargs, match):
+    from tritnet.optim import TritFlip
+    with pytest.raises(ValueError, match=match):
+        TritFlip([TernaryLinear(8, 4)], grad_rms_units=8, **kwargs)

@@ -165,3 +165,46 @@ def test_nan_loss_saves_the_last_good_step(tmp_path, corpus, monkeypatch):
     for k in good:
         np.testing.assert_array_equal(good[k], saved[k], err_msg=k)
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+
+
+def test_cosine_schedule_run_stopped_by_ctrl_c_resumes_exactly(tmp_path, corpus, monkeypatch):
+    """The gain's schedule depends on the step and the run's length only, so a cosine run cut
+    by Ctrl-C after step 3 and resumed equals the uncut run, losses and trits."""
+    import signal
+    config = small(steps=6, eval_every=0, save_every=0, schedule="cosine",
+                   final_grad_rms_units=0.5)
+    train(config, data=corpus, out_dir=tmp_path / "full", log=quiet)
+    original, calls = CodeMemoryLM.loss, []
+
+    def interrupted(self, tokens, targets):
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C during step 3: saved after it
+        return original(self, tokens, targets)
+
+    monkeypatch.setattr(CodeMemoryLM, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=corpus, out_dir=tmp_path / "split", log=quiet)
+    assert load_checkpoint(tmp_path / "split" / "ckpt.h5").step == 3
+    monkeypatch.setattr(CodeMemoryLM, "loss", original)
+    train(config, data=corpus, out_dir=tmp_path / "split", resume=True, log=quiet)
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    a, b = ternary_state(tmp_path / "full" / "ckpt.h5"), ternary_state(tmp_path / "split" / "ckpt.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_cosine_schedule_changes_training_and_recompute_does_not(tmp_path, corpus):
+    runs = {}
+    for name, values in (("constant", {}), ("cosine", {"schedule": "cosine"}),
+                         ("recompute", {"recompute": True})):
+        # without the shared VQ no table is read twice a step: recompute is then exact (a
+        # table read by several blocks quantises each read with the seed of its place in
+        # backward's order, which recompute changes; tests/test_models.py)
+        train(small(steps=4, eval_every=0, n_layers=2, use_shared_vq=False, **values),
+              data=corpus, out_dir=tmp_path / name, log=quiet)
+        runs[name] = ternary_state(tmp_path / name / "ckpt.h5")
+    for k in runs["constant"]:
+        np.testing.assert_array_equal(runs["constant"][k], runs["recompute"][k], err_msg=k)
+    assert any(not np.array_equal(runs["constant"][k], runs["cosine"][k]) for k in runs["cosine"])

@@ -205,58 +205,7 @@ class Tensor:
                                    f"{tuple(self.shape)} without a gradient; pass grad= of that "
                                    "shape, or reduce to a scalar (e.g. .sum()) first")
             grad = backend.get_array_module(self.data).ones_like(self.data)
-        elif isinstance(grad, Tensor):
-            grad = grad.data
-        if grad.shape != self.shape:
-            raise ValueError(f"backward: grad has shape {tuple(grad.shape)}, expected "
-                             f"{tuple(self.shape)} to match the tensor")
-        if self._node is None:
-            self._accumulate_leaf(grad)
-            return
-        order = _topological_order(self._node)
-        leaf_grads = {}  # id -> (leaf, summed gradient); hooks see the total, as in PyTorch
-        pending = {self._node: [None] * len(self._node.output_meta)}
-        pending[self._node][self._index] = grad
-        for node in reversed(order):
-            grads = pending.pop(node, None)
-            if grads is None:
-                continue
-            for i, ref in enumerate(node.outputs):
-                out = ref()
-                if out is not None and grads[i] is not None:
-                    grads[i] = out._run_hooks(grads[i])
-                    if out._retain:
-                        out.grad = grads[i] if out.grad is None else out.grad + grads[i]
-            if all(g is None for g in grads):
-                in_grads = (None,) * len(node.inputs)
-            else:
-                xp = backend.get_array_module(*(g for g in grads if g is not None))
-                grads = [xp.zeros(s, d) if g is None else g
-                         for g, (s, d) in zip(grads, node.output_meta)]
-                in_grads = node.backward(*grads)
-                if not isinstance(in_grads, tuple):
-                    in_grads = (in_grads,)
-            inputs = node.inputs
-            if len(in_grads) != len(inputs):
-                raise RuntimeError(f"{type(node).__name__}.backward returned {len(in_grads)} "
-                                   f"gradients for {len(inputs)} inputs")
-            for t, g in zip(inputs, in_grads):
-                if g is None or not t.requires_grad:
-                    continue
-                if g.shape != t.shape:
-                    raise RuntimeError(f"{type(node).__name__}.backward: gradient of shape "
-                                       f"{tuple(g.shape)} for an input of shape {tuple(t.shape)}")
-                if t._node is None:
-                    prev = leaf_grads.get(id(t))
-                    leaf_grads[id(t)] = (t, g if prev is None else prev[1] + g)
-                else:
-                    slot = pending.setdefault(t._node, [None] * len(t._node.output_meta))
-                    prev = slot[t._index]
-                    slot[t._index] = g if prev is None else prev + g
-            if not retain_graph:
-                node._release()
-        for leaf, g in leaf_grads.values():
-            leaf._accumulate_leaf(g)
+        backward([self], [grad], retain_graph=retain_graph)
 
     def _run_hooks(self, grad):
         for hook in self._hooks or ():
@@ -319,28 +268,145 @@ class Tensor:
         return self._f().transpose(self)
 
 
-def _topological_order(root) -> list:
-    """Nodes reachable from `root`, each after all nodes that feed it (iterative DFS)."""
-    order, visited = [], {root}
-    stack = [(root, iter(_parents(root)))]
-    while stack:
-        node, parents = stack[-1]
-        for parent in parents:
-            if parent not in visited:
-                visited.add(parent)
-                stack.append((parent, iter(_parents(parent))))
-                break
+def backward(tensors, grads, retain_graph: bool = False) -> None:
+    """Backpropagate from several roots at once: `grads[i]` is d(loss)/d(tensors[i]).
+
+    Nodes reachable from any root are visited once, in reverse topological order: the
+    gradients for each node's outputs are summed, hooks run, the node's backward runs, and
+    the node is released at once unless `retain_graph`.
+    """
+    pending = {}     # node -> gradient slot per output
+    leaf_grads = {}  # id -> (leaf, summed gradient); hooks see the total, as in PyTorch
+    for t, g in zip(tensors, grads):
+        if isinstance(g, Tensor):
+            g = g.data
+        if g is None or not t.requires_grad:
+            continue
+        if g.shape != t.shape:
+            raise ValueError(f"backward: grad has shape {tuple(g.shape)}, expected "
+                             f"{tuple(t.shape)} to match the tensor")
+        _add_grad(t, g, pending, leaf_grads)
+    for node in reversed(_topological_order(list(pending))):
+        grads = pending.pop(node, None)
+        if grads is None:
+            continue
+        for i, ref in enumerate(node.outputs):
+            out = ref()
+            if out is not None and grads[i] is not None:
+                grads[i] = out._run_hooks(grads[i])
+                if out._retain:
+                    out.grad = grads[i] if out.grad is None else out.grad + grads[i]
+        if all(g is None for g in grads):
+            in_grads = (None,) * len(node.inputs)
         else:
-            stack.pop()
-            order.append(node)
+            xp = backend.get_array_module(*(g for g in grads if g is not None))
+            grads = [xp.zeros(s, d) if g is None else g
+                     for g, (s, d) in zip(grads, node.output_meta)]
+            in_grads = node.backward(*grads)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+        inputs = node.inputs
+        if len(in_grads) != len(inputs):
+            raise RuntimeError(f"{type(node).__name__}.backward returned {len(in_grads)} "
+                               f"gradients for {len(inputs)} inputs")
+        for t, g in zip(inputs, in_grads):
+            if g is None or not t.requires_grad:
+                continue
+            if g.shape != t.shape:
+                raise RuntimeError(f"{type(node).__name__}.backward: gradient of shape "
+                                   f"{tuple(g.shape)} for an input of shape {tuple(t.shape)}")
+            _add_grad(t, g, pending, leaf_grads)
+        if not retain_graph:
+            node._release()
+    for leaf, g in leaf_grads.values():
+        leaf._accumulate_leaf(g)
+
+
+def _add_grad(t, g, pending, leaf_grads) -> None:
+    if t._node is None:
+        prev = leaf_grads.get(id(t))
+        leaf_grads[id(t)] = (t, g if prev is None else prev[1] + g)
+    else:
+        _check_alive(t._node)
+        slot = pending.setdefault(t._node, [None] * len(t._node.output_meta))
+        prev = slot[t._index]
+        slot[t._index] = g if prev is None else prev + g
+
+
+class Recompute(Function):
+    """Activation recomputation: run `fn` without a tape now, again with one in backward.
+
+    Forward keeps only the input arrays; backward re-runs `fn` on them with grad enabled and
+    backpropagates the incoming gradients through that fresh tape, which is freed node by
+    node as it goes. So a stack of recomputed blocks holds one block's intermediates at a
+    time instead of all of them, for the price of a second forward of each block.
+
+    `fn` must compute the same outputs both times (no randomness of its own) and must not
+    change state in forward: a training forward here only records observations, and the
+    first, tape-less run records none (recording is gated on grad mode), so each is recorded
+    once, by the run whose tape backward uses. Ternary layers inside `fn` deliver their int8
+    weight gradients during that backward, as they would without recomputation.
+    """
+
+    def forward(self, *arrays, fn):
+        # The node must be recorded even when no input needs a gradient: the weights inside
+        # fn get theirs through it.
+        self.updates_state = is_grad_enabled()
+        self.fn, self.arrays = fn, arrays
+        with no_grad():
+            out = fn(*(Tensor(a) for a in arrays))
+        self.multiple = isinstance(out, tuple)
+        outs = out if self.multiple else (out,)
+        return tuple(o.data for o in outs) if self.multiple else outs[0].data
+
+    def backward(self, *grads):
+        inputs = [Tensor(a, requires_grad=need)
+                  for a, need in zip(self.arrays, self.needs_input_grad)]
+        with enable_grad():
+            out = self.fn(*inputs)
+        outs = out if self.multiple else (out,)
+        backward(list(outs), list(grads))
+        return tuple(t.grad for t in inputs)
+
+
+def recompute(fn, *inputs):
+    """`fn(*inputs)`, with its intermediates recomputed in backward instead of kept (see
+    Recompute). Outside grad mode it is just `fn(*inputs)`."""
+    if not is_grad_enabled():
+        return fn(*inputs)
+    return Recompute.apply(*inputs, fn=fn)
+
+
+def _topological_order(roots) -> list:
+    """Nodes reachable from `roots`, each after all nodes that feed it (iterative DFS)."""
+    order, visited = [], set()
+    for root in roots:
+        if root in visited:
+            continue  # already placed, below a root walked before it
+        visited.add(root)
+        stack = [(root, iter(_parents(root)))]
+        while stack:
+            node, parents = stack[-1]
+            for parent in parents:
+                if parent not in visited:
+                    visited.add(parent)
+                    stack.append((parent, iter(_parents(parent))))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
     return order
 
 
-def _parents(node):
+def _check_alive(node):
     if getattr(node, "released", False):
         raise RuntimeError(f"backward: the graph through {type(node).__name__} was already "
                            "freed by an earlier backward(); pass retain_graph=True to the first "
                            "call to backpropagate twice")
+
+
+def _parents(node):
+    _check_alive(node)
     return [t._node for t in node.inputs if t._node is not None and t.requires_grad]
 
 

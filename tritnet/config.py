@@ -50,11 +50,15 @@ class Config:
     use_kgvq: bool = True
     use_graph_edges: bool = True
     use_composite_head: bool = True
+    recompute: bool = False        # keep one block's activations, recompute each in backward:
+                                   # bit-identical training, far less memory, a second forward
     # --- optimiser: TritFlip (tritnet/optim.py explains each) ------------------------------
     flip_threshold: int = 64
     scale_threshold: int = 64
     decay_shift: int = 0
     grad_rms_units: int = 8
+    schedule: str = "constant"     # the gain's decay over `steps`: "constant" or "cosine" (to
+    final_grad_rms_units: float = 1.0  # final_grad_rms_units at the last step; optim.py)
     # --- training run -----------------------------------------------------------------------
     batch_size: int = 16
     seq_len: int = 128
@@ -84,6 +88,13 @@ class Config:
         if self.position not in ("alibi", "nope"):
             raise ConfigError(f"config field position = {self.position!r}: expected 'alibi' or "
                               "'nope'")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"config field schedule = {self.schedule!r}: expected 'constant' "
+                              "or 'cosine'")
+        if self.final_grad_rms_units > self.grad_rms_units:
+            raise ConfigError(f"config field final_grad_rms_units = {self.final_grad_rms_units} "
+                              f"exceeds grad_rms_units = {self.grad_rms_units} (the schedule "
+                              "decays the gain)")
         if self.vq_search not in ("exact", "routed"):
             raise ConfigError(f"config field vq_search = {self.vq_search!r}: expected 'exact' "
                               "or 'routed'")
@@ -148,7 +159,8 @@ _RANGES = {
     "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
     "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
-    "decay_shift": (0, 7), "grad_rms_units": (1, 127), "batch_size": (1, 1 << 20),
+    "decay_shift": (0, 7), "grad_rms_units": (1, 127),
+    "final_grad_rms_units": (0.001, 127.0), "batch_size": (1, 1 << 20),
     "micro_batches": (1, 1 << 16),
     "seq_len": (1, 1 << 20), "steps": (0, 1 << 40), "eval_every": (0, 1 << 40),
     "eval_batches": (1, 1 << 20), "save_every": (0, 1 << 40), "seed": (0, 2**63 - 1),
@@ -169,11 +181,12 @@ PRESETS = {
     "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
                   graph_capacity=1 << 16, batch_size=256, seq_len=32, position="alibi"),
-    # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64
+    # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64. Blocks are
+    # recomputed in backward: issue 7's 16 GB budget for a step at 4 x 512
     "default": dict(d_model=2560, n_layers=24, n_heads=20, context=1024, n_experts=8,
                     expert_hidden=1424, shared_vq_size=10_000_000, kgvq_size=5_000_000,
                     graph_slots=8, graph_capacity=1 << 18, vq_search="routed",
-                    batch_size=4, seq_len=512, position="alibi"),
+                    batch_size=4, seq_len=512, position="alibi", recompute=True),
 }
 
 

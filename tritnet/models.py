@@ -25,7 +25,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .autograd import Tensor, is_grad_enabled
+from .autograd import Tensor, is_grad_enabled, recompute
 from .config import Config
 from .nn import Module, ModuleList
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
@@ -249,9 +249,17 @@ class MoEGraph(Module):
 
 
 class Block(Module):
+    """x += Attention(rms_norm(x)); x += MoEGraph(rms_norm(x), memory).
+
+    With `recompute` (config field of that name), a training forward keeps only the block's
+    input and runs the block again in backward (autograd.recompute): the model then holds
+    one block's intermediates at a time, not n_layers of them, for a second forward per block.
+    """
+
     def __init__(self, config: Config, device=None):
         super().__init__()
         c = config
+        self.recompute = c.recompute
         self.attn = Attention(c.d_model, c.n_heads, device, position=c.position)
         self.moe = MoEGraph(c.d_model, c.shared_vq_size, n_experts=c.n_experts,
                             expert_hidden=c.expert_hidden, top_k=c.top_k,
@@ -260,9 +268,14 @@ class Block(Module):
         self.moe.use_edges = c.use_graph_edges
 
     def forward(self, x: Tensor, memory):
-        x = x + self.attn(F.rms_norm(x))
-        y, aux = self.moe(F.rms_norm(x), memory)
-        return x + y, aux
+        def block(x):
+            x = x + self.attn(F.rms_norm(x))
+            y, aux = self.moe(F.rms_norm(x), memory)
+            return x + y, aux
+
+        if self.recompute and self.training:
+            return recompute(block, x)
+        return block(x)
 
 
 class CompositeHead(Module):

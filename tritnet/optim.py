@@ -19,6 +19,11 @@ The hyperparameters are this scheme's learning rate:
 - scale_threshold (default 64): the same for the row scale E (one step = ×2^(±1/8));
 - decay_shift (default 0 = off): each step without a flip leaks |a| >> decay_shift, a memory of
   about 2**decay_shift steps: larger = longer memory; it filters gradient noise.
+- schedule ("constant" or "cosine") and final_grad_rms_units: the gain's schedule, this
+  scheme's learning-rate decay. With "cosine" the units a one-RMS gradient adds fall from
+  grad_rms_units at step 0 to final_grad_rms_units at `total_steps`, along a half cosine
+  (stochastic rounding keeps a fractional gain unbiased). Late in training, noise then rarely
+  reaches the threshold, so trits stop flipping back and forth and settle.
 
 After the weight updates, a step applies what the step's training forwards observed:
 modules with integer learning rules that are not gradients (VQ usage counts and dead-code
@@ -30,6 +35,8 @@ launch for its trits and one for its row scales.
 """
 
 from __future__ import annotations
+
+import math
 
 from . import random as trandom
 from .nn.module import Module
@@ -45,12 +52,26 @@ class TritFlip:
     """Accumulate int8 gradients and flip trits / step scales across thresholds."""
 
     def __init__(self, modules, *, flip_threshold: int = 64, scale_threshold: int = 64,
-                 decay_shift: int = 0, grad_rms_units: int = 8, seed: int = 0):
+                 decay_shift: int = 0, grad_rms_units: int = 8, seed: int = 0,
+                 schedule: str = "constant", final_grad_rms_units: float = 1.0,
+                 total_steps: int = 0):
         _check_int("flip_threshold", flip_threshold, 1, 127)
         _check_int("scale_threshold", scale_threshold, 1, 127)
         _check_int("decay_shift", decay_shift, 0, 7)
         _check_int("grad_rms_units", grad_rms_units, 1, 127)
         _check_int("seed", seed, 0, 2**63 - 1)
+        _check_int("total_steps", total_steps, 0, 2**63 - 1)
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"TritFlip: schedule must be 'constant' or 'cosine', got {schedule!r}")
+        if schedule == "cosine" and not total_steps:
+            raise ValueError("TritFlip: schedule 'cosine' needs total_steps > 0 (the step at "
+                             "which the gain reaches final_grad_rms_units)")
+        if not (isinstance(final_grad_rms_units, (int, float)) and
+                0 < final_grad_rms_units <= grad_rms_units):
+            raise ValueError(f"TritFlip: final_grad_rms_units must be in (0, grad_rms_units = "
+                             f"{grad_rms_units}], got {final_grad_rms_units!r}")
+        self.schedule, self.total_steps = schedule, total_steps
+        self.final_grad_rms_units = float(final_grad_rms_units)
         if isinstance(modules, Module):
             modules = modules.modules()
         modules = list(modules)
@@ -63,13 +84,23 @@ class TritFlip:
         self.decay_shift, self.grad_rms_units, self.seed = decay_shift, grad_rms_units, seed
         self.step_count = 0
         for key, m in enumerate(self.modules):
-            m.grad_rms_units = grad_rms_units
             m.grad_seed = trandom.mix_seed(seed, key)
         self._sync_modules()
 
+    def gain(self, step: int | None = None) -> float:
+        """Accumulator units a one-RMS gradient adds at `step` (default: the current one)."""
+        step = self.step_count if step is None else step
+        if self.schedule == "constant":
+            return float(self.grad_rms_units)
+        progress = min(step / self.total_steps, 1.0)
+        start, end = float(self.grad_rms_units), self.final_grad_rms_units
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     def _sync_modules(self, shard: int = 0):
+        gain = self.gain()
         for m in self.modules:
             m.grad_step, m.grad_shard, m.grad_uses = self.step_count, shard, 0
+            m.grad_rms_units = gain
 
     def begin_shard(self, shard: int) -> None:
         """The next backward belongs to micro-batch `shard` of this step's global batch: its
@@ -97,7 +128,9 @@ class TritFlip:
     def state_dict(self) -> dict:
         return {"step": self.step_count, "seed": self.seed, "flip_threshold": self.flip_threshold,
                 "scale_threshold": self.scale_threshold, "decay_shift": self.decay_shift,
-                "grad_rms_units": self.grad_rms_units}
+                "grad_rms_units": self.grad_rms_units, "schedule": self.schedule,
+                "final_grad_rms_units": self.final_grad_rms_units,
+                "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])

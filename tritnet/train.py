@@ -51,11 +51,13 @@ from .nn.ternary import TernaryModule
 from .optim import TritFlip
 
 RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
-# Fields that may change when a run is resumed: the run's length, logging and the optimiser's
-# "learning rate". Every other field shapes the model, and must match the checkpoint's.
+# Fields that may change when a run is resumed: the run's length, logging, the optimiser's
+# "learning rate" and how activations are kept. Every other field shapes the model, and must
+# match the checkpoint's.
 RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
                     "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
-                    "grad_rms_units", "seed")
+                    "grad_rms_units", "schedule", "final_grad_rms_units", "seed",
+                    "recompute")
 
 
 class TrainError(Exception):
@@ -101,7 +103,10 @@ def build(config: Config, device=None):
         raise ConfigError(str(e)) from None
     optimizer = TritFlip(model, flip_threshold=config.flip_threshold,
                          scale_threshold=config.scale_threshold, decay_shift=config.decay_shift,
-                         grad_rms_units=config.grad_rms_units, seed=config.seed)
+                         grad_rms_units=config.grad_rms_units, seed=config.seed,
+                         schedule=config.schedule,
+                         final_grad_rms_units=config.final_grad_rms_units,
+                         total_steps=config.steps)
     return model, optimizer
 
 
