@@ -47,6 +47,7 @@ import numpy as np
 
 from . import backend
 from . import random as trandom
+from tritnet_kernels import packing as kpacking
 from tritnet_kernels import tables as ktables
 from tritnet_kernels import update as kupdate
 
@@ -117,10 +118,12 @@ class NcclGroup:
     def all_gather(self, arrays):
         import cupy
         nccl, stream = self.nccl, self._stream()
+        # Contiguous copies are made, and kept alive, before the group: NCCL reads them only at
+        # groupEnd, so a temporary made inside the loop could be freed and reused by then.
+        arrays = [cupy.ascontiguousarray(a) for a in arrays]
         out = [cupy.empty((self.size,) + a.shape, a.dtype) for a in arrays]
         nccl.groupStart()
         for a, o in zip(arrays, out):
-            a = cupy.ascontiguousarray(a)
             self.comm.allGather(a.data.ptr, o.data.ptr, a.nbytes, nccl.NCCL_UINT8, stream)
         nccl.groupEnd()
         return out
@@ -489,7 +492,7 @@ class StepReducer:
                 q = xp.concatenate([q for _, q in m.restart_queries])
             else:
                 flat = xp.zeros((0, m.dim), np.float32)
-                q = xp.zeros((0, 2 * ((m.dim + 31) // 32)), np.uint32)
+                q = xp.zeros((0, 2 * kpacking.n_groups(m.dim)), np.uint32)
             items.append((flat, q))
             like.append([(np.float32, (m.dim,)), (np.uint32, (q.shape[1],))])
         for g in self.graphs:
