@@ -108,6 +108,8 @@ def main():
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute each block in backward (default: the preset's)")
     args = parser.parse_args()
 
     import cupy
@@ -120,7 +122,8 @@ def main():
     from tritnet.train import build
 
     backend.set_device("cuda")
-    config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len)
+    config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len,
+                                          recompute=args.recompute)
     trandom.manual_seed(config.seed)
     corpus = tdata.load_corpus(None)
     batches = tdata.Batches(corpus, config.batch_size, config.seq_len, seed=1)
@@ -180,7 +183,8 @@ def main():
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     result = {
         "device": name, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
-        "batch": [config.batch_size, config.seq_len], "logical_trits": trits,
+        "batch": [config.batch_size, config.seq_len], "recompute": config.recompute,
+        "logical_trits": trits,
         "state_bytes": state, "state_bytes_per_trit": state / trits, "build_s": build_s,
         "tokens_per_s": statistics.median(rates), "host_s_per_step": statistics.median(host),
         "launches_per_step": statistics.median(per_step_launches),
@@ -189,11 +193,13 @@ def main():
         "peer": PEER.get(args.preset), "component_s_per_step": component_s,
         "method": __doc__.strip(),
     }
-    path = os.path.join(ROOT, "benchmarks", "results",
-                        f"step-{args.preset}-{name.lower().replace(' ', '-')}.json")
+    tag = f"{args.preset}-{config.batch_size}x{config.seq_len}" + \
+        ("-recompute" if config.recompute else "")
+    path = os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
+                        f"step-{tag}-{name.lower().replace(' ', '-')}.json")
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
-    print(f"{args.preset}: {trits:,} trits, state {state / trits:.3f} B/trit, "
+    print(f"{tag}: {trits:,} trits, state {state / trits:.3f} B/trit, "
           f"{result['tokens_per_s']:,.0f} tok/s, peak {result['peak_device_gib']:.2f} GiB, "
           f"{result['launches_per_step']:.0f} Numba launches/step, host "
           f"{result['host_s_per_step'] * 1e3:.0f} ms/step, build {build_s:.1f} s")
