@@ -195,10 +195,13 @@ def test_cosine_schedule_run_stopped_by_ctrl_c_resumes_exactly(tmp_path, corpus,
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_cosine_schedule_changes_training_and_recompute_does_not(tmp_path, corpus):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_cosine_schedule_changes_training_and_recompute_does_not(tmp_path, corpus,
+                                                                 micro_batches):
     runs = {}
     for name, values in (("constant", {}), ("cosine", {"schedule": "cosine"}),
                          ("recompute", {"recompute": True})):
+        values = dict(values, micro_batches=micro_batches)
         # without the shared VQ no table is read twice a step: recompute is then exact (a
         # table read by several blocks quantises each read with the seed of its place in
         # backward's order, which recompute changes; tests/test_models.py)

@@ -177,7 +177,8 @@ PRESETS = {
                  position="alibi"),
     # 25–30M logical trits: the comparison preset. 256 x 32 tokens a step: on the H100, 5M
     # tokens reached 3.00 held-out bpb at 256 x 32 against 3.21 at 128 x 64 and 3.54 at
-    # 32 x 256 (NoPE attention; benchmarks/results/train-small-5m-h100/)
+    # 32 x 256 (NoPE attention), 2.62 with ALiBi (benchmarks/results/train-small-5m-h100/,
+    # with the ablations and schedules tried since: single runs vary by ~0.2 between seeds)
     "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
                   graph_capacity=1 << 16, batch_size=256, seq_len=32, position="alibi"),
