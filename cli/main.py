@@ -134,6 +134,8 @@ def trace(preset_name, config_path, as_json):
 @click.option("--scale-threshold", type=int, help="TritFlip: the same for the row scales.")
 @click.option("--decay-shift", type=int, help="TritFlip: accumulator leak, 0 = off (0..7).")
 @click.option("--grad-rms-units", type=int, help="TritFlip: int8 units of a one-RMS gradient.")
+@click.option("--grad-clip-units", type=int, help="TritFlip: the most units one step's gradient "
+              "adds to an accumulator (0 = off; below --flip-threshold, no flip in one step).")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]),
               help="TritFlip: the gain's decay over the run (its learning-rate schedule).")
 @click.option("--final-grad-rms-units", type=float,
@@ -162,9 +164,9 @@ def trace(preset_name, config_path, as_json):
               "preset's).")
 @user_errors_are_one_line
 def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size, seq_len,
-          flip_threshold, scale_threshold, decay_shift, grad_rms_units, schedule,
-          final_grad_rms_units, eval_every, save_every, out_dir, resume, overwrite, seed, device,
-          gpus, micro_batches, recompute):
+          flip_threshold, scale_threshold, decay_shift, grad_rms_units, grad_clip_units,
+          schedule, final_grad_rms_units, eval_every, save_every, out_dir, resume, overwrite,
+          seed, device, gpus, micro_batches, recompute):
     """Train a model; with no options, the tiny preset on the default corpus.
 
     The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
@@ -187,7 +189,8 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
     config = config.override(steps=steps, batch_size=batch_size, seq_len=seq_len,
                              flip_threshold=flip_threshold, scale_threshold=scale_threshold,
                              decay_shift=decay_shift, grad_rms_units=grad_rms_units,
-                             schedule=schedule, final_grad_rms_units=final_grad_rms_units,
+                             grad_clip_units=grad_clip_units, schedule=schedule,
+                             final_grad_rms_units=final_grad_rms_units,
                              eval_every=eval_every, save_every=save_every, seed=seed,
                              micro_batches=micro_batches, recompute=recompute)
     run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,

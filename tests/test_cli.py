@@ -375,13 +375,16 @@ def test_eval_at_another_window_length(run, files):
           rf"{config['context']}; score windows of at most")
 
 
-def test_schedule_and_recompute_flags_reach_the_run_config(files):
+def test_schedule_clip_and_recompute_flags_reach_the_run_config(files):
     out = files / "flags"
     res = cli(*train_args(files, out, "--schedule", "cosine", "--final-grad-rms-units", 2,
-                          "--recompute"))
+                          "--recompute", "--grad-clip-units", 24))
     assert res.exit_code == 0, res.output
     config = json.loads((out / "config.json").read_text())
-    assert (config["schedule"], config["final_grad_rms_units"], config["recompute"]) == \
-        ("cosine", 2.0, True)
+    assert (config["schedule"], config["final_grad_rms_units"], config["recompute"],
+            config["grad_clip_units"]) == ("cosine", 2.0, True, 24)
     fails(files, train_args(files, files / "bad", "--final-grad-rms-units", 9),
           r"config field final_grad_rms_units = 9.0 exceeds grad_rms_units = 8")
+    fails(files, train_args(files, files / "bad", "--grad-clip-units", 200),
+          r"config field grad_clip_units = 200 is out of range: expected 0 <= grad_clip_units "
+          r"<= 127")

@@ -216,3 +216,48 @@ def test_tritflip_schedule_errors(kwargs, match):
     from tritnet.optim import TritFlip
     with pytest.raises(ValueError, match=match):
         TritFlip([TernaryLinear(8, 4)], grad_rms_units=8, **kwargs)
+
+
+def _one_concentrated_step(clip, table=False):
+    """One step whose weight gradient sits on a single entry: normalised by the tensor's RMS,
+    that entry reads as ~sqrt(size) RMS, far past the flip threshold in one step."""
+    from tritnet.nn.tables import TernaryEmbeddingTable
+    trandom.manual_seed(3)
+    layer = TernaryEmbeddingTable(6, 256) if table else TernaryLinear(256, 6)
+    push = -100.0 if layer.trits()[2, 7] == 1 else 100.0    # a direction the trit can move
+    if table:
+        out = layer(np.array([2]))
+        target = out.numpy().copy()
+        target[..., 7] = push
+    else:
+        x = np.zeros((1, 256), np.float32)
+        x[0, 7] = 1.0
+        out = layer(tritnet.tensor(x))
+        target = np.zeros(out.shape, np.float32)
+        target[0, 2] = push
+    opt = TritFlip(layer, grad_clip_units=clip, seed=1)
+    before = layer.trits().copy()
+    ((out - tritnet.tensor(target)) ** 2).sum().backward()
+    added = np.abs(layer.grad_q.astype(np.int64)).max() if not table else None
+    opt.step()
+    return int((layer.trits() != before).sum()), added, layer
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_grad_clip_units_bounds_what_one_step_adds(table):
+    flips, added, layer = _one_concentrated_step(0, table)
+    assert flips == 1                                   # unclipped: the entry flips at once
+    if added is not None:
+        assert added == 127                             # 8 units x sqrt(1536 entries)
+    flips, added, layer = _one_concentrated_step(32, table)
+    assert flips == 0                                   # clipped below the threshold 64
+    if added is not None:
+        assert added == 32
+    assert np.abs(layer.T_accum.astype(np.int64)).max() == 32
+    assert layer.grad_clip_units == 32
+
+
+def test_grad_clip_units_is_checked_and_saved():
+    with pytest.raises(ValueError, match=r"grad_clip_units must be an integer in \[0, 127\], got 128"):
+        TritFlip(TernaryLinear(8, 4), grad_clip_units=128)
+    assert TritFlip(TernaryLinear(8, 4), grad_clip_units=20).state_dict()["grad_clip_units"] == 20

@@ -87,6 +87,21 @@ def test_quantize_matches_reference(shape, inv_scale):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("clip", [1, 5, 32, 128])
+def test_quantize_clip_matches_reference_and_bounds_each_call(clip):
+    rng = np.random.default_rng(clip)
+    G = (rng.standard_normal(2000) * 40).astype(np.float32)
+    G[:4] = [np.nan, np.inf, -np.inf, 1e30]
+    out = rng.integers(-127, 128, size=2000, dtype=np.int8)
+    expected = U.quantize_grad_reference(G, 1.0, 8, out.copy(), clip=clip)
+    got = U.quantize_grad(G, 1.0, 8, out.copy(), clip=clip)
+    np.testing.assert_array_equal(got, expected)
+    added = U.quantize_grad(G, 1.0, 8, np.zeros(2000, np.int8), clip=clip).astype(np.int64)
+    bound = min(clip, 127)                    # 128 is the int8 range: the sum saturates first
+    assert np.abs(added).max() == bound       # reached (|G| is often > clip) and never passed
+    assert added[0] == 0 and added[1] == bound and added[2] == -bound
+
+
 def test_quantize_adds_into_out_and_accepts_device_scale():
     rng = np.random.default_rng(1)
     G = rng.standard_normal((4, 40)).astype(np.float32)
@@ -436,6 +451,9 @@ def test_bad_counts_and_read_only_arrays():
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=2**64), ValueError, "seed"),
     (dict(seed=1.5), TypeError, "seed"),
+    (dict(clip=0), ValueError, r"clip = 0 is out of range, expected 1\.\.128"),
+    (dict(clip=129), ValueError, "clip = 129"),
+    (dict(clip=2.0), TypeError, "clip must be an integer"),
 ])
 def test_quantize_rejects_bad_input(kwargs, error, match):
     args = dict(G=np.ones((2, 3), np.float32), inv_scale=1.0, seed=0, out=np.zeros((2, 3), np.int8))
@@ -479,9 +497,14 @@ def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
     G[:3] = [np.nan, np.inf, -1e30]
     out = rng.integers(-127, 128, size=300, dtype=np.int8)
     expected = out.copy()  # the CPU twin, called directly: the wrapper runs the simulator
-    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), expected)
-    got = U.quantize_grad(G, 2.5, 77, out)
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
+                         expected)
+    got = U.quantize_grad(G, 2.5, 77, out.copy())
     np.testing.assert_array_equal(got, expected)
+    expected = out.copy()
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(6),
+                         expected)
+    np.testing.assert_array_equal(U.quantize_grad(G, 2.5, 77, out.copy(), clip=6), expected)
 
 
 @pytest.mark.cudasim
@@ -580,6 +603,11 @@ def test_cuda_quantize_matches_cpu_twin():
     U.quantize_grad(G_d[3:], inv, 5, out_d[3:])
     expected = U.quantize_grad(G[3:], inv.get(), 5, np.zeros(n - 3, np.int8))
     np.testing.assert_array_equal(out_d.get()[3:], expected)
+    out_d[...] = 0
+    U.quantize_grad(G_d, 9.0, 6, out_d, clip=12)
+    expected = U.quantize_grad(G, 9.0, 6, np.zeros(n, np.int8), clip=12)
+    np.testing.assert_array_equal(out_d.get(), expected)
+    assert np.abs(expected.astype(np.int64)).max() == 12
 
 
 @pytest.mark.cuda

@@ -57,6 +57,7 @@ class Config:
     scale_threshold: int = 64
     decay_shift: int = 0
     grad_rms_units: int = 8
+    grad_clip_units: int = 0       # the most one step's gradient adds to an accumulator; 0: off
     schedule: str = "constant"     # the gain's decay over `steps`: "constant" or "cosine" (to
     final_grad_rms_units: float = 1.0  # final_grad_rms_units at the last step; optim.py)
     # --- training run -----------------------------------------------------------------------
@@ -159,7 +160,7 @@ _RANGES = {
     "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
     "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
-    "decay_shift": (0, 7), "grad_rms_units": (1, 127),
+    "decay_shift": (0, 7), "grad_rms_units": (1, 127), "grad_clip_units": (0, 127),
     "final_grad_rms_units": (0.001, 127.0), "batch_size": (1, 1 << 20),
     "micro_batches": (1, 1 << 16),
     "seq_len": (1, 1 << 20), "steps": (0, 1 << 40), "eval_every": (0, 1 << 40),

@@ -9,7 +9,8 @@ per trit (and per row scale), not a float latent weight. One step, for each tern
     otherwise, if decay_shift > 0   →  a -= sign(a)·(|a| >> decay_shift)
 
 and the same for each row's scale exponent E from E_accum, grad_E_q and `scale_threshold`
-(E clamped to the int8 range). grad_q is q = stochastic_round(G · grad_rms_units / rms(G)).
+(E clamped to the int8 range). grad_q is q = stochastic_round(G · grad_rms_units / rms(G)),
+clipped to ±grad_clip_units when that is set.
 
 The hyperparameters are this scheme's learning rate:
 - grad_rms_units (default 8): int8 units a gradient entry of one RMS adds to its accumulator;
@@ -17,6 +18,11 @@ The hyperparameters are this scheme's learning rate:
   one-RMS gradient flips a trit in flip_threshold / grad_rms_units = 8 steps; noise (random
   sign) needs about (flip_threshold / grad_rms_units)² = 64 steps;
 - scale_threshold (default 64): the same for the row scale E (one step = ×2^(±1/8));
+- grad_clip_units (default 0 = off): the most units one backward adds to one accumulator.
+  Below flip_threshold, no single step's gradient can flip a trit from a fresh accumulator:
+  a flip then needs agreement over several steps. Without it, a gradient concentrated on a
+  few entries (normalised by the tensor's RMS, those entries read as many RMS) flips them at
+  once, and the next step's gradient flips them back;
 - decay_shift (default 0 = off): each step without a flip leaks |a| >> decay_shift, a memory of
   about 2**decay_shift steps: larger = longer memory; it filters gradient noise.
 - schedule ("constant" or "cosine") and final_grad_rms_units: the gain's schedule, this
@@ -52,13 +58,15 @@ class TritFlip:
     """Accumulate int8 gradients and flip trits / step scales across thresholds."""
 
     def __init__(self, modules, *, flip_threshold: int = 64, scale_threshold: int = 64,
-                 decay_shift: int = 0, grad_rms_units: int = 8, seed: int = 0,
+                 decay_shift: int = 0, grad_rms_units: int = 8, grad_clip_units: int = 0,
+                 seed: int = 0,
                  schedule: str = "constant", final_grad_rms_units: float = 1.0,
                  total_steps: int = 0):
         _check_int("flip_threshold", flip_threshold, 1, 127)
         _check_int("scale_threshold", scale_threshold, 1, 127)
         _check_int("decay_shift", decay_shift, 0, 7)
         _check_int("grad_rms_units", grad_rms_units, 1, 127)
+        _check_int("grad_clip_units", grad_clip_units, 0, 127)
         _check_int("seed", seed, 0, 2**63 - 1)
         _check_int("total_steps", total_steps, 0, 2**63 - 1)
         if schedule not in ("constant", "cosine"):
@@ -82,6 +90,7 @@ class TritFlip:
                              "of modules that contains TernaryLinear or other ternary layers)")
         self.flip_threshold, self.scale_threshold = flip_threshold, scale_threshold
         self.decay_shift, self.grad_rms_units, self.seed = decay_shift, grad_rms_units, seed
+        self.grad_clip_units = grad_clip_units
         self.step_count = 0
         for key, m in enumerate(self.modules):
             m.grad_seed = trandom.mix_seed(seed, key)
@@ -100,7 +109,7 @@ class TritFlip:
         gain = self.gain()
         for m in self.modules:
             m.grad_step, m.grad_shard, m.grad_uses = self.step_count, shard, 0
-            m.grad_rms_units = gain
+            m.grad_rms_units, m.grad_clip_units = gain, self.grad_clip_units
 
     def begin_shard(self, shard: int) -> None:
         """The next backward belongs to micro-batch `shard` of this step's global batch: its
@@ -128,7 +137,8 @@ class TritFlip:
     def state_dict(self) -> dict:
         return {"step": self.step_count, "seed": self.seed, "flip_threshold": self.flip_threshold,
                 "scale_threshold": self.scale_threshold, "decay_shift": self.decay_shift,
-                "grad_rms_units": self.grad_rms_units, "schedule": self.schedule,
+                "grad_rms_units": self.grad_rms_units, "grad_clip_units": self.grad_clip_units,
+                "schedule": self.schedule,
                 "final_grad_rms_units": self.final_grad_rms_units,
                 "total_steps": self.total_steps}
 

@@ -56,7 +56,7 @@ RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
 # match the checkpoint's.
 RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
                     "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
-                    "grad_rms_units", "schedule", "final_grad_rms_units", "seed",
+                    "grad_rms_units", "grad_clip_units", "schedule", "final_grad_rms_units", "seed",
                     "recompute")
 
 
@@ -103,7 +103,8 @@ def build(config: Config, device=None):
         raise ConfigError(str(e)) from None
     optimizer = TritFlip(model, flip_threshold=config.flip_threshold,
                          scale_threshold=config.scale_threshold, decay_shift=config.decay_shift,
-                         grad_rms_units=config.grad_rms_units, seed=config.seed,
+                         grad_rms_units=config.grad_rms_units,
+                         grad_clip_units=config.grad_clip_units, seed=config.seed,
                          schedule=config.schedule,
                          final_grad_rms_units=config.final_grad_rms_units,
                          total_steps=config.steps)

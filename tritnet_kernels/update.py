@@ -91,16 +91,16 @@ def _uniform24(key, i):
 
 
 @numba.njit(cache=True)
-def _round_stochastic(v, u):
-    """floor(v) + (u < frac(v)) for float32 v clamped to [-128, 128]; NaN -> 0."""
+def _round_stochastic(v, u, clip):
+    """floor(v) + (u < frac(v)) for float32 v clamped to [-clip, clip]; NaN -> 0."""
     if v != v:
         return np.int64(0)
-    # Clamp before the integer conversion: a huge v must not overflow it, and anything
-    # beyond ±128 saturates the int8 sum anyway.
-    if v > np.float32(128.0):
-        v = np.float32(128.0)
-    elif v < np.float32(-128.0):
-        v = np.float32(-128.0)
+    # Clamp before the integer conversion: a huge v must not overflow it (clip <= 128, and
+    # anything beyond ±128 saturates the int8 sum anyway).
+    if v > clip:
+        v = clip
+    elif v < -clip:
+        v = -clip
     # np.int64: math.floor of a float32 is an integer on the CPU but a float in numba-cuda.
     lo = np.int64(math.floor(v))
     # v - lo is exact in float32 (the fractional part of a float is representable).
@@ -231,22 +231,22 @@ def grad_inv_scale(G, grad_gain):
 
 
 @numba.njit(parallel=True, cache=True)
-def _quantize_grad_cpu(G, inv_scale, key, out):
+def _quantize_grad_cpu(G, inv_scale, key, clip, out):
     scale = inv_scale[0]
     for i in numba.prange(G.shape[0]):
-        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i))
+        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
         out[i] = _sat_accum(q)
 
 
 @cuda.jit(cache=True)
-def _quantize_grad_cuda(G, inv_scale, key, out):
+def _quantize_grad_cuda(G, inv_scale, key, clip, out):
     scale = inv_scale[0]
     for i in range(cuda.grid(1), G.shape[0], cuda.gridsize(1)):
-        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i))
+        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
         out[i] = _sat_accum(q)
 
 
-def quantize_grad(G, inv_scale, seed, out):
+def quantize_grad(G, inv_scale, seed, out, *, clip=128):
     """Add round_stochastic(G * inv_scale) into the int8 array `out`, saturating at ±127.
 
     G: float32, C-contiguous, any shape (treated as flat, index i in C order).
@@ -256,9 +256,10 @@ def quantize_grad(G, inv_scale, seed, out):
         give unrelated streams.
     out: int8, same shape as G, updated in place and returned (it accumulates, so several
         micro-batches can add into one buffer).
+    clip: integer in [1, 128], the most one call adds to one element (128: the int8 range).
 
     Per element i:
-        v = float32(G[i] * inv_scale), NaN -> 0, clamped to [-128, 128]
+        v = float32(G[i] * inv_scale), NaN -> 0, clamped to [-clip, clip]
         u = uniform(seed, i)            # top 24 bits of a splitmix64 hash, / 2**24
         q = floor(v) + (u < v - floor(v))        # E[q] = v (unbiased)
         out[i] = clamp(out[i] + q, -127, 127)
@@ -289,6 +290,7 @@ def quantize_grad(G, inv_scale, seed, out):
     if not 0 <= int(seed) <= _MASK64:
         raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
     _check_distinct(op, G=G, out=out)
+    clip = np.float32(_check_int(op, "clip", clip, 1, 128))
 
     if G.size == 0:
         return out
@@ -298,19 +300,19 @@ def quantize_grad(G, inv_scale, seed, out):
     key = _stream_key(int(seed))
     G_flat, out_flat = G.reshape(-1), out.reshape(-1)
     if dev == "cpu":
-        _quantize_grad_cpu(G_flat, inv_scale, key, out_flat)
+        _quantize_grad_cpu(G_flat, inv_scale, key, clip, out_flat)
     else:
         launch(_quantize_grad_cuda, _blocks(G.size, _QUANT_THREADS), _QUANT_THREADS,
-               G_flat, inv_scale, key, out_flat)
+               G_flat, inv_scale, key, clip, out_flat)
     return out
 
 
-def quantize_grad_reference(G, inv_scale, seed, out):
+def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128):
     """NumPy truth for `quantize_grad`, with its signature: updates `out` and returns it."""
     scale = np.float32(np.asarray(inv_scale, dtype=np.float32).reshape(-1)[0])
     v = np.asarray(G, dtype=np.float32).reshape(-1) * scale
     v = np.where(np.isnan(v), np.float32(0), v)
-    v = np.clip(v, np.float32(-128), np.float32(128))
+    v = np.clip(v, np.float32(-clip), np.float32(clip))
     lo = np.floor(v)
     i = np.arange(v.size, dtype=np.uint64)
     z = _stream_key(int(seed)) + i * _GOLDEN

@@ -113,13 +113,15 @@ class TernaryEmbeddingTable(TernaryModule):
         rows, inverse, order, offsets = ktables.unique_rows(indices)
         G = ktables.segment_sum_rows(grad, inverse, rows.shape[0], segments=(order, offsets),
                                      check=False)
-        grad_q = quantize_gradient(G, self.grad_rms_units, self.next_grad_seed(0), None)
+        grad_q = quantize_gradient(G, self.grad_rms_units, self.next_grad_seed(0), None,
+                                   self.grad_clip_units)
         # dL/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, for the touched rows
         row_dot = kupdate.row_trit_dot(G, self.T_packed[rows], self.dim)
         del G
         gE = row_dot * scale_from_exponent(self.E[rows]) * np.float32(
             math.log(2) * SCALE_EXPONENT_STEP)
-        grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1), None)
+        grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1), None,
+                                     self.grad_clip_units)
         self.pending.append((rows, grad_q, grad_E_q))
         self.grad_uses += 1
 

@@ -14,9 +14,10 @@ inside backward, where it is quantised to int8 (`grad_q`, weight-shaped) and the
 gradient to int8 (`grad_E_q`, one per row). The optimiser (`tritnet.optim.TritFlip`) consumes
 and frees both.
 
-Gradient quantisation: q = stochastic_round(G · grad_rms_units / rms(G)), saturated to ±127.
-Normalising by the tensor's RMS makes the update scale-free (like a sign method that keeps
-magnitudes): a typical entry contributes `grad_rms_units` to its accumulator per step.
+Gradient quantisation: q = stochastic_round(G · grad_rms_units / rms(G)), clipped to
+±grad_clip_units when that is set, saturated to ±127. Normalising by the tensor's RMS makes the
+update scale-free (like a sign method that keeps magnitudes): a typical entry contributes
+`grad_rms_units` to its accumulator per step.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def initial_exponent(fan_in: int, density: float = 2.0 / 3.0) -> int:
     return int(min(max(e, -128), 127))
 
 
-def quantize_gradient(G, units: int, seed: int, out):
-    """Add stochastic_round(G · units / rms(G)) into the int8 `out` (allocated when None).
+def quantize_gradient(G, units: float, seed: int, out, clip: int = 0):
+    """Add stochastic_round(G · units / rms(G)), clipped to ±clip (0: not clipped), into the
+    int8 `out` (allocated when None).
 
     The scale stays on G's device (no host sync). A gradient that is all zero or holds NaN/inf
     gets scale 0 and so changes nothing; the training loop stops on a non-finite loss first.
@@ -59,7 +61,7 @@ def quantize_gradient(G, units: int, seed: int, out):
     xp = backend.get_array_module(G)
     if out is None:
         out = xp.zeros(G.shape, dtype=np.int8)
-    kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, units), seed, out)
+    kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, units), seed, out, clip=clip or 128)
     return out
 
 
@@ -118,7 +120,7 @@ class TernaryModule(Module):
     A subclass holds one ternary matrix made by `_init_ternary_state` — buffers T_packed
     (uint32 bitplanes), E, T_accum, E_accum — and implements `apply_update(flip_threshold,
     scale_threshold, decay_shift)` and `zero_grad()`. The optimiser sets `grad_rms_units`,
-    `grad_seed` and `grad_step`, and `grad_shard` (which micro-batch of the step's global batch
+    `grad_clip_units`, `grad_seed` and `grad_step`, and `grad_shard` (which micro-batch of the step's global batch
     is running, tritnet/distributed.py); `grad_uses` counts backward contributions within a
     shard so that every quantisation draws fresh random bits.
     """
@@ -126,6 +128,7 @@ class TernaryModule(Module):
     def __init__(self):
         super().__init__()
         self.grad_rms_units = DEFAULT_GRAD_RMS_UNITS
+        self.grad_clip_units = 0
         self.grad_seed = int(trandom.generator().integers(0, 2**63))
         self.grad_step = 0
         self.grad_shard = 0
@@ -212,13 +215,14 @@ class TernaryLinear(TernaryModule):
         if G.dtype != np.float32:  # the kernels' working precision; float64 only in checks
             G = G.astype(np.float32)
         G = xp.ascontiguousarray(G)
-        self.grad_q = quantize_gradient(G, self.grad_rms_units, self.next_grad_seed(0), self.grad_q)
+        self.grad_q = quantize_gradient(G, self.grad_rms_units, self.next_grad_seed(0), self.grad_q,
+                                        self.grad_clip_units)
         # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8
         row_dot = kupdate.row_trit_dot(G, self.T_packed, self.in_features)
         del G
         gE = row_dot * scale_from_exponent(self.E) * np.float32(math.log(2) * SCALE_EXPONENT_STEP)
         self.grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1),
-                                          self.grad_E_q)
+                                          self.grad_E_q, self.grad_clip_units)
         self.grad_uses += 1
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
