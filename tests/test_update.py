@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tritnet import backend
+from tritnet_kernels import packing as P
 from tritnet_kernels import update as U
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
@@ -616,7 +617,7 @@ def test_cuda_row_trit_dot_matches_cpu_twin(rows, cols):
     rng = np.random.default_rng(rows + cols)
     G = rng.standard_normal((rows, cols)).astype(np.float32)
     T = rng.integers(-1, 2, size=(rows, cols))
-    T_packed = U._bitplanes_from_trits(T)
+    T_packed = P.pack_trits_reference(T)
     expected = U.row_trit_dot(G, T_packed, cols)
     got = U.row_trit_dot(cupy.asarray(G), cupy.asarray(T_packed), cols).get()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(G).sum(axis=1).max())
@@ -627,7 +628,7 @@ def test_cuda_row_trit_dot_matches_cpu_twin(rows, cols):
 def test_cuda_ternary_update_matches_cpu_twin(rows, cols):
     rng = np.random.default_rng(rows * cols)
     T = rng.integers(-1, 2, size=(rows, cols))
-    s = dict(T_packed=U._bitplanes_from_trits(T),
+    s = dict(T_packed=P.pack_trits_reference(T),
              T_accum=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
              grad_q=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
              E=rng.integers(-128, 128, size=rows, dtype=np.int8),

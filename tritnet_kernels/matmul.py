@@ -410,6 +410,8 @@ def _make_forward(F16, HALVES):
     HALF = 32 if F16 else 96   # words per m-half of one step (terms x lanes)
     STEP = HALF * HALVES       # words per step
     STAGE = _FRAG_WORDS // (8 * STEP)   # k-blocks staged per round: 12, 6, 4 or 2
+    stage = _stage_f16 if F16 else _stage_bf16
+    mma = _mma_f16_1 if F16 else _mma_bf16_3
 
     def kernel(x, T64, E, y, partial, counters, kb_per_split):
         """y = x · (diag(s)·T)ᵀ for M <= MP. Grid (row blocks, K splits); block = warps x 32.
@@ -464,10 +466,7 @@ def _make_forward(F16, HALVES):
                     if c + 17 < K:
                         v3 = np.float32(x[m, c + 17])
                     j = np.uint64(ks * STEP + (m >> 3) * HALF + 4 * (m & 7) + tt)
-                    if F16:
-                        _stage_f16(frag, j, v0, v1, v2, v3)
-                    else:
-                        _stage_bf16(frag, j, v0, v1, v2, v3)
+                    stage(frag, j, v0, v1, v2, v3)
                 i += nthreads
             cuda.syncthreads()
             for kb in range(st, st + nst):
@@ -491,40 +490,16 @@ def _make_forward(F16, HALVES):
                     b3 = _half2(ob, sh)
                     i0 = base + np.uint64(2 * STEP * s2)
                     i1 = i0 + np.uint64(STEP)
-                    if F16:
-                        if HALVES == 1:   # the second set carries odd steps: two mma chains
-                            c00, c01, c02, c03 = _mma_f16_1(a0, a1, a2, a3, frag, i0,
-                                                            c00, c01, c02, c03)
-                            c10, c11, c12, c13 = _mma_f16_1(b0, b1, b2, b3, frag, i1,
-                                                            c10, c11, c12, c13)
-                        else:
-                            c00, c01, c02, c03 = _mma_f16_1(a0, a1, a2, a3, frag, i0,
-                                                            c00, c01, c02, c03)
-                            c10, c11, c12, c13 = _mma_f16_1(a0, a1, a2, a3, frag,
-                                                            i0 + np.uint64(HALF),
-                                                            c10, c11, c12, c13)
-                            c00, c01, c02, c03 = _mma_f16_1(b0, b1, b2, b3, frag, i1,
-                                                            c00, c01, c02, c03)
-                            c10, c11, c12, c13 = _mma_f16_1(b0, b1, b2, b3, frag,
-                                                            i1 + np.uint64(HALF),
-                                                            c10, c11, c12, c13)
+                    if HALVES == 1:   # the second set carries odd steps: two mma chains
+                        c00, c01, c02, c03 = mma(a0, a1, a2, a3, frag, i0, c00, c01, c02, c03)
+                        c10, c11, c12, c13 = mma(b0, b1, b2, b3, frag, i1, c10, c11, c12, c13)
                     else:
-                        if HALVES == 1:
-                            c00, c01, c02, c03 = _mma_bf16_3(a0, a1, a2, a3, frag, i0,
-                                                             c00, c01, c02, c03)
-                            c10, c11, c12, c13 = _mma_bf16_3(b0, b1, b2, b3, frag, i1,
-                                                             c10, c11, c12, c13)
-                        else:
-                            c00, c01, c02, c03 = _mma_bf16_3(a0, a1, a2, a3, frag, i0,
-                                                             c00, c01, c02, c03)
-                            c10, c11, c12, c13 = _mma_bf16_3(a0, a1, a2, a3, frag,
-                                                             i0 + np.uint64(HALF),
-                                                             c10, c11, c12, c13)
-                            c00, c01, c02, c03 = _mma_bf16_3(b0, b1, b2, b3, frag, i1,
-                                                             c00, c01, c02, c03)
-                            c10, c11, c12, c13 = _mma_bf16_3(b0, b1, b2, b3, frag,
-                                                             i1 + np.uint64(HALF),
-                                                             c10, c11, c12, c13)
+                        c00, c01, c02, c03 = mma(a0, a1, a2, a3, frag, i0, c00, c01, c02, c03)
+                        c10, c11, c12, c13 = mma(a0, a1, a2, a3, frag, i0 + np.uint64(HALF),
+                                                 c10, c11, c12, c13)
+                        c00, c01, c02, c03 = mma(b0, b1, b2, b3, frag, i1, c00, c01, c02, c03)
+                        c10, c11, c12, c13 = mma(b0, b1, b2, b3, frag, i1 + np.uint64(HALF),
+                                                 c10, c11, c12, c13)
         # c0/c1: (m = 2t, 2t+1; row g), c2/c3: (2t, 2t+1; row g+8); m-half 1 adds 8 to m.
         if HALVES == 1:
             c00, c01, c02, c03 = c00 + c10, c01 + c11, c02 + c12, c03 + c13

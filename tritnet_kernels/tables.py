@@ -29,17 +29,22 @@ import numpy as np
 from numba import cuda
 
 from ._launch import launch, simulator, target, xp_of
+from .packing import pack_trits_reference, unpack_trits_reference
 from .update import (
     ACCUM_MAX,
     E_MAX,
     E_MIN,
     _GOLDEN,
-    _accumulator_step,  # the one definition of the trit-flip / scale-step rule
     _check_array,
     _check_distinct,
     _check_int,
+    _exponent_step,  # the dense update's rules: one definition of trit flips and scale steps
+    _exponent_step_dev,
     _mix64,
+    _rule_reference,
     _stream_key,
+    _trit_group_step,
+    _trit_group_step_dev,
 )
 
 __all__ = [
@@ -314,7 +319,7 @@ def gather_rows(T_packed, E, indices, cols, out=None, dtype=np.float32, *, check
 
 
 def gather_rows_reference(T_packed, E, indices, cols):
-    T = _trits_from_bitplanes(np.asarray(T_packed)[np.asarray(indices)], cols)
+    T = unpack_trits_reference(np.asarray(T_packed)[np.asarray(indices)], cols)
     s = np.exp2(np.asarray(E)[np.asarray(indices)].astype(np.float64) / 8).astype(np.float32)
     return (s[:, None] * T.astype(np.float32)).astype(np.float32)
 
@@ -504,35 +509,12 @@ def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows,
         # Per-row counts, added to the reductions at the top of the loop body: numba 0.68
         # loses `flips += 1` reductions made inside a branch's nested loop (they read 0).
         row_flips = 0
-        row_steps = 0
         r = rows[k]
         for g in range(groups):
-            plus = np.int64(T_packed[r, 2 * g])
-            minus = np.int64(T_packed[r, 2 * g + 1])
-            new_plus = 0
-            new_minus = 0
-            for b in range(min(32, cols - 32 * g)):
-                j = 32 * g + b
-                t = ((plus >> b) & 1) - ((minus >> b) & 1)
-                t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
-                                             np.int64(grad_q_rows[k, j]), flip_threshold,
-                                             -1, 1, flip_decay_shift)
-                T_accum[r, j] = a
-                if t_new != t:
-                    row_flips += 1
-                if t_new > 0:
-                    new_plus |= 1 << b
-                elif t_new < 0:
-                    new_minus |= 1 << b
-            T_packed[r, 2 * g] = new_plus
-            T_packed[r, 2 * g + 1] = new_minus
-        e = np.int64(E[r])
-        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q_rows[k]),
-                                     scale_threshold, E_MIN, E_MAX, scale_decay_shift)
-        E[r] = e_new
-        E_accum[r] = a
-        if e_new != e:
-            row_steps = 1
+            row_flips += _trit_group_step(T_packed, T_accum, grad_q_rows, r, k, g, cols,
+                                          flip_threshold, flip_decay_shift)
+        row_steps = _exponent_step(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
+                                   scale_decay_shift)
         flips += row_flips
         steps += row_steps
     counts[0] += flips
@@ -559,33 +541,11 @@ def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows
         k = task // groups
         g = task - k * groups
         r = rows[k]
-        plus = np.int64(T_packed[r, 2 * g])
-        minus = np.int64(T_packed[r, 2 * g + 1])
-        new_plus = 0
-        new_minus = 0
-        for b in range(min(32, cols - 32 * g)):
-            j = 32 * g + b
-            t = ((plus >> b) & 1) - ((minus >> b) & 1)
-            t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
-                                         np.int64(grad_q_rows[k, j]), flip_threshold,
-                                         -1, 1, flip_decay_shift)
-            T_accum[r, j] = a
-            if t_new != t:
-                flips += 1
-            if t_new > 0:
-                new_plus |= 1 << b
-            elif t_new < 0:
-                new_minus |= 1 << b
-        T_packed[r, 2 * g] = new_plus
-        T_packed[r, 2 * g + 1] = new_minus
+        flips += _trit_group_step_dev(T_packed, T_accum, grad_q_rows, r, k, g, cols,
+                                      flip_threshold, flip_decay_shift)
         if g == 0:
-            e = np.int64(E[r])
-            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q_rows[k]),
-                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
-            E[r] = e_new
-            E_accum[r] = a
-            if e_new != e:
-                steps += 1
+            steps += _exponent_step_dev(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
+                                        scale_decay_shift)
     if flips != 0:
         cuda.atomic.add(block_counts, 0, flips)
     if steps != 0:
@@ -681,14 +641,14 @@ def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_
     T_packed_new = T_accum_new = E_new = E_accum_new = None
     if T_packed is not None:
         cols = T_accum.shape[1]
-        T = _trits_from_bitplanes(T_packed[rows], cols)
+        T = unpack_trits_reference(T_packed[rows], cols)
         t, a = _rule_reference(T, T_accum[rows].astype(np.int64),
                                np.asarray(grad_q_rows, dtype=np.int64), flip_threshold, -1, 1,
                                flip_decay_shift)
         counts[0] = np.count_nonzero(t != T)
         T_packed_new = np.array(T_packed, copy=True)
         T_accum_new = np.array(T_accum, copy=True)
-        T_packed_new[rows] = _bitplanes_from_trits(t)
+        T_packed_new[rows] = pack_trits_reference(t)
         T_accum_new[rows] = a.astype(np.int8)
     if E is not None:
         e, a = _rule_reference(E[rows].astype(np.int64), E_accum[rows].astype(np.int64),
@@ -701,36 +661,3 @@ def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_
         E_accum_new[rows] = a.astype(np.int8)
     return T_packed_new, T_accum_new, E_new, E_accum_new, counts
 
-
-def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift):
-    a = np.clip(accum + grad, -ACCUM_MAX, ACCUM_MAX)
-    down = (a >= threshold) & (value > lowest)
-    up = ~down & (a <= -threshold) & (value < highest)
-    decayed = a - np.sign(a) * (np.abs(a) >> decay_shift) if decay_shift > 0 else a
-    return value - down + up, np.where(down | up, 0, decayed)
-
-
-# The references decode the masks themselves (not through tritnet_kernels.packing) so that
-# they stay independent of the kernels they check.
-
-
-def _trits_from_bitplanes(T_packed, cols):
-    words = np.asarray(T_packed, dtype=np.uint32)
-    bits = np.arange(32, dtype=np.uint32)
-    plus = (words[:, 0::2, None] >> bits) & 1
-    minus = (words[:, 1::2, None] >> bits) & 1
-    T = plus.astype(np.int64) - minus.astype(np.int64)
-    return T.reshape(words.shape[0], -1)[:, :cols]
-
-
-def _bitplanes_from_trits(T):
-    rows, cols = T.shape
-    groups = -(-cols // 32)
-    padded = np.zeros((rows, groups * 32), dtype=np.int64)
-    padded[:, :cols] = T
-    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
-    padded = padded.reshape(rows, groups, 32)
-    out = np.empty((rows, 2 * groups), dtype=np.uint32)
-    out[:, 0::2] = ((padded > 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
-    out[:, 1::2] = ((padded < 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
-    return out

@@ -32,7 +32,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import is_cupy, launch, target, xp_of
+from ._launch import is_cupy, launch, on_device, target, xp_of
+from .packing import pack_trits_reference, unpack_trits_reference
 
 __all__ = [
     "grad_inv_scale",
@@ -71,9 +72,9 @@ _MAX_BLOCKS = 4096
 
 
 # --------------------------------------------------------------------------------------------
-# Shared scalar rules: njit functions that the CPU twins call and that numba-cuda compiles
-# into the CUDA kernels, so both devices run one definition. (The simulator calls the CPU
-# build with NumPy scalars.)
+# Shared rules: njit functions that the CPU twins call and that numba-cuda compiles into the
+# CUDA kernels, so both devices run one definition. (The simulator calls the CPU build with
+# NumPy scalars; the rules that take arrays reach the kernels through `on_device`.)
 
 
 @numba.njit(cache=True)
@@ -136,6 +137,52 @@ def _accumulator_step(value, accum, grad, threshold, lowest, highest, decay_shif
         else:
             a += (-a) >> decay_shift
     return value, a
+
+
+@numba.njit(cache=True)
+def _trit_group_step(T_packed, T_accum, grad_q, r, grad_row, g, cols, flip_threshold,
+                     flip_decay_shift):
+    """The rule for the 32-trit group g of row r, whose gradients are row grad_row of grad_q.
+
+    Rewrites the group's mask words and accumulators; returns how many trits changed.
+    """
+    plus = np.int64(T_packed[r, 2 * g])
+    minus = np.int64(T_packed[r, 2 * g + 1])
+    new_plus = 0
+    new_minus = 0
+    flips = 0
+    for b in range(min(32, cols - 32 * g)):
+        j = 32 * g + b
+        t = ((plus >> b) & 1) - ((minus >> b) & 1)
+        t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]), np.int64(grad_q[grad_row, j]),
+                                     flip_threshold, -1, 1, flip_decay_shift)
+        T_accum[r, j] = a
+        if t_new != t:
+            flips += 1
+        if t_new > 0:
+            new_plus |= 1 << b
+        elif t_new < 0:
+            new_minus |= 1 << b
+    T_packed[r, 2 * g] = new_plus
+    T_packed[r, 2 * g + 1] = new_minus
+    return flips
+
+
+@numba.njit(cache=True)
+def _exponent_step(E, E_accum, grad_E_q, r, grad_row, scale_threshold, scale_decay_shift):
+    """The rule for the exponent of row r (its gradient at grad_row); returns 1 if E[r] moved."""
+    e = np.int64(E[r])
+    e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[grad_row]),
+                                 scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+    E[r] = e_new
+    E_accum[r] = a
+    if e_new != e:
+        return 1
+    return 0
+
+
+_trit_group_step_dev = on_device(_trit_group_step)
+_exponent_step_dev = on_device(_exponent_step)
 
 
 def _stream_key(seed: int) -> np.uint64:
@@ -423,7 +470,7 @@ def row_trit_dot(G, T_packed, cols, out=None):
 
 
 def row_trit_dot_reference(G, T_packed, cols):
-    T = _trits_from_bitplanes(T_packed, cols)
+    T = unpack_trits_reference(T_packed, cols)
     return (G.astype(np.float64) * T).sum(axis=1).astype(np.float32)
 
 
@@ -434,40 +481,22 @@ def row_trit_dot_reference(G, T_packed, cols):
 @numba.njit(parallel=True, cache=True)
 def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
                         flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad, counts):
-    rows = T_accum.shape[0]
     flips = 0
     steps = 0
-    for r in numba.prange(rows):
+    for r in numba.prange(T_accum.shape[0]):
+        # Per-row counts added at the top level of the loop body, as in tables.py's sparse
+        # twin (numba 0.68 loses some reductions made inside nested loops).
+        row_flips = 0
         for g in range((cols + 31) // 32):
-            plus = np.int64(T_packed[r, 2 * g])
-            minus = np.int64(T_packed[r, 2 * g + 1])
-            new_plus = 0
-            new_minus = 0
-            for b in range(min(32, cols - 32 * g)):
-                j = 32 * g + b
-                t = ((plus >> b) & 1) - ((minus >> b) & 1)
-                t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]), np.int64(grad_q[r, j]),
-                                             flip_threshold, -1, 1, flip_decay_shift)
-                T_accum[r, j] = a
-                if zero_grad:
-                    grad_q[r, j] = 0
-                if t_new != t:
-                    flips += 1
-                if t_new > 0:
-                    new_plus |= 1 << b
-                elif t_new < 0:
-                    new_minus |= 1 << b
-            T_packed[r, 2 * g] = new_plus
-            T_packed[r, 2 * g + 1] = new_minus
-        e = np.int64(E[r])
-        e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
-                                     scale_threshold, E_MIN, E_MAX, scale_decay_shift)
-        E[r] = e_new
-        E_accum[r] = a
+            row_flips += _trit_group_step(T_packed, T_accum, grad_q, r, r, g, cols,
+                                          flip_threshold, flip_decay_shift)
+        row_steps = _exponent_step(E, E_accum, grad_E_q, r, r, scale_threshold,
+                                   scale_decay_shift)
         if zero_grad:
+            grad_q[r, :] = 0
             grad_E_q[r] = 0
-        if e_new != e:
-            steps += 1
+        flips += row_flips
+        steps += row_steps
     counts[0] += flips
     counts[1] += steps
 
@@ -521,15 +550,10 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
             elif t_new < 0:
                 cuda.atomic.or_(new_minus, warp, np.uint32(1 << lane))
         if task < tasks and g == 0 and lane == 0:
-            e = np.int64(E[r])
-            e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[r]),
-                                         scale_threshold, E_MIN, E_MAX, scale_decay_shift)
-            E[r] = e_new
-            E_accum[r] = a
+            steps += _exponent_step_dev(E, E_accum, grad_E_q, r, r, scale_threshold,
+                                        scale_decay_shift)
             if zero_grad:
                 grad_E_q[r] = 0
-            if e_new != e:
-                steps += 1
         cuda.syncthreads()
         if lane == 0 and task < tasks:
             T_packed[r, 2 * g] = new_plus[warp]
@@ -631,8 +655,12 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
     return counts
 
 
+# The references decode and encode masks with packing's NumPy references, not its kernels, so
+# they stay independent of every kernel they check.
+
+
 def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift):
-    """Vectorised `_accumulator_step` over int64 arrays: returns (value, accum)."""
+    """Vectorised `_accumulator_step` over integer arrays: returns (value, accum)."""
     a = np.clip(accum + grad, -ACCUM_MAX, ACCUM_MAX)
     down = (a >= threshold) & (value > lowest)
     up = ~down & (a <= -threshold) & (value < highest)
@@ -654,7 +682,7 @@ def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, gr
     None); the gradients are consumed (a zeroing kernel leaves them zero).
     """
     cols = T_accum.shape[1]
-    T = _trits_from_bitplanes(T_packed, cols)
+    T = unpack_trits_reference(T_packed, cols)
     T_new, T_accum_new = _rule_reference(T, T_accum.astype(np.int64), grad_q.astype(np.int64),
                                          flip_threshold, -1, 1, flip_decay_shift)
     counts = np.array([np.count_nonzero(T_new != T), 0], dtype=np.int64)
@@ -665,31 +693,6 @@ def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, gr
                                              E_MIN, E_MAX, scale_decay_shift)
         counts[1] = np.count_nonzero(E_new != E)
         E_new, E_accum_new = E_new.astype(np.int8), E_accum_new.astype(np.int8)
-    return (_bitplanes_from_trits(T_new), T_accum_new.astype(np.int8), E_new, E_accum_new,
+    return (pack_trits_reference(T_new), T_accum_new.astype(np.int8), E_new, E_accum_new,
             counts)
 
-
-# The reference decodes the masks itself rather than through tritnet_kernels.packing, so that
-# it stays independent of the kernels it checks.
-
-
-def _trits_from_bitplanes(T_packed, cols):
-    words = np.asarray(T_packed, dtype=np.uint32)
-    bits = np.arange(32, dtype=np.uint32)
-    plus = (words[:, 0::2, None] >> bits) & 1
-    minus = (words[:, 1::2, None] >> bits) & 1
-    T = plus.astype(np.int64) - minus.astype(np.int64)
-    return T.reshape(words.shape[0], -1)[:, :cols]
-
-
-def _bitplanes_from_trits(T):
-    rows, cols = T.shape
-    groups = -(-cols // 32)
-    padded = np.zeros((rows, groups * 32), dtype=np.int64)
-    padded[:, :cols] = T
-    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
-    padded = padded.reshape(rows, groups, 32)
-    out = np.empty((rows, 2 * groups), dtype=np.uint32)
-    out[:, 0::2] = ((padded > 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
-    out[:, 1::2] = ((padded < 0) * weights).sum(axis=2, dtype=np.uint64).astype(np.uint32)
-    return out

@@ -52,7 +52,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import is_cupy, launch, simulator, target, xp_of
+from ._launch import is_cupy, launch, on_device, simulator, target, xp_of
 from .tables import _check_indices
 from .update import _check_array, _check_int
 
@@ -186,9 +186,10 @@ def _group_nnz(cp, cm):
     return _popc(np.uint64(cp) | np.uint64(cm))
 
 
-# The kernels below loop over groups themselves and pass scalars to the helpers: Numba's CUDA
-# simulator cannot hand its device arrays to an njit function. (`_trit_dot`, `_code_nn` take
-# arrays and serve the CPU twins.)
+# The scan kernels below loop over groups themselves, scoring dot and nnz in one pass over a
+# code's words; `_trit_dot`, `_code_nn` serve the CPU twins. Row and merge rules that both
+# twins share are njit functions that a kernel reaches through `on_device` (the simulator
+# cannot hand its device arrays to the compiled function, so it gets the Python one).
 
 
 @numba.njit(cache=True)
@@ -245,50 +246,42 @@ def _grid_cap():
 # 1. Query ternarisation.
 
 
+@numba.njit(cache=True)
+def _ternarize_row(x, i, out):
+    dim = x.shape[1]
+    scale = np.float32(2 * dim)
+    acc = np.float32(0.0)
+    for j in range(dim):
+        acc += abs(x[i, j])
+    for g in range(out.shape[1] // 2):
+        plus = np.uint32(0)
+        minus = np.uint32(0)
+        for b in range(min(32, dim - 32 * g)):
+            v = x[i, 32 * g + b]
+            if abs(v) * scale > acc:
+                if v > 0:
+                    plus |= np.uint32(1) << np.uint32(b)
+                else:
+                    minus |= np.uint32(1) << np.uint32(b)
+        out[i, 2 * g] = plus
+        out[i, 2 * g + 1] = minus
+
+
+_ternarize_row_dev = on_device(_ternarize_row)
+
+
 @numba.njit(parallel=True, cache=True)
 def _ternarize_queries_cpu(x, out):
-    n, dim = x.shape
-    scale = np.float32(2 * dim)
-    for i in numba.prange(n):
-        acc = np.float32(0.0)
-        for j in range(dim):
-            acc += abs(x[i, j])
-        for g in range(out.shape[1] // 2):
-            plus = np.uint32(0)
-            minus = np.uint32(0)
-            for b in range(min(32, dim - 32 * g)):
-                v = x[i, 32 * g + b]
-                if abs(v) * scale > acc:
-                    if v > 0:
-                        plus |= np.uint32(1) << np.uint32(b)
-                    else:
-                        minus |= np.uint32(1) << np.uint32(b)
-            out[i, 2 * g] = plus
-            out[i, 2 * g + 1] = minus
+    for i in numba.prange(x.shape[0]):
+        _ternarize_row(x, i, out)
 
 
 @cuda.jit(cache=True)
 def _ternarize_queries_cuda(x, out):
     # A thread per row: the row sum must be added in one fixed order to match the CPU bit for
     # bit, and rows are short (a VQ input is 64 wide).
-    n, dim = x.shape
-    scale = np.float32(2 * dim)
-    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-        acc = np.float32(0.0)
-        for j in range(dim):
-            acc += abs(x[i, j])
-        for g in range(out.shape[1] // 2):
-            plus = np.uint32(0)
-            minus = np.uint32(0)
-            for b in range(min(32, dim - 32 * g)):
-                v = x[i, 32 * g + b]
-                if abs(v) * scale > acc:
-                    if v > 0:
-                        plus |= np.uint32(1) << np.uint32(b)
-                    else:
-                        minus |= np.uint32(1) << np.uint32(b)
-            out[i, 2 * g] = plus
-            out[i, 2 * g + 1] = minus
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        _ternarize_row_dev(x, i, out)
 
 
 def ternarize_queries(x, out=None):
@@ -574,36 +567,35 @@ def _nearest_partial_mma_cuda(queries, T_packed, code_nnz, chunk, part_dot, part
             part_index[ck, q] = bi
 
 
+@numba.njit(cache=True)
+def _nearest_merge_one(part_dot, part_nnz, part_index, q, out_index, out_dot):
+    """The best of query q's per-chunk winners (ties: lower index)."""
+    bd = np.int64(0)
+    bn = np.int64(1)
+    bi = np.int64(-1)
+    for ck in range(part_index.shape[0]):
+        if _beats(np.int64(part_dot[ck, q]), np.int64(part_nnz[ck, q]),
+                  np.int64(part_index[ck, q]), bd, bn, bi):
+            bd = np.int64(part_dot[ck, q])
+            bn = np.int64(part_nnz[ck, q])
+            bi = np.int64(part_index[ck, q])
+    out_index[q] = bi
+    out_dot[q] = bd
+
+
+_nearest_merge_one_dev = on_device(_nearest_merge_one)
+
+
 @numba.njit(parallel=True, cache=True)
 def _nearest_merge_cpu(part_dot, part_nnz, part_index, out_index, out_dot):
     for q in numba.prange(out_index.shape[0]):
-        bd = np.int64(0)
-        bn = np.int64(1)
-        bi = np.int64(-1)
-        for ck in range(part_index.shape[0]):
-            if _beats(np.int64(part_dot[ck, q]), np.int64(part_nnz[ck, q]),
-                      np.int64(part_index[ck, q]), bd, bn, bi):
-                bd = np.int64(part_dot[ck, q])
-                bn = np.int64(part_nnz[ck, q])
-                bi = np.int64(part_index[ck, q])
-        out_index[q] = bi
-        out_dot[q] = bd
+        _nearest_merge_one(part_dot, part_nnz, part_index, q, out_index, out_dot)
 
 
 @cuda.jit(cache=True)
 def _nearest_merge_cuda(part_dot, part_nnz, part_index, out_index, out_dot):
     for q in range(cuda.grid(1), out_index.shape[0], cuda.gridsize(1)):
-        bd = np.int64(0)
-        bn = np.int64(1)
-        bi = np.int64(-1)
-        for ck in range(part_index.shape[0]):
-            if _beats(np.int64(part_dot[ck, q]), np.int64(part_nnz[ck, q]),
-                      np.int64(part_index[ck, q]), bd, bn, bi):
-                bd = np.int64(part_dot[ck, q])
-                bn = np.int64(part_nnz[ck, q])
-                bi = np.int64(part_index[ck, q])
-        out_index[q] = bi
-        out_dot[q] = bd
+        _nearest_merge_one_dev(part_dot, part_nnz, part_index, q, out_index, out_dot)
 
 
 def _check_book(op, queries, T_packed, dim):
@@ -858,6 +850,9 @@ def _top_merge_one(part_d, part_nn, part_i, q, heads, out_index, out_dot):
             heads[best_s] += 1
 
 
+_top_merge_one_dev = on_device(_top_merge_one)
+
+
 @numba.njit(parallel=True, cache=True)
 def _top_codes_merge_cpu(part_d, part_nn, part_i, out_index, out_dot):
     for q in numba.prange(out_index.shape[0]):
@@ -867,30 +862,9 @@ def _top_codes_merge_cpu(part_d, part_nn, part_i, out_index, out_dot):
 
 @cuda.jit(cache=True)
 def _top_codes_merge_cuda(part_d, part_nn, part_i, out_index, out_dot):
-    # _top_merge_one written out: the simulator cannot pass its arrays to an njit function.
-    S, _, k = part_i.shape
     heads = cuda.local.array(_MAX_TOP_SLICES, numba.int64)
     for q in range(cuda.grid(1), out_index.shape[0], cuda.gridsize(1)):
-        for s in range(S):
-            heads[s] = 0
-        for j in range(k):
-            best_s = -1
-            bd = np.int64(0)
-            bn = np.int64(1)
-            bi = np.int64(-1)
-            for s in range(S):
-                h = heads[s]
-                if h < k and part_i[s, q, h] >= 0:
-                    if _beats(np.int64(part_d[s, q, h]), np.int64(part_nn[s, q, h]),
-                              np.int64(part_i[s, q, h]), bd, bn, bi):
-                        best_s = s
-                        bd = np.int64(part_d[s, q, h])
-                        bn = np.int64(part_nn[s, q, h])
-                        bi = np.int64(part_i[s, q, h])
-            out_index[q, j] = bi
-            out_dot[q, j] = bd
-            if best_s >= 0:
-                heads[best_s] += 1
+        _top_merge_one_dev(part_d, part_nn, part_i, q, heads, out_index, out_dot)
 
 
 def top_codes(queries, T_packed, dim, k, out_index=None, out_dot=None):
