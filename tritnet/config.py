@@ -57,7 +57,7 @@ class Config:
     scale_threshold: int = 64
     decay_shift: int = 0
     grad_rms_units: int = 8
-    grad_clip_units: int = 0       # the most one step's gradient adds to an accumulator; 0: off
+    grad_clip_units: int = 8       # the most one step's gradient adds to an accumulator; 0: off
     schedule: str = "constant"     # the gain's decay over `steps`: "constant" or "cosine" (to
     final_grad_rms_units: float = 1.0  # final_grad_rms_units at the last step; optim.py)
     # --- training run -----------------------------------------------------------------------
@@ -170,19 +170,20 @@ _RANGES = {
 # Presets: named overrides of the defaults above (the `tiny` model).
 PRESETS = {
     # trains on a two-core CPU: `tritnet train` with no options, ~5 minutes, ending near
-    # 2.83 held-out bpb against the bigram's 3.47 on the default corpus (3.10 with NoPE).
+    # 2.76 held-out bpb against the bigram's 3.47 on the default corpus (2.83 with unclipped
+    # gradients, grad_clip_units = 0; 3.10 with NoPE).
     # Measured on two cores at 2048 tokens a step: 64 x 32 learned faster than 32 x 64 and
     # 16 x 128 (with ALiBi, 2.83 against 2.88 for 16 x 128); a step is ~0.55 s, half of it the
     # VQ search.
     "tiny": dict(batch_size=64, seq_len=32, steps=500, eval_every=100, save_every=100,
                  position="alibi"),
-    # 25–30M logical trits: the comparison preset. 256 x 32 tokens a step: on the H100, 5M
-    # tokens reached 3.00 held-out bpb at 256 x 32 against 3.21 at 128 x 64 and 3.54 at
-    # 32 x 256 (NoPE attention), 2.62 with ALiBi (benchmarks/results/train-small-5m-h100/,
-    # with the ablations and schedules tried since: single runs vary by ~0.2 between seeds)
+    # 25–30M logical trits: the comparison preset. On the H100, 5M tokens of the default
+    # corpus learn best at 128 x 32 tokens a step (1,221 steps) with the cosine gain
+    # (benchmarks/results/train-small-5m-h100/README.md)
     "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
-                  graph_capacity=1 << 16, batch_size=256, seq_len=32, position="alibi"),
+                  graph_capacity=1 << 16, batch_size=128, seq_len=32, position="alibi",
+                  schedule="cosine"),
     # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64. Blocks are
     # recomputed in backward: issue 7's 16 GB budget for a step at 4 x 512
     "default": dict(d_model=2560, n_layers=24, n_heads=20, context=1024, n_experts=8,

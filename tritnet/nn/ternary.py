@@ -37,6 +37,7 @@ from tritnet_kernels import update as kupdate
 
 SCALE_EXPONENT_STEP = 0.125  # s = 2 ** (E * SCALE_EXPONENT_STEP)
 DEFAULT_GRAD_RMS_UNITS = 8
+DEFAULT_GRAD_CLIP_UNITS = 8   # TritFlip's defaults; the optimiser sets both every step
 
 
 def scale_from_exponent(E, dtype=np.float32):
@@ -128,7 +129,7 @@ class TernaryModule(Module):
     def __init__(self):
         super().__init__()
         self.grad_rms_units = DEFAULT_GRAD_RMS_UNITS
-        self.grad_clip_units = 0
+        self.grad_clip_units = DEFAULT_GRAD_CLIP_UNITS
         self.grad_seed = int(trandom.generator().integers(0, 2**63))
         self.grad_step = 0
         self.grad_shard = 0
