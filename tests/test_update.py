@@ -612,6 +612,22 @@ def test_cuda_quantize_matches_cpu_twin():
 
 
 @pytest.mark.cuda
+def test_cuda_grad_inv_scale_fused_kernels_match_numpy():
+    rng = np.random.default_rng(12)
+    for shape in [(1,), (7, 3), (384, 768), (3, 5, 1001)]:
+        G = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
+        got = U.grad_inv_scale(cupy.asarray(G), 8.0)
+        assert isinstance(got, cupy.ndarray) and got.dtype == np.float32 and got.shape == (1,)
+        np.testing.assert_allclose(got.get(), U.grad_inv_scale(G, 8.0), rtol=1e-6)
+    G = np.zeros((4, 9), np.float32)
+    assert U.grad_inv_scale(cupy.asarray(G), 8.0).get()[0] == 0
+    for bad in (np.nan, np.inf, 1e20):   # 1e20 squared overflows float32, as in NumPy
+        G[1, 2] = bad
+        assert U.grad_inv_scale(cupy.asarray(G), 8.0).get()[0] == 0 == \
+            U.grad_inv_scale(G, 8.0)[0]
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("rows,cols", [(1, 1), (7, 100), (300, 4096), (5000, 70)])
 def test_cuda_row_trit_dot_matches_cpu_twin(rows, cols):
     rng = np.random.default_rng(rows + cols)

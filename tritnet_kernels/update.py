@@ -270,11 +270,36 @@ def grad_inv_scale(G, grad_gain):
     xp = xp_of(G)
     if G.size == 0:
         return xp.zeros(1, dtype=np.float32)
+    if is_cupy(G):
+        # Two launches instead of the eight array ops below: a training step computes this
+        # for every tensor, and on the GPU each op costs more host time than its kernel.
+        sum_sq_kernel, inv_kernel = _inv_scale_kernels()
+        return inv_kernel(sum_sq_kernel(G.reshape(-1)).reshape(1), float(G.size),
+                          float(grad_gain))
     sum_sq = xp.sum(xp.square(G), dtype=np.float64).reshape(1)
     mean_sq = sum_sq / G.size
     usable = xp.isfinite(mean_sq) & (mean_sq > 0)
     inv = xp.where(usable, grad_gain / xp.sqrt(xp.where(usable, mean_sq, 1.0)), 0.0)
     return inv.astype(np.float32)
+
+
+_INV_SCALE_KERNELS = []
+
+
+def _inv_scale_kernels():
+    """CuPy's fused reduction and element-wise kernels for grad_inv_scale, built once: the
+    same arithmetic as the array ops (float32 squares summed in float64, gain / sqrt(mean) in
+    float64, rounded to float32, 0 when the mean is 0 or not finite)."""
+    if not _INV_SCALE_KERNELS:
+        import cupy
+        _INV_SCALE_KERNELS.append(cupy.ReductionKernel(
+            "float32 g", "float64 sum_sq", "(double)(g * g)", "a + b", "sum_sq = a", "0",
+            "tritnet_sum_squares"))
+        _INV_SCALE_KERNELS.append(cupy.ElementwiseKernel(
+            "float64 sum_sq, float64 n, float64 gain", "float32 inv",
+            "double m = sum_sq / n; inv = (isfinite(m) && m > 0) ? (float)(gain / sqrt(m)) : 0.0f",
+            "tritnet_inv_rms"))
+    return _INV_SCALE_KERNELS
 
 
 @numba.njit(parallel=True, cache=True)
