@@ -24,7 +24,8 @@ The hyperparameters are this scheme's learning rate:
   gradient concentrated on a few entries (normalised by the tensor's RMS, those entries read
   as many RMS) flips them at once, and the next step's gradient flips them back: the loss
   spikes. Measured (benchmarks/results/train-small-5m-h100/): clipping at 8 took the small
-  preset from 2.24–2.51 to 2.08–2.10 held-out bpb, and the tiny one from 2.79–2.83 to 2.75–2.76;
+  preset from 2.24–2.51 to 2.08–2.10 held-out bpb, and the tiny one from 2.79–2.83 to
+  2.75–2.76;
 - decay_shift (default 0 = off): each step without a flip leaks |a| >> decay_shift, a memory of
   about 2**decay_shift steps: larger = longer memory; it filters gradient noise.
 - schedule ("constant" or "cosine") and final_grad_rms_units: the gain's schedule, this
@@ -61,8 +62,7 @@ class TritFlip:
 
     def __init__(self, modules, *, flip_threshold: int = 64, scale_threshold: int = 64,
                  decay_shift: int = 0, grad_rms_units: int = 8, grad_clip_units: int = 8,
-                 seed: int = 0,
-                 schedule: str = "constant", final_grad_rms_units: float = 1.0,
+                 seed: int = 0, schedule: str = "constant", final_grad_rms_units: float = 1.0,
                  total_steps: int = 0):
         _check_int("flip_threshold", flip_threshold, 1, 127)
         _check_int("scale_threshold", scale_threshold, 1, 127)

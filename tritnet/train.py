@@ -56,8 +56,8 @@ RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
 # match the checkpoint's.
 RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
                     "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
-                    "grad_rms_units", "grad_clip_units", "schedule", "final_grad_rms_units", "seed",
-                    "recompute")
+                    "grad_rms_units", "grad_clip_units", "schedule", "final_grad_rms_units",
+                    "seed", "recompute")
 
 
 class TrainError(Exception):

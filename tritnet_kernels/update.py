@@ -26,6 +26,7 @@ accumulator rule is one njit function (`_accumulator_step`) that both twins call
 
 from . import _numba_compat  # noqa: F401  (must precede numba.cuda)
 
+import functools
 import math
 
 import numba
@@ -283,23 +284,20 @@ def grad_inv_scale(G, grad_gain):
     return inv.astype(np.float32)
 
 
-_INV_SCALE_KERNELS = []
-
-
+@functools.cache
 def _inv_scale_kernels():
     """CuPy's fused reduction and element-wise kernels for grad_inv_scale, built once: the
     same arithmetic as the array ops (float32 squares summed in float64, gain / sqrt(mean) in
     float64, rounded to float32, 0 when the mean is 0 or not finite)."""
-    if not _INV_SCALE_KERNELS:
-        import cupy
-        _INV_SCALE_KERNELS.append(cupy.ReductionKernel(
-            "float32 g", "float64 sum_sq", "(double)(g * g)", "a + b", "sum_sq = a", "0",
-            "tritnet_sum_squares"))
-        _INV_SCALE_KERNELS.append(cupy.ElementwiseKernel(
-            "float64 sum_sq, float64 n, float64 gain", "float32 inv",
-            "double m = sum_sq / n; inv = (isfinite(m) && m > 0) ? (float)(gain / sqrt(m)) : 0.0f",
-            "tritnet_inv_rms"))
-    return _INV_SCALE_KERNELS
+    import cupy
+    sum_squares = cupy.ReductionKernel(
+        "float32 g", "float64 sum_sq", "(double)(g * g)", "a + b", "sum_sq = a", "0",
+        "tritnet_sum_squares")
+    inv_rms = cupy.ElementwiseKernel(
+        "float64 sum_sq, float64 n, float64 gain", "float32 inv",
+        "double m = sum_sq / n; inv = (isfinite(m) && m > 0) ? (float)(gain / sqrt(m)) : 0.0f",
+        "tritnet_inv_rms")
+    return sum_squares, inv_rms
 
 
 @numba.njit(parallel=True, cache=True)

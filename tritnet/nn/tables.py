@@ -22,10 +22,9 @@ import numpy as np
 from .. import backend
 from .. import random as trandom
 from ..autograd import Function, Tensor, is_grad_enabled
-from .ternary import SCALE_EXPONENT_STEP, TernaryModule, quantize_gradient, scale_from_exponent
+from .ternary import SCALE_EXPONENT_STEP, TernaryModule
 from tritnet_kernels import packing as kpacking
 from tritnet_kernels import tables as ktables
-from tritnet_kernels import update as kupdate
 from tritnet_kernels import vq as kvq
 
 # Rows of uniform random trits (2/3 nonzero) at scale 2**(2/8) ≈ 1.19 ≈ sqrt(3/2) have unit RMS.
@@ -113,17 +112,8 @@ class TernaryEmbeddingTable(TernaryModule):
         rows, inverse, order, offsets = ktables.unique_rows(indices)
         G = ktables.segment_sum_rows(grad, inverse, rows.shape[0], segments=(order, offsets),
                                      check=False)
-        grad_q = quantize_gradient(G, self.grad_rms_units, self.next_grad_seed(0), None,
-                                   self.grad_clip_units)
-        # dL/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, for the touched rows
-        row_dot = kupdate.row_trit_dot(G, self.T_packed[rows], self.dim)
-        del G
-        gE = row_dot * scale_from_exponent(self.E[rows]) * np.float32(
-            math.log(2) * SCALE_EXPONENT_STEP)
-        grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1), None,
-                                     self.grad_clip_units)
+        grad_q, grad_E_q = self.quantize_grads(G, self.T_packed[rows], self.E[rows])
         self.pending.append((rows, grad_q, grad_E_q))
-        self.grad_uses += 1
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
         counts = None

@@ -52,20 +52,6 @@ def initial_exponent(fan_in: int, density: float = 2.0 / 3.0) -> int:
     return int(min(max(e, -128), 127))
 
 
-def quantize_gradient(G, units: float, seed: int, out, clip: int = 0):
-    """Add stochastic_round(G · units / rms(G)), clipped to ±clip (0: not clipped), into the
-    int8 `out` (allocated when None).
-
-    The scale stays on G's device (no host sync). A gradient that is all zero or holds NaN/inf
-    gets scale 0 and so changes nothing; the training loop stops on a non-finite loss first.
-    """
-    xp = backend.get_array_module(G)
-    if out is None:
-        out = xp.zeros(G.shape, dtype=np.int8)
-    kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, units), seed, out, clip=clip or 128)
-    return out
-
-
 def _reference_product(fn, a, layer):
     """float64 is the gradient checks' precision: the NumPy reference (a transient widened
     weight inside this call) gives exact float64 products. Never a hot path."""
@@ -121,9 +107,9 @@ class TernaryModule(Module):
     A subclass holds one ternary matrix made by `_init_ternary_state` — buffers T_packed
     (uint32 bitplanes), E, T_accum, E_accum — and implements `apply_update(flip_threshold,
     scale_threshold, decay_shift)` and `zero_grad()`. The optimiser sets `grad_rms_units`,
-    `grad_clip_units`, `grad_seed` and `grad_step`, and `grad_shard` (which micro-batch of the step's global batch
-    is running, tritnet/distributed.py); `grad_uses` counts backward contributions within a
-    shard so that every quantisation draws fresh random bits.
+    `grad_clip_units`, `grad_seed`, `grad_step` and `grad_shard` (which micro-batch of the
+    step's global batch is running, tritnet/distributed.py); `grad_uses` counts backward
+    contributions within a shard so that every quantisation draws fresh random bits.
     """
 
     def __init__(self):
@@ -164,6 +150,31 @@ class TernaryModule(Module):
     def next_grad_seed(self, which: int) -> int:
         return trandom.mix_seed(self.grad_seed, self.grad_step, self.grad_shard, self.grad_uses,
                                 which)
+
+    def quantize_grads(self, G, T_packed, E, grad_q=None, grad_E_q=None):
+        """The int8 gradients of trits and row exponents from G = dL/dW (float32, rows of
+        T_packed / E): added into grad_q / grad_E_q (allocated when None) and returned.
+
+        Each is stochastic_round(g · grad_rms_units / rms(g)), clipped to ±grad_clip_units
+        (0: not clipped). The scale stays on G's device (no host sync). A gradient that is all
+        zero or holds NaN/inf gets scale 0 and so changes nothing; the training loop stops on
+        a non-finite loss first.
+        """
+        xp = backend.get_array_module(G)
+        clip = self.grad_clip_units or 128
+        if grad_q is None:
+            grad_q = xp.zeros(G.shape, dtype=np.int8)
+        kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units),
+                              self.next_grad_seed(0), grad_q, clip=clip)
+        # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8
+        gE = (kupdate.row_trit_dot(G, T_packed, self.trit_shape[1]) * scale_from_exponent(E)
+              * np.float32(math.log(2) * SCALE_EXPONENT_STEP))
+        if grad_E_q is None:
+            grad_E_q = xp.zeros(gE.shape, dtype=np.int8)
+        kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units),
+                              self.next_grad_seed(1), grad_E_q, clip=clip)
+        self.grad_uses += 1
+        return grad_q, grad_E_q
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
         raise NotImplementedError
@@ -216,15 +227,8 @@ class TernaryLinear(TernaryModule):
         if G.dtype != np.float32:  # the kernels' working precision; float64 only in checks
             G = G.astype(np.float32)
         G = xp.ascontiguousarray(G)
-        self.grad_q = quantize_gradient(G, self.grad_rms_units, self.next_grad_seed(0), self.grad_q,
-                                        self.grad_clip_units)
-        # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8
-        row_dot = kupdate.row_trit_dot(G, self.T_packed, self.in_features)
-        del G
-        gE = row_dot * scale_from_exponent(self.E) * np.float32(math.log(2) * SCALE_EXPONENT_STEP)
-        self.grad_E_q = quantize_gradient(gE, self.grad_rms_units, self.next_grad_seed(1),
-                                          self.grad_E_q, self.grad_clip_units)
-        self.grad_uses += 1
+        self.grad_q, self.grad_E_q = self.quantize_grads(G, self.T_packed, self.E, self.grad_q,
+                                                         self.grad_E_q)
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
         """Consume grad_q / grad_E_q: accumulate, flip trits and step E across thresholds."""
