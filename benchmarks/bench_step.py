@@ -110,6 +110,8 @@ def main():
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute each block in backward (default: the preset's)")
+    parser.add_argument("--matmul-precision", choices=("fp32", "tf32"),
+                        help="float32 products on the GPU (default: the preset's, tf32)")
     args = parser.parse_args()
 
     import cupy
@@ -123,7 +125,8 @@ def main():
 
     backend.set_device("cuda")
     config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len,
-                                          recompute=args.recompute)
+                                          recompute=args.recompute,
+                                          matmul_precision=args.matmul_precision)
     trandom.manual_seed(config.seed)
     corpus = tdata.load_corpus(None)
     batches = tdata.Batches(corpus, config.batch_size, config.seq_len, seed=1)
@@ -184,6 +187,7 @@ def main():
     result = {
         "device": name, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
         "batch": [config.batch_size, config.seq_len], "recompute": config.recompute,
+        "matmul_precision": config.matmul_precision,
         "logical_trits": trits,
         "state_bytes": state, "state_bytes_per_trit": state / trits, "build_s": build_s,
         "tokens_per_s": statistics.median(rates), "host_s_per_step": statistics.median(host),
@@ -194,7 +198,8 @@ def main():
         "method": __doc__.strip(),
     }
     tag = f"{args.preset}-{config.batch_size}x{config.seq_len}" + \
-        ("-recompute" if config.recompute else "")
+        ("-recompute" if config.recompute else "") + \
+        ("-fp32" if config.matmul_precision == "fp32" else "")
     path = os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
                         f"step-{tag}-{name.lower().replace(' ', '-')}.json")
     with open(path, "w") as fh:

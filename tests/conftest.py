@@ -33,3 +33,13 @@ def pytest_runtest_setup(item):
         usable, why = backend.gpu_usable()
         if not usable:
             pytest.skip(f"no usable GPU: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_products():
+    """Building a model sets the process's matmul precision from its config (TF32 by
+    default); tests that compare float products on the GPU expect fp32, so each test starts
+    and ends there."""
+    backend.set_matmul_precision("fp32")
+    yield
+    backend.set_matmul_precision("fp32")

@@ -294,3 +294,48 @@ def test_recompute_outside_grad_mode_is_a_plain_call():
         out = recompute(lambda t: t * 2.0, x)
     assert out._node is None and not out.requires_grad
     np.testing.assert_array_equal(out.data, [2.0, 4.0])
+
+
+def test_once_per_recompute_runs_its_work_once_per_training_forward():
+    from tritnet.autograd import once_per_recompute, recompute
+    calls = []
+
+    def search(x):   # stands for a code-book search: not differentiable, deterministic
+        calls.append(1)
+        return np.argmax(x.data, axis=-1)
+
+    def fn(x):
+        picks = once_per_recompute(lambda: search(x))
+        return (x[np.arange(x.shape[0]), picks] * x.sum(axis=-1)).sum()
+
+    values = np.random.default_rng(3).standard_normal((4, 5))
+    x = leaf(values)
+    recompute(fn, x).backward()
+    assert len(calls) == 1                      # the backward re-run took the kept result
+    plain = leaf(values)
+    fn(plain).backward()                        # outside recomputation: a plain call
+    assert len(calls) == 2
+    np.testing.assert_array_equal(x.grad, plain.grad)
+
+
+def test_once_per_recompute_names_a_function_that_changes_its_path():
+    from tritnet.autograd import once_per_recompute, recompute
+    runs = []
+
+    def fn(x):
+        runs.append(1)
+        for _ in range(len(runs)):              # one kept result first, two in the re-run
+            once_per_recompute(lambda: 0)
+        return (x * x).sum()
+
+    with pytest.raises(RuntimeError, match="more than the 1 results its first run kept"):
+        recompute(fn, leaf([1.0, 2.0])).backward()
+
+    def fewer(x):
+        runs.append(1)
+        if len(runs) == 3:                      # the first run of this function only
+            once_per_recompute(lambda: 0)
+        return (x * x).sum()
+
+    with pytest.raises(RuntimeError, match="asked for 0 kept results, the first run kept 1"):
+        recompute(fewer, leaf([1.0, 2.0])).backward()

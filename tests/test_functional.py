@@ -409,3 +409,36 @@ def test_mixing_devices_names_the_op_shapes_and_devices(monkeypatch):
     with pytest.raises(TypeError, match=r"cross_entropy: targets is a Tensor on cuda but the input "
                                         r"\(3, 4\) is on cpu"):
         F.cross_entropy(a, targets)
+
+
+def test_matmul_precision_is_a_checked_process_setting():
+    from tritnet.config import ConfigError, preset
+    from tritnet.train import build
+    assert backend.matmul_precision() == "fp32"
+    with pytest.raises(ValueError, match="matmul precision 'bf16': expected one of fp32, tf32"):
+        backend.set_matmul_precision("bf16")
+    assert backend.matmul_precision() == "fp32"
+    with pytest.raises(ConfigError, match="matmul_precision = 'fp16': expected 'fp32' or 'tf32'"):
+        preset("tiny").override(matmul_precision="fp16")
+    build(preset("tiny").override(d_model=32, n_heads=2, n_layers=1, shared_vq_size=64,
+                                  kgvq_size=16))
+    assert backend.matmul_precision() == "tf32"   # the presets' default, set by build()
+    assert backend.set_matmul_precision("fp32") == "tf32"
+
+
+@pytest.mark.cuda
+def test_tf32_products_are_close_to_fp32_and_switch_back():
+    import cupy
+    rng = np.random.default_rng(0)
+    a = cupy.asarray(rng.standard_normal((512, 768)).astype(np.float32))
+    b = cupy.asarray(rng.standard_normal((768, 384)).astype(np.float32))
+    exact = a.get().astype(np.float64) @ b.get().astype(np.float64)
+    full = (a @ b).get()
+    backend.set_matmul_precision("tf32")
+    fast = (a @ b).get()
+    backend.set_matmul_precision("fp32")
+    again = (a @ b).get()
+    np.testing.assert_array_equal(again, full)
+    err_full, err_fast = np.abs(full - exact).max(), np.abs(fast - exact).max()
+    # outputs have std ~28: fp32 errs ~1e-4, TF32 (2**-11 per input) ~0.1 at the worst entry
+    assert err_full < 1e-3 < err_fast < 1.0, (err_full, err_fast)

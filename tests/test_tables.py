@@ -194,6 +194,35 @@ def test_segment_sums_match_add_at_exactly(n, cols, universe, index_dtype):
         tb.segment_sum_rows(grad, inverse.astype(index_dtype), len(rows), segments=(order, offsets)), ref)
 
 
+def _hot_rows(cols, seed=0):
+    """Row 7 repeated 1000 times, row 3 129 times (one past a chunk), row 5 exactly 128, and
+    a spread of rows seen once or twice, shuffled; gradients spanning six decades."""
+    rng = np.random.default_rng(seed)
+    indices = np.concatenate([np.full(1000, 7), np.full(129, 3), np.full(128, 5),
+                              rng.integers(10, 60, 80)]).astype(np.int64)
+    rng.shuffle(indices)
+    grad = (rng.standard_normal((indices.size, cols)) *
+            10 ** rng.uniform(-3, 3, (indices.size, 1))).astype(np.float32)
+    return indices, grad
+
+
+@pytest.mark.parametrize("cols", [64, 37, 1])
+def test_segment_sums_of_hot_rows_are_chunked(cols):
+    indices, grad = _hot_rows(cols)
+    rows, inverse, order, offsets = tb.unique_rows(indices)
+    got = tb.segment_sum_rows(grad, inverse, len(rows), segments=(order, offsets))
+    np.testing.assert_array_equal(got, tb.segment_sum_sorted_reference(grad, order, offsets))
+    add_at = tb.segment_sum_rows_reference(grad, inverse, len(rows))
+    short = np.diff(offsets) <= tb._SEGMENT_CHUNK   # rows 5 and the rare ones: add.at's order
+    assert short.sum() == len(rows) - 2
+    np.testing.assert_array_equal(got[short], add_at[short])
+    assert not np.array_equal(got[rows == 7], add_at[rows == 7])  # the order did change ...
+    exact = np.zeros((len(rows), cols))
+    np.add.at(exact, inverse, grad.astype(np.float64))
+    scale = np.abs(grad).astype(np.float64).max() * 1e-5
+    np.testing.assert_allclose(got, exact, rtol=0, atol=scale)  # ... only within rounding
+
+
 def test_segment_sum_overwrites_out():
     grad = np.ones((3, 4), np.float32)
     out = np.full((2, 4), 7.0, np.float32)
@@ -389,6 +418,15 @@ def test_sim_segment_sums():
 
 
 @pytest.mark.cudasim
+def test_sim_segment_sums_of_a_hot_row():
+    indices = np.array([2] * 300 + [0, 1, 2], dtype=np.int64)  # row 2: three chunks
+    grad = np.random.default_rng(1).standard_normal((303, 3)).astype(np.float32)
+    rows, inverse, order, offsets = tb.unique_rows(indices)
+    np.testing.assert_array_equal(tb.segment_sum_rows(grad, inverse, 3, segments=(order, offsets)),
+                                  tb.segment_sum_sorted_reference(grad, order, offsets))
+
+
+@pytest.mark.cudasim
 @pytest.mark.parametrize("cols", [64, 37])
 def test_sim_sparse_update(cols):
     rng = np.random.default_rng(cols)
@@ -436,6 +474,20 @@ def test_cuda_segment_sums():
     np.testing.assert_array_equal(det.get(), ref)  # sorted segments: bit-identical
     atomic = tb.segment_sum_rows(cupy.asarray(grad), inverse, len(rows))
     np.testing.assert_allclose(atomic.get(), ref, rtol=1e-4, atol=1e-4)  # float order varies
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cols", [64, 37, 384])
+def test_cuda_segment_sums_of_hot_rows(cols):
+    indices, grad = _hot_rows(cols, seed=cols)
+    indices = np.concatenate([indices, np.zeros(50000, np.int64)])  # a padding-row hot spot
+    grad = np.concatenate([grad, np.random.default_rng(3).standard_normal((50000, cols))
+                           .astype(np.float32)])
+    c_rows, c_inverse, c_order, c_offsets = tb.unique_rows(indices)
+    cpu = tb.segment_sum_rows(grad, c_inverse, len(c_rows), segments=(c_order, c_offsets))
+    rows, inverse, order, offsets = tb.unique_rows(cupy.asarray(indices))
+    gpu = tb.segment_sum_rows(cupy.asarray(grad), inverse, len(rows), segments=(order, offsets))
+    np.testing.assert_array_equal(gpu.get(), cpu)  # the same chunked order on both
 
 
 @pytest.mark.cuda

@@ -353,7 +353,8 @@ class Recompute(Function):
         # fn get theirs through it.
         self.updates_state = is_grad_enabled()
         self.fn, self.arrays = fn, arrays
-        with no_grad():
+        self.kept = []
+        with no_grad(), _keeping(self.kept, replay=False):
             out = fn(*(Tensor(a) for a in arrays))
         self.multiple = isinstance(out, tuple)
         outs = out if self.multiple else (out,)
@@ -362,8 +363,9 @@ class Recompute(Function):
     def backward(self, *grads):
         inputs = [Tensor(a, requires_grad=need)
                   for a, need in zip(self.arrays, self.needs_input_grad)]
-        with enable_grad():
+        with enable_grad(), _keeping(self.kept, replay=True):
             out = self.fn(*inputs)
+        self.kept = None
         outs = out if self.multiple else (out,)
         backward(list(outs), list(grads))
         return tuple(t.grad for t in inputs)
@@ -375,6 +377,49 @@ def recompute(fn, *inputs):
     if not is_grad_enabled():
         return fn(*inputs)
     return Recompute.apply(*inputs, fn=fn)
+
+
+# The runs of recomputed functions in progress: [kept results, replay?, next to replay].
+_recompute_runs = []
+
+
+@contextmanager
+def _keeping(kept, replay):
+    run = [kept, replay, 0]
+    _recompute_runs.append(run)
+    try:
+        yield
+    finally:
+        _recompute_runs.pop()
+    if replay and run[2] != len(kept):   # (not reached when fn raised: that error wins)
+        raise RuntimeError(f"recompute: the backward run of the function asked for {run[2]} "
+                           f"kept results, the first run kept {len(kept)}; the function must "
+                           "take the same path both times")
+
+
+def once_per_recompute(compute):
+    """`compute()`, run once per training forward even inside a recomputed block.
+
+    For non-differentiable work a block repeats identically when backward re-runs it -- a
+    code-book search, the expert counts that cost a host sync: the first (tape-less) run keeps
+    the result and the re-run takes it back instead of computing it again, in call order.
+    Outside recomputation it simply calls `compute()`. The result must depend only on the
+    block's inputs and on state that does not change within the step (recompute's contract),
+    so training stays bit-identical; the kept results (index arrays) live until the re-run.
+    """
+    if not _recompute_runs:
+        return compute()
+    run = _recompute_runs[-1]
+    kept, replay, position = run
+    if not replay:
+        kept.append(compute())
+        return kept[-1]
+    if position >= len(kept):
+        raise RuntimeError(f"recompute: the backward run of the function asked for more than "
+                           f"the {len(kept)} results its first run kept; the function must "
+                           "take the same path both times")
+    run[2] += 1
+    return kept[position]
 
 
 def _topological_order(roots) -> list:

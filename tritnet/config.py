@@ -52,6 +52,8 @@ class Config:
     use_composite_head: bool = True
     recompute: bool = False        # keep one block's activations, recompute each in backward:
                                    # bit-identical training, far less memory, a second forward
+    matmul_precision: str = "tf32" # float32 products on the GPU: "tf32" (tensor cores) or
+                                   # "fp32" (backend.set_matmul_precision); the CPU is fp32
     # --- optimiser: TritFlip (tritnet/optim.py explains each) ------------------------------
     flip_threshold: int = 64
     scale_threshold: int = 64
@@ -96,6 +98,9 @@ class Config:
             raise ConfigError(f"config field final_grad_rms_units = {self.final_grad_rms_units} "
                               f"exceeds grad_rms_units = {self.grad_rms_units} (the schedule "
                               "decays the gain)")
+        if self.matmul_precision not in ("fp32", "tf32"):
+            raise ConfigError(f"config field matmul_precision = {self.matmul_precision!r}: "
+                              "expected 'fp32' or 'tf32'")
         if self.vq_search not in ("exact", "routed"):
             raise ConfigError(f"config field vq_search = {self.vq_search!r}: expected 'exact' "
                               "or 'routed'")

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .autograd import Tensor, is_grad_enabled, recompute
+from .autograd import Tensor, is_grad_enabled, once_per_recompute, recompute
 from .config import Config
 from .nn import Module, ModuleList
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
@@ -203,7 +203,9 @@ class MoEGraph(Module):
         N, k = choice.shape
         flat = choice.reshape(-1)
         order = xp.argsort(flat, kind="stable")
-        counts = backend.to_numpy(xp.bincount(flat, minlength=self.n_experts))
+        # tokens per expert: a host sync, once per step even in a recomputed block
+        counts = once_per_recompute(
+            lambda: backend.to_numpy(xp.bincount(flat, minlength=self.n_experts)))
         xs = F.take(h, order // k)
         outs, start = [], 0
         for expert, n in zip(self.experts, counts):

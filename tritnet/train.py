@@ -96,7 +96,8 @@ def evaluate(model, batches) -> float:
 
 
 def build(config: Config, device=None):
-    """(model, optimizer) from the config's fields."""
+    """(model, optimizer) from the config's fields; sets the process's matmul precision."""
+    backend.set_matmul_precision(config.matmul_precision)
     try:
         model = CodeMemoryLM(config, device=device)
     except ValueError as e:   # a combination of fields the model cannot be built with

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import backend
 from .. import random as trandom
-from ..autograd import Function, Tensor, is_grad_enabled
+from ..autograd import Function, Tensor, is_grad_enabled, once_per_recompute
 from .ternary import SCALE_EXPONENT_STEP, TernaryModule
 from tritnet_kernels import packing as kpacking
 from tritnet_kernels import tables as ktables
@@ -272,7 +272,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
             raise TypeError(f"{type(self).__name__}: queries are on {x.device} but the "
                             f"codebook is on {backend.array_device(self.T_packed)}")
         queries = kvq.ternarize_queries(flat)
-        indices = self.search(queries)
+        indices = once_per_recompute(lambda: self.search(queries))  # one search a step
         codes = RowGather.apply(table=self, indices=indices).reshape(*x.shape)
         if codes.dtype != x.dtype:
             codes = codes.astype(x.dtype)
