@@ -17,6 +17,8 @@ from tritnet.config import Config, ConfigError, load_config, preset, trace
 from tritnet.models import CodeMemoryLM, MoEGraph
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.optim import TritFlip
+from tritnet.train import build
+from tritnet_kernels import graph as kgraph
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +53,36 @@ def test_large_active_graph_is_bounded_and_integer():
     after = {n: b for n, b in g.named_buffers()}
     assert all(after[n] is buffers[n] and after[n].shape == buffers[n].shape for n in after)
     assert (g.active_edge_dst >= 0).sum() == 32768  # full, and never more than capacity
+
+
+def test_code_graph_checks_codes_from_callers_and_trusts_its_own(monkeypatch):
+    """The graph's public entry points range-check codes (a host sync each on the GPU); the
+    training step, whose codes come from the code book's own search, skips those checks."""
+    from tritnet.models import CodeGraph
+    g = CodeGraph(64, 4, 0)
+    bad = np.array([[1, 64, 2]], np.int32)
+    signs = np.ones((1, 2), np.int8)
+    before = [b.copy() for _, b in g.named_buffers()]
+    with pytest.raises(ValueError, match=r"observe_edges: obs_src\[1\] = 64 is out of range"):
+        g.observe(bad, signs)
+    g.record(bad, signs)
+    with pytest.raises(ValueError, match=r"observe_edges: obs_src\[1\] = 64 is out of range"):
+        g.apply_observations()
+    with pytest.raises(ValueError, match=r"edge_neighbors: codes\[1\] = 64 is out of range"):
+        g.neighbors(bad.reshape(-1))
+    assert all((a == b).all() for a, (_, b) in zip(before, g.named_buffers()))  # untouched
+
+    checked = []
+    check_indices = kgraph._check_indices
+    monkeypatch.setattr(kgraph, "_check_indices", lambda *a, **k: checked.append(a[4])
+                        or check_indices(*a, **k))
+    trandom.manual_seed(0)
+    model, opt = build(preset("tiny").override(batch_size=2, seq_len=8, n_layers=1))
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 9))
+    loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    opt.step()
+    assert checked and not any(checked)   # the graph ran, with no host-syncing checks
 
 
 def test_small_graph_forward_backward_and_edges_matter():

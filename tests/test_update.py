@@ -165,6 +165,14 @@ def test_grad_inv_scale():
         assert not out.any()
 
 
+@pytest.mark.parametrize("n", [1, 255, 4096, 70_001, 3_000_000])   # 1 to 256 blocks
+def test_grad_inv_scale_matches_the_reference(n):
+    G = (np.random.default_rng(n).standard_normal(n) * 1e-3).astype(np.float32)
+    np.testing.assert_allclose(U.grad_inv_scale(G, 8.0), U.grad_inv_scale_reference(G, 8.0),
+                               rtol=1e-6)
+    assert U._rms_blocks(n) == min(256, -(-n // 4096))
+
+
 # ------------------------------------------------------------------------ row_trit_dot (CPU)
 
 
@@ -177,6 +185,25 @@ def test_row_trit_dot_matches_reference(rows, cols):
     expected = (G.astype(np.float64) * T).sum(axis=1)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(G).sum())
     np.testing.assert_allclose(U.row_trit_dot_reference(G, pack(T), cols), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_row_trit_dot_gives_the_exponent_gradient(rows, cols):
+    """With E: dL/dE_r = dot_r · s_r · ln2/8, s_r from the correctly rounded table."""
+    rng = np.random.default_rng(rows + 7 * cols)
+    G = rng.standard_normal((rows, cols)).astype(np.float32)
+    T = rng.integers(-1, 2, size=(rows, cols))
+    E = rng.integers(-128, 128, rows).astype(np.int8)
+    dot = U.row_trit_dot(G, pack(T), cols)
+    got = U.row_trit_dot(G, pack(T), cols, E=E)
+    np.testing.assert_array_equal(got, dot * U.SCALE_OF_E[E.astype(int) + 128]
+                                  * np.float32(np.log(2) / 8))
+    exact = (G.astype(np.float64) * T).sum(1) * 2.0 ** (E / 8.0) * np.log(2) / 8
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+    np.testing.assert_allclose(U.row_trit_dot_reference(G, pack(T), cols, E), got, rtol=1e-6)
+    with pytest.raises(ValueError, match=rf"row_trit_dot: E has shape \({rows + 1},\), "
+                       rf"expected \({rows},\)"):
+        U.row_trit_dot(G, pack(T), cols, E=np.zeros(rows + 1, np.int8))
 
 
 def test_row_trit_dot_ignores_padding_and_overwrites_out():
@@ -490,6 +517,17 @@ def _sim_inputs(seed=0, rows=3, cols=37):
 
 
 @pytest.mark.cudasim
+@pytest.mark.parametrize("n", [5, 9000])   # one block; three blocks and the last-block sum
+def test_sim_grad_inv_scale(n):
+    G = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    ref = U._grad_inv_scale_cpu
+    out, partial = np.zeros(1, np.float32), np.empty(U._rms_blocks(n), np.float64)
+    ref(G, float(n), 8.0, partial, np.zeros(1, np.int32), out)
+    for _ in range(2):
+        np.testing.assert_array_equal(U.grad_inv_scale(G, 8.0), out)
+
+
+@pytest.mark.cudasim
 @pytest.mark.parametrize("max_blocks", [U._MAX_BLOCKS, 1])
 def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
     monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)  # 1: every thread strides the grid
@@ -516,9 +554,14 @@ def test_sim_row_trit_dot_matches_cpu_twin(monkeypatch, rows, cols, max_blocks):
     G = rng.standard_normal((rows, cols)).astype(np.float32)
     T_packed = pack(rng.integers(-1, 2, size=(rows, cols)))
     expected = np.empty(rows, np.float32)
-    U._row_trit_dot_cpu(G, T_packed, np.int64(cols), expected)
+    U._row_trit_dot_cpu(G, T_packed, np.empty(0, np.int8), np.int64(cols), expected)
     got = U.row_trit_dot(G, T_packed, cols)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(G).sum())
+    E = rng.integers(-128, 128, rows).astype(np.int8)
+    U._row_trit_dot_cpu(G, T_packed, E, np.int64(cols), expected)
+    got = U.row_trit_dot(G, T_packed, cols, E=E)
+    np.testing.assert_allclose(got, expected, rtol=1e-6,
+                               atol=1e-6 * (np.abs(G).sum(1) * U.SCALE_OF_E[E.astype(int) + 128]).max())
 
 
 @pytest.mark.cudasim
@@ -612,13 +655,14 @@ def test_cuda_quantize_matches_cpu_twin():
 
 
 @pytest.mark.cuda
-def test_cuda_grad_inv_scale_fused_kernels_match_numpy():
+def test_cuda_grad_inv_scale_is_bit_identical_to_the_cpu_twin():
     rng = np.random.default_rng(12)
-    for shape in [(1,), (7, 3), (384, 768), (3, 5, 1001)]:
-        G = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
-        got = U.grad_inv_scale(cupy.asarray(G), 8.0)
-        assert isinstance(got, cupy.ndarray) and got.dtype == np.float32 and got.shape == (1,)
-        np.testing.assert_allclose(got.get(), U.grad_inv_scale(G, 8.0), rtol=1e-6)
+    for shape in [(1,), (7, 3), (384, 768), (3, 5, 1001), (2560, 2560)]:
+        G = (rng.standard_normal(shape) * 10 ** rng.uniform(-4, 2, shape)).astype(np.float32)
+        for _ in range(2):   # the block counter is left at 0 for the next call
+            got = U.grad_inv_scale(cupy.asarray(G), 8.0)
+            assert isinstance(got, cupy.ndarray) and got.dtype == np.float32 and got.shape == (1,)
+            np.testing.assert_array_equal(got.get(), U.grad_inv_scale(G, 8.0))
     G = np.zeros((4, 9), np.float32)
     assert U.grad_inv_scale(cupy.asarray(G), 8.0).get()[0] == 0
     for bad in (np.nan, np.inf, 1e20):   # 1e20 squared overflows float32, as in NumPy
@@ -637,6 +681,11 @@ def test_cuda_row_trit_dot_matches_cpu_twin(rows, cols):
     expected = U.row_trit_dot(G, T_packed, cols)
     got = U.row_trit_dot(cupy.asarray(G), cupy.asarray(T_packed), cols).get()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(G).sum(axis=1).max())
+    E = rng.integers(-128, 128, rows).astype(np.int8)
+    expected = U.row_trit_dot(G, T_packed, cols, E=E)
+    got = U.row_trit_dot(cupy.asarray(G), cupy.asarray(T_packed), cols, E=cupy.asarray(E)).get()
+    np.testing.assert_allclose(got, expected, rtol=1e-5,
+                               atol=1e-5 * (np.abs(G).sum(1) * U.SCALE_OF_E[E.astype(int) + 128]).max())
 
 
 @pytest.mark.cuda

@@ -121,24 +121,29 @@ class CodeGraph(Module):
         return (self.active_edge_src, self.active_edge_dst, self.active_edge_attr,
                 self.active_edge_score)
 
-    def neighbors(self, codes):
-        """(dst int32 (n, slots), weight float32 (n, slots)) of each code's out-edges."""
+    def neighbors(self, codes, *, check=True):
+        """(dst int32 (n, slots), weight float32 (n, slots)) of each code's out-edges.
+        check=False skips the range check of codes (a host sync on the GPU): for codes the
+        code book's own search returned."""
         src, dst, attr, score = self.edges()
         return kgraph.edge_neighbors(src, dst, attr, score, codes, self.n_buckets, self.slots,
-                                     self.codebook_size)
+                                     self.codebook_size, check=check)
 
     def observe(self, codes, signs) -> None:
         """Learn now from transitions codes[:, t] -> codes[:, t+1] with ternary signs (B, T-1)."""
         self._learn(*self._transitions(codes, signs))
 
-    def record(self, codes, signs) -> None:
-        """Keep the transitions for the step's `apply_observations` (training forwards)."""
-        self.observed.append(self._transitions(codes, signs))
+    def record(self, codes, signs, *, check=True) -> None:
+        """Keep the transitions for the step's `apply_observations` (training forwards).
+        check=False: codes from the code book's search and signs from xp.sign, trusted, so
+        applying them skips observe_edges' range checks (three host syncs on the GPU)."""
+        self.observed.append(self._transitions(codes, signs) + (check,))
 
     def apply_observations(self) -> None:
         if self.observed:
             xp = backend.get_array_module(self.observed[0][0])
-            self._learn(*(xp.concatenate(parts) for parts in zip(*self.observed)))
+            parts = list(zip(*self.observed))
+            self._learn(*(xp.concatenate(p) for p in parts[:3]), check=any(parts[3]))
             self.observed = []
 
     def clear_observations(self) -> None:
@@ -151,10 +156,10 @@ class CodeGraph(Module):
                 xp.ascontiguousarray(codes[:, 1:].reshape(-1)),
                 xp.ascontiguousarray(signs.reshape(-1)).astype(np.int8))
 
-    def _learn(self, a, b, signs) -> None:
+    def _learn(self, a, b, signs, check=True) -> None:
         src, dst, attr, score = self.edges()
         kgraph.observe_edges(src, dst, attr, score, a, b, signs, self.n_buckets, self.slots,
-                             self.codebook_size)
+                             self.codebook_size, check=check)
 
 
 class MoEGraph(Module):
@@ -228,16 +233,17 @@ class MoEGraph(Module):
             aux = aux + read.loss
             g = read.quantized
             if self.use_edges:
-                g = g + self.expand(memory, read.indices)
+                g = g + self.expand(memory, read.indices, check=False)
                 if self.training and is_grad_enabled():
                     self.learn_edges(read.quantized, read.indices, B, T)
             out = out + self.code_out(g)
         return out.reshape(B, T, d), aux
 
-    def expand(self, memory: TernaryEmbeddingTable, codes) -> Tensor:
-        """One hop: Σ over each code's out-edges of weight · code(dst), per token."""
+    def expand(self, memory: TernaryEmbeddingTable, codes, *, check=True) -> Tensor:
+        """One hop: Σ over each code's out-edges of weight · code(dst), per token (check=False:
+        codes from the code book's search, see CodeGraph.neighbors)."""
         xp = backend.get_array_module(codes)
-        dst, weight = self.graph.neighbors(codes.reshape(-1))
+        dst, weight = self.graph.neighbors(codes.reshape(-1), check=check)
         rows = TernaryEmbeddingTable.forward(memory, xp.maximum(dst, 0))  # (n, slots, dim)
         return (rows * Tensor(weight[..., None])).sum(axis=1)
 
@@ -247,7 +253,7 @@ class MoEGraph(Module):
         xp = backend.get_array_module(codes)
         q = quantized.data.reshape(B, T, -1)
         signs = xp.sign((q[:, :-1] * q[:, 1:]).sum(-1)).astype(np.int8)
-        self.graph.record(codes.reshape(B, T), signs)
+        self.graph.record(codes.reshape(B, T), signs, check=False)
 
 
 class Block(Module):
@@ -358,7 +364,7 @@ class CodeMemoryLM(Module):
             aux = aux + vq.loss
             code = vq.quantized
             if c.use_graph_edges:
-                graph = self.blocks[-1].moe.expand(self.shared_vq, vq.indices).reshape(
+                graph = self.blocks[-1].moe.expand(self.shared_vq, vq.indices, check=False).reshape(
                     B, T, c.codebook_dim)
             if c.use_kgvq:
                 previous = F.concat([code[:, :1] * 0.0, code[:, :-1]], axis=1)

@@ -30,8 +30,10 @@ from numba import cuda
 
 from ._launch import launch, simulator, target, xp_of
 from .packing import pack_trits_reference, unpack_trits_reference
-from .update import (
+from .update import (  # noqa: F401  (SCALE_OF_E: re-exported, the table of s = f(E))
     ACCUM_MAX,
+    SCALE_OF_E,
+    _SCALE_OF_E,
     E_MAX,
     E_MIN,
     _GOLDEN,
@@ -61,11 +63,6 @@ __all__ = [
     "sparse_ternary_update_reference",
 ]
 
-# s = f(E) = 2 ** (E / 8), correctly rounded to float32, for E = -128..127. A table rather than
-# exp2f in the kernels: CUDA's exp2f and the CPU's differ in the last bit for some E, the table
-# makes gathered rows bit-identical on every device (and costs one cached load).
-SCALE_OF_E = np.exp2(np.arange(-128, 128, dtype=np.float64) / 8.0).astype(np.float32)
-_SCALE_OF_E = SCALE_OF_E  # the kernels' frozen copy
 
 _THREADS = 256
 _WARPS = _THREADS // 32

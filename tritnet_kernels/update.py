@@ -8,8 +8,7 @@ accumulator; its float gradient comes from `row_trit_dot`.
 
 One optimiser step for a TernaryLinear with weight gradient G (rows, cols) is:
 
-    dot = row_trit_dot(G, T_packed, cols)                # float32 (rows,)
-    gE  = s * (ln 2 / 8) * dot                            # dL/dE, float32 (rows,)
+    gE  = row_trit_dot(G, T_packed, cols, E=E)           # dL/dE = dot · s · ln2/8 (rows,)
     quantize_grad(G,  grad_inv_scale(G,  grad_gain),  seed_T, grad_q)
     quantize_grad(gE, grad_inv_scale(gE, scale_gain), seed_E, grad_E_q)
     ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, ...)  # one launch
@@ -26,7 +25,6 @@ accumulator rule is one njit function (`_accumulator_step`) that both twins call
 
 from . import _numba_compat  # noqa: F401  (must precede numba.cuda)
 
-import functools
 import math
 
 import numba
@@ -38,10 +36,13 @@ from .packing import pack_trits_reference, unpack_trits_reference
 
 __all__ = [
     "grad_inv_scale",
+    "grad_inv_scale_reference",
     "quantize_grad",
     "quantize_grad_reference",
     "row_trit_dot",
     "row_trit_dot_reference",
+    "SCALE_OF_E",
+    "EXPONENT_GRAD_FACTOR",
     "ternary_update",
     "ternary_update_reference",
     "ACCUM_MAX",
@@ -62,6 +63,14 @@ _MASK64 = (1 << 64) - 1
 # 24 bits: every such integer is exact in float32, so u is the same on every device.
 _INV_2_24 = np.float32(1.0 / (1 << 24))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# s = f(E) = 2 ** (E / 8), correctly rounded to float32, for E = -128..127. A table rather than
+# exp2f in the kernels: CUDA's exp2f and the CPU's differ in the last bit for some E, the table
+# makes every use of s bit-identical on every device (and costs one cached load).
+SCALE_OF_E = np.exp2(np.arange(-128, 128, dtype=np.float64) / 8.0).astype(np.float32)
+_SCALE_OF_E = SCALE_OF_E  # the kernels' frozen copy
+# dL/dE = dL/ds · ds/dE = dL/ds · s · ln2/8
+EXPONENT_GRAD_FACTOR = np.float32(math.log(2) / 8)
 
 # Launch geometry. Grid-stride loops keep the grid bounded; the update kernel adds its counts
 # with one global atomic per block, so a bounded grid also bounds atomic traffic.
@@ -250,54 +259,136 @@ def _blocks(work_items, per_block):
 # 1. Gradient quantisation: float32 -> int8, stochastic rounding against a per-tensor scale.
 
 
+# grad_inv_scale's reduction: a fixed number of blocks for a given size (never the device's
+# SM count), so the float64 sum of squares is added in one order everywhere -- CPU twin, every
+# GPU, the simulator -- and the scale is bit-identical on all of them.
+_RMS_THREADS = 256           # power of two: tree reduction in shared memory
+_RMS_PER_THREAD = 16         # elements a thread adds before the tree, at the most blocks
+_RMS_MAX_BLOCKS = 256
+
+
+def _rms_blocks(n):
+    return max(1, min(_RMS_MAX_BLOCKS, -(-n // (_RMS_THREADS * _RMS_PER_THREAD))))
+
+
+@numba.njit(cache=True)
+def _inv_rms(total, n, gain):
+    m = total / n
+    if math.isfinite(m) and m > 0.0:
+        return np.float32(gain / math.sqrt(m))
+    return np.float32(0.0)
+
+
+_inv_rms_dev = on_device(_inv_rms)
+
+
+@numba.njit(parallel=True, cache=True)
+def _grad_inv_scale_cpu(G, n, gain, partial, done, out):
+    # The CUDA kernel's order: thread t of block b adds elements b*T + t, then + nb*T, ...;
+    # the block's threads meet in a halving tree; the block sums are added in block order.
+    # (`done` is the GPU's block counter, unused here.)
+    nb = partial.shape[0]
+    for b in numba.prange(nb):
+        acc = np.zeros(_RMS_THREADS, np.float64)
+        for t in range(_RMS_THREADS):
+            for i in range(b * _RMS_THREADS + t, G.shape[0], nb * _RMS_THREADS):
+                acc[t] += np.float64(G[i] * G[i])
+        half = _RMS_THREADS // 2
+        while half > 0:
+            for t in range(half):
+                acc[t] += acc[t + half]
+            half //= 2
+        partial[b] = acc[0]
+    total = 0.0
+    for b in range(nb):
+        total += partial[b]
+    out[0] = _inv_rms(total, n, gain)
+
+
+@cuda.jit(cache=True)
+def _grad_inv_scale_cuda(G, n, gain, partial, done, out):
+    # One launch: each block writes its sum of squares; the last block to finish (counted in
+    # `done`, which it resets for the next call) adds the block sums in order and writes the
+    # scale. Squares in float32 (as G * G), sums in float64.
+    sums = cuda.shared.array(_RMS_THREADS, numba.float64)
+    tid = cuda.threadIdx.x
+    nb = cuda.gridDim.x
+    acc = 0.0
+    for i in range(cuda.blockIdx.x * _RMS_THREADS + tid, G.shape[0], nb * _RMS_THREADS):
+        g = G[i]
+        acc += np.float64(g * g)
+    sums[tid] = acc
+    cuda.syncthreads()
+    half = _RMS_THREADS // 2
+    while half > 0:
+        if tid < half:
+            sums[tid] += sums[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    if tid == 0:
+        partial[cuda.blockIdx.x] = sums[0]
+        cuda.threadfence()   # this block's sum is visible before its ticket is
+        if cuda.atomic.add(done, 0, 1) == nb - 1:
+            total = 0.0
+            for b in range(nb):
+                total += cuda.atomic.add(partial, b, 0.0)  # read through L2, not a stale L1
+            out[0] = _inv_rms_dev(total, n, gain)
+            done[0] = 0
+
+
+_done_counters = {}   # device id -> int32 (1,) block counter of _grad_inv_scale_cuda, kept at 0
+
+
+def _done_counter(xp):
+    if xp is np:
+        return np.zeros(1, np.int32)
+    key = xp.cuda.runtime.getDevice()
+    counter = _done_counters.get(key)
+    if counter is None:
+        counter = _done_counters[key] = xp.zeros(1, np.int32)
+    return counter
+
+
 def grad_inv_scale(G, grad_gain):
     """The per-tensor quantisation scale: grad_gain / rms(G), as a float32 array of shape (1,).
 
     Computed on G's device without a host sync (the result feeds `quantize_grad` directly),
-    with the sum of squares accumulated in float64. An all-zero or non-finite G gives 0, so
-    that the whole tensor then receives no update (a NaN or inf anywhere in G makes every
-    element of G * 0 NaN or 0, and the kernel maps NaN to 0).
+    in one launch on the GPU: float32 squares summed in float64, in an order fixed by G's size
+    alone, so the scale is bit-identical on the CPU, in the simulator and on every GPU. An
+    all-zero or non-finite G gives 0, so that the whole tensor then receives no update (the
+    kernel maps NaN to 0).
 
     `grad_gain` is the typical |quantised gradient| of one step, in accumulator units: with
     flip threshold F, a trit whose gradient is consistently one rms in size flips after about
     F / grad_gain steps.
     """
     op = "grad_inv_scale"
+    dev = target(G, op=op)
     _check_array(op, "G", G, np.float32)
     if not _is_real(grad_gain):
         raise TypeError(f"{op}: grad_gain must be a real number, got {grad_gain!r}")
     if not (math.isfinite(grad_gain) and grad_gain > 0):
         raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
     xp = xp_of(G)
+    out = xp.zeros(1, dtype=np.float32)
     if G.size == 0:
-        return xp.zeros(1, dtype=np.float32)
-    if is_cupy(G):
-        # Two launches instead of the eight array ops below: a training step computes this
-        # for every tensor, and on the GPU each op costs more host time than its kernel.
-        sum_sq_kernel, inv_kernel = _inv_scale_kernels()
-        return inv_kernel(sum_sq_kernel(G.reshape(-1)).reshape(1), float(G.size),
-                          float(grad_gain))
-    sum_sq = xp.sum(xp.square(G), dtype=np.float64).reshape(1)
-    mean_sq = sum_sq / G.size
-    usable = xp.isfinite(mean_sq) & (mean_sq > 0)
-    inv = xp.where(usable, grad_gain / xp.sqrt(xp.where(usable, mean_sq, 1.0)), 0.0)
-    return inv.astype(np.float32)
+        return out
+    partial = xp.empty(_rms_blocks(G.size), dtype=np.float64)
+    args = (G.reshape(-1), float(G.size), float(grad_gain), partial, _done_counter(xp), out)
+    if dev == "cpu":
+        _grad_inv_scale_cpu(*args)
+    else:
+        launch(_grad_inv_scale_cuda, partial.shape[0], _RMS_THREADS, *args)
+    return out
 
 
-@functools.cache
-def _inv_scale_kernels():
-    """CuPy's fused reduction and element-wise kernels for grad_inv_scale, built once: the
-    same arithmetic as the array ops (float32 squares summed in float64, gain / sqrt(mean) in
-    float64, rounded to float32, 0 when the mean is 0 or not finite)."""
-    import cupy
-    sum_squares = cupy.ReductionKernel(
-        "float32 g", "float64 sum_sq", "(double)(g * g)", "a + b", "sum_sq = a", "0",
-        "tritnet_sum_squares")
-    inv_rms = cupy.ElementwiseKernel(
-        "float64 sum_sq, float64 n, float64 gain", "float32 inv",
-        "double m = sum_sq / n; inv = (isfinite(m) && m > 0) ? (float)(gain / sqrt(m)) : 0.0f",
-        "tritnet_inv_rms")
-    return sum_squares, inv_rms
+def grad_inv_scale_reference(G, grad_gain):
+    """NumPy truth: grad_gain / rms(G) in float64, rounded to float32; 0 when the mean square
+    is 0 or not finite. (The kernels add in another order: equal within float64 rounding.)"""
+    mean_sq = np.mean(np.square(np.asarray(G, np.float32)).astype(np.float64)) if np.size(G) \
+        else 0.0
+    ok = math.isfinite(mean_sq) and mean_sq > 0
+    return np.array([grad_gain / math.sqrt(mean_sq) if ok else 0.0], np.float32)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -400,8 +491,19 @@ def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128):
 # 2. Row scale gradient: sum_j G[r, j] * T[r, j], T read from the bitplane32 masks.
 
 
+@numba.njit(cache=True)
+def _dot_to_exponent_grad(dot, E, r):
+    # with E (rows,): dL/dE_r = float32(dot) · s_r · ln2/8, in that order; with E empty: dot
+    if E.shape[0] == 0:
+        return np.float32(dot)
+    return np.float32(dot) * _SCALE_OF_E[np.int64(E[r]) + 128] * EXPONENT_GRAD_FACTOR
+
+
+_dot_to_exponent_grad_dev = on_device(_dot_to_exponent_grad)
+
+
 @numba.njit(parallel=True, cache=True)
-def _row_trit_dot_cpu(G, T_packed, cols, out):
+def _row_trit_dot_cpu(G, T_packed, E, cols, out):
     for r in numba.prange(G.shape[0]):
         acc = 0.0  # float64 accumulation: free on the CPU
         for g in range((cols + 31) // 32):
@@ -413,11 +515,11 @@ def _row_trit_dot_cpu(G, T_packed, cols, out):
                     acc += G[r, 32 * g + b]
                 elif t < 0:
                     acc -= G[r, 32 * g + b]
-        out[r] = acc
+        out[r] = _dot_to_exponent_grad(acc, E, r)
 
 
 @cuda.jit(cache=True)
-def _row_trit_dot_cuda(G, T_packed, cols, out):
+def _row_trit_dot_cuda(G, T_packed, E, cols, out):
     # One block per row (grid-stride over rows); a thread per column, so the loads of G
     # are coalesced and a warp's 32 columns share one plus/minus word pair.
     partial = cuda.shared.array(_DOT_THREADS, numba.float32)
@@ -446,24 +548,26 @@ def _row_trit_dot_cuda(G, T_packed, cols, out):
             cuda.syncthreads()
             half //= 2
         if tid == 0:
-            out[r] = partial[0]
+            out[r] = _dot_to_exponent_grad_dev(partial[0], E, r)
         cuda.syncthreads()  # partial is reused by the next row
         r += cuda.gridDim.x
 
 
-def row_trit_dot(G, T_packed, cols, out=None):
+def row_trit_dot(G, T_packed, cols, out=None, *, E=None):
     """out[r] = sum_j G[r, j] * T[r, j] for float32 G (rows, cols); returns out (float32 (rows,)).
 
     cols: the matrix's column count (must equal G.shape[1]; T_packed holds ceil(cols/32)
     plus/minus word pairs per row). `out` is allocated when None.
 
     With s_r = 2**(E_r/8), the gradient of the loss with respect to the exponent is
-    dL/dE_r = s_r * ln(2)/8 * row_trit_dot(G)[r], where G = dL/dW (rows, cols).
+    dL/dE_r = s_r * ln(2)/8 * row_trit_dot(G)[r], where G = dL/dW (rows, cols). Pass the
+    int8 exponents E (rows,) to get that gradient from the same launch:
+    out[r] = float32(dot) * SCALE_OF_E[E[r] + 128] * EXPONENT_GRAD_FACTOR.
     Float result: the CUDA kernel accumulates in float32 (per-thread, then a tree), the CPU
     twin in float64, so they agree within fp32 rounding. `out` is overwritten.
     """
     op = "row_trit_dot"
-    dev = target(G, T_packed, out, op=op)
+    dev = target(G, T_packed, out, E, op=op)
     _check_array(op, "G", G, np.float32, ndim=2)
     cols = _check_int(op, "cols", cols, 0, 2**31 - 1)
     if G.shape[1] != cols:
@@ -475,6 +579,10 @@ def row_trit_dot(G, T_packed, cols, out=None):
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
                          f"{(rows, 2 * -(-cols // 32))} to match G's {rows} rows and {cols} "
                          "columns (bitplane32: a plus and a minus word per 32 columns)")
+    if E is None:
+        E = xp_of(G).empty(0, dtype=np.int8)
+    else:
+        _check_array(op, "E", E, np.int8, shape=(rows,))
     if out is None:
         out = xp_of(G).empty(rows, dtype=np.float32)
     else:
@@ -485,16 +593,19 @@ def row_trit_dot(G, T_packed, cols, out=None):
         out[...] = 0
         return out
     if dev == "cpu":
-        _row_trit_dot_cpu(G, T_packed, np.int64(cols), out)
+        _row_trit_dot_cpu(G, T_packed, E, np.int64(cols), out)
     else:
         launch(_row_trit_dot_cuda, _blocks(rows, 1), _DOT_THREADS,
-               G, T_packed, np.int64(cols), out)
+               G, T_packed, E, np.int64(cols), out)
     return out
 
 
-def row_trit_dot_reference(G, T_packed, cols):
+def row_trit_dot_reference(G, T_packed, cols, E=None):
     T = unpack_trits_reference(T_packed, cols)
-    return (G.astype(np.float64) * T).sum(axis=1).astype(np.float32)
+    dot = (G.astype(np.float64) * T).sum(axis=1).astype(np.float32)
+    if E is None:
+        return dot
+    return dot * SCALE_OF_E[np.asarray(E).astype(np.int64) + 128] * EXPONENT_GRAD_FACTOR
 
 
 # --------------------------------------------------------------------------------------------

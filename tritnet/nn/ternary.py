@@ -166,9 +166,8 @@ class TernaryModule(Module):
             grad_q = xp.zeros(G.shape, dtype=np.int8)
         kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units),
                               self.next_grad_seed(0), grad_q, clip=clip)
-        # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8
-        gE = (kupdate.row_trit_dot(G, T_packed, self.trit_shape[1]) * scale_from_exponent(E)
-              * np.float32(math.log(2) * SCALE_EXPONENT_STEP))
+        # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, in one launch
+        gE = kupdate.row_trit_dot(G, T_packed, self.trit_shape[1], E=E)
         if grad_E_q is None:
             grad_E_q = xp.zeros(gE.shape, dtype=np.int8)
         kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units),
