@@ -498,7 +498,7 @@ class StepReducer:
         for g in self.graphs:
             xp = backend.get_array_module(g.edges()[0])
             if g.observed:
-                a, b, s = (xp.concatenate(parts) for parts in zip(*g.observed))
+                a, b, s = (xp.concatenate(parts) for parts in list(zip(*g.observed))[:3])
             else:
                 a, b, s = xp.zeros(0, np.int32), xp.zeros(0, np.int32), xp.zeros(0, np.int8)
             items.append((a, b, s))
@@ -510,8 +510,11 @@ class StepReducer:
             flat, q = next(gathered)
             m.restart_queries = [(flat, q)] if flat.shape[0] else []
         for g in self.graphs:
+            # every rank records through the same code, so this rank's check flag (see
+            # CodeGraph.record) holds for the gathered transitions too
+            check = any(o[3] for o in g.observed)
             a, b, s = next(gathered)
-            g.observed = [(a, b, s)] if a.shape[0] else []
+            g.observed = [(a, b, s, check)] if a.shape[0] else []
 
     def _gather(self, items, like):
         """All-gather variable-length row sets: items[i] = columns with equal first dimension;
