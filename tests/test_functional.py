@@ -442,3 +442,32 @@ def test_tf32_products_are_close_to_fp32_and_switch_back():
     err_full, err_fast = np.abs(full - exact).max(), np.abs(fast - exact).max()
     # outputs have std ~28: fp32 errs ~1e-4, TF32 (2**-11 per input) ~0.1 at the worst entry
     assert err_full < 1e-3 < err_fast < 1.0, (err_full, err_fast)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal,slopes", [(True, None), (True, [0.5, 0.25]),
+                                           (False, [0.5, 0.25]), (False, None)])
+def test_cuda_fused_attention_scores_are_the_array_ops_bit_for_bit(causal, slopes):
+    """The GPU builds each score tile (scale, ALiBi bias, causal mask) in one fused kernel;
+    it must give exactly what the NumPy-path array ops give on the same matmul output."""
+    import cupy
+    rng = np.random.default_rng(0)
+    q = cupy.asarray(rng.standard_normal((2, 2, 5, 4)), np.float32)
+    k = cupy.asarray(rng.standard_normal((2, 2, 9, 4)), np.float32)
+    op = F.ScaledDotProductAttention()
+    op.causal, op.scale, op.block_size = causal, 0.37, 3
+    op.slopes = None if slopes is None else cupy.asarray(slopes, np.float32)
+    Tq, offset, tiles = 5, 4, 0
+    for q0, ks, ke, s in op._score_blocks(cupy, q, k):
+        want = cupy.matmul(q[..., q0:, :], cupy.swapaxes(k[..., ks:ke, :], -1, -2)) * op.scale
+        if slopes is not None:
+            distance = cupy.abs(cupy.arange(q0, Tq, dtype=np.float32)[:, None] + offset
+                                - cupy.arange(ks, ke, dtype=np.float32)[None, :])
+            want = want - op.slopes[..., None, None] * distance
+        if causal:
+            visible = cupy.arange(ks, ke)[None, :] <= cupy.arange(q0, Tq)[:, None] + offset
+            want = cupy.where(visible, want, -np.inf)
+        assert s.dtype == np.float32
+        np.testing.assert_array_equal(s.get(), want.get())
+        tiles += 1
+    assert tiles == 3
