@@ -259,6 +259,18 @@ def _blocks(work_items, per_block):
 # 1. Gradient quantisation: float32 -> int8, stochastic rounding against a per-tensor scale.
 
 
+@cuda.jit(device=True)
+def _block_tree_sum(buf, tid, width):
+    """buf[0] = the sum of buf[:width] (shared memory, width a power of two), by halving in
+    a fixed order. Every thread of the block calls it, after a syncthreads."""
+    half = width // 2
+    while half > 0:
+        if tid < half:
+            buf[tid] += buf[tid + half]
+        cuda.syncthreads()
+        half //= 2
+
+
 # grad_inv_scale's reduction: a fixed number of blocks for a given size (never the device's
 # SM count), so the float64 sum of squares is added in one order everywhere -- CPU twin, every
 # GPU, the simulator -- and the scale is bit-identical on all of them.
@@ -319,12 +331,7 @@ def _grad_inv_scale_cuda(G, n, gain, partial, done, out):
         acc += np.float64(g * g)
     sums[tid] = acc
     cuda.syncthreads()
-    half = _RMS_THREADS // 2
-    while half > 0:
-        if tid < half:
-            sums[tid] += sums[tid + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_tree_sum(sums, tid, _RMS_THREADS)
     if tid == 0:
         partial[cuda.blockIdx.x] = sums[0]
         cuda.threadfence()   # this block's sum is visible before its ticket is
@@ -541,12 +548,7 @@ def _row_trit_dot_cuda(G, T_packed, E, cols, out):
             j += _DOT_THREADS
         partial[tid] = acc
         cuda.syncthreads()
-        half = _DOT_THREADS // 2
-        while half > 0:
-            if tid < half:
-                partial[tid] += partial[tid + half]
-            cuda.syncthreads()
-            half //= 2
+        _block_tree_sum(partial, tid, _DOT_THREADS)
         if tid == 0:
             out[r] = _dot_to_exponent_grad_dev(partial[0], E, r)
         cuda.syncthreads()  # partial is reused by the next row
