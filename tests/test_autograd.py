@@ -316,6 +316,12 @@ def test_once_per_recompute_runs_its_work_once_per_training_forward():
     fn(plain).backward()                        # outside recomputation: a plain call
     assert len(calls) == 2
     np.testing.assert_array_equal(x.grad, plain.grad)
+    twice = leaf(values)
+    loss = recompute(fn, twice)
+    loss.backward(retain_graph=True)
+    loss.backward()                             # the second re-run replays the same result
+    assert len(calls) == 3
+    np.testing.assert_array_equal(twice.grad, 2 * plain.grad)
 
 
 def test_once_per_recompute_names_a_function_that_changes_its_path():

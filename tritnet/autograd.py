@@ -364,8 +364,7 @@ class Recompute(Function):
         inputs = [Tensor(a, requires_grad=need)
                   for a, need in zip(self.arrays, self.needs_input_grad)]
         with enable_grad(), _keeping(self.kept, replay=True):
-            out = self.fn(*inputs)
-        self.kept = None
+            out = self.fn(*inputs)   # (kept stays for a retain_graph re-run; release drops it)
         outs = out if self.multiple else (out,)
         backward(list(outs), list(grads))
         return tuple(t.grad for t in inputs)

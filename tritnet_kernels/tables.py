@@ -387,7 +387,7 @@ def _segment_sum_rows_cuda(grad, inverse, out):
 # Segments longer than this are summed in chunks: each chunk's items in increasing position,
 # then the chunks' partial sums in order. A hot row (a code that thousands of tokens chose, or
 # the padding row every empty edge slot reads) then spreads over many threads instead of one
-# warp adding its repeats one after another (2.4 ms a call on the H100, 45% of the small
+# warp adding its repeats one after another (2.4 ms a call on the H200, 45% of the small
 # preset's GPU time, before this). Rows repeated at most _SEGMENT_CHUNK times keep
 # np.add.at's order exactly.
 _SEGMENT_CHUNK = 128
