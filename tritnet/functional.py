@@ -24,6 +24,7 @@ import numpy as np
 
 from . import backend
 from .autograd import Function, Tensor
+from tritnet_kernels import attention as kattention
 
 _xp = backend.get_array_module
 _SCALARS = (bool, int, float, np.generic)
@@ -282,13 +283,39 @@ class Gelu(Function):
 
 
 class Silu(Function):
+    """x · sigmoid(x). The experts' activation: on the GPU one fused launch each way (the same
+    float arithmetic as the array ops of the CPU path) instead of five forward, nine backward."""
+
     def forward(self, x):
         self.x = x
-        return x * _sigmoid(_xp(x), x)
+        if _xp(x) is not np:
+            return _gpu_kernel("silu", "elementwise", "T x", "T y",
+                               "T s = (T)0.5 * tanh((T)0.5 * x) + (T)0.5; y = x * s")(x)
+        return x * _sigmoid(np, x)
 
     def backward(self, g):
-        s = _sigmoid(_xp(g), self.x)
+        if _xp(g) is not np:
+            return _gpu_kernel(
+                "silu_grad", "elementwise", "T g, T x", "T gx",
+                "T s = (T)0.5 * tanh((T)0.5 * x) + (T)0.5; gx = g * s * ((T)1 + x * ((T)1 - s))")(
+                    g, self.x)
+        s = _sigmoid(np, self.x)
         return g * s * (1 + self.x * (1 - s))
+
+
+_GPU_KERNELS = {}
+
+
+def _gpu_kernel(name, kind, *spec, **options):
+    """A CuPy kernel, built once per name: the fused GPU twin of a few array ops, one launch
+    instead of one per op. kind "elementwise": cupy.ElementwiseKernel(*spec); "reduction":
+    cupy.ReductionKernel(*spec, **options)."""
+    kernel = _GPU_KERNELS.get(name)
+    if kernel is None:
+        import cupy
+        make = cupy.ElementwiseKernel if kind == "elementwise" else cupy.ReductionKernel
+        kernel = _GPU_KERNELS[name] = make(*spec, name=f"tritnet_{name}", **options)
+    return kernel
 
 
 def _unary(cls, op, x):
@@ -530,13 +557,18 @@ def getitem(x, index):
     return GetItem.apply(x, index=_index("getitem", x, index))
 
 
-def take(x, indices, axis=0):
-    """Gather entries (rows, for axis=0) of `x` by an integer array; repeated indices are fine."""
+def take(x, indices, axis=0, *, check=True):
+    """Gather entries (rows, for axis=0) of `x` by an integer array; repeated indices are fine.
+
+    check=False skips the range check of `indices` (a host sync on the GPU) for indices that
+    are in range by construction, such as a permutation the caller computed: an index out of
+    range then wraps around on the GPU (CuPy) instead of raising."""
     indices = _array_on("take", "indices", indices, x)
     if indices.dtype.kind not in "iu":
         raise TypeError(f"take: indices have dtype {indices.dtype}; expected an integer array")
     (axis,) = _axes("take", axis, x.shape)
-    return GetItem.apply(x, index=_index("take", x, (slice(None),) * axis + (indices,)))
+    index = (slice(None),) * axis + (indices,)
+    return GetItem.apply(x, index=_index("take", x, index) if check else index)
 
 
 def _same_kind(op, tensors):
@@ -741,15 +773,33 @@ def cross_entropy(logits, targets, reduction="mean", ignore_index=-100):
 # --- normalisation -------------------------------------------------------------------------
 
 class RMSNorm(Function):
-    """y = x / sqrt(mean(x², last axis) + eps), without a weight; keeps x and 1/rms only."""
+    """y = x / sqrt(mean(x², last axis) + eps), without a weight; keeps x and 1/rms only.
+    On the GPU each way is a fused row reduction and a fused element-wise kernel."""
 
     def forward(self, x, eps):
         xp = _xp(x)
         self.x = x
+        if xp is not np:  # two launches instead of seven; sums in float64
+            self.inv_rms = _gpu_kernel(
+                "rms_inv", "reduction", "T x, float64 eps", "T inv_rms", "x * x", "a + b",
+                "inv_rms = (T)(1.0 / sqrt(a / (_in_ind.size() / _out_ind.size()) + eps))", "0",
+                reduce_type="double")(x, eps, axis=-1, keepdims=True)
+            return _gpu_kernel("rms_scale", "elementwise", "T x, T inv_rms", "T y",
+                               "y = x * inv_rms")(x, self.inv_rms)
         self.inv_rms = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
         return x * self.inv_rms
 
     def backward(self, g):
+        if _xp(g) is not np:
+            # mean(g·y) = inv_rms · mean(g·x); gx = inv_rms · (g − x · inv_rms² · mean(g·x))
+            mean_gx = _gpu_kernel(
+                "rms_mean_gx", "reduction", "T g, T x", "T m", "g * x", "a + b",
+                "m = (T)(a / (_in_ind.size() / _out_ind.size()))", "0",
+                reduce_type="double")(g, self.x, axis=-1, keepdims=True)
+            return _gpu_kernel(
+                "rms_grad", "elementwise", "T g, T x, T inv_rms, T mean_gx", "T gx",
+                "gx = inv_rms * (g - x * inv_rms * inv_rms * mean_gx)")(
+                    g, self.x, self.inv_rms, mean_gx)
         y = self.x * self.inv_rms
         return self.inv_rms * (g - y * (g * y).mean(axis=-1, keepdims=True))
 
@@ -765,117 +815,96 @@ def rms_norm(x, eps=1e-6):
 # --- attention -----------------------------------------------------------------------------
 
 class ScaledDotProductAttention(Function):
-    """softmax(q kᵀ · scale + causal mask) v over (..., T, D), computed block by block over keys.
+    """softmax(q kᵀ · scale + bias + causal mask) v over (..., T, D), a block of query rows at a time.
 
-    The FlashAttention-2 method (Dao, 2023): forward runs an online softmax over key blocks and
-    keeps only q, k, v, the output and each query row's logsumexp; backward recomputes each
-    block's probabilities from that logsumexp. No T×T float tensor outlives forward; the largest
-    transient is one (..., Tq, block) tile. The causal mask is aligned to the bottom right, as
-    in FlashAttention-2: query i sees keys j <= i + (Tk - Tq), so queries at the end of a longer
-    key sequence (decoding with a cache) see their whole past.
+    For each block of query rows: the scores against the keys the block can see (q·kᵀ, one
+    GEMM), one fused row kernel for scale, ALiBi bias, mask and softmax
+    (tritnet_kernels.attention), and the output rows (p·v, one GEMM). Each row's softmax is
+    complete within its block, so nothing is rescaled between blocks. Forward keeps q, k, v,
+    the output and each query row's logsumexp; backward recomputes a block's probabilities
+    from that logsumexp, as FlashAttention does (Dao, 2023). No T×T tensor outlives the call;
+    the largest transients are a block's (..., rows, keys) score tile (two of them in
+    backward). By default a block holds as many rows as fit TILE_ELEMENTS scores -- the whole
+    sequence at training sizes -- so forward is three launches and backward eight, whatever T
+    is: on the GPU, launches, not FLOPs, decide this op's time at these sizes (DESIGN §3).
 
-    alibi_slopes (ALiBi, Press et al. 2022): per head h, the constant -slope_h · |i - j| is added
-    to the scaled scores (i, j: the query's and key's positions, aligned as the mask is). A
-    constant bias leaves the backward formulas as they are; it is rebuilt tile by tile.
+    The causal mask is aligned to the bottom right, as in FlashAttention-2: query i sees keys
+    j <= i + (Tk - Tq), so queries at the end of a longer key sequence (decoding with a cache)
+    see their whole past. alibi_slopes (ALiBi, Press et al. 2022): per head h, the constant
+    -slope_h · |i - j| is added to the scaled scores (i, j aligned as the mask is).
     """
+
+    TILE_ELEMENTS = 1 << 25  # 128 MiB of float32 scores per tile
 
     def forward(self, q, k, v, causal, scale, block_size, alibi_slopes):
         xp = _xp(q, k, v)
-        self.causal, self.scale, self.block_size = causal, scale, block_size
-        self.slopes = None if alibi_slopes is None else xp.asarray(alibi_slopes, q.dtype)
-        row_max = xp.full(q.shape[:-1], -math.inf, q.dtype)
-        row_sum = xp.zeros(q.shape[:-1], q.dtype)
-        acc = xp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
-        for q0, ks, ke, s in self._score_blocks(xp, q, k):
-            # Every row q0: sees key ks, so new_max is finite and exp(-inf) = 0 rescales nothing.
-            new_max = xp.maximum(row_max[..., q0:], s.max(axis=-1))
-            p = xp.exp(s - new_max[..., None])
-            rescale = xp.exp(row_max[..., q0:] - new_max)
-            row_sum[..., q0:] = row_sum[..., q0:] * rescale + p.sum(axis=-1)
-            acc[..., q0:, :] = acc[..., q0:, :] * rescale[..., None] + xp.matmul(p, v[..., ks:ke, :])
-            row_max[..., q0:] = new_max
-        out = acc / row_sum[..., None]
+        batch, (Tq, Tk) = q.shape[:-2], q.shape[-2:-1] + k.shape[-2:-1]
+        n_batch = math.prod(batch)
+        self.causal, self.scale = causal, scale
+        self.block_size = block_size or builtins.max(1, self.TILE_ELEMENTS // builtins.max(
+            1, n_batch * Tk))
+        slopes = np.zeros(n_batch) if alibi_slopes is None else np.broadcast_to(alibi_slopes, batch)
+        self.slopes = xp.asarray(np.ascontiguousarray(slopes, q.dtype).reshape(-1))
+        outs, lses = [], []
+        for q0, q1, ke in self._blocks(Tq, Tk):
+            s = _scores(xp, q[..., q0:q1, :], k[..., :ke, :])
+            lse = xp.empty(batch + (q1 - q0,), q.dtype)
+            kattention.attention_softmax(s.reshape(-1, ke), lse.reshape(-1), self.slopes,
+                                         scale, q0 + Tk - Tq, causal)  # s now holds p
+            outs.append(xp.matmul(s, v[..., :ke, :]))
+            lses.append(lse)
+        out = _join(xp, outs, -2, q.shape[:-1] + v.shape[-1:], q.dtype)
         self.q, self.k, self.v, self.out = q, k, v, out
-        self.lse = row_max + xp.log(row_sum)
+        self.lse = _join(xp, lses, -1, q.shape[:-1], q.dtype)
         return out
 
     def backward(self, g):
         xp = _xp(g)
         q, k, v = self.q, self.k, self.v
-        dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
-        delta = (g * self.out).sum(axis=-1)  # rowsum(dO * O) = sum_j P_ij dP_ij
-        for q0, ks, ke, s in self._score_blocks(xp, q, k):
-            p = xp.exp(s - self.lse[..., q0:, None])  # this tile's probabilities, recomputed
-            g_rows = g[..., q0:, :]
-            dv[..., ks:ke, :] = xp.matmul(xp.swapaxes(p, -1, -2), g_rows)
-            dp = xp.matmul(g_rows, xp.swapaxes(v[..., ks:ke, :], -1, -2))
-            ds = p * (dp - delta[..., q0:, None]) * self.scale
-            dq[..., q0:, :] += xp.matmul(ds, k[..., ks:ke, :])
-            dk[..., ks:ke, :] = xp.matmul(xp.swapaxes(ds, -1, -2), q[..., q0:, :])
-        return dq, dk, dv
-
-    def _score_blocks(self, xp, q, k):
-        """(q0, ks, ke, scores) for each key block ks:ke, over the query rows q0: that see it.
-
-        Under the causal mask, rows before q0 see none of the block's keys and are skipped,
-        which halves the work; masked entries of the tile are -inf.
-        """
         Tq, Tk = q.shape[-2], k.shape[-2]
-        offset = Tk - Tq
-        for ks in range(0, Tk, self.block_size):
-            ke = builtins.min(ks + self.block_size, Tk)
-            q0 = builtins.max(ks - offset, 0) if self.causal else 0
-            s = xp.matmul(q[..., q0:, :], xp.swapaxes(k[..., ks:ke, :], -1, -2))
-            crosses = self.causal and ke - 1 > q0 + offset  # the block crosses the diagonal
-            if xp is not np:
-                # one fused launch for scale, bias and mask (the NumPy lines below, same float32
-                # arithmetic in the same order: bit-identical) instead of up to thirteen
-                yield q0, ks, ke, self._gpu_tile(s, q0 + offset, ks, crosses)
-                continue
-            s = s * self.scale
-            if self.slopes is not None:
-                distance = xp.abs(xp.arange(q0, Tq, dtype=s.dtype)[:, None] + offset
-                                  - xp.arange(ks, ke, dtype=s.dtype)[None, :])
-                s = s - self.slopes[..., None, None] * distance
-            if crosses:
-                visible = xp.arange(ks, ke)[None, :] <= xp.arange(q0, Tq)[:, None] + offset
-                s = xp.where(visible, s, -math.inf)
-            yield q0, ks, ke, s
+        g = xp.ascontiguousarray(g)
+        dq, dk, dv = [], None, None
+        # Last block first: it sees every key (ke = Tk), so its dk, dv start the sums.
+        for q0, q1, ke in reversed(list(self._blocks(Tq, Tk))):
+            q_rows, g_rows = q[..., q0:q1, :], g[..., q0:q1, :]
+            s = _scores(xp, q_rows, k[..., :ke, :])
+            dp = _scores(xp, g_rows, v[..., :ke, :])
+            kattention.attention_softmax_grad(
+                s.reshape(-1, ke), dp.reshape(-1, ke),
+                xp.ascontiguousarray(self.lse[..., q0:q1]).reshape(-1),
+                xp.ascontiguousarray(g_rows).reshape(-1, g.shape[-1]),
+                xp.ascontiguousarray(self.out[..., q0:q1, :]).reshape(-1, g.shape[-1]),
+                self.slopes, self.scale, q0 + Tk - Tq, self.causal)  # s: p, dp: d(q·kᵀ)
+            dq.append(xp.matmul(dp, k[..., :ke, :]))
+            dk_rows = xp.matmul(xp.swapaxes(dp, -1, -2), q_rows)
+            dv_rows = xp.matmul(xp.swapaxes(s, -1, -2), g_rows)
+            if dk is None:
+                dk, dv = dk_rows, dv_rows
+            else:
+                dk[..., :ke, :] += dk_rows
+                dv[..., :ke, :] += dv_rows
+        if dk is None:  # no query rows: nothing flows back
+            return xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+        return _join(xp, dq[::-1], -2, q.shape, q.dtype), dk, dv
 
-    def _gpu_tile(self, raw, row0, col0, masked):
-        """scores = raw · scale − slope · |(row0 + r) − (col0 + c)|, −inf above the diagonal
-        when `masked`; raw (..., rows, cols) float32 or float64 from the tile's matmul."""
-        import cupy
-        tq, tk = raw.shape[-2:]
-        batch = raw.shape[:-2]
-        slopes = raw.dtype.type(0) if self.slopes is None else cupy.ascontiguousarray(
-            cupy.broadcast_to(self.slopes, batch)).reshape(-1)
-        kernel = _score_tile_kernel(self.slopes is not None)
-        return kernel(raw, slopes, raw.dtype.type(self.scale), row0, col0, tq, tk, masked)
-
-
-_SCORE_TILE_KERNELS = {}
+    def _blocks(self, Tq, Tk):
+        """(q0, q1, ke) per block: query rows q0:q1 and the keys :ke they can see."""
+        for q0 in range(0, Tq, self.block_size):
+            q1 = builtins.min(q0 + self.block_size, Tq)
+            yield q0, q1, (builtins.min(Tk, q1 + Tk - Tq) if self.causal else Tk)
 
 
-def _score_tile_kernel(alibi: bool):
-    """CuPy element-wise kernel behind ScaledDotProductAttention._gpu_tile (built once)."""
-    kernel = _SCORE_TILE_KERNELS.get(alibi)
-    if kernel is None:
-        import cupy
-        slope = "raw T slopes" if alibi else "T slopes"
-        bias = ("s = s - slopes[i / (tq * tk)] * (T)(d < 0 ? -d : d);" if alibi else "")
-        kernel = _SCORE_TILE_KERNELS[alibi] = cupy.ElementwiseKernel(
-            f"T raw, {slope}, T scale, int64 row0, int64 col0, int64 tq, int64 tk, bool masked",
-            "T s",
-            f"""
-            long long c = i % tk, r = (i / tk) % tq;
-            long long d = (row0 + r) - (col0 + c);
-            s = raw * scale;
-            {bias}
-            if (masked && d < 0) s = -(T)__int_as_float(0x7f800000);  // -inf: a future key
-            """,
-            f"tritnet_attention_scores{'_alibi' if alibi else ''}")
-    return kernel
+def _scores(xp, a, b):
+    """a·bᵀ over the last two axes, C-contiguous: the row kernels write it in place through a
+    (rows, keys) view (NumPy's matmul keeps an F-ordered input's order)."""
+    return xp.ascontiguousarray(xp.matmul(a, xp.swapaxes(b, -1, -2)))
+
+
+def _join(xp, parts, axis, shape, dtype):
+    """The blocks' parts as one array (the part itself when there is one: no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    return xp.concatenate(parts, axis=axis) if parts else xp.zeros(shape, dtype)
 
 
 def alibi_slopes(n_heads: int):
@@ -884,14 +913,16 @@ def alibi_slopes(n_heads: int):
     return 2.0 ** (-8.0 * np.arange(1, n_heads + 1) / n_heads)
 
 
-def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=128,
+def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=None,
                                  alibi_slopes=None):
     """Attention over (..., T, D) tensors: q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv).
 
     scale defaults to 1/sqrt(D). causal=True masks future keys (bottom-right aligned, needs
-    Tq <= Tk). block_size is the key-block length: memory (one (..., Tq, block) tile) against
-    Python overhead per block. alibi_slopes: None, or slopes broadcastable to the batch dims
-    q.shape[:-2] (e.g. (H,) for (B, H, T, D)) that add -slope · |i - j| to the scores.
+    Tq <= Tk). block_size: query rows per block, memory (a (..., rows, Tk) score tile) against
+    launches per block; None (the default) takes as many rows as fit
+    ScaledDotProductAttention.TILE_ELEMENTS scores. alibi_slopes: None, or slopes
+    broadcastable to the batch dims q.shape[:-2] (e.g. (H,) for (B, H, T, D)) that add
+    -slope · |i - j| to the scores.
     """
     op = "scaled_dot_product_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -910,8 +941,11 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=12
     if causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(f"{op}: causal attention with more queries than keys ({shapes}); "
                          "expected Tq <= Tk (the mask is bottom-right aligned)")
-    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"{op}: block_size={block_size!r}; expected a positive integer")
+    if q.shape[-2] and not k.shape[-2]:
+        raise ValueError(f"{op}: no keys to attend to ({shapes}); expected Tk >= 1")
+    if block_size is not None and (not isinstance(block_size, (int, np.integer))
+                                   or isinstance(block_size, (bool, np.bool_)) or block_size < 1):
+        raise ValueError(f"{op}: block_size={block_size!r}; expected None or a positive integer")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if alibi_slopes is not None:
         slopes = np.asarray(backend.to_numpy(alibi_slopes), dtype=np.float64)
@@ -925,4 +959,5 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=12
                              f"the batch dimensions {batch} of {shapes}")
         alibi_slopes = slopes
     return ScaledDotProductAttention.apply(q, k, v, causal=bool(causal), scale=scale,
-                                           block_size=int(block_size), alibi_slopes=alibi_slopes)
+                                           block_size=None if block_size is None else int(block_size),
+                                           alibi_slopes=alibi_slopes)
