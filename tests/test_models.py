@@ -14,7 +14,7 @@ import tritnet
 from tritnet import backend
 from tritnet import random as trandom
 from tritnet.config import Config, ConfigError, load_config, preset, trace
-from tritnet.models import CodeMemoryLM, MoEGraph
+from tritnet.models import CodeMemoryLM, MoEGraph, group_by_expert, top_k
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.optim import TritFlip
 from tritnet.train import build
@@ -83,6 +83,41 @@ def test_code_graph_checks_codes_from_callers_and_trusts_its_own(monkeypatch):
     loss.backward()
     opt.step()
     assert checked and not any(checked)   # the graph ran, with no host-syncing checks
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_routing_without_a_sort_is_a_stable_sort(device):
+    """top_k and group_by_expert give what a stable argsort gives -- ties to the lower index,
+    entries of one expert in their original order -- with no sort (CuPy's sorts and bincount
+    end in host syncs), on rows full of ties and on random ones."""
+    rng = np.random.default_rng(0)
+    probs = rng.integers(0, 3, (500, 6)).astype(np.float32) / 4   # many ties
+    probs[:50] = rng.random((50, 6))
+    probs[50] = 0.25                                               # a row of equal entries
+    experts = rng.integers(0, 5, 777)
+    experts[:40] = 2
+    xp = backend.cupy if device == "cuda" else np
+    for k in (1, 2, 6):
+        got = backend.to_numpy(top_k(xp.asarray(probs), k))
+        np.testing.assert_array_equal(got, np.argsort(-probs, axis=1, kind="stable")[:, :k])
+    order, inverse, counts = group_by_expert(xp.asarray(experts), 6)
+    want = np.argsort(experts, kind="stable")
+    np.testing.assert_array_equal(backend.to_numpy(order), want)
+    np.testing.assert_array_equal(backend.to_numpy(inverse)[want], np.arange(777))
+    assert isinstance(counts, np.ndarray)
+    np.testing.assert_array_equal(counts, np.bincount(experts, minlength=6))
+    order, inverse, counts = group_by_expert(xp.zeros(0, np.int64), 3)
+    assert order.shape == inverse.shape == (0,) and counts.tolist() == [0, 0, 0]
+
+
+def test_embedding_table_checks_indices_unless_told_they_are_valid():
+    from tritnet.nn.tables import TernaryEmbeddingTable
+    table = TernaryEmbeddingTable(8, 32)
+    with pytest.raises(IndexError, match=r"TernaryEmbeddingTable: index 8 is out of range for "
+                                         r"a table of 8 rows"):
+        table(np.array([1, 8]))
+    np.testing.assert_array_equal(table(np.arange(8), check=False).numpy(),
+                                  table(np.arange(8)).numpy())
 
 
 def test_small_graph_forward_backward_and_edges_matter():

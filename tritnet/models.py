@@ -190,37 +190,33 @@ class MoEGraph(Module):
     def route(self, h: Tensor):
         """(expert ids (N, k) int, gates Tensor (N, k), load-balancing loss)."""
         xp = backend.get_array_module(h.data)
-        centroids = self.router(xp.arange(self.n_experts))
+        centroids = self.router(xp.arange(self.n_experts), check=False)
         probs = F.softmax(h @ centroids.T * (1.0 / math.sqrt(h.shape[-1])), axis=-1)
-        # top-k on the data (no gradient through the choice), stable for determinism
-        choice = xp.argsort(-probs.data, axis=-1, kind="stable")[:, :self.top_k]
-        rows = xp.arange(h.shape[0])[:, None]
-        chosen = probs[rows, choice]
+        choice = top_k(probs.data, self.top_k)  # on the data: no gradient through the choice
+        N, E = probs.shape
+        # the chosen probabilities, by flat indices in range by construction (no host sync)
+        chosen = F.take(probs.reshape(-1), (xp.arange(N)[:, None] * E + choice).reshape(-1),
+                        check=False).reshape(N, self.top_k)
         gates = chosen / chosen.sum(axis=-1, keepdims=True)
-        first = xp.bincount(choice[:, 0], minlength=self.n_experts).astype(probs.dtype)
+        first = (choice[:, :1] == xp.arange(self.n_experts)).sum(axis=0).astype(probs.dtype)
         share = Tensor(first / h.shape[0])
         balance = (share * probs.mean(axis=0)).sum() * float(self.n_experts)
         return choice, gates, balance
 
     def experts_forward(self, h: Tensor, choice, gates: Tensor) -> Tensor:
         """Run each expert once on the tokens routed to it; combine with the gates."""
-        xp = backend.get_array_module(h.data)
         N, k = choice.shape
-        flat = choice.reshape(-1)
-        order = xp.argsort(flat, kind="stable")
         # tokens per expert: a host sync, once per step even in a recomputed block
-        counts = once_per_recompute(
-            lambda: backend.to_numpy(xp.bincount(flat, minlength=self.n_experts)))
-        xs = F.take(h, order // k)
+        order, inverse, counts = once_per_recompute(
+            lambda: group_by_expert(choice.reshape(-1), self.n_experts))
+        xs = F.take(h, order // k, check=False)  # a permutation (repeated k times): in range
         outs, start = [], 0
         for expert, n in zip(self.experts, counts):
             if n:
                 outs.append(expert(xs[start:start + int(n)]))
             start += int(n)
         ys = F.concat(outs, axis=0)
-        inverse = xp.empty_like(order)
-        inverse[order] = xp.arange(order.shape[0])
-        ys = F.take(ys, inverse).reshape(N, k, h.shape[-1])
+        ys = F.take(ys, inverse, check=False).reshape(N, k, h.shape[-1])
         return (ys * gates.reshape(N, k, 1)).sum(axis=1)
 
     def forward(self, x: Tensor, memory: TernaryVQCodebook | None):
@@ -244,7 +240,9 @@ class MoEGraph(Module):
         codes from the code book's search, see CodeGraph.neighbors)."""
         xp = backend.get_array_module(codes)
         dst, weight = self.graph.neighbors(codes.reshape(-1), check=check)
-        rows = TernaryEmbeddingTable.forward(memory, xp.maximum(dst, 0))  # (n, slots, dim)
+        # dst: codes of the graph's own edges, in range (no check, no host sync); -1 (an
+        # empty slot, weight 0) reads row 0
+        rows = TernaryEmbeddingTable.forward(memory, xp.maximum(dst, 0), check=False)
         return (rows * Tensor(weight[..., None])).sum(axis=1)
 
     def learn_edges(self, quantized: Tensor, codes, B: int, T: int) -> None:
@@ -254,6 +252,41 @@ class MoEGraph(Module):
         q = quantized.data.reshape(B, T, -1)
         signs = xp.sign((q[:, :-1] * q[:, 1:]).sum(-1)).astype(np.int8)
         self.graph.record(codes.reshape(B, T), signs, check=False)
+
+
+def top_k(probs, k: int):
+    """Indices (N, k) of each row's k largest entries of probs (N, E), largest first, ties to
+    the lower index: the order of a stable sort of -probs, found without a sort (CuPy's sorts
+    end with a host sync). Each entry's rank counts the entries that come before it."""
+    xp = backend.get_array_module(probs)
+    E = probs.shape[-1]
+    mine, other = probs[:, :, None], probs[:, None, :]
+    lower = xp.arange(E)[None, :] < xp.arange(E)[:, None]  # [e, e']: e' has the lower index
+    rank = ((other > mine) | ((other == mine) & lower)).sum(axis=-1)
+    return xp.stack([(rank == r).argmax(axis=-1) for r in range(k)], axis=-1)
+
+
+def group_by_expert(experts, n_experts: int):
+    """(order, inverse, counts) for expert ids `experts` (n,): order lists the entries expert by
+    expert, in their original order within each (a stable sort's order); inverse[i] is entry
+    i's place in it; counts (NumPy, the one host sync) the entries per expert.
+
+    No sort: in the expert-major one-hot of the entries, flattened, the inclusive cumulative
+    sum at (e, i) counts the entries of lower experts plus those of e up to i, which is entry
+    i's place (plus one) when i belongs to e.
+    """
+    xp = backend.get_array_module(experts)
+    n = experts.shape[0]
+    if n == 0:
+        empty = xp.zeros(0, np.int64)
+        return empty, empty, np.zeros(n_experts, np.int64)
+    onehot = experts[None, :] == xp.arange(n_experts)[:, None]          # (E, n)
+    place = xp.cumsum(onehot.reshape(-1), dtype=np.int64)
+    inverse = place[experts * n + xp.arange(n)] - 1
+    order = xp.empty_like(inverse)
+    order[inverse] = xp.arange(n)
+    ends = backend.to_numpy(place[n - 1::n])                            # (E,) running totals
+    return order, inverse, np.diff(ends, prepend=0)
 
 
 class Block(Module):

@@ -32,8 +32,9 @@ UNIT_RMS_EXPONENT = 2
 RESTART_STREAM = 0x5245  # mixed into the seed of dead-code restarts' random choices
 
 
-def _index_array(op, indices, rows, like):
-    """Indices as a flat int32/int64 array on `like`'s device, checked before any kernel runs."""
+def _index_array(op, indices, rows, like, check=True):
+    """Indices as a flat int32/int64 array on `like`'s device, checked before any kernel runs
+    (check=False skips the range check, a host sync on the GPU, for indices the caller made)."""
     if isinstance(indices, Tensor):
         indices = indices.data
     xp = backend.get_array_module(like)
@@ -46,7 +47,7 @@ def _index_array(op, indices, rows, like):
             raise TypeError(f"{op}: indices are on cuda but the table is on cpu")
         indices = xp.asarray(indices)
     flat = xp.ascontiguousarray(indices.reshape(-1))
-    if flat.size:
+    if check and flat.size:
         lo, hi = (int(v) for v in xp.stack([flat.min(), flat.max()]).tolist())
         if lo < 0 or hi >= rows:
             bad = lo if lo < 0 else hi
@@ -93,9 +94,11 @@ class TernaryEmbeddingTable(TernaryModule):
     def extra_repr(self) -> str:
         return f"rows={self.rows}, dim={self.dim}"
 
-    def forward(self, indices) -> Tensor:
-        """Rows `indices` (any integer shape) as float32 (*indices.shape, dim)."""
-        shape, flat = _index_array(type(self).__name__, indices, self.rows, self.T_packed)
+    def forward(self, indices, *, check=True) -> Tensor:
+        """Rows `indices` (any integer shape) as float32 (*indices.shape, dim). check=False
+        skips the range check (a host sync on the GPU) for indices that are valid by
+        construction, such as an arange of the rows; a wrong index then reads out of bounds."""
+        shape, flat = _index_array(type(self).__name__, indices, self.rows, self.T_packed, check)
         out = RowGather.apply(table=self, indices=flat)
         return out.reshape(*shape, self.dim)
 
