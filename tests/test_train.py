@@ -211,3 +211,18 @@ def test_cosine_schedule_changes_training_and_recompute_does_not(tmp_path, corpu
     for k in runs["constant"]:
         np.testing.assert_array_equal(runs["constant"][k], runs["recompute"][k], err_msg=k)
     assert any(not np.array_equal(runs["constant"][k], runs["cosine"][k]) for k in runs["cosine"])
+
+
+def test_build_freezes_the_long_lived_objects_out_of_the_collector():
+    """The model, libraries and kernels outlive the run: build() freezes them (gc.freeze) so
+    the cyclic collector's full passes stop rescanning them every few steps."""
+    import gc
+    from tritnet.config import preset
+    from tritnet.train import build
+    gc.unfreeze()
+    model, _ = build(preset("tiny").override(n_layers=1))
+    try:
+        assert gc.get_freeze_count() > 0
+        assert not any(o is model for o in gc.get_objects())  # frozen: in no generation
+    finally:
+        gc.unfreeze()

@@ -32,6 +32,7 @@ hold identical state.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -109,6 +110,11 @@ def build(config: Config, device=None):
                          schedule=config.schedule,
                          final_grad_rms_units=config.final_grad_rms_units,
                          total_steps=config.steps)
+    # Everything made so far -- modules, imported libraries, compiled kernels: ~500k objects --
+    # lives as long as the run. Frozen, it leaves the cyclic collector's generations, so its
+    # full collections stop rescanning it: they cost 16 ms a step on the small preset and 42 ms
+    # on the default (H200, before freezing), for garbage that refcounting frees anyway.
+    gc.freeze()
     return model, optimizer
 
 
