@@ -157,7 +157,7 @@ def main():
 
     n = args.steps
     families, kernels = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
-    intervals, api, by_op = [], Counter(), Counter()
+    intervals, api, by_op, syncs_by_op = [], Counter(), Counter(), Counter()
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(RANGES):
             # (the ranges themselves also appear on the GPU timeline, as annotations)
@@ -172,6 +172,8 @@ def main():
             while parent is not None and not parent.name.startswith(RANGES):
                 parent = parent.cpu_parent
             by_op[parent.name if parent else "(outside)"] += 1
+            if e.name == "cudaStreamSynchronize":  # the host waits for the GPU to drain
+                syncs_by_op[parent.name if parent else "(outside)"] += 1
     busy = busy_us(intervals) / n / 1e6
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     result = {
@@ -188,6 +190,7 @@ def main():
                                                  key=lambda kv: -kv[1][1])[:args.top]],
         "api_calls_per_step": {k: v / n for k, v in api.most_common()},
         "launch_calls_by_op_per_step": {k: v / n for k, v in by_op.most_common()},
+        "syncs_by_op_per_step": {k: v / n for k, v in syncs_by_op.most_common()},
         "method": __doc__.strip(),
     }
     path = os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
