@@ -527,6 +527,22 @@ def test_sim_grad_inv_scale(n):
         np.testing.assert_array_equal(U.grad_inv_scale(G, 8.0), out)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_quantize_without_accumulating_overwrites_whatever_out_held(device):
+    """accumulate=False writes the quantised gradient: what zeros + add would give, whatever
+    the buffer held before (so a fresh buffer needs no zero fill)."""
+    rng = np.random.default_rng(9)
+    G = backend.to_device((rng.standard_normal(5000) * 3).astype(np.float32), device)
+    garbage = backend.to_device(rng.integers(-128, 128, 5000, dtype=np.int8), device)
+    want = U.quantize_grad(G, 1.5, 11, backend.to_device(np.zeros(5000, np.int8), device))
+    got = U.quantize_grad(G, 1.5, 11, garbage, accumulate=False)
+    assert got is garbage
+    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+    np.testing.assert_array_equal(
+        backend.to_numpy(want),
+        U.quantize_grad_reference(backend.to_numpy(G), 1.5, 11, np.zeros(5000, np.int8)))
+
+
 @pytest.mark.cudasim
 @pytest.mark.parametrize("max_blocks", [U._MAX_BLOCKS, 1])
 def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
@@ -537,13 +553,18 @@ def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
     out = rng.integers(-127, 128, size=300, dtype=np.int8)
     expected = out.copy()  # the CPU twin, called directly: the wrapper runs the simulator
     U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
-                         expected)
+                         np.int64(1), expected)
     got = U.quantize_grad(G, 2.5, 77, out.copy())
     np.testing.assert_array_equal(got, expected)
     expected = out.copy()
     U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(6),
-                         expected)
+                         np.int64(1), expected)
     np.testing.assert_array_equal(U.quantize_grad(G, 2.5, 77, out.copy(), clip=6), expected)
+    expected = out.copy()
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(6),
+                         np.int64(0), expected)
+    np.testing.assert_array_equal(
+        U.quantize_grad(G, 2.5, 77, out.copy(), clip=6, accumulate=False), expected)
 
 
 @pytest.mark.cudasim

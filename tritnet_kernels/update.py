@@ -377,9 +377,9 @@ def grad_inv_scale(G, grad_gain):
     if not (math.isfinite(grad_gain) and grad_gain > 0):
         raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
     xp = xp_of(G)
-    out = xp.zeros(1, dtype=np.float32)
     if G.size == 0:
-        return out
+        return xp.zeros(1, dtype=np.float32)
+    out = xp.empty(1, dtype=np.float32)  # the kernel's last block writes it
     partial = xp.empty(_rms_blocks(G.size), dtype=np.float64)
     args = (G.reshape(-1), float(G.size), float(grad_gain), partial, _done_counter(xp), out)
     if dev == "cpu":
@@ -399,23 +399,29 @@ def grad_inv_scale_reference(G, grad_gain):
 
 
 @numba.njit(parallel=True, cache=True)
-def _quantize_grad_cpu(G, inv_scale, key, clip, out):
+def _quantize_grad_cpu(G, inv_scale, key, clip, accumulate, out):
     scale = inv_scale[0]
     for i in numba.prange(G.shape[0]):
-        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
+        q = _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
+        if accumulate:
+            q += np.int64(out[i])
         out[i] = _sat_accum(q)
 
 
 @cuda.jit(cache=True)
-def _quantize_grad_cuda(G, inv_scale, key, clip, out):
+def _quantize_grad_cuda(G, inv_scale, key, clip, accumulate, out):
     scale = inv_scale[0]
     for i in range(cuda.grid(1), G.shape[0], cuda.gridsize(1)):
-        q = np.int64(out[i]) + _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
+        q = _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
+        if accumulate:
+            q += np.int64(out[i])
         out[i] = _sat_accum(q)
 
 
-def quantize_grad(G, inv_scale, seed, out, *, clip=128):
+def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True):
     """Add round_stochastic(G * inv_scale) into the int8 array `out`, saturating at ±127.
+    With accumulate=False, write it instead: out's earlier contents are ignored (so a fresh
+    `out` can be xp.empty rather than xp.zeros, one launch fewer).
 
     G: float32, C-contiguous, any shape (treated as flat, index i in C order).
     inv_scale: a float (finite, >= 0) or a float32 array of shape (1,) on G's device, e.g.
@@ -467,11 +473,11 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128):
         inv_scale = xp.full(1, inv_scale, dtype=np.float32)
     key = _stream_key(int(seed))
     G_flat, out_flat = G.reshape(-1), out.reshape(-1)
+    args = (G_flat, inv_scale, key, clip, np.int64(bool(accumulate)), out_flat)
     if dev == "cpu":
-        _quantize_grad_cpu(G_flat, inv_scale, key, clip, out_flat)
+        _quantize_grad_cpu(*args)
     else:
-        launch(_quantize_grad_cuda, _blocks(G.size, _QUANT_THREADS), _QUANT_THREADS,
-               G_flat, inv_scale, key, clip, out_flat)
+        launch(_quantize_grad_cuda, _blocks(G.size, _QUANT_THREADS), _QUANT_THREADS, *args)
     return out
 
 

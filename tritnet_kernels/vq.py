@@ -935,8 +935,9 @@ _ROUTE_WARPS = 4
 
 
 @numba.njit(parallel=True, cache=True)
-def _nearest_in_partitions_cpu(queries, T_packed, partition_offsets, partition_codes, probe,
+def _nearest_in_partitions_cpu(queries, codes, partition_offsets, partition_codes, probe,
                                out_index, out_dot):
+    # codes: the book's rows in partition order (codes[pos] = T_packed[partition_codes[pos]])
     for q in numba.prange(queries.shape[0]):
         bd = np.int64(0)
         bn = np.int64(1)
@@ -945,8 +946,8 @@ def _nearest_in_partitions_cpu(queries, T_packed, partition_offsets, partition_c
             p = probe[q, j]
             for pos in range(partition_offsets[p], partition_offsets[p + 1]):
                 c = np.int64(partition_codes[pos])
-                d = _trit_dot(queries, q, T_packed, c)
-                nn = _code_nn(T_packed, c)
+                d = _trit_dot(queries, q, codes, pos)
+                nn = _code_nn(codes, pos)
                 if _beats(d, nn, c, bd, bn, bi):
                     bd = d
                     bn = nn
@@ -956,11 +957,12 @@ def _nearest_in_partitions_cpu(queries, T_packed, partition_offsets, partition_c
 
 
 @cuda.jit(cache=True)
-def _nearest_in_partitions_cuda(queries, T_packed, partition_offsets, partition_codes, probe,
+def _nearest_in_partitions_cuda(queries, codes, partition_offsets, partition_codes, probe,
                                 out_index, out_dot):
-    # A warp per query: its lanes stride over the probed partitions' code lists (coalesced
-    # reads of partition_codes), each keeps a best, and lane 0 merges the 32 through shared
-    # memory. Codes are visited in list order, so ties are settled by index explicitly.
+    # A warp per query: its lanes stride over the probed partitions' codes, each keeps a best,
+    # and lane 0 merges the 32 through shared memory. `codes` holds the book's rows in
+    # partition order, so a warp reads 32 consecutive rows (coalesced) instead of 32 scattered
+    # ones. Codes are visited in list order, so ties are settled by index explicitly.
     s_d = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
     s_nn = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
     s_i = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
@@ -980,9 +982,9 @@ def _nearest_in_partitions_cuda(queries, T_packed, partition_offsets, partition_
                 d = np.int64(0)
                 nnz = np.int64(0)
                 for w in range(0, queries.shape[1], 2):
-                    d += _group_dot(queries[q, w], queries[q, w + 1], T_packed[c, w],
-                                    T_packed[c, w + 1])
-                    nnz += _group_nnz(T_packed[c, w], T_packed[c, w + 1])
+                    d += _group_dot(queries[q, w], queries[q, w + 1], codes[pos, w],
+                                    codes[pos, w + 1])
+                    nnz += _group_nnz(codes[pos, w], codes[pos, w + 1])
                 nn = max(nnz, np.int64(1))
                 if _beats(d, nn, c, bd, bn, bi):
                     bd = d
@@ -1015,6 +1017,8 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
     lowest code index, whatever the list order). A query whose probed partitions are all empty
     gets index -1 and dot 0. Returns out_index int32 (n,).
     `check=False` skips the range/monotonicity checks (one host sync on the GPU).
+    The call holds a transient copy of the book's rows in partition order (T_packed's size),
+    so that the search reads them coalesced.
     """
     op = "nearest_code_in_partitions"
     dev = target(queries, T_packed, partition_offsets, partition_codes, probe, out_index,
@@ -1058,7 +1062,10 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
                              f"partition indices in [0, {P})")
     if n == 0:
         return out_index
-    args = (queries, T_packed, partition_offsets, partition_codes, probe, out_index, dot)
+    # The rows in partition order: a transient gather of the whole book (T_packed's size),
+    # read once, against ~n·nprobe/P scattered reads of each row by the search itself.
+    codes = T_packed[partition_codes]
+    args = (queries, codes, partition_offsets, partition_codes, probe, out_index, dot)
     if dev == "cpu":
         _nearest_in_partitions_cpu(*args)
     else:

@@ -162,16 +162,18 @@ class TernaryModule(Module):
         """
         xp = backend.get_array_module(G)
         clip = self.grad_clip_units or 128
-        if grad_q is None:
-            grad_q = xp.zeros(G.shape, dtype=np.int8)
+        first = grad_q is None  # a fresh buffer is written, not added to: no zero fill
+        if first:
+            grad_q = xp.empty(G.shape, dtype=np.int8)
         kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units),
-                              self.next_grad_seed(0), grad_q, clip=clip)
+                              self.next_grad_seed(0), grad_q, clip=clip, accumulate=not first)
         # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, in one launch
         gE = kupdate.row_trit_dot(G, T_packed, self.trit_shape[1], E=E)
-        if grad_E_q is None:
-            grad_E_q = xp.zeros(gE.shape, dtype=np.int8)
+        first = grad_E_q is None
+        if first:
+            grad_E_q = xp.empty(gE.shape, dtype=np.int8)
         kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units),
-                              self.next_grad_seed(1), grad_E_q, clip=clip)
+                              self.next_grad_seed(1), grad_E_q, clip=clip, accumulate=not first)
         self.grad_uses += 1
         return grad_q, grad_E_q
 
