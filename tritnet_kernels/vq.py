@@ -931,7 +931,8 @@ def top_codes_reference(queries, T_packed, dim, k):
 # --------------------------------------------------------------------------------------------
 # 4. Exact search inside probed partitions (routed search).
 
-_ROUTE_WARPS = 4
+_ROUTE_WARPS = 8
+_ROUTE_THREADS = 32 * _ROUTE_WARPS  # a literal for the shared arrays' size
 
 
 @numba.njit(parallel=True, cache=True)
@@ -959,50 +960,62 @@ def _nearest_in_partitions_cpu(queries, codes, partition_offsets, partition_code
 @cuda.jit(cache=True)
 def _nearest_in_partitions_cuda(queries, codes, partition_offsets, partition_codes, probe,
                                 out_index, out_dot):
-    # A warp per query: its lanes stride over the probed partitions' codes, each keeps a best,
-    # and lane 0 merges the 32 through shared memory. `codes` holds the book's rows in
-    # partition order, so a warp reads 32 consecutive rows (coalesced) instead of 32 scattered
-    # ones. Codes are visited in list order, so ties are settled by index explicitly.
-    s_d = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
-    s_nn = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
-    s_i = cuda.shared.array((_ROUTE_WARPS, 32), numba.int64)
-    lane = cuda.threadIdx.x & 31
-    warp = cuda.threadIdx.x >> 5
-    q = cuda.blockIdx.x * _ROUTE_WARPS + warp
-    bd = np.int64(0)
-    bn = np.int64(1)
-    bi = np.int64(-1)
-    if q < queries.shape[0]:
-        for j in range(probe.shape[1]):
+    # A block per query, _ROUTE_WARPS warps: warp w takes probes w, w + _ROUTE_WARPS, ...; its
+    # lanes stride over each partition's codes, each thread keeps a best, and thread 0 merges
+    # the block's through shared memory. `codes` holds the book's rows in partition order, so
+    # a warp reads 32 consecutive rows (coalesced). A warp per query left too few warps in
+    # flight to hide the loads' latency at training batch sizes (2048 queries: 1.7x slower).
+    # Dots and counts are int32 popcounts; codes are visited in list order, so ties are
+    # settled by index explicitly.
+    s_d = cuda.shared.array(_ROUTE_THREADS, numba.int64)
+    s_nn = cuda.shared.array(_ROUTE_THREADS, numba.int64)
+    s_i = cuda.shared.array(_ROUTE_THREADS, numba.int64)
+    tid = cuda.threadIdx.x
+    lane = tid & 31
+    for q in range(cuda.blockIdx.x, queries.shape[0], cuda.gridDim.x):
+        bd = np.int32(0)
+        bn = np.int32(1)
+        bi = np.int64(-1)
+        for j in range(tid >> 5, probe.shape[1], _ROUTE_WARPS):
             p = probe[q, j]
             pos = partition_offsets[p] + lane
             end = partition_offsets[p + 1]
             while pos < end:
-                c = np.int64(partition_codes[pos])
-                d = np.int64(0)
-                nnz = np.int64(0)
+                d = np.int32(0)
+                nnz = np.int32(0)
                 for w in range(0, queries.shape[1], 2):
-                    d += _group_dot(queries[q, w], queries[q, w + 1], codes[pos, w],
-                                    codes[pos, w + 1])
-                    nnz += _group_nnz(codes[pos, w], codes[pos, w + 1])
-                nn = max(nnz, np.int64(1))
-                if _beats(d, nn, c, bd, bn, bi):
+                    qp = queries[q, w]
+                    qm = queries[q, w + 1]
+                    cp = codes[pos, w]
+                    cm = codes[pos, w + 1]
+                    d += cuda.popc((qp & cp) | (qm & cm)) - cuda.popc((qp & cm) | (qm & cp))
+                    nnz += cuda.popc(cp | cm)
+                nn = max(nnz, np.int32(1))
+                c = np.int64(partition_codes[pos])
+                # _beats, unrolled: d·|d|/nn against the best's, exactly, ties to lower index
+                lhs = np.int64(d) * abs(d) * bn
+                rhs = np.int64(bd) * abs(bd) * nn
+                if bi < 0 or lhs > rhs or (lhs == rhs and c < bi):
                     bd = d
                     bn = nn
                     bi = c
                 pos += 32
-    s_d[warp, lane] = bd
-    s_nn[warp, lane] = bn
-    s_i[warp, lane] = bi
-    cuda.syncthreads()
-    if lane == 0 and q < queries.shape[0]:
-        for t in range(1, 32):
-            if _beats(s_d[warp, t], s_nn[warp, t], s_i[warp, t], bd, bn, bi):
-                bd = s_d[warp, t]
-                bn = s_nn[warp, t]
-                bi = s_i[warp, t]
-        out_index[q] = bi
-        out_dot[q] = bd
+        s_d[tid] = bd
+        s_nn[tid] = bn
+        s_i[tid] = bi
+        cuda.syncthreads()
+        if tid == 0:
+            best_d = s_d[0]
+            best_nn = s_nn[0]
+            best_i = s_i[0]
+            for t in range(1, _ROUTE_THREADS):
+                if _beats(s_d[t], s_nn[t], s_i[t], best_d, best_nn, best_i):
+                    best_d = s_d[t]
+                    best_nn = s_nn[t]
+                    best_i = s_i[t]
+            out_index[q] = best_i
+            out_dot[q] = best_d
+        cuda.syncthreads()  # the next query reuses the shared arrays
 
 
 def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partition_codes,
@@ -1069,8 +1082,7 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
     if dev == "cpu":
         _nearest_in_partitions_cpu(*args)
     else:
-        blocks = -(-n // _ROUTE_WARPS)
-        launch(_nearest_in_partitions_cuda, blocks, 32 * _ROUTE_WARPS, *args)
+        launch(_nearest_in_partitions_cuda, min(n, _grid_cap()), _ROUTE_THREADS, *args)
     return out_index
 
 
