@@ -49,14 +49,22 @@ _FLOATS = (np.float32, np.float64)
 
 
 @numba.njit(cache=True)
-def _visible(pos, cols, causal):
-    """Keys a query at `pos` sees: 0..n-1."""
-    if causal:
-        return max(0, min(cols, pos + 1))
-    return cols
+def _row(r, tq, row0, slopes, cols, causal):
+    """(pos, slope, n) of tile row r: its query's position in key coordinates, its batch
+    entry's ALiBi slope, and how many keys it sees (0..n-1)."""
+    pos = row0 + r % tq
+    n = max(0, min(cols, pos + 1)) if causal else cols
+    return pos, slopes[r // tq], n
 
 
-_visible_dev = on_device(_visible)
+@numba.njit(cache=True)
+def _biased(raw, scale, slope, pos, j):
+    """A raw score q·k scaled and ALiBi-biased, in float64 (stored back rounded)."""
+    return raw * scale - slope * abs(pos - j)
+
+
+_row_dev = on_device(_row)
+_biased_dev = on_device(_biased)
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,12 +75,10 @@ _visible_dev = on_device(_visible)
 def _softmax_cpu(scores, lse, slopes, tq, scale, row0, causal):
     rows, cols = scores.shape
     for r in numba.prange(rows):
-        pos = row0 + r % tq
-        slope = slopes[r // tq]
-        n = _visible(pos, cols, causal)
+        pos, slope, n = _row(r, tq, row0, slopes, cols, causal)
         m = -math.inf
         for j in range(n):
-            scores[r, j] = scores[r, j] * scale - slope * abs(pos - j)
+            scores[r, j] = _biased(scores[r, j], scale, slope, pos, j)
             m = max(m, scores[r, j])
         total = 0.0
         for j in range(n):
@@ -96,6 +102,20 @@ def _block_tree_max(buf, tid, width):
         half //= 2
 
 
+@cuda.jit(device=True)
+def _block_all(red, tid, value, is_max):
+    """The max (is_max) or the sum of `value` over the block's threads, returned to each."""
+    red[tid] = value
+    cuda.syncthreads()
+    if is_max:
+        _block_tree_max(red, tid, _THREADS)
+    else:
+        _block_tree_sum(red, tid, _THREADS)
+    value = red[0]
+    cuda.syncthreads()  # every thread has read red[0] before red is reused
+    return value
+
+
 @cuda.jit(cache=True)
 def _softmax_cuda(scores, lse, slopes, tq, scale, row0, causal):
     # One block per row (grid-strided over rows); the threads stride over the row's keys.
@@ -103,28 +123,18 @@ def _softmax_cuda(scores, lse, slopes, tq, scale, row0, causal):
     tid = cuda.threadIdx.x
     rows, cols = scores.shape
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
-        pos = row0 + r % tq
-        slope = slopes[r // tq]
-        n = _visible_dev(pos, cols, causal)
+        pos, slope, n = _row_dev(r, tq, row0, slopes, cols, causal)
         m = -math.inf
         for j in range(tid, n, _THREADS):
-            scores[r, j] = scores[r, j] * scale - slope * abs(pos - j)
+            scores[r, j] = _biased_dev(scores[r, j], scale, slope, pos, j)
             m = max(m, scores[r, j])
-        red[tid] = m
-        cuda.syncthreads()
-        _block_tree_max(red, tid, _THREADS)
-        m = red[0]
-        cuda.syncthreads()  # everyone has read red[0] before it is reused
+        m = _block_all(red, tid, m, True)
         total = 0.0
         for j in range(tid, n, _THREADS):
             e = math.exp(scores[r, j] - m)
             scores[r, j] = e
             total += e
-        red[tid] = total
-        cuda.syncthreads()
-        _block_tree_sum(red, tid, _THREADS)
-        total = red[0]
-        cuda.syncthreads()
+        total = _block_all(red, tid, total, False)
         for j in range(tid, n, _THREADS):
             scores[r, j] = scores[r, j] / total
         for j in range(n + tid, cols, _THREADS):
@@ -163,14 +173,12 @@ def attention_softmax(scores, lse, slopes, scale, row0, causal):
 def _softmax_grad_cpu(scores, dp, lse, g, out, slopes, tq, scale, row0, causal):
     rows, cols = scores.shape
     for r in numba.prange(rows):
-        pos = row0 + r % tq
-        slope = slopes[r // tq]
-        n = _visible(pos, cols, causal)
+        pos, slope, n = _row(r, tq, row0, slopes, cols, causal)
         delta = 0.0
         for d in range(g.shape[1]):
             delta += g[r, d] * out[r, d]
         for j in range(n):
-            scores[r, j] = scores[r, j] * scale - slope * abs(pos - j)  # rounded as in forward
+            scores[r, j] = _biased(scores[r, j], scale, slope, pos, j)  # rounded as forward's
             p = math.exp(scores[r, j] - lse[r])
             scores[r, j] = p
             dp[r, j] = p * (dp[r, j] - delta) * scale
@@ -185,19 +193,13 @@ def _softmax_grad_cuda(scores, dp, lse, g, out, slopes, tq, scale, row0, causal)
     tid = cuda.threadIdx.x
     rows, cols = scores.shape
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
-        pos = row0 + r % tq
-        slope = slopes[r // tq]
-        n = _visible_dev(pos, cols, causal)
+        pos, slope, n = _row_dev(r, tq, row0, slopes, cols, causal)
         delta = 0.0
         for d in range(tid, g.shape[1], _THREADS):
             delta += g[r, d] * out[r, d]
-        red[tid] = delta
-        cuda.syncthreads()
-        _block_tree_sum(red, tid, _THREADS)
-        delta = red[0]
-        cuda.syncthreads()
+        delta = _block_all(red, tid, delta, False)
         for j in range(tid, n, _THREADS):
-            scores[r, j] = scores[r, j] * scale - slope * abs(pos - j)
+            scores[r, j] = _biased_dev(scores[r, j], scale, slope, pos, j)
             p = math.exp(scores[r, j] - lse[r])
             scores[r, j] = p
             dp[r, j] = p * (dp[r, j] - delta) * scale
