@@ -110,6 +110,26 @@ def test_routing_without_a_sort_is_a_stable_sort(device):
     assert order.shape == inverse.shape == (0,) and counts.tolist() == [0, 0, 0]
 
 
+def test_increasing_rows_skip_the_grouping_and_give_the_same_int8_gradients(monkeypatch):
+    """The router reads its whole table (an arange): increasing=True skips unique_rows (a sort
+    and a host sync on the GPU) and leaves the same pending rows and int8 gradients."""
+    from tritnet.nn.tables import TernaryEmbeddingTable
+    from tritnet_kernels import tables as ktables
+    table = TernaryEmbeddingTable(8, 40)
+    g = np.random.default_rng(4).standard_normal((8, 40)).astype(np.float32)
+    results = []
+    for increasing in (False, True):
+        table.grad_uses, table.pending = 0, []
+        calls = []
+        unique = ktables.unique_rows
+        monkeypatch.setattr(ktables, "unique_rows", lambda i: calls.append(1) or unique(i))
+        table(np.arange(8), check=False, increasing=increasing).backward(g)
+        assert len(calls) == (0 if increasing else 1)
+        results.append(table.pending[0])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_embedding_table_checks_indices_unless_told_they_are_valid():
     from tritnet.nn.tables import TernaryEmbeddingTable
     table = TernaryEmbeddingTable(8, 32)

@@ -190,7 +190,7 @@ class MoEGraph(Module):
     def route(self, h: Tensor):
         """(expert ids (N, k) int, gates Tensor (N, k), load-balancing loss)."""
         xp = backend.get_array_module(h.data)
-        centroids = self.router(xp.arange(self.n_experts), check=False)
+        centroids = self.router(xp.arange(self.n_experts), check=False, increasing=True)
         probs = F.softmax(h @ centroids.T * (1.0 / math.sqrt(h.shape[-1])), axis=-1)
         choice = top_k(probs.data, self.top_k)  # on the data: no gradient through the choice
         N, E = probs.shape

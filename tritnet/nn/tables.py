@@ -59,13 +59,13 @@ def _index_array(op, indices, rows, like, check=True):
 class RowGather(Function):
     """out[i] = row indices[i] of a ternary table; its gradient goes to the table's int8 state."""
 
-    def forward(self, *, table, indices):
-        self.table, self.indices = table, indices
+    def forward(self, *, table, indices, increasing=False):
+        self.table, self.indices, self.increasing = table, indices, increasing
         self.updates_state = table.training and is_grad_enabled()
         return ktables.gather_rows(table.T_packed, table.E, indices, table.dim, check=False)
 
     def backward(self, grad):
-        self.table.accumulate_row_grad(self.indices, grad)
+        self.table.accumulate_row_grad(self.indices, grad, increasing=self.increasing)
         return ()
 
 
@@ -94,12 +94,16 @@ class TernaryEmbeddingTable(TernaryModule):
     def extra_repr(self) -> str:
         return f"rows={self.rows}, dim={self.dim}"
 
-    def forward(self, indices, *, check=True) -> Tensor:
-        """Rows `indices` (any integer shape) as float32 (*indices.shape, dim). check=False
-        skips the range check (a host sync on the GPU) for indices that are valid by
-        construction, such as an arange of the rows; a wrong index then reads out of bounds."""
+    def forward(self, indices, *, check=True, increasing=False) -> Tensor:
+        """Rows `indices` (any integer shape) as float32 (*indices.shape, dim).
+
+        For indices valid by construction, such as an arange of the rows: check=False skips
+        the range check (a host sync on the GPU; a wrong index then reads out of bounds), and
+        increasing=True (indices strictly increasing, so no row repeats) lets backward skip
+        grouping the repeats (a sort and a host sync on the GPU; repeats would then update a
+        row twice at once)."""
         shape, flat = _index_array(type(self).__name__, indices, self.rows, self.T_packed, check)
-        out = RowGather.apply(table=self, indices=flat)
+        out = RowGather.apply(table=self, indices=flat, increasing=increasing)
         return out.reshape(*shape, self.dim)
 
     def trits(self, rows=None):
@@ -108,13 +112,18 @@ class TernaryEmbeddingTable(TernaryModule):
         return kpacking.unpack_trits(packed, self.dim)
 
     # --- the sparse integer gradient path ---------------------------------------------------
-    def accumulate_row_grad(self, indices, grad) -> None:
-        """Sum grad over repeated indices, quantise it to int8 for the touched rows only."""
+    def accumulate_row_grad(self, indices, grad, *, increasing=False) -> None:
+        """Sum grad over repeated indices, quantise it to int8 for the touched rows only.
+        increasing=True: the indices are strictly increasing, so each row's gradient is its
+        own (what grouping would give, bit for bit, without its sort and host sync)."""
         xp = backend.get_array_module(grad)
         grad = xp.ascontiguousarray(grad.reshape(-1, self.dim), dtype=np.float32)
-        rows, inverse, order, offsets = ktables.unique_rows(indices)
-        G = ktables.segment_sum_rows(grad, inverse, rows.shape[0], segments=(order, offsets),
-                                     check=False)
+        if increasing:
+            rows, G = indices.astype(np.int64, copy=False), grad
+        else:
+            rows, inverse, order, offsets = ktables.unique_rows(indices)
+            G = ktables.segment_sum_rows(grad, inverse, rows.shape[0],
+                                         segments=(order, offsets), check=False)
         grad_q, grad_E_q = self.quantize_grads(G, self.T_packed[rows], self.E[rows])
         self.pending.append((rows, grad_q, grad_E_q))
 
