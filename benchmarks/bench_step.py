@@ -121,7 +121,7 @@ def main():
     from tritnet import random as trandom
     from tritnet.config import preset
     from tritnet.nn.ternary import TernaryModule
-    from tritnet.train import build
+    from tritnet.train import build, frozen_heap
 
     backend.set_device("cuda")
     config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len,
@@ -145,42 +145,43 @@ def main():
         optimizer.step()
         return loss
 
-    rates, host, per_step_launches = [], [], []
-    for i in range(args.warmup + args.steps):
-        before = launches["n"]
-        start = time.perf_counter()
-        loss = step()
-        issued = time.perf_counter() - start
-        float(loss.item())   # the loop's one sync a step
-        wall = time.perf_counter() - start
-        if i >= args.warmup:
-            rates.append(tokens / wall)
-            host.append(issued)
-            per_step_launches.append(launches["n"] - before)
+    with frozen_heap():   # as tritnet/train.py's loop runs
+        rates, host, per_step_launches = [], [], []
+        for i in range(args.warmup + args.steps):
+            before = launches["n"]
+            start = time.perf_counter()
+            loss = step()
+            issued = time.perf_counter() - start
+            float(loss.item())   # the loop's one sync a step
+            wall = time.perf_counter() - start
+            if i >= args.warmup:
+                rates.append(tokens / wall)
+                host.append(issued)
+                per_step_launches.append(launches["n"] - before)
 
-    sync = cupy.cuda.get_current_stream().synchronize
-    times = defaultdict(float)
-    time_components(model, sync, times)
-    components = ("embedding", "attention", "moe_graph", "motif", "shared_vq", "kgvq", "head")
-    for _ in range(args.profile_steps):
-        sync()
-        inside_before = sum(times[c] for c in components)
-        start = time.perf_counter()
-        x, y = batches.get("train")
-        loss, _ = model.loss(x, y)
-        sync()
-        forward_total = time.perf_counter() - start
-        # the loss, norms and residual adds between the components
-        times["forward (rest)"] += forward_total - (sum(times[c] for c in components) -
-                                                    inside_before)
-        mark = time.perf_counter()
-        loss.backward()
-        sync()
-        times["backward"] += time.perf_counter() - mark
-        mark = time.perf_counter()
-        optimizer.step()
-        sync()
-        times["update"] += time.perf_counter() - mark
+        sync = cupy.cuda.get_current_stream().synchronize
+        times = defaultdict(float)
+        time_components(model, sync, times)
+        components = ("embedding", "attention", "moe_graph", "motif", "shared_vq", "kgvq", "head")
+        for _ in range(args.profile_steps):
+            sync()
+            inside_before = sum(times[c] for c in components)
+            start = time.perf_counter()
+            x, y = batches.get("train")
+            loss, _ = model.loss(x, y)
+            sync()
+            forward_total = time.perf_counter() - start
+            # the loss, norms and residual adds between the components
+            times["forward (rest)"] += forward_total - (sum(times[c] for c in components) -
+                                                        inside_before)
+            mark = time.perf_counter()
+            loss.backward()
+            sync()
+            times["backward"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+            optimizer.step()
+            sync()
+            times["update"] += time.perf_counter() - mark
     component_s = {k: v / args.profile_steps for k, v in times.items()}
     total = sum(component_s.values())
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()

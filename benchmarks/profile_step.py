@@ -119,7 +119,7 @@ def main():
     from tritnet import backend, data as tdata
     from tritnet import random as trandom
     from tritnet.config import preset
-    from tritnet.train import build
+    from tritnet.train import build, frozen_heap
 
     backend.set_device("cuda")
     config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len)
@@ -139,21 +139,22 @@ def main():
             optimizer.step()
         return float(loss.item())
 
-    for _ in range(args.warmup):
-        step()
-    walls = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()   # ends in the loss's host copy: the step is done
-        walls.append(time.perf_counter() - start)
-    # the median: a step that meets a new expert size compiles a kernel variant once
-    wall = statistics.median(walls)
-
-    wrap_in_ranges(record_function)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+    with frozen_heap():   # as tritnet/train.py's loop runs
+        for _ in range(args.warmup):
             step()
-        sync()
+        walls = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()   # ends in the loss's host copy: the step is done
+            walls.append(time.perf_counter() - start)
+        # the median: a step that meets a new expert size compiles a kernel variant once
+        wall = statistics.median(walls)
+
+        wrap_in_ranges(record_function)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            sync()
 
     n = args.steps
     families, kernels = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])

@@ -213,16 +213,17 @@ def test_cosine_schedule_changes_training_and_recompute_does_not(tmp_path, corpu
     assert any(not np.array_equal(runs["constant"][k], runs["cosine"][k]) for k in runs["cosine"])
 
 
-def test_build_freezes_the_long_lived_objects_out_of_the_collector():
-    """The model, libraries and kernels outlive the run: build() freezes them (gc.freeze) so
-    the cyclic collector's full passes stop rescanning them every few steps."""
+def test_training_loop_runs_with_the_long_lived_objects_frozen(tmp_path, corpus, monkeypatch):
+    """The model, libraries and kernels outlive the loop: train() runs it inside frozen_heap
+    (gc.freeze), so the cyclic collector's full passes stop rescanning them; afterwards the
+    process has its usual collector back."""
     import gc
-    from tritnet.config import preset
-    from tritnet.train import build
+    from tritnet import train as T
+    counts = []
+    step = T.TritFlip.step
+    monkeypatch.setattr(T.TritFlip, "step", lambda self: counts.append(gc.get_freeze_count())
+                        or step(self))
     gc.unfreeze()
-    model, _ = build(preset("tiny").override(n_layers=1))
-    try:
-        assert gc.get_freeze_count() > 0
-        assert not any(o is model for o in gc.get_objects())  # frozen: in no generation
-    finally:
-        gc.unfreeze()
+    train(small(steps=2), data=corpus, out_dir=str(tmp_path / "run"), log=quiet)
+    assert len(counts) == 2 and min(counts) > 0
+    assert gc.get_freeze_count() == 0
