@@ -1,7 +1,7 @@
 """Numba kernels for tritnet: each CUDA kernel beside its CPU twin and a NumPy reference.
 
 This package knows nothing of Tensors or autograd; it takes NumPy or CuPy arrays.
-Modules by job: packing, matmul, update, (vq, graph).
+Modules by job: packing, matmul, update, tables, vq, graph, attention.
 """
 
 from . import _numba_compat  # noqa: F401  (must precede any numba.cuda import)
