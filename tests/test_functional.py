@@ -480,3 +480,11 @@ def test_cuda_attention_matches_the_cpu(causal, slopes, block):
         results.append([backend.to_numpy(a) for a in (out.data, q.grad, k.grad, v.grad)])
     for cpu, gpu in zip(*results):
         np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_of_an_empty_batch_is_empty():
+    q = tn.tensor(np.zeros((0, 2, 5, 4), np.float32), requires_grad=True)
+    out = F.scaled_dot_product_attention(q, q, q, alibi_slopes=[0.5, 0.25])
+    assert out.shape == (0, 2, 5, 4)
+    out.sum().backward()
+    assert q.grad.shape == (0, 2, 5, 4)

@@ -217,7 +217,7 @@ def attention_softmax_grad(scores, dp, lse, g, out, slopes, scale, row0, causal)
     slopes, scale, row0, causal: as given to attention_softmax. Returns dp.
     """
     op = "attention_softmax_grad"
-    _check_tile(op, scores, slopes, row0, causal)
+    tq = _check_tile(op, scores, slopes, row0, causal)
     rows = scores.shape[0]
     _check_array(op, "dp", dp, scores.dtype, shape=scores.shape, writeable=True)
     _check_array(op, "lse", lse, scores.dtype, shape=(rows,))
@@ -229,7 +229,7 @@ def attention_softmax_grad(scores, dp, lse, g, out, slopes, scale, row0, causal)
     _check_distinct(op, scores=scores, dp=dp)
     if scores.size == 0:
         return dp
-    args = (scores, dp, lse, g, out, slopes, np.int64(rows // slopes.shape[0]), float(scale),
+    args = (scores, dp, lse, g, out, slopes, np.int64(tq), float(scale),
             np.int64(row0), np.int64(bool(causal)))
     if target(scores, dp, lse, g, out, slopes, op=op) == "cpu":
         _softmax_grad_cpu(*args)
@@ -254,11 +254,11 @@ def _check_tile(op, scores, slopes, row0, causal):
     _check_array(op, "scores", scores, scores.dtype, ndim=2, writeable=True)
     _check_array(op, "slopes", slopes, scores.dtype, ndim=1)
     batch, rows = slopes.shape[0], scores.shape[0]
-    if batch == 0 or rows % batch:
+    if rows and (batch == 0 or rows % batch):
         raise ValueError(f"{op}: scores has {rows} rows, which is not a whole number of rows "
                          f"for each of the {batch} slopes (one per batch entry)")
     _check_int(op, "row0", row0, 0, 2**62)
-    return rows // batch
+    return rows // batch if batch else 0
 
 
 def _bias_and_mask(scores, slopes, scale, row0, causal):
