@@ -170,9 +170,12 @@ def test_table_shards_combine_over_the_union_of_their_rows():
         reducer.collect()
     reducer.reduce()
     (rows, q, qE), = table.pending
-    assert rows.tolist() == [3, 7, 50, 99]
-    for row, values in zip(rows.tolist(), q.astype(np.int32)):
+    # the union of the rows, then padding: shard 0's (one row per read: 4 reads, 3 rows) and
+    # the union's (6 entries, 4 rows)
+    assert rows.tolist() == [3, 7, 50, 99, -1, -1]
+    for row, values in zip(rows.tolist()[:4], q.astype(np.int32)):
         assert np.all(np.abs(values - contributions[row] / 2) <= 0.5), row
+    assert not q[4:].any() and not qE[4:].any()
 
 
 def test_group_from_env_explains_a_missing_rendezvous():

@@ -183,12 +183,18 @@ def test_segment_sums_match_add_at_exactly(n, cols, universe, index_dtype):
     rng = np.random.default_rng(n + cols)
     indices = rng.integers(0, universe, n).astype(index_dtype)
     grad = (rng.standard_normal((n, cols)) * 10 ** rng.uniform(-3, 3, (n, 1))).astype(np.float32)
-    rows, inverse, order, offsets = tb.unique_rows(indices)
+    rows, inverse, order, offsets, count = tb.unique_rows(indices)
     u_ref, inv_ref = np.unique(indices, return_inverse=True)
-    np.testing.assert_array_equal(rows, u_ref)
+    u = len(u_ref)
+    # fixed sizes: the distinct rows, then -1 padding; padding rows are empty segments
+    assert rows.shape == inverse.shape == order.shape == (n,) and offsets.shape == (n + 1,)
+    assert count.tolist() == [u]
+    np.testing.assert_array_equal(rows[:u], u_ref)
+    assert (rows[u:] == -1).all() and (offsets[u:] == n).all()
     np.testing.assert_array_equal(inverse, inv_ref)
     np.testing.assert_array_equal(indices[order], np.sort(indices, kind="stable"))
     ref = tb.segment_sum_rows_reference(grad, inverse, len(rows))
+    assert not ref[u:].any()
     np.testing.assert_array_equal(tb.segment_sum_rows(grad, inverse, len(rows)), ref)
     np.testing.assert_array_equal(
         tb.segment_sum_rows(grad, inverse.astype(index_dtype), len(rows), segments=(order, offsets)), ref)
@@ -209,11 +215,11 @@ def _hot_rows(cols, seed=0):
 @pytest.mark.parametrize("cols", [64, 37, 1])
 def test_segment_sums_of_hot_rows_are_chunked(cols):
     indices, grad = _hot_rows(cols)
-    rows, inverse, order, offsets = tb.unique_rows(indices)
+    rows, inverse, order, offsets, count = tb.unique_rows(indices)
     got = tb.segment_sum_rows(grad, inverse, len(rows), segments=(order, offsets))
     np.testing.assert_array_equal(got, tb.segment_sum_sorted_reference(grad, order, offsets))
     add_at = tb.segment_sum_rows_reference(grad, inverse, len(rows))
-    short = np.diff(offsets) <= tb._SEGMENT_CHUNK   # rows 5 and the rare ones: add.at's order
+    short = np.diff(offsets) <= tb._SEGMENT_CHUNK   # rows 5, the rare ones and the padding
     assert short.sum() == len(rows) - 2
     np.testing.assert_array_equal(got[short], add_at[short])
     assert not np.array_equal(got[rows == 7], add_at[rows == 7])  # the order did change ...
@@ -304,6 +310,27 @@ def test_sparse_update_halves_are_independent():
     assert fused[0] > 0 and fused[1] > 0
 
 
+@pytest.mark.parametrize("check", [True, False])
+def test_sparse_update_skips_padding_rows(check):
+    # unique_rows pads its rows with -1 to a fixed count: those entries change nothing, and
+    # the listed rows get exactly the unpadded step
+    rng = np.random.default_rng(11)
+    state, plain = _state(20, 37, 6), _state(20, 37, 6)
+    rows = np.array([2, 5, 19, -1, -1], dtype=np.int64)
+    gq = rng.integers(-90, 91, (5, 37)).astype(np.int8)
+    gE = rng.integers(-90, 91, 5).astype(np.int8)
+    counts = tb.sparse_ternary_update(*state, rows, gq, gE, **HYPER, check=check)
+    plain_counts = tb.sparse_ternary_update(*plain, rows[:3], gq[:3], gE[:3], **HYPER)
+    ref = tb.sparse_ternary_update_reference(*_state(20, 37, 6), rows, gq, gE, **HYPER)
+    for got, want, ref_ in zip(state + [counts], plain + [plain_counts], ref):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, ref_)
+    all_padding = _state(20, 37, 6)
+    tb.sparse_ternary_update(*all_padding, np.full(4, -1, np.int64), gq[:4], gE[:4], **HYPER)
+    for got, want in zip(all_padding, _state(20, 37, 6)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_empty_rows_is_a_no_op():
     state = _state(5, 64, 2)
     before = [x.copy() for x in state]
@@ -324,7 +351,8 @@ def _bad_update_calls():
     gE = np.ones(2, np.int8)
     return [
         (dict(rows=np.array([1, 9], np.int32)), ValueError, r"rows\[1\] = 9 is out of range; expected rows in \[0, 8\)"),
-        (dict(rows=np.array([-1, 4], np.int64)), ValueError, r"rows\[0\] = -1 is out of range"),
+        (dict(rows=np.array([-1, 4], np.int64)), ValueError, r"rows\[1\] = 4 is out of place; expected rows in \[0, 8\), strictly increasing, then only -1"),
+        (dict(rows=np.array([1, -2], np.int64)), ValueError, r"rows\[1\] = -2 is out of place"),
         (dict(rows=np.array([1.0, 4.0])), TypeError, r"rows has dtype float64, expected int32 or int64"),
         (dict(rows=np.array([4, 1], np.int32)), ValueError, r"rows must be strictly increasing .* rows\[0\] = 4 and rows\[1\] = 1"),
         (dict(rows=np.array([4, 4], np.int32)), ValueError, r"rows must be strictly increasing"),
@@ -337,7 +365,7 @@ def _bad_update_calls():
     ], good_rows, gq, gE
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_sparse_update_rejects_bad_input_and_changes_nothing(case):
     cases, rows, gq, gE = _bad_update_calls()
     change, error, match = cases[case]
@@ -410,19 +438,21 @@ def test_sim_segment_sums():
     rng = np.random.default_rng(0)
     indices = np.array([3, 1, 3, 3, 0, 1], dtype=np.int64)
     grad = rng.standard_normal((6, 37)).astype(np.float32)
-    rows, inverse, order, offsets = tb.unique_rows(indices)
-    ref = tb.segment_sum_rows_reference(grad, inverse, 3)
-    np.testing.assert_array_equal(tb.segment_sum_rows(grad, inverse, 3, segments=(order, offsets)), ref)
+    rows, inverse, order, offsets, count = tb.unique_rows(indices)
+    ref = tb.segment_sum_rows_reference(grad, inverse, 6)   # 3 rows, then 3 of padding
+    out = np.full((6, 37), np.nan, np.float32)               # padding sums overwrite it with 0
+    np.testing.assert_array_equal(
+        tb.segment_sum_rows(grad, inverse, 6, segments=(order, offsets), out=out), ref)
     # the simulator runs threads one after another, so even the atomics add in order here
-    np.testing.assert_allclose(tb.segment_sum_rows(grad, inverse, 3), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tb.segment_sum_rows(grad, inverse, 6), ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.cudasim
 def test_sim_segment_sums_of_a_hot_row():
     indices = np.array([2] * 300 + [0, 1, 2], dtype=np.int64)  # row 2: three chunks
     grad = np.random.default_rng(1).standard_normal((303, 3)).astype(np.float32)
-    rows, inverse, order, offsets = tb.unique_rows(indices)
-    np.testing.assert_array_equal(tb.segment_sum_rows(grad, inverse, 3, segments=(order, offsets)),
+    rows, inverse, order, offsets, count = tb.unique_rows(indices)
+    np.testing.assert_array_equal(tb.segment_sum_rows(grad, inverse, 303, segments=(order, offsets)),
                                   tb.segment_sum_sorted_reference(grad, order, offsets))
 
 
@@ -432,9 +462,9 @@ def test_sim_sparse_update(cols):
     rng = np.random.default_rng(cols)
     state = _state(6, cols, 3)
     before = [x.copy() for x in state]
-    rows = np.array([0, 2, 5], dtype=np.int64)
-    gq = rng.integers(-90, 91, (3, cols)).astype(np.int8)
-    gE = rng.integers(-90, 91, 3).astype(np.int8)
+    rows = np.array([0, 2, 5, -1], dtype=np.int64)   # and one padding entry
+    gq = rng.integers(-90, 91, (4, cols)).astype(np.int8)
+    gE = rng.integers(-90, 91, 4).astype(np.int8)
     counts = tb.sparse_ternary_update(*state, rows, gq, gE, **HYPER)
     ref = tb.sparse_ternary_update_reference(*before, rows, gq, gE, **HYPER)
     for got, want in zip(state + [counts], ref):
@@ -467,10 +497,15 @@ def test_cuda_segment_sums():
     rng = np.random.default_rng(2)
     indices = rng.integers(0, 500, 20000).astype(np.int32)
     grad = rng.standard_normal((20000, 64)).astype(np.float32)
-    rows, inverse, order, offsets = tb.unique_rows(cupy.asarray(indices))
-    ref = tb.segment_sum_rows_reference(grad, np.unique(indices, return_inverse=True)[1], 500)
-    np.testing.assert_array_equal(rows.get(), np.unique(indices))
-    det = tb.segment_sum_rows(cupy.asarray(grad), inverse, len(rows), segments=(order, offsets))
+    rows, inverse, order, offsets, count = tb.unique_rows(cupy.asarray(indices))
+    u = len(np.unique(indices))
+    ref = tb.segment_sum_rows_reference(grad, np.unique(indices, return_inverse=True)[1], 20000)
+    np.testing.assert_array_equal(rows.get()[:u], np.unique(indices))
+    assert (rows.get()[u:] == -1).all() and count.get().tolist() == [u]
+    for got, want in zip((rows, inverse, order, offsets, count), tb.unique_rows(indices)):
+        np.testing.assert_array_equal(got.get(), want)   # the same arrays as on the CPU
+    det = tb.segment_sum_rows(cupy.asarray(grad), inverse, len(rows), segments=(order, offsets),
+                              out=cupy.full((20000, 64), cupy.nan, cupy.float32))
     np.testing.assert_array_equal(det.get(), ref)  # sorted segments: bit-identical
     atomic = tb.segment_sum_rows(cupy.asarray(grad), inverse, len(rows))
     np.testing.assert_allclose(atomic.get(), ref, rtol=1e-4, atol=1e-4)  # float order varies
@@ -483,9 +518,9 @@ def test_cuda_segment_sums_of_hot_rows(cols):
     indices = np.concatenate([indices, np.zeros(50000, np.int64)])  # a padding-row hot spot
     grad = np.concatenate([grad, np.random.default_rng(3).standard_normal((50000, cols))
                            .astype(np.float32)])
-    c_rows, c_inverse, c_order, c_offsets = tb.unique_rows(indices)
+    c_rows, c_inverse, c_order, c_offsets, _ = tb.unique_rows(indices)
     cpu = tb.segment_sum_rows(grad, c_inverse, len(c_rows), segments=(c_order, c_offsets))
-    rows, inverse, order, offsets = tb.unique_rows(cupy.asarray(indices))
+    rows, inverse, order, offsets, _ = tb.unique_rows(cupy.asarray(indices))
     gpu = tb.segment_sum_rows(cupy.asarray(grad), inverse, len(rows), segments=(order, offsets))
     np.testing.assert_array_equal(gpu.get(), cpu)  # the same chunked order on both
 
@@ -496,6 +531,8 @@ def test_cuda_sparse_update(R, cols, u):
     rng = np.random.default_rng(u)
     state = _state(R, cols, 5)
     rows = np.sort(rng.choice(R, u, replace=False)).astype(np.int64)
+    rows = np.concatenate([rows, np.full(u // 3, -1, np.int64)])   # padding, as unique_rows
+    u = rows.size
     gq = rng.integers(-90, 91, (u, cols)).astype(np.int8)
     gE = rng.integers(-90, 91, u).astype(np.int8)
     gpu = [cupy.asarray(x) for x in state]

@@ -50,14 +50,18 @@ def test_embedding_backward_and_update_touch_only_used_rows():
     before = snapshot(table)
     table(idx).backward(g)
     (rows, grad_q, grad_E_q), = table.pending
-    np.testing.assert_array_equal(rows, [2, 5, 9])
-    G = np.zeros((3, 70), np.float32)
+    np.testing.assert_array_equal(rows, [2, 5, 9, -1, -1, -1])  # padded to one row per read
+    G = np.zeros((6, 70), np.float32)
     np.add.at(G, np.searchsorted([2, 5, 9], idx), g)  # repeated indices summed
-    expected = np.zeros((3, 70), np.int8)
-    update.quantize_grad_reference(G, update.grad_inv_scale(G, table.grad_rms_units), seed,
-                                   expected, clip=table.grad_clip_units)
+    expected = np.zeros((6, 70), np.int8)
+    scale = update.grad_inv_scale(G, table.grad_rms_units, rows=np.array([3]))
+    # the rms is over the three touched rows, not the padding
+    np.testing.assert_allclose(scale, update.grad_inv_scale(G[:3], table.grad_rms_units),
+                               rtol=1e-6)
+    update.quantize_grad_reference(G, scale, seed, expected, clip=table.grad_clip_units)
     np.testing.assert_array_equal(grad_q, expected)
-    assert grad_q.dtype == np.int8 and grad_E_q.dtype == np.int8 and grad_E_q.shape == (3,)
+    assert not grad_q[3:].any() and not grad_E_q[3:].any()
+    assert grad_q.dtype == np.int8 and grad_E_q.dtype == np.int8 and grad_E_q.shape == (6,)
     opt.step()
     assert table.pending == []
     after = table.state_dict()
@@ -68,7 +72,7 @@ def test_embedding_backward_and_update_touch_only_used_rows():
     # a trit moves against its gradient's sign
     moved = table.trits()[[2, 5, 9]].astype(int) - packing.unpack_trits(
         before["T_packed"][[2, 5, 9]], 70).astype(int)
-    assert np.all(moved * np.sign(grad_q) <= 0)
+    assert np.all(moved * np.sign(grad_q[:3]) <= 0)
 
 
 @pytest.mark.parametrize("bad, error, message", [

@@ -165,6 +165,29 @@ def test_grad_inv_scale():
         assert not out.any()
 
 
+@pytest.mark.parametrize("u", [0, 1, 17, 40])
+def test_grad_inv_scale_over_leading_rows(u):
+    # a table's touched rows padded to a fixed count: only the first u rows count
+    G = np.random.default_rng(u).standard_normal((40, 9)).astype(np.float32)
+    G[u:] = 0
+    rows = np.array([u], np.int64)
+    got = U.grad_inv_scale(G, 8.0, rows=rows)
+    np.testing.assert_allclose(got, U.grad_inv_scale_reference(G, 8.0, rows=rows), rtol=1e-6)
+    np.testing.assert_allclose(got, U.grad_inv_scale(G[:u], 8.0), rtol=1e-6)
+    if u:
+        assert got[0] < U.grad_inv_scale(G, 8.0)[0] or u == 40
+    else:
+        assert got[0] == 0   # no rows: no update
+
+
+def test_grad_inv_scale_rejects_bad_rows():
+    G = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match=r"grad_inv_scale: rows has dtype int32, expected int64"):
+        U.grad_inv_scale(G, 8.0, rows=np.array([2], np.int32))
+    with pytest.raises(ValueError, match=r"grad_inv_scale: rows has shape \(2,\), expected \(1,\)"):
+        U.grad_inv_scale(G, 8.0, rows=np.array([2, 2], np.int64))
+
+
 @pytest.mark.parametrize("n", [1, 255, 4096, 70_001, 3_000_000])   # 1 to 256 blocks
 def test_grad_inv_scale_matches_the_reference(n):
     G = (np.random.default_rng(n).standard_normal(n) * 1e-3).astype(np.float32)
@@ -522,9 +545,16 @@ def test_sim_grad_inv_scale(n):
     G = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     ref = U._grad_inv_scale_cpu
     out, partial = np.zeros(1, np.float32), np.empty(U._rms_blocks(n), np.float64)
-    ref(G, float(n), 8.0, partial, np.zeros(1, np.int32), out)
+    ref(G, float(n), 0.0, np.zeros(0, np.int64), 8.0, partial, np.zeros(1, np.int32), out)
     for _ in range(2):
         np.testing.assert_array_equal(U.grad_inv_scale(G, 8.0), out)
+    # with padding rows: the mean square is over the first rows only
+    G2 = np.concatenate([G, np.zeros(n, np.float32)]).reshape(2 * n, 1)
+    rows = np.array([n], np.int64)
+    ref(G2.reshape(-1), float(2 * n), 1.0, rows, 8.0, np.empty(U._rms_blocks(2 * n)),
+        np.zeros(1, np.int32), out)
+    np.testing.assert_array_equal(U.grad_inv_scale(G2, 8.0, rows=rows), out)
+    np.testing.assert_allclose(out, U.grad_inv_scale_reference(G, 8.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -684,6 +714,13 @@ def test_cuda_grad_inv_scale_is_bit_identical_to_the_cpu_twin():
             got = U.grad_inv_scale(cupy.asarray(G), 8.0)
             assert isinstance(got, cupy.ndarray) and got.dtype == np.float32 and got.shape == (1,)
             np.testing.assert_array_equal(got.get(), U.grad_inv_scale(G, 8.0))
+    G = rng.standard_normal((5000, 64)).astype(np.float32)
+    G[1234:] = 0   # padded rows: only the first 1234 count, read from the device
+    rows = np.array([1234], np.int64)
+    np.testing.assert_array_equal(U.grad_inv_scale(cupy.asarray(G), 8.0, rows=cupy.asarray(rows)).get(),
+                                  U.grad_inv_scale(G, 8.0, rows=rows))
+    with pytest.raises(TypeError, match="grad_inv_scale: arrays are on different devices"):
+        U.grad_inv_scale(cupy.asarray(G), 8.0, rows=rows)
     G = np.zeros((4, 9), np.float32)
     assert U.grad_inv_scale(cupy.asarray(G), 8.0).get()[0] == 0
     for bad in (np.nan, np.inf, 1e20):   # 1e20 squared overflows float32, as in NumPy

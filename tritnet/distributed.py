@@ -468,7 +468,10 @@ class StepReducer:
             if rows.shape[0] == 0:
                 m.pending = []
                 continue
-            unique, inverse, order, offsets = ktables.unique_rows(rows)
+            # the entries' padding rows (-1, zero gradients) sort last, as one row kept at -1
+            keys = xp.where(rows < 0, np.iinfo(np.int64).max, rows)
+            unique, inverse, order, offsets, _ = ktables.unique_rows(keys)
+            unique = xp.where(unique == np.iinfo(np.int64).max, -1, unique)
             u = unique.shape[0]
             G = ktables.segment_sum_rows(gq.astype(np.float32), inverse, u,
                                          segments=(order, offsets), check=False)

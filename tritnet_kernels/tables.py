@@ -8,10 +8,14 @@ and a training step touches only the rows a batch used:
 
     T_packed = random_table(xp.empty((rows, 2G), uint32), cols, seed)   # packed-first init
     y        = gather_rows(T_packed, E, indices, cols)                  # forward
-    rows_u, inverse, order, offsets = unique_rows(indices)              # backward ...
+    rows_u, inverse, order, offsets, u = unique_rows(indices)           # backward ...
     G_u      = segment_sum_rows(gy, inverse, len(rows_u), segments=(order, offsets))
     (quantise G_u and its exponent gradient to int8: tritnet_kernels.update.quantize_grad)
     sparse_ternary_update(T_packed, T_accum, E, E_accum, rows_u, grad_q_u, grad_E_q_u, ...)
+
+The backward's arrays have len(indices) rows whatever the number u of distinct rows (on the
+device, never copied to the host): rows_u ends in -1 padding, which the sum leaves at 0 and
+the update skips. So a step makes no host sync and has the same shapes every time.
 
 Every job is a CUDA kernel (`_*_cuda`), a Numba CPU twin with the same argument list
 (`_*_cpu`) and a NumPy reference (`*_reference`) that the tests trust. The public wrappers
@@ -327,16 +331,22 @@ def gather_rows_reference(T_packed, E, indices, cols):
 
 
 def unique_rows(indices):
-    """The rows a batch touched, and how to sum its gradient deterministically.
+    """The rows a batch touched, and how to sum its gradient deterministically, in arrays
+    whose sizes depend only on len(indices): no host sync, and the same shapes every step
+    (what a captured CUDA graph needs).
 
-    Returns (rows, inverse, order, offsets):
-        rows     int64 (u,) sorted unique values of `indices` (as xp.unique);
+    Returns (rows, inverse, order, offsets, count), for n = len(indices) and u the number of
+    distinct values:
+        rows     int64 (n,): the sorted distinct values of `indices` (as xp.unique), then
+                 n - u entries of -1, the padding that sparse_ternary_update skips;
         inverse  int64 (n,) with rows[inverse] == indices (as xp.unique's return_inverse);
         order    int64 (n,) a stable argsort of indices: positions of row k's occurrences are
                  order[offsets[k]:offsets[k + 1]], in increasing position;
-        offsets  int64 (u + 1,).
+        offsets  int64 (n + 1,), n from offsets[u] on: the padding rows are empty segments;
+        count    int64 (1,) on the indices' device: u, for grad_inv_scale(..., rows=count).
+    Indices must be >= 0 (not checked here: the forward that read the rows checked them).
     One stable sort (what xp.unique does anyway); pass segments=(order, offsets) to
-    segment_sum_rows for a deterministic sum. Syncs once with the host (to learn u).
+    segment_sum_rows for a deterministic sum.
     """
     op = "unique_rows"
     _check_indices(op, "indices", indices, 0, check=False)
@@ -344,19 +354,24 @@ def unique_rows(indices):
     n = indices.shape[0]
     order = xp.argsort(indices, kind="stable") if xp is np else xp.argsort(indices)
     order = order.astype(np.int64, copy=False)
-    sorted_idx = indices[order]
+    sorted_idx = indices[order].astype(np.int64, copy=False)
     starts = xp.empty(n, dtype=bool)
     if n:
         starts[0] = True
         xp.not_equal(sorted_idx[1:], sorted_idx[:-1], out=starts[1:])
-    first = xp.flatnonzero(starts)
-    rows = sorted_idx[first].astype(np.int64)
+    position = xp.cumsum(starts, dtype=np.int64) - 1   # row of each sorted entry
     inverse = xp.empty(n, dtype=np.int64)
-    inverse[order] = xp.cumsum(starts, dtype=np.int64) - 1
-    offsets = xp.empty(first.size + 1, dtype=np.int64)
-    offsets[:-1] = first
-    offsets[-1] = n
-    return rows, inverse, order, offsets
+    inverse[order] = position
+    # Scatter each row's value and first position to its slot; entries that do not start a
+    # row write to the spare slot n instead (sizes stay n, nothing is compacted).
+    slot = xp.where(starts, position, n)
+    rows = xp.full(n + 1, -1, dtype=np.int64)
+    rows[slot] = sorted_idx
+    offsets = xp.full(n + 1, n, dtype=np.int64)
+    offsets[slot] = xp.arange(n, dtype=np.int64)
+    offsets[n] = n
+    count = position[n - 1:] + 1 if n else xp.zeros(1, dtype=np.int64)
+    return rows[:n], inverse, order, offsets, count
 
 
 @numba.njit(cache=True)
@@ -448,12 +463,13 @@ def _segment_chunk_sums_cuda(grad, order, offsets, chunk_start, partial, out):
 
 @cuda.jit(cache=True)
 def _segment_chunk_totals_cuda(grad, order, offsets, chunk_start, partial, out):
-    # A thread per (row of several chunks, column): the partial sums in chunk order.
+    # A thread per (row of several chunks or none, column): the partial sums in chunk order;
+    # an empty row (the padding of unique_rows) sums to 0.
     cols = out.shape[1]
     for task in range(cuda.grid(1), out.shape[0] * cols, cuda.gridsize(1)):
         r = task // cols
         c0, c1 = chunk_start[r], chunk_start[r + 1]
-        if c1 - c0 > 1:
+        if c1 - c0 != 1:
             j = task - r * cols
             acc = np.float32(0.0)
             for c in range(c0, c1):
@@ -581,6 +597,8 @@ def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows,
         # loses `flips += 1` reductions made inside a branch's nested loop (they read 0).
         row_flips = 0
         r = rows[k]
+        if r < 0:   # padding (unique_rows)
+            continue
         for g in range(groups):
             row_flips += _trit_group_step(T_packed, T_accum, grad_q_rows, r, k, g, cols,
                                           flip_threshold, flip_decay_shift)
@@ -612,6 +630,8 @@ def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows
         k = task // groups
         g = task - k * groups
         r = rows[k]
+        if r < 0:   # padding (unique_rows)
+            continue
         flips += _trit_group_step_dev(T_packed, T_accum, grad_q_rows, r, k, g, cols,
                                       flip_threshold, flip_decay_shift)
         if g == 0:
@@ -636,7 +656,8 @@ def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad
 
     T_packed uint32 (R, 2*ceil(cols/32)), T_accum int8 (R, cols), E, E_accum int8 (R,): the
     table's state, updated in place for the listed rows only. rows int32/int64 (u,): strictly
-    increasing (each row once; xp.unique / unique_rows give that), in [0, R).
+    increasing (each row once; xp.unique / unique_rows give that), in [0, R), optionally
+    followed by -1 entries: padding, skipped (unique_rows pads to a fixed size that way).
     grad_q_rows int8 (u, cols), grad_E_q_rows int8 (u,): the quantised gradients of those rows,
     in the order of `rows` (read, not modified). Thresholds in 1..127, decay shifts in 0..7.
     {rule}
@@ -663,9 +684,8 @@ def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad
         _check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
     _check_distinct(op, T_packed=T_packed, T_accum=T_accum, E=E, E_accum=E_accum,
                     counts=counts)
-    _check_indices(op, "rows", rows, R, check)
     if check:
-        _check_strictly_increasing(op, "rows", rows)
+        _check_padded_rows(op, "rows", rows, R)
     if counts is None:
         counts = xp_of(T_accum).zeros(2, dtype=np.int64)
     if u == 0:
@@ -683,6 +703,20 @@ def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad
 
 sparse_ternary_update.__doc__ = sparse_ternary_update.__doc__.replace(
     "{rule}", _SPARSE_RULE_DOC.strip("\n"))
+
+
+def _check_padded_rows(op, name, rows, R):
+    """rows: strictly increasing values in [0, R), then only -1 (padding)."""
+    xp = xp_of(rows)
+    u = int((rows >= 0).sum())
+    pad = rows[u:]
+    if pad.size and bool((pad != -1).any()):
+        k = u + int(xp.argmax(pad != -1))
+        raise ValueError(f"{op}: {name}[{k}] = {int(rows[k])} is out of place; expected rows "
+                         f"in [0, {R}), strictly increasing, then only -1 (padding, as "
+                         "unique_rows returns them)")
+    _check_indices(op, name, rows[:u], R, True)
+    _check_strictly_increasing(op, name, rows[:u])
 
 
 def _check_trit_table(op, T_packed, T_accum):
@@ -705,9 +739,13 @@ def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_
     """NumPy truth: returns new (T_packed, T_accum, E, E_accum, counts); inputs untouched.
 
     E/E_accum/grad_E_q_rows may be None (trits only); T_packed/T_accum/grad_q_rows may be
-    None (exponents only).
+    None (exponents only). Rows of -1 (padding) and their gradients are skipped.
     """
     rows = np.asarray(rows, dtype=np.int64)
+    keep = rows >= 0
+    rows = rows[keep]
+    grad_q_rows = None if grad_q_rows is None else np.asarray(grad_q_rows)[keep]
+    grad_E_q_rows = None if grad_E_q_rows is None else np.asarray(grad_E_q_rows)[keep]
     counts = np.zeros(2, dtype=np.int64)
     T_packed_new = T_accum_new = E_new = E_accum_new = None
     if T_packed is not None:

@@ -285,6 +285,8 @@ def _rms_blocks(n):
 
 @numba.njit(cache=True)
 def _inv_rms(total, n, gain):
+    if n <= 0.0:   # no rows count (every touched row is padding)
+        return np.float32(0.0)
     m = total / n
     if math.isfinite(m) and m > 0.0:
         return np.float32(gain / math.sqrt(m))
@@ -294,8 +296,19 @@ def _inv_rms(total, n, gain):
 _inv_rms_dev = on_device(_inv_rms)
 
 
+@numba.njit(cache=True)
+def _counted(n, row_size, rows):
+    """The elements the mean square is over: all n, or rows[0] rows of row_size."""
+    if rows.shape[0] == 0:
+        return n
+    return np.float64(rows[0]) * row_size
+
+
+_counted_dev = on_device(_counted)
+
+
 @numba.njit(parallel=True, cache=True)
-def _grad_inv_scale_cpu(G, n, gain, partial, done, out):
+def _grad_inv_scale_cpu(G, n, row_size, rows, gain, partial, done, out):
     # The CUDA kernel's order: thread t of block b adds elements b*T + t, then + nb*T, ...;
     # the block's threads meet in a halving tree; the block sums are added in block order.
     # (`done` is the GPU's block counter, unused here.)
@@ -314,11 +327,11 @@ def _grad_inv_scale_cpu(G, n, gain, partial, done, out):
     total = 0.0
     for b in range(nb):
         total += partial[b]
-    out[0] = _inv_rms(total, n, gain)
+    out[0] = _inv_rms(total, _counted(n, row_size, rows), gain)
 
 
 @cuda.jit(cache=True)
-def _grad_inv_scale_cuda(G, n, gain, partial, done, out):
+def _grad_inv_scale_cuda(G, n, row_size, rows, gain, partial, done, out):
     # One launch: each block writes its sum of squares; the last block to finish (counted in
     # `done`, which it resets for the next call) adds the block sums in order and writes the
     # scale. Squares in float32 (as G * G), sums in float64.
@@ -339,11 +352,22 @@ def _grad_inv_scale_cuda(G, n, gain, partial, done, out):
             total = 0.0
             for b in range(nb):
                 total += cuda.atomic.add(partial, b, 0.0)  # read through L2, not a stale L1
-            out[0] = _inv_rms_dev(total, n, gain)
+            out[0] = _inv_rms_dev(total, _counted_dev(n, row_size, rows), gain)
             done[0] = 0
 
 
 _done_counters = {}   # device id -> int32 (1,) block counter of _grad_inv_scale_cuda, kept at 0
+
+
+def _no_rows(xp):
+    """An empty int64 array on xp's device: grad_inv_scale's "every row counts"."""
+    if xp is np:
+        return np.zeros(0, np.int64)
+    key = ("no rows", xp.cuda.runtime.getDevice())
+    empty = _done_counters.get(key)
+    if empty is None:
+        empty = _done_counters[key] = xp.zeros(0, np.int64)
+    return empty
 
 
 def _done_counter(xp):
@@ -356,8 +380,12 @@ def _done_counter(xp):
     return counter
 
 
-def grad_inv_scale(G, grad_gain):
+def grad_inv_scale(G, grad_gain, *, rows=None):
     """The per-tensor quantisation scale: grad_gain / rms(G), as a float32 array of shape (1,).
+
+    rows: None, or an int64 array of shape (1,) on G's device holding u: only G's first u
+    rows count (the rest are zero padding, as for the rows of tritnet_kernels.tables'
+    unique_rows), so the rms is over u · (G.size / G.shape[0]) elements. Read on the device.
 
     Computed on G's device without a host sync (the result feeds `quantize_grad` directly),
     in one launch on the GPU: float32 squares summed in float64, in an order fixed by G's size
@@ -377,11 +405,20 @@ def grad_inv_scale(G, grad_gain):
     if not (math.isfinite(grad_gain) and grad_gain > 0):
         raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
     xp = xp_of(G)
+    if rows is None:
+        rows, row_size = _no_rows(xp), 0.0
+    else:
+        target(G, rows, op=op)   # raises if rows is on another device
+        _check_array(op, "rows", rows, np.int64, shape=(1,))
+        if G.ndim == 0:
+            raise ValueError(f"{op}: rows needs G with a row axis, got a 0-d G")
+        row_size = float(G.size // G.shape[0]) if G.shape[0] else 0.0
     if G.size == 0:
         return xp.zeros(1, dtype=np.float32)
     out = xp.empty(1, dtype=np.float32)  # the kernel's last block writes it
     partial = xp.empty(_rms_blocks(G.size), dtype=np.float64)
-    args = (G.reshape(-1), float(G.size), float(grad_gain), partial, _done_counter(xp), out)
+    args = (G.reshape(-1), float(G.size), row_size, rows, float(grad_gain), partial,
+            _done_counter(xp), out)
     if dev == "cpu":
         _grad_inv_scale_cpu(*args)
     else:
@@ -389,11 +426,14 @@ def grad_inv_scale(G, grad_gain):
     return out
 
 
-def grad_inv_scale_reference(G, grad_gain):
-    """NumPy truth: grad_gain / rms(G) in float64, rounded to float32; 0 when the mean square
-    is 0 or not finite. (The kernels add in another order: equal within float64 rounding.)"""
-    mean_sq = np.mean(np.square(np.asarray(G, np.float32)).astype(np.float64)) if np.size(G) \
-        else 0.0
+def grad_inv_scale_reference(G, grad_gain, rows=None):
+    """NumPy truth: grad_gain / rms(G) in float64, rounded to float32 (the rms over G's first
+    `rows` rows when given); 0 when the mean square is 0 or not finite. (The kernels add in
+    another order: equal within float64 rounding.)"""
+    G = np.asarray(G, np.float32)
+    if rows is not None:
+        G = G[:int(np.asarray(rows).reshape(-1)[0])]
+    mean_sq = np.mean(np.square(G).astype(np.float64)) if G.size else 0.0
     ok = math.isfinite(mean_sq) and mean_sq > 0
     return np.array([grad_gain / math.sqrt(mean_sq) if ok else 0.0], np.float32)
 

@@ -9,7 +9,9 @@ row r = 2 ** (E[r] / 8) · T[r], T packed in bitplane32 words. Tables are read s
 - forward gathers the rows it needs, widened to float only for those rows;
 - backward sums the gradient of repeated indices (deterministically), quantises it to int8
   for the touched rows only, and the optimiser updates only those rows: a step costs
-  O(batch · dim) whatever the table's size.
+  O(batch · dim) whatever the table's size. The touched rows are padded to one per index
+  read (tritnet_kernels.tables.unique_rows), so backward needs no host sync and has the same
+  shapes every step.
 """
 
 from __future__ import annotations
@@ -42,17 +44,18 @@ def _index_array(op, indices, rows, like, check=True):
         indices = np.asarray(indices)
     if indices.dtype not in (np.int32, np.int64):
         raise TypeError(f"{op}: indices have dtype {indices.dtype}, expected int32 or int64")
-    if backend.is_cupy(indices) != backend.is_cupy(like):
-        if backend.is_cupy(indices):
-            raise TypeError(f"{op}: indices are on cuda but the table is on cpu")
-        indices = xp.asarray(indices)
-    flat = xp.ascontiguousarray(indices.reshape(-1))
-    if check and flat.size:
-        lo, hi = (int(v) for v in xp.stack([flat.min(), flat.max()]).tolist())
+    if backend.is_cupy(indices) and not backend.is_cupy(like):
+        raise TypeError(f"{op}: indices are on cuda but the table is on cpu")
+    # checked where they are: free on the host (a data loader's tokens), one reduction and a
+    # host sync on the GPU
+    if check and indices.size:
+        ixp = backend.get_array_module(indices)
+        lo, hi = (int(v) for v in ixp.stack([indices.min(), indices.max()]).tolist())
         if lo < 0 or hi >= rows:
             bad = lo if lo < 0 else hi
             raise IndexError(f"{op}: index {bad} is out of range for a table of {rows} rows "
                              f"(expected indices in [0, {rows}))")
+    flat = xp.ascontiguousarray(xp.asarray(indices).reshape(-1))
     return indices.shape, flat
 
 
@@ -75,7 +78,8 @@ class TernaryEmbeddingTable(TernaryModule):
     Buffers: T_packed uint32 (rows, 2·ceil(dim/32)) bitplane32; E int8 (rows,), s = 2**(E/8);
     T_accum int8 (rows, dim); E_accum int8 (rows,). Initial rows are uniform random trits at
     scale 2**(2/8), about unit RMS. After backward, `pending` lists, per use in the step, the
-    touched rows (sorted, unique) with their int8 gradients; the optimiser applies and drops them.
+    touched rows (sorted, unique, then -1 padding) with their int8 gradients; the optimiser
+    applies and drops them.
     """
 
     def __init__(self, rows: int, dim: int, device: str | None = None,
@@ -119,12 +123,13 @@ class TernaryEmbeddingTable(TernaryModule):
         xp = backend.get_array_module(grad)
         grad = xp.ascontiguousarray(grad.reshape(-1, self.dim), dtype=np.float32)
         if increasing:
-            rows, G = indices.astype(np.int64, copy=False), grad
+            rows, G, count = indices.astype(np.int64, copy=False), grad, None
         else:
-            rows, inverse, order, offsets = ktables.unique_rows(indices)
+            rows, inverse, order, offsets, count = ktables.unique_rows(indices)
             G = ktables.segment_sum_rows(grad, inverse, rows.shape[0],
                                          segments=(order, offsets), check=False)
-        grad_q, grad_E_q = self.quantize_grads(G, self.T_packed[rows], self.E[rows])
+        # padding rows (-1) read the last row: their G is 0, so their gradients are 0 too
+        grad_q, grad_E_q = self.quantize_grads(G, self.T_packed[rows], self.E[rows], rows=count)
         self.pending.append((rows, grad_q, grad_E_q))
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):

@@ -151,12 +151,14 @@ class TernaryModule(Module):
         return trandom.mix_seed(self.grad_seed, self.grad_step, self.grad_shard, self.grad_uses,
                                 which)
 
-    def quantize_grads(self, G, T_packed, E, grad_q=None, grad_E_q=None):
+    def quantize_grads(self, G, T_packed, E, grad_q=None, grad_E_q=None, rows=None):
         """The int8 gradients of trits and row exponents from G = dL/dW (float32, rows of
         T_packed / E): added into grad_q / grad_E_q (allocated when None) and returned.
 
         Each is stochastic_round(g · grad_rms_units / rms(g)), clipped to ±grad_clip_units
-        (0: not clipped). The scale stays on G's device (no host sync). A gradient that is all
+        (0: not clipped); with `rows` (int64 (1,) on the device: u), the rms is over G's first
+        u rows, the rest being zero padding (a table's touched rows, padded to a fixed
+        count). The scale stays on G's device (no host sync). A gradient that is all
         zero or holds NaN/inf gets scale 0 and so changes nothing; the training loop stops on
         a non-finite loss first.
         """
@@ -165,14 +167,14 @@ class TernaryModule(Module):
         first = grad_q is None  # a fresh buffer is written, not added to: no zero fill
         if first:
             grad_q = xp.empty(G.shape, dtype=np.int8)
-        kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units),
+        kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units, rows=rows),
                               self.next_grad_seed(0), grad_q, clip=clip, accumulate=not first)
         # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, in one launch
         gE = kupdate.row_trit_dot(G, T_packed, self.trit_shape[1], E=E)
         first = grad_E_q is None
         if first:
             grad_E_q = xp.empty(gE.shape, dtype=np.int8)
-        kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units),
+        kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units, rows=rows),
                               self.next_grad_seed(1), grad_E_q, clip=clip, accumulate=not first)
         self.grad_uses += 1
         return grad_q, grad_E_q
