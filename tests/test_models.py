@@ -14,7 +14,8 @@ import tritnet
 from tritnet import backend
 from tritnet import random as trandom
 from tritnet.config import Config, ConfigError, load_config, preset, trace
-from tritnet.models import CodeMemoryLM, MoEGraph, group_by_expert, top_k
+from tritnet.autograd import Tensor
+from tritnet.models import CodeMemoryLM, MoEGraph, expert_slots, top_k
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.optim import TritFlip
 from tritnet.train import build
@@ -87,9 +88,9 @@ def test_code_graph_checks_codes_from_callers_and_trusts_its_own(monkeypatch):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_routing_without_a_sort_is_a_stable_sort(device):
-    """top_k and group_by_expert give what a stable argsort gives -- ties to the lower index,
-    entries of one expert in their original order -- with no sort (CuPy's sorts and bincount
-    end in host syncs), on rows full of ties and on random ones."""
+    """top_k gives what a stable argsort gives -- ties to the lower index -- and expert_slots
+    lays each expert's entries out in their original order, with no sort (CuPy's sorts and
+    bincount end in host syncs), on rows full of ties and on random ones."""
     rng = np.random.default_rng(0)
     probs = rng.integers(0, 3, (500, 6)).astype(np.float32) / 4   # many ties
     probs[:50] = rng.random((50, 6))
@@ -100,21 +101,52 @@ def test_routing_without_a_sort_is_a_stable_sort(device):
     for k in (1, 2, 6):
         got = backend.to_numpy(top_k(xp.asarray(probs), k))
         np.testing.assert_array_equal(got, np.argsort(-probs, axis=1, kind="stable")[:, :k])
-    order, inverse, counts = group_by_expert(xp.asarray(experts), 6)
-    want = np.argsort(experts, kind="stable")
-    np.testing.assert_array_equal(backend.to_numpy(order), want)
-    np.testing.assert_array_equal(backend.to_numpy(inverse)[want], np.arange(777))
-    assert isinstance(counts, np.ndarray)
-    np.testing.assert_array_equal(counts, np.bincount(experts, minlength=6))
-    order, inverse, counts = group_by_expert(xp.zeros(0, np.int64), 3)
-    assert order.shape == inverse.shape == (0,) and counts.tolist() == [0, 0, 0]
+    N = 500
+    for k in (1, 2, 6):
+        experts = np.argsort(-probs, axis=1, kind="stable")[:, :k].reshape(-1)
+        slot, slot_token = (backend.to_numpy(a) for a in expert_slots(xp.asarray(experts), 6, k))
+        assert slot.shape == (N * k,) and slot_token.shape == (6 * N,)
+        assert len(np.unique(slot)) == N * k                 # one slot an entry
+        np.testing.assert_array_equal(slot // N, experts)    # in its expert's range
+        for e in range(6):   # each expert's entries first, in their original order
+            mine = np.flatnonzero(experts == e)
+            np.testing.assert_array_equal(slot[mine], e * N + np.arange(mine.size))
+        np.testing.assert_array_equal(slot_token[slot], np.arange(N * k) // k)
+        unused = np.setdiff1d(np.arange(6 * N), slot)
+        assert (slot_token[unused] == 0).all()
 
 
-def test_moe_forward_and_backward_ask_the_host_one_thing(monkeypatch):
-    """A MoEGraph forward and backward needs one answer from the device: how many tokens each
-    expert got (to slice them). Router, top-k, grouping and gathers take no range checks,
-    sorts or bincounts: on the GPU each of those ends in a host sync (the GPU drains, then
-    idles while the host catches up; 536 of them a default step before they went)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_experts_run_each_token_on_its_chosen_experts(device):
+    """The fixed expert slots compute the routed mixture: token t gets the sum over its k
+    choices of gate · expert(h_t), and the gradient reaches h through the chosen experts only
+    (float64 central differences, routing held fixed)."""
+    from tritnet.autograd import no_grad
+    from tritnet.gradcheck import check_backward
+    trandom.manual_seed(5)
+    moe = MoEGraph(16, 64, n_experts=4, expert_hidden=8, top_k=2, code_dim=64, slots=4,
+                   device=device)
+    xp = backend.cupy if device == "cuda" else np
+    h = tritnet.tensor(xp.asarray(np.random.default_rng(6).standard_normal((10, 16))),
+                       requires_grad=True)
+    choice, gates, _ = moe.route(h.astype(np.float32))   # the router's table is float32
+    fixed_gates = Tensor(gates.data.astype(np.float64))
+    out = moe.experts_forward(h, choice, fixed_gates)
+    with no_grad():
+        every = np.stack([backend.to_numpy(e(h).data) for e in moe.experts])   # (E, N, d)
+    c, g = backend.to_numpy(choice), backend.to_numpy(gates.data)
+    want = sum(g[:, j, None] * every[c[:, j], np.arange(10)] for j in range(2))
+    np.testing.assert_allclose(backend.to_numpy(out.data), want, rtol=1e-10, atol=1e-12)
+    assert len(set(c[:, 0].tolist())) > 1   # several experts in use
+    check_backward(lambda h: moe.experts_forward(h, choice, fixed_gates), [h])
+
+
+def test_moe_forward_and_backward_ask_the_host_nothing(monkeypatch):
+    """A MoEGraph forward and backward needs no answer from the device: experts run on fixed
+    slots (not on the tokens they got, which the host would have to be told), and router,
+    top-k, slots and gathers take no range checks, sorts or bincounts. On the GPU each of
+    those ends in a host sync (the GPU drains, then idles while the host catches up; 536 of
+    them a default step before they went), and none may happen in a captured CUDA graph."""
     from tritnet_kernels import tables as ktables
     moe = MoEGraph(32, 64, n_experts=4, expert_hidden=16, top_k=2, code_dim=64, slots=4)
     x = tritnet.tensor(np.random.default_rng(2).standard_normal((2, 6, 32)).astype(np.float32),
@@ -127,7 +159,7 @@ def test_moe_forward_and_backward_ask_the_host_one_thing(monkeypatch):
                             calls.__setitem__(_n, calls[_n] + 1) or _o(*a, **k))
     out, aux = moe(x, None)
     (out.sum() + aux).backward()
-    assert calls == {"to_numpy": 1, "unique_rows": 0}
+    assert calls == {"to_numpy": 0, "unique_rows": 0}
     assert np.isfinite(x.grad).all()
 
 
@@ -334,8 +366,8 @@ def test_recompute_gives_the_same_loss_and_int8_gradients():
 
 
 def test_recompute_searches_the_code_book_once_per_step(monkeypatch):
-    """The backward re-run of a recomputed block takes the first run's code-book search and
-    expert counts back (autograd.once_per_recompute) instead of repeating them: as many
+    """The backward re-run of a recomputed block takes the first run's code-book search back
+    (autograd.once_per_recompute) instead of repeating it: as many
     searches a step as without recomputation (the default preset's routed search was ~30% of
     its GPU time, half of it the repeat)."""
     from tritnet.nn.tables import TernaryVQCodebook

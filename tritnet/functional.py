@@ -753,19 +753,24 @@ def cross_entropy(logits, targets, reduction="mean", ignore_index=-100):
         raise ValueError(f"{op}: logits must have a class axis, got shape {tuple(logits.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{op}: reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
-    targets = _array_on(op, "targets", targets, logits)
+    if not isinstance(targets, Tensor) and not backend.is_cupy(targets):
+        targets = np.asarray(targets)   # host data: checked on the host, then copied over
+    t = targets.data if isinstance(targets, Tensor) else targets
     C = logits.shape[-1]
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"{op}: targets have dtype {targets.dtype} (shape {tuple(targets.shape)}); "
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{op}: targets have dtype {t.dtype} (shape {tuple(t.shape)}); "
                         f"expected integer class indices in [0, {C})")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{op}: targets have shape {tuple(targets.shape)} but logits "
+    if tuple(t.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{op}: targets have shape {tuple(t.shape)} but logits "
                          f"{tuple(logits.shape)}; expected targets of shape {tuple(logits.shape[:-1])}")
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= C))
-    if bool(bad.any()):  # one small device-to-host copy; an out-of-range target is a data bug
-        value = int(targets[bad].reshape(-1)[0])
+    bad = (t != ignore_index) & ((t < 0) | (t >= C))
+    # free for host targets; device targets cost one small device-to-host copy (a host
+    # sync): an out-of-range target is a data bug worth it
+    if bool(bad.any()):
+        value = int(t[bad].reshape(-1)[0])
         raise ValueError(f"{op}: target {value} is out of range for {C} classes (logits "
                          f"{tuple(logits.shape)}); expected [0, {C}) or ignore_index={ignore_index}")
+    targets = _array_on(op, "targets", targets, logits)
     return CrossEntropy.apply(logits, targets=targets, reduction=reduction,
                               ignore_index=ignore_index)
 
