@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from tritnet_kernels import gemm as kgemm
+
 try:  # CuPy is an optional extra ([cuda12] / [cuda13]); without it we run on the CPU.
     import cupy
 except Exception:  # pragma: no cover - depends on the machine
@@ -175,6 +177,7 @@ def set_matmul_precision(mode: str) -> str:
         from cupy._core import _routines_linalg as linalg
         kind = linalg.COMPUTE_TYPE_TF32 if mode == "tf32" else linalg.COMPUTE_TYPE_DEFAULT
         linalg.set_compute_type(np.float32, kind)
+    kgemm.set_precision(mode)   # tritnet's own (capturable) cuBLAS products
     _matmul_precision = mode
     return previous
 

@@ -25,6 +25,7 @@ import numpy as np
 from . import backend
 from .autograd import Function, Tensor
 from tritnet_kernels import attention as kattention
+from tritnet_kernels import gemm as kgemm
 
 _xp = backend.get_array_module
 _SCALARS = (bool, int, float, np.generic)
@@ -632,19 +633,19 @@ class MatMul(Function):
 
     def forward(self, a, b):
         self.a, self.b = a, b
-        return _xp(a, b).matmul(a, b)
+        return kgemm.matmul(a, b)
 
     def backward(self, g):
         xp = _xp(g)
         a, b = self.a, self.b
         na, nb = self.needs_input_grad
-        ga = unbroadcast(xp.matmul(g, xp.swapaxes(b, -1, -2)), a.shape) if na else None
+        ga = unbroadcast(kgemm.matmul(g, xp.swapaxes(b, -1, -2)), a.shape) if na else None
         if nb and b.ndim == 2:
             # x @ W with batched x: fold the batch into the contraction instead of building one
             # (K, N) product per batch element and summing them afterwards.
-            gb = xp.matmul(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+            gb = kgemm.matmul(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))
         else:
-            gb = unbroadcast(xp.matmul(xp.swapaxes(a, -1, -2), g), b.shape) if nb else None
+            gb = unbroadcast(kgemm.matmul(xp.swapaxes(a, -1, -2), g), b.shape) if nb else None
         return ga, gb
 
 
@@ -742,10 +743,12 @@ class CrossEntropy(Function):
         return grad.reshape(self.shape)
 
 
-def cross_entropy(logits, targets, reduction="mean", ignore_index=-100):
+def cross_entropy(logits, targets, reduction="mean", ignore_index=-100, *, check=True):
     """Softmax cross-entropy of `logits` (..., C) against integer class `targets` (...).
 
     reduction "mean" (over targets != ignore_index), "sum" or "none" (shape of targets).
+    Targets are range-checked: free for host arrays, a host sync for device ones, which
+    check=False skips (targets checked where they were made; a wrong one then reads garbage).
     """
     op = "cross_entropy"
     _require_float(op, logits, "logits")
@@ -763,10 +766,10 @@ def cross_entropy(logits, targets, reduction="mean", ignore_index=-100):
     if tuple(t.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{op}: targets have shape {tuple(t.shape)} but logits "
                          f"{tuple(logits.shape)}; expected targets of shape {tuple(logits.shape[:-1])}")
-    bad = (t != ignore_index) & ((t < 0) | (t >= C))
+    bad = (t != ignore_index) & ((t < 0) | (t >= C)) if check else None
     # free for host targets; device targets cost one small device-to-host copy (a host
     # sync): an out-of-range target is a data bug worth it
-    if bool(bad.any()):
+    if check and bool(bad.any()):
         value = int(t[bad].reshape(-1)[0])
         raise ValueError(f"{op}: target {value} is out of range for {C} classes (logits "
                          f"{tuple(logits.shape)}); expected [0, {C}) or ignore_index={ignore_index}")
@@ -848,15 +851,14 @@ class ScaledDotProductAttention(Function):
         self.causal, self.scale = causal, scale
         self.block_size = block_size or builtins.max(1, self.TILE_ELEMENTS // builtins.max(
             1, n_batch * Tk))
-        slopes = np.zeros(n_batch) if alibi_slopes is None else np.broadcast_to(alibi_slopes, batch)
-        self.slopes = xp.asarray(np.ascontiguousarray(slopes, q.dtype).reshape(-1))
+        self.slopes = _device_slopes(xp, alibi_slopes, batch, q.dtype)
         outs, lses = [], []
         for q0, q1, ke in self._blocks(Tq, Tk):
             s = _scores(xp, q[..., q0:q1, :], k[..., :ke, :])
             lse = xp.empty(batch + (q1 - q0,), q.dtype)
             kattention.attention_softmax(s.reshape(-1, ke), lse.reshape(-1), self.slopes,
                                          scale, q0 + Tk - Tq, causal)  # s now holds p
-            outs.append(xp.matmul(s, v[..., :ke, :]))
+            outs.append(kgemm.matmul(s, v[..., :ke, :]))
             lses.append(lse)
         out = _join(xp, outs, -2, q.shape[:-1] + v.shape[-1:], q.dtype)
         self.q, self.k, self.v, self.out = q, k, v, out
@@ -880,9 +882,9 @@ class ScaledDotProductAttention(Function):
                 xp.ascontiguousarray(g_rows).reshape(-1, g.shape[-1]),
                 xp.ascontiguousarray(self.out[..., q0:q1, :]).reshape(-1, g.shape[-1]),
                 self.slopes, self.scale, q0 + Tk - Tq, self.causal)  # s: p, dp: d(q·kᵀ)
-            dq.append(xp.matmul(dp, k[..., :ke, :]))
-            dk_rows = xp.matmul(xp.swapaxes(dp, -1, -2), q_rows)
-            dv_rows = xp.matmul(xp.swapaxes(s, -1, -2), g_rows)
+            dq.append(kgemm.matmul(dp, k[..., :ke, :]))
+            dk_rows = kgemm.matmul(xp.swapaxes(dp, -1, -2), q_rows)
+            dv_rows = kgemm.matmul(xp.swapaxes(s, -1, -2), g_rows)
             if dk is None:
                 dk, dv = dk_rows, dv_rows
             else:
@@ -902,7 +904,7 @@ class ScaledDotProductAttention(Function):
 def _scores(xp, a, b):
     """a·bᵀ over the last two axes, C-contiguous: the row kernels write it in place through a
     (rows, keys) view (NumPy's matmul keeps an F-ordered input's order)."""
-    return xp.ascontiguousarray(xp.matmul(a, xp.swapaxes(b, -1, -2)))
+    return xp.ascontiguousarray(kgemm.matmul(a, xp.swapaxes(b, -1, -2)))
 
 
 def _join(xp, parts, axis, shape, dtype):
@@ -910,6 +912,24 @@ def _join(xp, parts, axis, shape, dtype):
     if len(parts) == 1:
         return parts[0]
     return xp.concatenate(parts, axis=axis) if parts else xp.zeros(shape, dtype)
+
+
+_slopes_on_device = {}   # (slopes, batch, dtype, device) -> the per-batch-row slopes array
+
+
+def _device_slopes(xp, alibi_slopes, batch, dtype):
+    """One slope per batch row ((n_batch,), zeros without ALiBi) on xp's device, copied there
+    once and kept: a copy per call would be a host-to-device transfer per attention layer,
+    which a captured CUDA graph cannot hold."""
+    slopes = (np.zeros(math.prod(batch)) if alibi_slopes is None else
+              np.broadcast_to(np.asarray(alibi_slopes, np.float64), batch))
+    device = xp.cuda.runtime.getDevice() if xp is not np else "cpu"
+    key = (slopes.tobytes(), batch, np.dtype(dtype).str, device)
+    cached = _slopes_on_device.get(key)
+    if cached is None:
+        cached = _slopes_on_device[key] = xp.asarray(
+            np.ascontiguousarray(slopes, dtype).reshape(-1))
+    return cached
 
 
 def alibi_slopes(n_heads: int):

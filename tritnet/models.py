@@ -377,7 +377,10 @@ class CodeMemoryLM(Module):
             "head": self.head,
         }
 
-    def forward(self, tokens):
+    def forward(self, tokens, *, check=True):
+        """(logits, auxiliary loss) of tokens (B, T). Token ids are range-checked: free for
+        host arrays, a host sync for device ones, which check=False skips (ids checked where
+        they were made, as a captured step's are)."""
         c = self.config
         if isinstance(tokens, Tensor):
             tokens = tokens.data
@@ -385,7 +388,7 @@ class CodeMemoryLM(Module):
         if T > c.context:
             raise ValueError(f"CodeMemoryLM: sequence of {T} tokens exceeds context = {c.context}")
         memory = self.shared_vq if c.use_shared_vq else None
-        x = self.embed(tokens)
+        x = self.embed(tokens, check=check)
         aux = None
         for block in self.blocks:
             x, a = block(x, memory)
@@ -405,12 +408,14 @@ class CodeMemoryLM(Module):
                 relation = rel.quantized
         return self.head(x, code, relation, graph), aux
 
-    def loss(self, tokens, targets):
-        """(total loss, cross-entropy in nats per token) for next-token prediction."""
-        logits, aux = self(tokens)
+    def loss(self, tokens, targets, *, check=True):
+        """(total loss, cross-entropy in nats per token) for next-token prediction (check:
+        as in forward, for tokens and targets)."""
+        logits, aux = self(tokens, check=check)
         if isinstance(targets, Tensor):
             targets = targets.data
         if not backend.is_cupy(targets):
             targets = np.asarray(targets)   # host targets are checked on the host (no sync)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             check=check)
         return ce + aux * self.config.aux_loss_weight, ce

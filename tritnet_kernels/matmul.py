@@ -57,6 +57,7 @@ import numpy as np
 from numba import cuda
 
 from . import _launch, _ptx
+from . import gemm as kgemm
 from ._launch import is_cupy, launch, on_device, simulator, target, xp_of
 from .packing import n_groups, unpack_trits_reference, validate_packed
 
@@ -892,7 +893,7 @@ def ternary_matmul(x, T_packed, E, cols, out=None, *, validate=False):
             launch(_ternary_matmul_cuda, grid, block, x, T_packed, E, y)
         return y
     W = _widen(T_packed, E, cols, x.dtype, xp)
-    xp.matmul(x, W.T, out=y)
+    kgemm.matmul(x, W.T, out=y)
     del W  # the widened weights live only inside this call (DESIGN §1.2)
     return y
 
@@ -928,6 +929,6 @@ def ternary_matmul_t(gy, T_packed, E, cols, out=None, *, validate=False):
             launch(_ternary_matmul_t_cuda, grid, block, gy, T_packed, E, gx)
         return gx
     W = _widen(T_packed, E, cols, gy.dtype, xp)
-    xp.matmul(gy, W, out=gx)
+    kgemm.matmul(gy, W, out=gx)
     del W
     return gx

@@ -31,6 +31,7 @@ from .. import random as trandom
 from ..autograd import Function, is_grad_enabled
 from .module import Module
 from tritnet_kernels import matmul as kmatmul
+from tritnet_kernels import gemm as kgemm
 from tritnet_kernels import packing as kpacking
 from tritnet_kernels import tables as ktables
 from tritnet_kernels import update as kupdate
@@ -226,7 +227,7 @@ class TernaryLinear(TernaryModule):
     def accumulate_weight_grad(self, gy, x) -> None:
         """Quantise G = gyᵀ·x (transient float) into grad_q, and dL/dE into grad_E_q."""
         xp = backend.get_array_module(gy)
-        G = xp.matmul(gy.T, x)
+        G = kgemm.matmul(gy.T, x)
         if G.dtype != np.float32:  # the kernels' working precision; float64 only in checks
             G = G.astype(np.float32)
         G = xp.ascontiguousarray(G)

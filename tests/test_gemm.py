@@ -1,0 +1,118 @@
+"""tritnet_kernels.gemm: np.matmul's semantics, on a cuBLAS handle that stream capture accepts."""
+
+import numpy as np
+import pytest
+
+from tritnet_kernels import gemm
+
+try:
+    import cupy
+    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:  # pragma: no cover - depends on the machine
+    cupy, HAVE_GPU = None, False
+
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a GPU")
+
+
+def test_numpy_arrays_take_numpy_matmul():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 4, 5)), rng.standard_normal((5, 2))
+    np.testing.assert_array_equal(gemm.matmul(a, b), np.matmul(a, b))
+    out = np.empty((3, 4, 2))
+    assert gemm.matmul(a, b, out=out) is out
+    np.testing.assert_array_equal(out, np.matmul(a, b))
+
+
+def test_precision_names_are_checked():
+    with pytest.raises(ValueError, match=r"gemm.set_precision: 'bf16'; expected 'fp32' or 'tf32'"):
+        gemm.set_precision("bf16")
+
+
+def _layouts(rng, dtype):
+    """(name, a, b) pairs covering the layouts the framework multiplies."""
+    def r(*shape):
+        return cupy.asarray(rng.standard_normal(shape).astype(dtype))
+    wide = r(7, 40)
+    return [
+        ("row-major", r(33, 17), r(17, 9)),
+        ("a transposed", r(17, 33).T, r(17, 9)),
+        ("b transposed", r(33, 17), r(9, 17).T),
+        ("both transposed", r(17, 33).T, r(9, 17).T),
+        ("column slice (ld > cols)", wide[:, 3:20], r(17, 5)),
+        ("batched", r(4, 6, 8), r(4, 8, 3)),
+        ("batched, b transposed per batch", r(2, 3, 6, 8), r(2, 3, 5, 8).swapaxes(-1, -2)),
+        ("weight broadcast over a batch", r(2, 5, 6, 8), r(8, 3)),
+        ("batch broadcast (1, H) against (B, H)", r(1, 3, 6, 8), r(2, 3, 8, 4)),
+        ("batch dims not collapsible", r(3, 2, 6, 8).swapaxes(0, 1), r(2, 3, 8, 4)),
+        ("one row", r(1, 17), r(17, 9)),
+        ("one column", r(33, 17), r(17, 1)),
+        ("empty rows", r(0, 17), r(17, 9)),
+        ("empty contraction", r(5, 0), r(0, 4)),
+    ]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_matmul_matches_cupy_on_every_layout(dtype):
+    rng = np.random.default_rng(1)
+    gemm.set_precision("fp32")
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for name, a, b in _layouts(rng, dtype):
+        got = gemm.matmul(a, b)
+        want = np.matmul(a.get().astype(np.float64), b.get().astype(np.float64))
+        assert got.shape == want.shape and got.dtype == dtype, name
+        assert got.flags.c_contiguous, name
+        np.testing.assert_allclose(got.get(), want, rtol=tol, atol=tol * 10, err_msg=name)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_matmul_out_tf32_and_fallbacks():
+    rng = np.random.default_rng(2)
+    a = cupy.asarray(rng.standard_normal((64, 96)).astype(np.float32))
+    b = cupy.asarray(rng.standard_normal((96, 48)).astype(np.float32))
+    want = np.matmul(a.get().astype(np.float64), b.get().astype(np.float64))
+    out = cupy.empty((64, 48), np.float32)
+    assert gemm.matmul(a, b, out=out) is out
+    np.testing.assert_allclose(out.get(), want, rtol=1e-5, atol=1e-4)
+    big = cupy.zeros((64, 60), np.float32)
+    view = big[:, 5:53]                      # not C-contiguous: filled with a copy
+    assert gemm.matmul(a, b, out=view) is view
+    np.testing.assert_allclose(view.get(), want, rtol=1e-5, atol=1e-4)
+    assert not big[:, :5].any() and not big[:, 53:].any()
+    with pytest.raises(ValueError, match=r"matmul: out has shape \(64, 47\)"):
+        gemm.matmul(a, b, out=cupy.empty((64, 47), np.float32))
+    with pytest.raises(ValueError, match=r"contracted dimensions are 96 and 95"):
+        gemm.matmul(a, b[:95])
+    try:
+        gemm.set_precision("tf32")   # tensor cores: inputs rounded to 10-bit mantissas
+        tf32 = gemm.matmul(a, b).get()
+    finally:
+        gemm.set_precision("fp32")
+    np.testing.assert_allclose(tf32, want, rtol=0, atol=0.05)
+    assert not np.array_equal(tf32, out.get())
+    half = gemm.matmul(a.astype(np.float16), b.astype(np.float16))   # cupy.matmul's
+    assert half.dtype == np.float16
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_matmul_is_captured_in_a_graph_and_replays_on_new_inputs():
+    rng = np.random.default_rng(3)
+    a = cupy.asarray(rng.standard_normal((4, 32, 16)).astype(np.float32))
+    b = cupy.asarray(rng.standard_normal((16, 8)).astype(np.float32))
+    gemm.matmul(a, b)   # first call outside: the handle, its workspace, the library
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        out = gemm.matmul(a, b.T.copy().T)
+        graph = stream.end_capture()
+    a[...] = cupy.asarray(rng.standard_normal(a.shape).astype(np.float32))
+    b[...] = cupy.asarray(rng.standard_normal(b.shape).astype(np.float32))
+    graph.launch(stream)
+    stream.synchronize()
+    with stream:
+        eager = gemm.matmul(a, b)
+    stream.synchronize()
+    np.testing.assert_array_equal(out.get(), eager.get())   # same handle, same algorithm

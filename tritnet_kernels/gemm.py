@@ -1,0 +1,188 @@
+"""Float matrix products that a captured CUDA graph can hold: `matmul(a, b, out=None)`.
+
+On NumPy arrays this is np.matmul. On CuPy arrays it calls cuBLAS's
+cublasGemmStridedBatchedEx itself, through ctypes, on a handle of its own, instead of going
+through cupy.matmul: CuPy refuses every cuBLAS call while a stream is capturing ("calling
+cuBLAS API during stream capture is currently unsupported"), because a captured cuBLAS call
+must not allocate its workspace. This handle has a workspace set once (cublasSetWorkspace),
+so its GEMMs capture like any kernel. The same path runs outside capture, so a replayed
+graph computes what the eager step computed, bit for bit.
+
+Semantics: np.matmul's for a (..., M, K) and b (..., K, N) with batch dimensions that
+broadcast, both float32 or both float64. An operand's matrices may be row- or column-major (a transposed
+view costs nothing); other layouts are copied first. Other dtypes go to cupy.matmul (not
+capturable). `out` may be any view of the right shape and dtype (one not C-contiguous
+receives a copy). Float32 products use TF32 tensor cores when `set_precision("tf32")`, as
+tritnet.backend.set_matmul_precision sets it for CuPy too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+
+try:  # CuPy is optional: CPU machines run without it.
+    import cupy
+except Exception:  # pragma: no cover - depends on the machine
+    cupy = None
+
+__all__ = ["matmul", "set_precision"]
+
+_OP_N, _OP_T = 0, 1
+_CUDA_R_32F, _CUDA_R_64F = 0, 1
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
+_GEMM_DEFAULT = -1
+_WORKSPACE_BYTES = 32 << 20    # what cuBLAS asks for on Hopper (its docs, "cuBLAS Workspace")
+
+_precision = "fp32"
+_lib = None
+_handles = {}                  # device id -> _Handle
+
+
+def set_precision(mode: str) -> None:
+    """"tf32" or "fp32": the compute type of float32 products on the GPU."""
+    global _precision
+    if mode not in ("fp32", "tf32"):
+        raise ValueError(f"gemm.set_precision: {mode!r}; expected 'fp32' or 'tf32'")
+    _precision = mode
+
+
+def _cublas():
+    """The libcublas CuPy already loaded (found in the process's maps: same library, same
+    version, whatever the install layout)."""
+    global _lib
+    if _lib is None:
+        cupy.cuda.device.get_cublas_handle()   # makes CuPy load it
+        path = None
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                name = line.rsplit(None, 1)[-1]
+                if "/libcublas.so" in name:
+                    path = name
+                    break
+        lib = ctypes.CDLL(path or "libcublas.so")
+        lib.cublasCreate_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cublasSetWorkspace_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        i, ll, p = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
+        lib.cublasGemmStridedBatchedEx.argtypes = [
+            p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll, i, i, i]
+        _lib = lib
+    return _lib
+
+
+class _Handle:
+    """A cuBLAS handle of one device with its own workspace; knows its current stream."""
+
+    def __init__(self):
+        lib = _cublas()
+        self.ptr = ctypes.c_void_p()
+        _check(lib.cublasCreate_v2(ctypes.byref(self.ptr)), "cublasCreate")
+        self.workspace = cupy.empty(_WORKSPACE_BYTES, dtype=np.uint8)   # kept for good
+        self.stream = None
+
+    def on(self, stream_ptr: int):
+        if stream_ptr != self.stream:
+            lib = _cublas()
+            _check(lib.cublasSetStream_v2(self.ptr, ctypes.c_void_p(stream_ptr)), "cublasSetStream")
+            # setting the stream drops the workspace back to cuBLAS's own pool: set it again
+            _check(lib.cublasSetWorkspace_v2(self.ptr, ctypes.c_void_p(self.workspace.data.ptr),
+                                             _WORKSPACE_BYTES), "cublasSetWorkspace")
+            self.stream = stream_ptr
+        return self.ptr
+
+
+def _check(status, what):
+    if status != 0:
+        raise RuntimeError(f"gemm: {what} failed with cuBLAS status {status}")
+
+
+def _handle():
+    device = cupy.cuda.runtime.getDevice()
+    handle = _handles.get(device)
+    if handle is None:
+        handle = _handles[device] = _Handle()
+    return handle.on(cupy.cuda.get_current_stream().ptr)
+
+
+def _matrix(x):
+    """(x or a copy, op, ld, batch stride) of x (batch..., R, C) for cuBLAS's column-major
+    view: a row-major matrix is its transpose there (op N gives back x's transpose, what the
+    swapped product needs), a column-major one is itself (op T)."""
+    item = x.itemsize
+    R, C = x.shape[-2:]
+    sr, sc = x.strides[-2] // item, x.strides[-1] // item
+    for _ in range(2):
+        batch_stride = _batch_stride(x)
+        if batch_stride is not None:
+            if sc == 1 and sr >= max(C, 1) and x.strides[-2] % item == 0:
+                return x, _OP_N, max(sr, 1), batch_stride
+            if sr == 1 and sc >= max(R, 1) and x.strides[-1] % item == 0:
+                return x, _OP_T, max(sc, 1), batch_stride
+        x = cupy.ascontiguousarray(x)
+        sr, sc = C, 1
+    raise AssertionError("unreachable: a C-contiguous array is row-major")
+
+
+def _batch_stride(x):
+    """One element stride that walks x's (broadcast) batch dimensions in C order, or None."""
+    dims = [(n, s // x.itemsize) for n, s in zip(x.shape[:-2], x.strides[:-2]) if n != 1]
+    if not dims:
+        return 0
+    if all(s == 0 for _, s in dims):
+        return 0
+    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+        if s0 != n1 * s1:
+            return None
+    return dims[-1][1]
+
+
+def matmul(a, b, out=None):
+    """np.matmul(a, b) for NumPy arrays; on CuPy arrays, cuBLAS on a capturable handle (the
+    module doc)."""
+    if not (cupy is not None and isinstance(a, cupy.ndarray)):
+        return np.matmul(a, b, out=out)
+    if (a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or a.ndim < 2
+            or b.ndim < 2):
+        return cupy.matmul(a, b, out=out)
+    M, K = a.shape[-2:]
+    K2, N = b.shape[-2:]
+    if K != K2:
+        raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit "
+                         f"(the contracted dimensions are {K} and {K2})")
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    shape = batch + (M, N)
+    if out is not None and (out.shape != shape or out.dtype != a.dtype):
+        raise ValueError(f"matmul: out has shape {tuple(out.shape)} ({out.dtype}), expected "
+                         f"{shape} ({a.dtype})")
+    if out is not None and not out.flags.c_contiguous:
+        out[...] = matmul(a, b)   # cuBLAS writes C-contiguous results only
+        return out
+    if out is None:
+        out = cupy.empty(shape, a.dtype)
+    count = math.prod(batch)
+    if out.size == 0:
+        return out
+    if K == 0:
+        out.fill(0)
+        return out
+    a = cupy.broadcast_to(a, batch + (M, K))
+    b = cupy.broadcast_to(b, batch + (K, N))
+    a, op_a, lda, stride_a = _matrix(a)
+    b, op_b, ldb, stride_b = _matrix(b)
+    if a.dtype == np.float64:
+        kind, compute = _CUDA_R_64F, _COMPUTE_64F
+        one, zero = ctypes.c_double(1.0), ctypes.c_double(0.0)
+    else:
+        kind = _CUDA_R_32F
+        compute = _COMPUTE_32F_FAST_TF32 if _precision == "tf32" else _COMPUTE_32F
+        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    # row-major out = a·b is column-major outᵀ = bᵀ·aᵀ: b's matrix comes first
+    status = _cublas().cublasGemmStridedBatchedEx(
+        _handle(), op_b, op_a, N, M, K, ctypes.addressof(one),
+        b.data.ptr, kind, ldb, stride_b, a.data.ptr, kind, lda, stride_a,
+        ctypes.addressof(zero), out.data.ptr, kind, N, M * N, count, compute, _GEMM_DEFAULT)
+    _check(status, "cublasGemmStridedBatchedEx")
+    return out
