@@ -4,10 +4,14 @@
     python benchmarks/bench_step.py --preset default          # batch 4 x 512, ≈3.0B trits
 
 Two phases on the same model:
-1. `--steps` plain training steps (forward, backward, integer update; the loop of
-   tritnet/train.py without its logging) after `--warmup` steps: median tokens/s and host time
-   per step, Numba kernel launches per step (CuPy's own element-wise kernels are not counted),
-   and the peak of device memory the CuPy pool handed out, from the model's construction on.
+1. `--steps` plain training steps (forward, backward, the loss read, integer update; the loop
+   of tritnet/train.py without its logging) after `--warmup` steps: median tokens/s and host
+   time per step (issuing the work, not waiting for the loss), Numba kernel launches per step
+   (CuPy's own element-wise kernels are not counted), and the peak of device memory the CuPy
+   pools handed out, from the model's construction on. With CUDA graphs (the default, as in
+   `tritnet train`; --no-cuda-graph for eager steps) the timed steps are replays: host time
+   and launches are then those of two graph launches, and the graphs' own memory pool counts
+   whole in the peak.
 2. `--profile-steps` steps with a stream synchronisation at every component boundary, to split
    a step's wall time by component: forward of embedding, attention, MoEGraph (its code-memory
    reads of the shared VQ counted under shared_vq), motif, shared_vq, kgvq, head; then
@@ -16,7 +20,8 @@ Two phases on the same model:
 
 Peer numbers (issue 7, BitNet-b1.58-style PyTorch, fp32 latents + AdamW, same H100): 3.2B
 parameters at 4 x 512: 62.5 GiB, 7,900 tokens/s; 27.7M at 32 x 256: 2.3 GiB, 180,000 tokens/s.
-Writes benchmarks/results/step-<preset>-<gpu>.json and prints a table.
+Writes benchmarks/results/step-<preset>-<batch>[-recompute][-graph]-<gpu>.json and prints a
+table.
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ def main():
                         help="recompute each block in backward (default: the preset's)")
     parser.add_argument("--matmul-precision", choices=("fp32", "tf32"),
                         help="float32 products on the GPU (default: the preset's, tf32)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay the timed steps from CUDA graphs, as `tritnet train` does "
+                        "(default: the config's, on); phase 2 always runs eagerly")
     args = parser.parse_args()
 
     import cupy
@@ -121,12 +129,14 @@ def main():
     from tritnet import random as trandom
     from tritnet.config import preset
     from tritnet.nn.ternary import TernaryModule
+    from tritnet.graphs import CapturedStep
     from tritnet.train import build, frozen_heap
 
     backend.set_device("cuda")
     config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len,
                                           recompute=args.recompute,
-                                          matmul_precision=args.matmul_precision)
+                                          matmul_precision=args.matmul_precision,
+                                          cuda_graph=args.cuda_graph)
     trandom.manual_seed(config.seed)
     corpus = tdata.load_corpus(None)
     batches = tdata.Batches(corpus, config.batch_size, config.seq_len, seed=1)
@@ -138,21 +148,39 @@ def main():
     state = sum(b.nbytes for _, b in model.named_buffers())
     tokens = config.batch_size * config.seq_len
 
-    def step():
-        x, y = batches.get("train")
-        loss, _ = model.loss(x, y)
-        loss.backward()
-        optimizer.step()
-        return loss
+    # as tritnet/train.py's loop runs: a step's loss is read (its one host sync) between the
+    # backward and the update
+    captured = CapturedStep(model, optimizer) if config.cuda_graph else None
+    if captured is not None and args.warmup <= captured.warmup:
+        parser.error(f"--warmup {args.warmup}: with CUDA graphs, more than {captured.warmup} "
+                     "(the eager steps before the capture)")
 
-    with frozen_heap():   # as tritnet/train.py's loop runs
+    def step():
+        """One step; returns the host's seconds issuing it (not waiting for the loss)."""
+        start = time.perf_counter()
+        x, y = batches.get("train")
+        if captured is not None:
+            loss, _ = captured.forward_backward(x, y)
+        else:
+            loss, _ = model.loss(x, y)
+            loss.backward()
+            loss = loss.data
+        issued = time.perf_counter() - start
+        float(loss)
+        start = time.perf_counter()
+        if captured is not None:
+            captured.update()
+        else:
+            optimizer.step()
+        return issued + time.perf_counter() - start
+
+    with frozen_heap():
         rates, host, per_step_launches = [], [], []
         for i in range(args.warmup + args.steps):
             before = launches["n"]
             start = time.perf_counter()
-            loss = step()
-            issued = time.perf_counter() - start
-            float(loss.item())   # the loop's one sync a step
+            issued = step()
+            cupy.cuda.get_current_stream().synchronize()
             wall = time.perf_counter() - start
             if i >= args.warmup:
                 rates.append(tokens / wall)
@@ -182,6 +210,9 @@ def main():
             optimizer.step()
             sync()
             times["update"] += time.perf_counter() - mark
+        graph_pool = captured.pool.total_bytes() if captured is not None else 0
+        peak["bytes"] = max(peak["bytes"], cupy.get_default_memory_pool().used_bytes() +
+                            graph_pool)   # the graphs' pool is held whole, used or not
     component_s = {k: v / args.profile_steps for k, v in times.items()}
     total = sum(component_s.values())
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -193,6 +224,9 @@ def main():
         "state_bytes": state, "state_bytes_per_trit": state / trits, "build_s": build_s,
         "tokens_per_s": statistics.median(rates), "host_s_per_step": statistics.median(host),
         "launches_per_step": statistics.median(per_step_launches),
+        "cuda_graph": captured is not None,
+        "step_modes": captured.counts if captured is not None else None,
+        "graph_pool_bytes": graph_pool,
         "peak_device_bytes": peak["bytes"],
         "peak_device_gib": peak["bytes"] / 2**30,
         "peer": PEER.get(args.preset), "component_s_per_step": component_s,
@@ -200,7 +234,8 @@ def main():
     }
     tag = f"{args.preset}-{config.batch_size}x{config.seq_len}" + \
         ("-recompute" if config.recompute else "") + \
-        ("-fp32" if config.matmul_precision == "fp32" else "")
+        ("-fp32" if config.matmul_precision == "fp32" else "") + \
+        ("-graph" if captured is not None else "")
     path = os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
                         f"step-{tag}-{name.lower().replace(' ', '-')}.json")
     with open(path, "w") as fh:
@@ -208,7 +243,8 @@ def main():
     print(f"{tag}: {trits:,} trits, state {state / trits:.3f} B/trit, "
           f"{result['tokens_per_s']:,.0f} tok/s, peak {result['peak_device_gib']:.2f} GiB, "
           f"{result['launches_per_step']:.0f} Numba launches/step, host "
-          f"{result['host_s_per_step'] * 1e3:.0f} ms/step, build {build_s:.1f} s")
+          f"{result['host_s_per_step'] * 1e3:.0f} ms/step, build {build_s:.1f} s" +
+          (f", steps {captured.counts}" if captured is not None else ""))
     if args.preset in PEER:
         peer = PEER[args.preset]
         print(f"  peer (fp32-latent AdamW): {peer['tokens_per_s']:,} tok/s, "

@@ -162,11 +162,15 @@ def trace(preset_name, config_path, as_json):
               help="Keep one block's activations and recompute each block in backward: the "
               "same training in far less device memory, for a second forward (default: the "
               "preset's).")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="On a GPU, replay each step from CUDA graphs, captured after a few eager "
+              "steps: the same training without most of the host's launch time (default: on "
+              "where the run allows it: one GPU, one micro-batch).")
 @user_errors_are_one_line
 def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size, seq_len,
           flip_threshold, scale_threshold, decay_shift, grad_rms_units, grad_clip_units,
           schedule, final_grad_rms_units, eval_every, save_every, out_dir, resume, overwrite,
-          seed, device, gpus, micro_batches, recompute):
+          seed, device, gpus, micro_batches, recompute, cuda_graph):
     """Train a model; with no options, the tiny preset on the default corpus.
 
     The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
@@ -192,7 +196,8 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
                              grad_clip_units=grad_clip_units, schedule=schedule,
                              final_grad_rms_units=final_grad_rms_units,
                              eval_every=eval_every, save_every=save_every, seed=seed,
-                             micro_batches=micro_batches, recompute=recompute)
+                             micro_batches=micro_batches, recompute=recompute,
+                             cuda_graph=cuda_graph)
     run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
               overwrite=overwrite, device=device, tokens=tokens, gpus=gpus,
               log=lambda line: click.echo(line))

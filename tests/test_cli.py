@@ -378,11 +378,11 @@ def test_eval_at_another_window_length(run, files):
 def test_schedule_clip_and_recompute_flags_reach_the_run_config(files):
     out = files / "flags"
     res = cli(*train_args(files, out, "--schedule", "cosine", "--final-grad-rms-units", 2,
-                          "--recompute", "--grad-clip-units", 24))
+                          "--recompute", "--grad-clip-units", 24, "--no-cuda-graph"))
     assert res.exit_code == 0, res.output
     config = json.loads((out / "config.json").read_text())
     assert (config["schedule"], config["final_grad_rms_units"], config["recompute"],
-            config["grad_clip_units"]) == ("cosine", 2.0, True, 24)
+            config["grad_clip_units"], config["cuda_graph"]) == ("cosine", 2.0, True, 24, False)
     fails(files, train_args(files, files / "bad", "--final-grad-rms-units", 9),
           r"config field final_grad_rms_units = 9.0 exceeds grad_rms_units = 8")
     fails(files, train_args(files, files / "bad", "--grad-clip-units", 200),

@@ -488,3 +488,21 @@ def test_attention_of_an_empty_batch_is_empty():
     assert out.shape == (0, 2, 5, 4)
     out.sum().backward()
     assert q.grad.shape == (0, 2, 5, 4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_concat_and_stack_of_many_arrays(device):
+    """backend.concatenate / stack (F.concat, F.stack): NumPy's results for more than the 8
+    arrays past which CuPy would copy an address table from the host (which a captured CUDA
+    graph refuses), along any axis."""
+    from tritnet import backend as B
+    xp = B.cupy if device == "cuda" else np
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((3, n + 1, 2)).astype(np.float32) for n in range(11)]
+    for axis in (1, -2):
+        got = B.concatenate([xp.asarray(p) for p in parts], axis=axis)
+        np.testing.assert_array_equal(B.to_numpy(got), np.concatenate(parts, axis=axis))
+    same = [rng.standard_normal((4, 5)) for _ in range(12)]
+    for axis in (0, 1, 2, -1):
+        got = B.stack([xp.asarray(p) for p in same], axis=axis)
+        np.testing.assert_array_equal(B.to_numpy(got), np.stack(same, axis=axis))

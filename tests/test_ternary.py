@@ -102,13 +102,16 @@ def test_no_float_state_survives(phase):
         (y * y).sum().backward()
         leftover = {n: (a.shape, a.dtype) for n, a in model.held_arrays()
                     if n.startswith("grad")}
-        assert leftover == {"grad_q": ((5, 33), np.int8), "grad_E_q": ((5,), np.int8)}
+        assert leftover == {"grad_q": ((5, 33), np.int8), "grad_E_q": ((5,), np.int8),
+                            "grad_clock": ((2,), np.int64)}
     if phase == "step":
         opt.step()
         assert model.grad_q is None and model.grad_E_q is None
     assert float_arrays(model) == []
-    held = [v for v in vars(opt).values() if isinstance(v, np.ndarray) or backend.is_cupy(v)]
-    assert held == []
+    # the optimiser's arrays: its clock [step, gain] and the schedule's gains, integers
+    held = {n: (v.shape, v.dtype) for n, v in vars(opt).items()
+            if isinstance(v, np.ndarray) or backend.is_cupy(v)}
+    assert held == {"clock": ((2,), np.int64), "_gains": ((1,), np.int64)}
 
 
 def test_float_state_is_detected():
@@ -204,6 +207,30 @@ def test_tritflip_cosine_gain_schedule():
     assert layer.grad_rms_units == pytest.approx(opt.gain(1))   # modules follow the step
     constant = TritFlip([TernaryLinear(8, 4)], grad_rms_units=8)
     assert constant.gain(0) == constant.gain(10**6) == 8.0
+
+
+def test_tritflip_clock_follows_the_steps_on_the_device():
+    """The kernels read the step and the gain from the optimiser's clock, which step()
+    advances where it lives (a captured CUDA graph replays that) and load_state_dict writes:
+    it always says [step_count, gain(step_count)], the gain in units of 2**-32; past the
+    schedule's end the gain stays at its last value."""
+    from tritnet.optim import TritFlip
+    layer = TernaryLinear(8, 4)
+    opt = TritFlip([layer], grad_rms_units=8, schedule="cosine", final_grad_rms_units=1.0,
+                   total_steps=4)
+    assert layer.grad_clock is opt.clock
+    for step in range(7):
+        assert opt.clock.tolist() == [step, round(opt.gain(step) * 2**32)], step
+        layer(tritnet.tensor(np.ones((2, 8), np.float32))).sum().backward()
+        opt.step()
+    restored = TritFlip([TernaryLinear(8, 4)], grad_rms_units=8, schedule="cosine",
+                        final_grad_rms_units=1.0, total_steps=4)
+    restored.load_state_dict(opt.state_dict())
+    np.testing.assert_array_equal(restored.clock, opt.clock)
+    # the bits of a step are the clock's: the same seed draws other bits a step later
+    seeds = {layer.next_grad_seed(0)}
+    opt.step()
+    assert {layer.next_grad_seed(0)} == seeds
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -165,6 +165,31 @@ def test_grad_inv_scale():
         assert not out.any()
 
 
+def test_a_clock_gives_each_step_its_bits_and_gain():
+    """The optimiser's clock [step, gain], read on the device: quantize_grad's stream is that
+    of (seed, step) -- the reference's `step` --, a new one each step; grad_inv_scale's gain is
+    clock[1] whatever grad_gain says."""
+    rng = np.random.default_rng(9)
+    G = rng.standard_normal((40, 30)).astype(np.float32)
+    outs = []
+    for step in (0, 1, 2):
+        clock = np.array([step, 5 << 32])   # gain 5, in units of 2**-32
+        got = U.quantize_grad(G, 1.7, 123, np.zeros(G.shape, np.int8), clock=clock)
+        want = U.quantize_grad_reference(G, 1.7, 123, np.zeros(G.shape, np.int8), step=step)
+        np.testing.assert_array_equal(got, want)
+        outs.append(got)
+    assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
+    plain = U.quantize_grad(G, 1.7, 123, np.zeros(G.shape, np.int8))
+    np.testing.assert_array_equal(plain, U.quantize_grad_reference(G, 1.7, 123,
+                                                                   np.zeros(G.shape, np.int8)))
+    np.testing.assert_array_equal(U.grad_inv_scale(G, 99.0, clock=np.array([3, 5 << 32])),
+                                  U.grad_inv_scale(G, 5.0))
+    with pytest.raises(ValueError, match=r"quantize_grad: clock has shape \(3,\), expected \(2,\)"):
+        U.quantize_grad(G, 1.7, 123, np.zeros(G.shape, np.int8), clock=np.zeros(3, np.int64))
+    with pytest.raises(TypeError, match=r"grad_inv_scale: clock has dtype float64, expected int64"):
+        U.grad_inv_scale(G, 5.0, clock=np.zeros(2))
+
+
 @pytest.mark.parametrize("u", [0, 1, 17, 40])
 def test_grad_inv_scale_over_leading_rows(u):
     # a table's touched rows padded to a fixed count: only the first u rows count
@@ -545,13 +570,14 @@ def test_sim_grad_inv_scale(n):
     G = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     ref = U._grad_inv_scale_cpu
     out, partial = np.zeros(1, np.float32), np.empty(U._rms_blocks(n), np.float64)
-    ref(G, float(n), 0.0, np.zeros(0, np.int64), 8.0, partial, np.zeros(1, np.int32), out)
+    ref(G, float(n), 0.0, np.zeros(0, np.int64), 8.0, np.zeros(0, np.int64), partial, np.zeros(1, np.int32),
+        out)
     for _ in range(2):
         np.testing.assert_array_equal(U.grad_inv_scale(G, 8.0), out)
     # with padding rows: the mean square is over the first rows only
     G2 = np.concatenate([G, np.zeros(n, np.float32)]).reshape(2 * n, 1)
     rows = np.array([n], np.int64)
-    ref(G2.reshape(-1), float(2 * n), 1.0, rows, 8.0, np.empty(U._rms_blocks(2 * n)),
+    ref(G2.reshape(-1), float(2 * n), 1.0, rows, 8.0, np.zeros(0, np.int64), np.empty(U._rms_blocks(2 * n)),
         np.zeros(1, np.int32), out)
     np.testing.assert_array_equal(U.grad_inv_scale(G2, 8.0, rows=rows), out)
     np.testing.assert_allclose(out, U.grad_inv_scale_reference(G, 8.0), rtol=1e-6)
@@ -581,20 +607,26 @@ def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
     G = (rng.standard_normal(300) * 4).astype(np.float32)
     G[:3] = [np.nan, np.inf, -1e30]
     out = rng.integers(-127, 128, size=300, dtype=np.int8)
+    no_clock = np.zeros(0, np.int64)
     expected = out.copy()  # the CPU twin, called directly: the wrapper runs the simulator
     U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
-                         np.int64(1), expected)
+                         np.int64(1), no_clock, expected)
     got = U.quantize_grad(G, 2.5, 77, out.copy())
     np.testing.assert_array_equal(got, expected)
     expected = out.copy()
     U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(6),
-                         np.int64(1), expected)
+                         np.int64(1), no_clock, expected)
     np.testing.assert_array_equal(U.quantize_grad(G, 2.5, 77, out.copy(), clip=6), expected)
     expected = out.copy()
     U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(6),
-                         np.int64(0), expected)
+                         np.int64(0), no_clock, expected)
     np.testing.assert_array_equal(
         U.quantize_grad(G, 2.5, 77, out.copy(), clip=6, accumulate=False), expected)
+    clock = np.array([41, 3 << 32])   # the step's bits: the key mixed with step 41 in-kernel
+    expected = out.copy()
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
+                         np.int64(1), clock, expected)
+    np.testing.assert_array_equal(U.quantize_grad(G, 2.5, 77, out.copy(), clock=clock), expected)
 
 
 @pytest.mark.cudasim

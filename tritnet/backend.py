@@ -134,6 +134,32 @@ def empty(shape, dtype, device: str | None = None):
     return (cupy if device == "cuda" else np).empty(shape, dtype=dtype)
 
 
+def concatenate(arrays, axis=0):
+    """xp.concatenate(arrays, axis), that a captured CUDA graph can hold: CuPy joins more than
+    8 small arrays in one kernel that reads their addresses from a table it copies from the
+    host (a transfer capture refuses), so those are copied slice by slice instead."""
+    xp = get_array_module(arrays[0])
+    if xp is np or len(arrays) <= 8:
+        return xp.concatenate(arrays, axis=axis)
+    axis = axis % arrays[0].ndim
+    shape = list(arrays[0].shape)
+    shape[axis] = sum(a.shape[axis] for a in arrays)
+    out = xp.empty(shape, np.result_type(*arrays))
+    at, where = 0, [slice(None)] * len(shape)
+    for a in arrays:
+        where[axis] = slice(at, at + a.shape[axis])
+        out[tuple(where)] = a
+        at += a.shape[axis]
+    return out
+
+
+def stack(arrays, axis=0):
+    """xp.stack(arrays, axis), through `concatenate` (the same reason)."""
+    axis = axis % (arrays[0].ndim + 1)
+    return concatenate([a.reshape(a.shape[:axis] + (1,) + a.shape[axis:]) for a in arrays],
+                       axis=axis)
+
+
 def to_numpy(a) -> np.ndarray:
     return a.get() if is_cupy(a) else np.asarray(a)
 

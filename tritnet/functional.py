@@ -430,7 +430,7 @@ class Concat(Function):
     def forward(self, *arrays, axis):
         self.axis = axis
         self.bounds = np.cumsum([a.shape[axis] for a in arrays])[:-1].tolist()
-        return _xp(*arrays).concatenate(arrays, axis=axis)
+        return backend.concatenate(arrays, axis=axis)
 
     def backward(self, g): return tuple(_xp(g).split(g, self.bounds, axis=self.axis))
 
@@ -438,7 +438,7 @@ class Concat(Function):
 class Stack(Function):
     def forward(self, *arrays, axis):
         self.axis, self.count = axis, len(arrays)
-        return _xp(*arrays).stack(arrays, axis=axis)
+        return backend.stack(arrays, axis=axis)
 
     def backward(self, g):
         lead = (slice(None),) * self.axis
@@ -911,7 +911,7 @@ def _join(xp, parts, axis, shape, dtype):
     """The blocks' parts as one array (the part itself when there is one: no copy)."""
     if len(parts) == 1:
         return parts[0]
-    return xp.concatenate(parts, axis=axis) if parts else xp.zeros(shape, dtype)
+    return backend.concatenate(parts, axis=axis) if parts else xp.zeros(shape, dtype)
 
 
 _slopes_on_device = {}   # (slopes, batch, dtype, device) -> the per-batch-row slopes array

@@ -141,9 +141,8 @@ class CodeGraph(Module):
 
     def apply_observations(self) -> None:
         if self.observed:
-            xp = backend.get_array_module(self.observed[0][0])
             parts = list(zip(*self.observed))
-            self._learn(*(xp.concatenate(p) for p in parts[:3]), check=any(parts[3]))
+            self._learn(*(backend.concatenate(p) for p in parts[:3]), check=any(parts[3]))
             self.observed = []
 
     def clear_observations(self) -> None:

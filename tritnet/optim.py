@@ -41,15 +41,25 @@ restarts, code-graph edges) implement `apply_observations()`.
 Deterministic for a given seed: the stochastic rounding draws counter-based random bits from
 (seed, tensor key, step, use), identical on CPU and GPU. Each tensor's update is one kernel
 launch for its trits and one for its row scales.
+
+The step and the gain reach the kernels through `clock`, an int64 [step, gain in units of
+2**-32] array on the model's device that `step()` advances there (the gain from a table of
+the schedule, made on the host): a training step captured as a CUDA graph
+(tritnet/graphs.py) replays with the right step's random bits and gain, without a
+host-to-device copy. (Integers: no float state on any module, DESIGN §1.)
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from . import backend
 from . import random as trandom
 from .nn.module import Module
 from .nn.ternary import TernaryModule
+from tritnet_kernels import update as kupdate
 
 
 def _check_int(name, value, lo, hi):
@@ -96,6 +106,16 @@ class TritFlip:
         self.step_count = 0
         for key, m in enumerate(self.modules):
             m.grad_seed = trandom.mix_seed(seed, key)
+        like = self.modules[0].T_packed
+        self.clock = self._gains = None
+        if not backend.is_meta(like):
+            xp = backend.get_array_module(like)
+            # the gain of every step, from the host's formula: the device looks it up
+            steps = self.total_steps + 1 if self.schedule == "cosine" else 1
+            self._gains = xp.asarray([round(self.gain(s) / kupdate.CLOCK_GAIN_UNIT)
+                                      for s in range(steps)], dtype=np.int64)
+            self.clock = xp.zeros(2, np.int64)
+            self._write_clock()
         self._sync_modules()
 
     def gain(self, step: int | None = None) -> float:
@@ -108,10 +128,25 @@ class TritFlip:
         return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _sync_modules(self, shard: int = 0):
+        """The modules' host view of the step (the device's is `clock`)."""
         gain = self.gain()
         for m in self.modules:
             m.grad_step, m.grad_shard, m.grad_uses = self.step_count, shard, 0
             m.grad_rms_units, m.grad_clip_units = gain, self.grad_clip_units
+            m.grad_clock = self.clock
+
+    def _write_clock(self):
+        """clock = [step_count, its gain], copied from the host (at construction and load)."""
+        if self.clock is not None:
+            index = min(self.step_count, self._gains.shape[0] - 1)
+            self.clock[0] = self.step_count
+            self.clock[1:2] = self._gains[index:index + 1]
+
+    def _advance_clock(self):
+        """clock = [step + 1, its gain], on the device (a captured step replays this too)."""
+        xp = backend.get_array_module(self.clock)
+        self.clock[0:1] += 1
+        self.clock[1:2] = self._gains[xp.minimum(self.clock[0:1], self._gains.shape[0] - 1)]
 
     def begin_shard(self, shard: int) -> None:
         """The next backward belongs to micro-batch `shard` of this step's global batch: its
@@ -125,6 +160,7 @@ class TritFlip:
                  for m in self.modules]
         for m in self.observers:
             m.apply_observations()
+        self._advance_clock()
         self.step_count += 1
         self._sync_modules()
         return flips
@@ -146,4 +182,5 @@ class TritFlip:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
+        self._write_clock()
         self._sync_modules()

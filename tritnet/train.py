@@ -48,6 +48,7 @@ from . import random as trandom
 from .autograd import no_grad
 from .checkpoint import load_checkpoint, read_header, save_checkpoint
 from .config import Config, ConfigError
+from .graphs import CapturedStep
 from .models import CodeMemoryLM
 from .nn.ternary import TernaryModule
 from .optim import TritFlip
@@ -59,7 +60,7 @@ RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
 RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
                     "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
                     "grad_rms_units", "grad_clip_units", "schedule", "final_grad_rms_units",
-                    "seed", "recompute")
+                    "seed", "recompute", "cuda_graph")
 
 
 class TrainError(Exception):
@@ -365,6 +366,11 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     if group.size > 1:
         log(f"data-parallel: {group.size} ranks, {shards} shards of {shard_rows} x "
             f"{config.seq_len} tokens a step")
+    captured = None
+    if config.cuda_graph and backend.device() == "cuda" and shards == 1:
+        captured = CapturedStep(model, optimizer)
+        log("steps replay from CUDA graphs after 3 eager ones (cuda_graph; eager again on "
+            "steps that restart codes or rebuild an index)")
 
     tokens_per_step = config.batch_size * config.seq_len
     summary.update(step=step, tokens=step * tokens_per_step, bigram_bpb=bigram)
@@ -415,7 +421,9 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             data_before, rng_before = batches.state_dict(), trandom.get_state()
             x, y = batches.get("train")
             losses = []
-            for j in range(local_shards):
+            if captured is not None:
+                losses += [v.reshape(1) for v in captured.forward_backward(x, y)]
+            for j in range(0 if captured is not None else local_shards):
                 shard = group.rank * local_shards + j
                 rows = slice(shard * shard_rows, (shard + 1) * shard_rows)
                 optimizer.begin_shard(shard)
@@ -432,7 +440,10 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             loss_value, ce_value = loss_sum / shards, ce_sum / shards
             if not math.isfinite(loss_value):
                 # Nothing has been applied by this step: drop it and save the last good one.
-                optimizer.zero_grad()
+                if captured is not None:
+                    captured.drop()
+                else:
+                    optimizer.zero_grad()
                 if reducer is not None:
                     reducer.clear()
                 batches.load_state_dict(data_before)
@@ -444,7 +455,10 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
                     "--grad-rms-units, then --resume")
             if reducer is not None:
                 reducer.reduce()
-            optimizer.step()
+            if captured is not None:
+                captured.update()
+            else:
+                optimizer.step()
             step += 1
             stopping = stops > 0
 

@@ -307,8 +307,35 @@ def _counted(n, row_size, rows):
 _counted_dev = on_device(_counted)
 
 
+CLOCK_GAIN_UNIT = 2.0 ** -32   # a clock holds its gain in these units (an integer)
+
+
+@numba.njit(cache=True)
+def _clocked_gain(gain, clock):
+    """The gain: clock[1] · 2**-32 when a clock is given (the optimiser's, on the device),
+    else gain."""
+    if clock.shape[0] == 0:
+        return gain
+    return np.float64(clock[1]) * CLOCK_GAIN_UNIT
+
+
+_clocked_gain_dev = on_device(_clocked_gain)
+
+
+@numba.njit(cache=True)
+def _clocked_key(key, clock):
+    """The stream key of a step: key itself, or mixed with the step clock[0] when a clock is
+    given, so that a replayed CUDA graph draws fresh bits every step."""
+    if clock.shape[0] == 0:
+        return key
+    return _mix64(key + np.uint64(clock[0]) * _GOLDEN)
+
+
+_clocked_key_dev = on_device(_clocked_key)
+
+
 @numba.njit(parallel=True, cache=True)
-def _grad_inv_scale_cpu(G, n, row_size, rows, gain, partial, done, out):
+def _grad_inv_scale_cpu(G, n, row_size, rows, gain, clock, partial, done, out):
     # The CUDA kernel's order: thread t of block b adds elements b*T + t, then + nb*T, ...;
     # the block's threads meet in a halving tree; the block sums are added in block order.
     # (`done` is the GPU's block counter, unused here.)
@@ -327,11 +354,11 @@ def _grad_inv_scale_cpu(G, n, row_size, rows, gain, partial, done, out):
     total = 0.0
     for b in range(nb):
         total += partial[b]
-    out[0] = _inv_rms(total, _counted(n, row_size, rows), gain)
+    out[0] = _inv_rms(total, _counted(n, row_size, rows), _clocked_gain(gain, clock))
 
 
 @cuda.jit(cache=True)
-def _grad_inv_scale_cuda(G, n, row_size, rows, gain, partial, done, out):
+def _grad_inv_scale_cuda(G, n, row_size, rows, gain, clock, partial, done, out):
     # One launch: each block writes its sum of squares; the last block to finish (counted in
     # `done`, which it resets for the next call) adds the block sums in order and writes the
     # scale. Squares in float32 (as G * G), sums in float64.
@@ -352,22 +379,29 @@ def _grad_inv_scale_cuda(G, n, row_size, rows, gain, partial, done, out):
             total = 0.0
             for b in range(nb):
                 total += cuda.atomic.add(partial, b, 0.0)  # read through L2, not a stale L1
-            out[0] = _inv_rms_dev(total, _counted_dev(n, row_size, rows), gain)
+            out[0] = _inv_rms_dev(total, _counted_dev(n, row_size, rows),
+                                  _clocked_gain_dev(gain, clock))
             done[0] = 0
 
 
 _done_counters = {}   # device id -> int32 (1,) block counter of _grad_inv_scale_cuda, kept at 0
 
 
-def _no_rows(xp):
-    """An empty int64 array on xp's device: grad_inv_scale's "every row counts"."""
+def _empty(xp, dtype):
+    """An empty array on xp's device, kept: the kernels' "not given" for an optional array
+    argument (every row counts, no clock)."""
     if xp is np:
-        return np.zeros(0, np.int64)
-    key = ("no rows", xp.cuda.runtime.getDevice())
+        return np.zeros(0, dtype)
+    key = (np.dtype(dtype).str, xp.cuda.runtime.getDevice())
     empty = _done_counters.get(key)
     if empty is None:
-        empty = _done_counters[key] = xp.zeros(0, np.int64)
+        empty = _done_counters[key] = xp.zeros(0, dtype)
     return empty
+
+
+def _check_clock(op, clock, like):
+    target(like, clock, op=op)   # raises if the clock is on another device
+    _check_array(op, "clock", clock, np.int64, shape=(2,))
 
 
 def _done_counter(xp):
@@ -380,12 +414,14 @@ def _done_counter(xp):
     return counter
 
 
-def grad_inv_scale(G, grad_gain, *, rows=None):
+def grad_inv_scale(G, grad_gain, *, rows=None, clock=None):
     """The per-tensor quantisation scale: grad_gain / rms(G), as a float32 array of shape (1,).
 
     rows: None, or an int64 array of shape (1,) on G's device holding u: only G's first u
     rows count (the rest are zero padding, as for the rows of tritnet_kernels.tables'
     unique_rows), so the rms is over u · (G.size / G.shape[0]) elements. Read on the device.
+    clock: None, or the optimiser's int64 (2,) [step, gain / 2**-32] on G's device: the gain
+    is then read there (grad_gain is ignored), as a replayed CUDA graph needs.
 
     Computed on G's device without a host sync (the result feeds `quantize_grad` directly),
     in one launch on the GPU: float32 squares summed in float64, in an order fixed by G's size
@@ -400,13 +436,16 @@ def grad_inv_scale(G, grad_gain, *, rows=None):
     op = "grad_inv_scale"
     dev = target(G, op=op)
     _check_array(op, "G", G, np.float32)
+    if clock is not None:
+        _check_clock(op, clock, G)
+        grad_gain = 1.0
     if not _is_real(grad_gain):
         raise TypeError(f"{op}: grad_gain must be a real number, got {grad_gain!r}")
     if not (math.isfinite(grad_gain) and grad_gain > 0):
         raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
     xp = xp_of(G)
     if rows is None:
-        rows, row_size = _no_rows(xp), 0.0
+        rows, row_size = _empty(xp, np.int64), 0.0
     else:
         target(G, rows, op=op)   # raises if rows is on another device
         _check_array(op, "rows", rows, np.int64, shape=(1,))
@@ -417,8 +456,8 @@ def grad_inv_scale(G, grad_gain, *, rows=None):
         return xp.zeros(1, dtype=np.float32)
     out = xp.empty(1, dtype=np.float32)  # the kernel's last block writes it
     partial = xp.empty(_rms_blocks(G.size), dtype=np.float64)
-    args = (G.reshape(-1), float(G.size), row_size, rows, float(grad_gain), partial,
-            _done_counter(xp), out)
+    args = (G.reshape(-1), float(G.size), row_size, rows, float(grad_gain),
+            _empty(xp, np.int64) if clock is None else clock, partial, _done_counter(xp), out)
     if dev == "cpu":
         _grad_inv_scale_cpu(*args)
     else:
@@ -439,8 +478,9 @@ def grad_inv_scale_reference(G, grad_gain, rows=None):
 
 
 @numba.njit(parallel=True, cache=True)
-def _quantize_grad_cpu(G, inv_scale, key, clip, accumulate, out):
+def _quantize_grad_cpu(G, inv_scale, key, clip, accumulate, clock, out):
     scale = inv_scale[0]
+    key = _clocked_key(key, clock)
     for i in numba.prange(G.shape[0]):
         q = _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
         if accumulate:
@@ -449,8 +489,9 @@ def _quantize_grad_cpu(G, inv_scale, key, clip, accumulate, out):
 
 
 @cuda.jit(cache=True)
-def _quantize_grad_cuda(G, inv_scale, key, clip, accumulate, out):
+def _quantize_grad_cuda(G, inv_scale, key, clip, accumulate, clock, out):
     scale = inv_scale[0]
+    key = _clocked_key_dev(key, clock)
     for i in range(cuda.grid(1), G.shape[0], cuda.gridsize(1)):
         q = _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
         if accumulate:
@@ -458,7 +499,7 @@ def _quantize_grad_cuda(G, inv_scale, key, clip, accumulate, out):
         out[i] = _sat_accum(q)
 
 
-def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True):
+def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=None):
     """Add round_stochastic(G * inv_scale) into the int8 array `out`, saturating at ±127.
     With accumulate=False, write it instead: out's earlier contents are ignored (so a fresh
     `out` can be xp.empty rather than xp.zeros, one launch fewer).
@@ -468,6 +509,9 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True):
         from `grad_inv_scale` (then no host sync is needed).
     seed: integer in [0, 2**64). Use a different seed for every (step, tensor); nearby seeds
         give unrelated streams.
+    clock: None, or the optimiser's int64 (2,) [step, gain / 2**-32] on G's device: the stream is
+        then that of (seed, step = clock[0]), the step read on the device, so a replayed CUDA
+        graph draws fresh bits every step (quantize_grad_reference's `step`).
     out: int8, same shape as G, updated in place and returned (it accumulates, so several
         micro-batches can add into one buffer).
     clip: integer in [1, 128], the most one call adds to one element (128: the int8 range).
@@ -505,6 +549,8 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True):
         raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
     _check_distinct(op, G=G, out=out)
     clip = np.float32(_check_int(op, "clip", clip, 1, 128))
+    if clock is not None:
+        _check_clock(op, clock, G)
 
     if G.size == 0:
         return out
@@ -513,7 +559,8 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True):
         inv_scale = xp.full(1, inv_scale, dtype=np.float32)
     key = _stream_key(int(seed))
     G_flat, out_flat = G.reshape(-1), out.reshape(-1)
-    args = (G_flat, inv_scale, key, clip, np.int64(bool(accumulate)), out_flat)
+    args = (G_flat, inv_scale, key, clip, np.int64(bool(accumulate)),
+            _empty(xp, np.int64) if clock is None else clock, out_flat)
     if dev == "cpu":
         _quantize_grad_cpu(*args)
     else:
@@ -521,15 +568,22 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True):
     return out
 
 
-def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128):
-    """NumPy truth for `quantize_grad`, with its signature: updates `out` and returns it."""
+def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
+    """NumPy truth for `quantize_grad`, with its signature: updates `out` and returns it.
+    step: the step of quantize_grad's clock (clock[0]), when it is given one."""
     scale = np.float32(np.asarray(inv_scale, dtype=np.float32).reshape(-1)[0])
     v = np.asarray(G, dtype=np.float32).reshape(-1) * scale
     v = np.where(np.isnan(v), np.float32(0), v)
     v = np.clip(v, np.float32(-clip), np.float32(clip))
     lo = np.floor(v)
     i = np.arange(v.size, dtype=np.uint64)
-    z = _stream_key(int(seed)) + i * _GOLDEN
+    key = np.array([_stream_key(int(seed))], np.uint64)
+    if step is not None:   # _clocked_key, on arrays (their uint64 arithmetic wraps silently)
+        z = key + np.array([int(step)], np.uint64) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        key = z ^ (z >> np.uint64(31))
+    z = key + i * _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
     z = z ^ (z >> np.uint64(31))

@@ -315,8 +315,8 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         if not self.observed:
             return
         xp = backend.get_array_module(self.T_packed)
-        kvq.count_usage(xp.concatenate(self.observed), self.usage, check=False)
-        self.steps_since_restart += 1
+        kvq.count_usage(backend.concatenate(self.observed), self.usage, check=False)
+        self.tick()
         if self.restart_every and self.steps_since_restart >= self.restart_every:
             if self.restart_queries:
                 flat = xp.concatenate([f for f, _ in self.restart_queries])
@@ -325,10 +325,24 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
                 flat = xp.zeros((0, self.dim), np.float32)
                 queries = xp.zeros((0, 2 * kpacking.n_groups(self.dim)), np.uint32)
             self.restart_dead_codes(flat, queries)
-        self.steps_since_index += 1
         if self.search_mode == "routed" and self.steps_since_index >= self.index_refresh:
             self.index = None  # rebuilt lazily by the next search
         self.clear_observations()
+
+    def tick(self) -> None:
+        """The host's count of one more training step (restart and index-refresh clocks):
+        what apply_observations counts, and all a replayed CUDA graph of a step leaves to
+        the host (tritnet/graphs.py; such a step has no host work, see host_work_due)."""
+        self.steps_since_restart += 1
+        self.steps_since_index += 1
+
+    def host_work_due(self) -> bool:
+        """Whether the next training step works on the host: a dead-code restart (random
+        choices, host syncs) or a routed index (re)build (new arrays). A captured CUDA graph
+        cannot replay such a step."""
+        routed = self.search_mode == "routed"
+        return self.restart_due() or (routed and (
+            self.index is None or self.steps_since_index + 1 >= self.index_refresh))
 
     def clear_observations(self) -> None:
         self.observed, self.restart_queries = [], []

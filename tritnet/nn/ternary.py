@@ -121,6 +121,7 @@ class TernaryModule(Module):
         self.grad_step = 0
         self.grad_shard = 0
         self.grad_uses = 0
+        self.grad_clock = None   # the optimiser's int64 [step, gain] (TritFlip.clock)
 
     def _init_ternary_state(self, rows: int, cols: int, exponent: int, device: str | None):
         """Packed-first initial state: uniform random trits (2/3 nonzero) written straight
@@ -149,6 +150,10 @@ class TernaryModule(Module):
         return {"T_packed": self.trit_shape[1]}
 
     def next_grad_seed(self, which: int) -> int:
+        """The seed of the next quantisation's random bits. With an optimiser's clock the step
+        is not in it: the kernels mix in the clock's step on the device."""
+        if self.grad_clock is not None:
+            return trandom.mix_seed(self.grad_seed, self.grad_shard, self.grad_uses, which)
         return trandom.mix_seed(self.grad_seed, self.grad_step, self.grad_shard, self.grad_uses,
                                 which)
 
@@ -168,15 +173,20 @@ class TernaryModule(Module):
         first = grad_q is None  # a fresh buffer is written, not added to: no zero fill
         if first:
             grad_q = xp.empty(G.shape, dtype=np.int8)
-        kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units, rows=rows),
-                              self.next_grad_seed(0), grad_q, clip=clip, accumulate=not first)
+        clock = self.grad_clock
+        kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units, rows=rows,
+                                                        clock=clock),
+                              self.next_grad_seed(0), grad_q, clip=clip, accumulate=not first,
+                              clock=clock)
         # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, in one launch
         gE = kupdate.row_trit_dot(G, T_packed, self.trit_shape[1], E=E)
         first = grad_E_q is None
         if first:
             grad_E_q = xp.empty(gE.shape, dtype=np.int8)
-        kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units, rows=rows),
-                              self.next_grad_seed(1), grad_E_q, clip=clip, accumulate=not first)
+        kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units, rows=rows,
+                                                         clock=clock),
+                              self.next_grad_seed(1), grad_E_q, clip=clip, accumulate=not first,
+                              clock=clock)
         self.grad_uses += 1
         return grad_q, grad_E_q
 

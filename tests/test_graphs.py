@@ -1,0 +1,141 @@
+"""tritnet.graphs.CapturedStep: training steps replayed from CUDA graphs are the eager steps,
+bit for bit, including the steps that must run eagerly (code restarts, index rebuilds)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tritnet import backend, data as tdata
+from tritnet import random as trandom
+from tritnet.config import preset
+from tritnet.graphs import CapturedStep, CaptureError
+from tritnet.nn.tables import TernaryVQCodebook
+from tritnet.train import build, train
+
+try:
+    import cupy
+    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:  # pragma: no cover - depends on the machine
+    cupy, HAVE_GPU = None, False
+
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a GPU")
+
+
+def test_a_cpu_model_is_refused_with_the_reason():
+    trandom.manual_seed(0)
+    model, optimizer = build(preset("tiny").override(d_model=32, n_heads=2, n_layers=1))
+    with pytest.raises(CaptureError, match="not on a CUDA device .* train it eagerly"):
+        CapturedStep(model, optimizer)
+
+
+def _config(search):
+    return preset("tiny").override(d_model=64, n_heads=2, n_layers=2, batch_size=4, seq_len=32,
+                                   steps=10, schedule="cosine", vq_search=search,
+                                   shared_vq_size=512, kgvq_size=128)
+
+
+def _pair(search):
+    """Two identical models on the GPU, restarting codes every 4 steps and (routed) rebuilding
+    the index every 5: steps that must run eagerly in the captured run."""
+    backend.set_device("cuda")
+    made = []
+    for _ in range(2):
+        trandom.manual_seed(0)
+        model, optimizer = build(_config(search))
+        for book in model.modules():
+            if isinstance(book, TernaryVQCodebook):
+                book.restart_every, book.index_refresh = 4, 5
+        made.append((model, optimizer))
+    return made
+
+
+def _state(model):
+    return {name: backend.to_numpy(b) for name, b in model.named_buffers()}
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("search", ["exact", "routed"])
+def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search):
+    (eager, eager_opt), (model, optimizer) = _pair(search)
+    step = CapturedStep(model, optimizer, warmup=2)
+    corpus = tdata.load_corpus(None)
+    batches = tdata.Batches(corpus, 4, 32, seed=3)
+    for i in range(12):
+        x, y = batches.get("train")
+        loss, ce = eager.loss(x, y)
+        loss.backward()
+        eager_opt.step()
+        got_loss, got_ce = step.forward_backward(x, y)
+        step.update()
+        assert float(got_loss) == float(loss.item()) and float(got_ce) == float(ce.item()), i
+        assert optimizer.step_count == eager_opt.step_count == i + 1
+        np.testing.assert_array_equal(backend.to_numpy(optimizer.clock),
+                                      backend.to_numpy(eager_opt.clock))
+    # warm-up (2) and restarts (steps 4, 8, 12) run eagerly; routed, also the steps that
+    # rebuild the index (after a refresh, and after a restart moved codes)
+    if search == "exact":
+        assert step.counts == {"eager": 5, "capture": 3, "replay": 4}, step.counts
+    assert step.counts["capture"] >= 2 and step.counts["replay"] >= 1, step.counts
+    want = _state(eager)
+    for name, got in _state(model).items():
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+    for a, b in zip(model.modules(), eager.modules()):
+        if isinstance(a, TernaryVQCodebook):
+            assert (a.steps_since_restart, a.steps_since_index) == \
+                (b.steps_since_restart, b.steps_since_index)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_a_dropped_step_applies_nothing_and_bad_batches_are_refused():
+    (_, _), (model, optimizer) = _pair("exact")
+    for book in model.modules():
+        if isinstance(book, TernaryVQCodebook):
+            book.restart_every = 100   # no eager restart step in this test
+    step = CapturedStep(model, optimizer, warmup=1)
+    batches = tdata.Batches(tdata.load_corpus(None), 4, 32, seed=3)
+    for _ in range(3):   # eager, capture, replay
+        step.forward_backward(*batches.get("train"))
+        step.update()
+    assert step.counts == {"eager": 1, "capture": 1, "replay": 1}
+    before, count = _state(model), optimizer.step_count
+    step.forward_backward(*batches.get("train"))   # a replay, then the loop drops it
+    step.drop()
+    for name, got in _state(model).items():
+        np.testing.assert_array_equal(got, before[name], err_msg=name)
+    assert optimizer.step_count == count
+    x, y = batches.get("train")
+    with pytest.raises(CaptureError, match=r"tokens of shape \(2, 32\), but the captured step "
+                                           r"takes \(4, 32\)"):
+        step.forward_backward(x[:2], y[:2])
+    bad = x.copy()
+    bad[1, 3] = 300
+    with pytest.raises(IndexError, match="tokens hold id 300, out of range for the vocabulary "
+                                         "of 256"):
+        step.forward_backward(bad, y)
+    for name, got in _state(model).items():
+        np.testing.assert_array_equal(got, before[name], err_msg=name)
+    step.forward_backward(x, y)
+    with pytest.raises(CaptureError, match="forward_backward called twice"):
+        step.forward_backward(x, y)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_train_with_and_without_graphs_is_the_same_run(tmp_path):
+    """`tritnet train` on the GPU: cuda_graph (the default) and eager steps log the same
+    losses and end on the same held-out number."""
+    config = preset("tiny").override(steps=12, eval_every=6, save_every=0, batch_size=8,
+                                     seq_len=32)
+    runs = {}
+    for graphs in (True, False):
+        out = tmp_path / str(graphs)
+        lines = []
+        summary = train(config.override(cuda_graph=graphs), out_dir=str(out), device="cuda",
+                        progress=False, log=lines.append)
+        assert any("CUDA graphs" in line for line in lines) == graphs
+        rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[graphs] = ([r.get("loss") for r in rows], summary["val_bpb"])
+    assert runs[True] == runs[False]
