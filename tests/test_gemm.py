@@ -3,15 +3,10 @@
 import numpy as np
 import pytest
 
+from tritnet import backend
 from tritnet_kernels import gemm
 
-try:
-    import cupy
-    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # pragma: no cover - depends on the machine
-    cupy, HAVE_GPU = None, False
-
-needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a GPU")
+cupy = backend.cupy   # None without CuPy: the `cuda` tests then skip (tests/conftest.py)
 
 
 def test_numpy_arrays_take_numpy_matmul():
@@ -52,7 +47,6 @@ def _layouts(rng, dtype):
 
 
 @pytest.mark.cuda
-@needs_gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cuda_matmul_matches_cupy_on_every_layout(dtype):
     rng = np.random.default_rng(1)
@@ -67,7 +61,6 @@ def test_cuda_matmul_matches_cupy_on_every_layout(dtype):
 
 
 @pytest.mark.cuda
-@needs_gpu
 def test_cuda_matmul_out_tf32_and_fallbacks():
     rng = np.random.default_rng(2)
     a = cupy.asarray(rng.standard_normal((64, 96)).astype(np.float32))
@@ -97,7 +90,6 @@ def test_cuda_matmul_out_tf32_and_fallbacks():
 
 
 @pytest.mark.cuda
-@needs_gpu
 def test_cuda_matmul_is_captured_in_a_graph_and_replays_on_new_inputs():
     rng = np.random.default_rng(3)
     a = cupy.asarray(rng.standard_normal((4, 32, 16)).astype(np.float32))

@@ -13,15 +13,6 @@ from tritnet.graphs import CapturedStep, CaptureError
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.train import build, train
 
-try:
-    import cupy
-    HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # pragma: no cover - depends on the machine
-    cupy, HAVE_GPU = None, False
-
-needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a GPU")
-
-
 def test_a_cpu_model_is_refused_with_the_reason():
     trandom.manual_seed(0)
     model, optimizer = build(preset("tiny").override(d_model=32, n_heads=2, n_layers=1))
@@ -55,7 +46,6 @@ def _state(model):
 
 
 @pytest.mark.cuda
-@needs_gpu
 @pytest.mark.parametrize("search", ["exact", "routed"])
 def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search):
     (eager, eager_opt), (model, optimizer) = _pair(search)
@@ -88,7 +78,6 @@ def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search):
 
 
 @pytest.mark.cuda
-@needs_gpu
 def test_cuda_a_dropped_step_applies_nothing_and_bad_batches_are_refused():
     (_, _), (model, optimizer) = _pair("exact")
     for book in model.modules():
@@ -123,7 +112,6 @@ def test_cuda_a_dropped_step_applies_nothing_and_bad_batches_are_refused():
 
 
 @pytest.mark.cuda
-@needs_gpu
 def test_cuda_train_with_and_without_graphs_is_the_same_run(tmp_path):
     """`tritnet train` on the GPU: cuda_graph (the default) and eager steps log the same
     losses and end on the same held-out number."""
