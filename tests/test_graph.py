@@ -423,7 +423,8 @@ def _cpu_twin_observe(state, src, dst, attr, n_buckets, slots, K):
     g._edge_bucket_cpu(src, np.int64(n_buckets), np.int64(K), buckets)
     order = np.argsort(buckets, kind="stable").astype(np.int64)
     counts = np.zeros(4, np.int64)
-    g._observe_edges_cpu(*state, order, buckets, src, dst, attr, np.int64(slots), counts)
+    g._observe_edges_cpu(*state, buckets[order], src[order], dst[order], attr[order],
+                         np.int64(slots), counts)
     return state + [counts]
 
 

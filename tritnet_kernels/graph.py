@@ -50,8 +50,10 @@ and scores stay in 0..127.
 
 Determinism: buckets are independent, so the result equals applying the observations one by
 one in their given order, on every device. The wrapper hashes the sources, sorts the
-observations stably by bucket, and the kernel gives each run of equal buckets to one thread
-(the thread at the run's first sorted position), which applies the run in order. Finding the
+observations stably by bucket (and gathers them in that order, so that a run reads its
+observations one after another rather than through the permutation: a code book's popular
+code makes one run of thousands), and the kernel gives each run of equal buckets to one
+thread (the thread at the run's first sorted position), which applies the run in order. Finding the
 runs' heads in the kernel, rather than building per-bucket offsets, keeps the call free of
 host syncs (offsets would need the number of touched buckets on the host). No atomics touch
 the edge state; CPU and GPU results are bit-identical.
@@ -223,28 +225,27 @@ def edge_bucket_reference(codes, n_buckets, K):
 
 
 @numba.njit(cache=True)
-def _observe_run(edge_src, edge_dst, edge_attr, edge_score, order, obs_bucket, obs_src, obs_dst,
+def _observe_run(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, obs_src, obs_dst,
                  obs_attr, slots, start):
-    """Apply the run of observations of one bucket that begins at sorted position `start`, in
-    order. Returns (admitted, reinforced, evicted, aged)."""
-    n = order.shape[0]
+    """Apply the run of observations of one bucket that begins at position `start` of the
+    observations sorted by bucket, in order. Returns (admitted, reinforced, evicted, aged)."""
+    n = obs_bucket.shape[0]
     i = np.int64(start)
-    bucket = obs_bucket[order[i]]
+    bucket = obs_bucket[i]
     base = bucket * slots
     admitted = 0
     reinforced = 0
     evicted = 0
     aged = 0
     while i < n:
-        j = order[i]
-        if obs_bucket[j] != bucket:
+        if obs_bucket[i] != bucket:
             break
+        a = np.int64(obs_src[i])
+        b = np.int64(obs_dst[i])
+        sign = np.int64(obs_attr[i])
         i += 1
-        a = np.int64(obs_src[j])
-        b = np.int64(obs_dst[j])
         if a == b:
             continue
-        sign = np.int64(obs_attr[j])
         match = -1
         empty = -1
         lowest = -1
@@ -287,13 +288,14 @@ _observe_run_dev = on_device(_observe_run)
 
 
 @numba.njit(parallel=True, cache=True)
-def _observe_edges_cpu(edge_src, edge_dst, edge_attr, edge_score, order, obs_bucket, obs_src,
+def _observe_edges_cpu(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, obs_src,
                        obs_dst, obs_attr, slots, counts):
+    # obs_*: the observations in bucket order (the wrapper's stable sort)
     admitted = 0
     reinforced = 0
     evicted = 0
     aged = 0
-    for p in numba.prange(order.shape[0]):
+    for p in numba.prange(obs_bucket.shape[0]):
         i = np.int64(p)  # prange's index may be unsigned; i - 1 must stay an integer
         # Per-run counts added at the top of the loop body: numba 0.68 loses reductions made
         # inside a branch (see tables._sparse_ternary_update_cpu).
@@ -301,9 +303,9 @@ def _observe_edges_cpu(edge_src, edge_dst, edge_attr, edge_score, order, obs_buc
         re = 0
         ev = 0
         ag = 0
-        if i == 0 or obs_bucket[order[i]] != obs_bucket[order[i - 1]]:
-            ad, re, ev, ag = _observe_run(edge_src, edge_dst, edge_attr, edge_score, order,
-                                          obs_bucket, obs_src, obs_dst, obs_attr, slots, i)
+        if i == 0 or obs_bucket[i] != obs_bucket[i - 1]:
+            ad, re, ev, ag = _observe_run(edge_src, edge_dst, edge_attr, edge_score, obs_bucket,
+                                          obs_src, obs_dst, obs_attr, slots, i)
         admitted += ad
         reinforced += re
         evicted += ev
@@ -315,11 +317,12 @@ def _observe_edges_cpu(edge_src, edge_dst, edge_attr, edge_score, order, obs_buc
 
 
 @cuda.jit(cache=True)
-def _observe_edges_cuda(edge_src, edge_dst, edge_attr, edge_score, order, obs_bucket, obs_src,
+def _observe_edges_cuda(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, obs_src,
                         obs_dst, obs_attr, slots, counts):
     # A thread per sorted position; the thread at the head of a bucket's run applies the whole
-    # run, so one bucket is only ever written by one thread. Simple rather than fast: the work
-    # per call is O(observations * slots), small next to the matmuls of the same step.
+    # run, so one bucket is only ever written by one thread. The runs are serial (the rule is
+    # order-dependent): a hot bucket's run is the kernel's time, so it reads the observations
+    # in sorted order, one cache line after another.
     block_counts = cuda.shared.array(4, numba.int64)
     if cuda.threadIdx.x < 4:
         block_counts[cuda.threadIdx.x] = 0
@@ -328,9 +331,9 @@ def _observe_edges_cuda(edge_src, edge_dst, edge_attr, edge_score, order, obs_bu
     reinforced = 0
     evicted = 0
     aged = 0
-    for i in range(cuda.grid(1), order.shape[0], cuda.gridsize(1)):
-        if i == 0 or obs_bucket[order[i]] != obs_bucket[order[i - 1]]:
-            ad, re, ev, ag = _observe_run_dev(edge_src, edge_dst, edge_attr, edge_score, order,
+    for i in range(cuda.grid(1), obs_bucket.shape[0], cuda.gridsize(1)):
+        if i == 0 or obs_bucket[i] != obs_bucket[i - 1]:
+            ad, re, ev, ag = _observe_run_dev(edge_src, edge_dst, edge_attr, edge_score,
                                               obs_bucket, obs_src, obs_dst, obs_attr, slots, i)
             admitted += ad
             reinforced += re
@@ -378,8 +381,8 @@ def observe_edges(edge_src, edge_dst, edge_attr, edge_score, obs_src, obs_dst, o
 
     `check=False` skips the range checks of obs_src, obs_dst and obs_attr (reductions and a
     host sync on the GPU): pass it only for codes and signs produced by trusted kernels.
-    Cost: one hash launch, one stable argsort of n bucket ids, one launch that does
-    O(n * slots) work; independent of K.
+    Cost: one hash launch, one stable argsort of n bucket ids, four gathers into its order,
+    one launch that does O(n * slots) work (serial within a bucket); independent of K.
     """
     op = "observe_edges"
     dev = target(edge_src, edge_dst, edge_attr, edge_score, obs_src, obs_dst, obs_attr, counts,
@@ -411,9 +414,8 @@ def observe_edges(edge_src, edge_dst, edge_attr, edge_score, obs_src, obs_dst, o
     # Stable: within a bucket the observations keep their order (CuPy's argsort is always a
     # stable sort and takes no `kind`).
     order = xp.argsort(obs_bucket, kind="stable") if xp is np else xp.argsort(obs_bucket)
-    order = order.astype(np.int64, copy=False)
-    args = (edge_src, edge_dst, edge_attr, edge_score, order, obs_bucket, obs_src, obs_dst,
-            obs_attr, np.int64(slots), counts)
+    args = (edge_src, edge_dst, edge_attr, edge_score, obs_bucket[order], obs_src[order],
+            obs_dst[order], obs_attr[order], np.int64(slots), counts)
     if dev == "cpu":
         _observe_edges_cpu(*args)
     else:
