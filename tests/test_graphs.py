@@ -78,6 +78,38 @@ def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("half", ["forward_backward", "update"])
+def test_cuda_a_failed_capture_falls_back_to_eager_steps(half):
+    """A step that syncs with the host cannot be captured: the half-captured step's host state
+    is put back, it and every later step run eagerly, and training is still the eager run's,
+    bit for bit."""
+    (eager, eager_opt), (model, optimizer) = _pair("exact")
+    if half == "update":   # the optimiser reads its clock on the host: a sync
+        advance = optimizer._advance_clock
+        optimizer._advance_clock = lambda: (int(optimizer.clock[0]), advance())
+    else:                  # the head asks the host for its input's sum
+        head = model.head.forward
+        model.head.forward = lambda x, *a: (float(x.data.sum()), head(x, *a))[1]
+    logged = []
+    step = CapturedStep(model, optimizer, warmup=2, log=logged.append)
+    batches = tdata.Batches(tdata.load_corpus(None), 4, 32, seed=3)
+    for i in range(6):
+        x, y = batches.get("train")
+        loss, _ = eager.loss(x, y)
+        loss.backward()
+        eager_opt.step()
+        got, _ = step.forward_backward(x, y)
+        step.update()
+        assert float(got) == float(loss.item()), i
+    assert step.counts == {"eager": 6, "capture": 0, "replay": 0}, step.counts
+    assert "capturing" in step.failed and len(logged) == 1 and "CUDA graphs off" in logged[0]
+    assert optimizer.step_count == eager_opt.step_count == 6
+    want = _state(eager)
+    for name, got in _state(model).items():
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+
+
+@pytest.mark.cuda
 def test_cuda_a_dropped_step_applies_nothing_and_bad_batches_are_refused():
     (_, _), (model, optimizer) = _pair("exact")
     for book in model.modules():

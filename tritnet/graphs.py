@@ -30,7 +30,10 @@ CapturedStep lives (graph replays write them; nothing else may get them). It hol
 step's working set, beside the default pool's cached blocks from eager steps.
 
 Limits (checked, with a clear error): CuPy on a GPU; one micro-batch per step on one rank;
-every batch of one shape.
+every batch of one shape. A capture that fails (a code path that syncs with the host, a
+library that refuses capture) costs nothing but speed: the host state the half-captured step
+changed is put back, that step and every later one run eagerly, and `failed` (and `log`)
+says why.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class CapturedStep:
     `counts` says how many steps ran eagerly, were captured and were replayed.
     """
 
-    def __init__(self, model, optimizer, *, warmup: int = 3):
+    def __init__(self, model, optimizer, *, warmup: int = 3, log=None):
         if backend.cupy is None or not backend.is_cupy(optimizer.modules[0].T_packed):
             raise CaptureError("CapturedStep: the model is not on a CUDA device (CUDA graphs "
                                "need CuPy and a GPU); train it eagerly")
@@ -73,6 +76,8 @@ class CapturedStep:
         self.ticking = []                   # code books whose clocks a step advances
         self.mode = None                    # this step's: "eager", "capture" or "replay"
         self.counts = {"eager": 0, "capture": 0, "replay": 0}
+        self.failed = None                  # why capture failed (then every step is eager)
+        self.log = log
 
     # --- the two halves of a step ------------------------------------------------------
     def forward_backward(self, x, y):
@@ -82,29 +87,26 @@ class CapturedStep:
         if self.mode in ("eager", "capture", "replay-pending"):
             raise CaptureError("CapturedStep: forward_backward called twice; call update() or "
                                "drop() after each")
-        # (only the books a step uses count: an unused one's restart is never applied)
         self._check_batch(x, y)
-        if self.counts["eager"] < self.warmup or any(b.host_work_due() for b in self.ticking):
-            self.graphs = None   # host work may move arrays the graphs read: capture again
-            self.mode = "eager"
-            loss, ce = self.model.loss(x, y)
-            loss.backward()
-            return loss.data, ce.data
+        # (only the books a step uses count: an unused one's restart is never applied)
+        if (self.failed or self.counts["eager"] < self.warmup
+                or any(b.host_work_due() for b in self.ticking)):
+            return self._eager_forward_backward(x, y)
         if self.tokens is None:
             self.tokens = cupy.empty(x.shape, np.int64)
             self.targets = cupy.empty(y.shape, np.int64)
         self.tokens.set(x)
         self.targets.set(y)
         if self.graphs is None:
-            self.mode = "capture"
-            with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
-                self.stream.begin_capture()
-                try:
-                    loss, ce = self.model.loss(self.tokens, self.targets, check=False)
-                    loss.backward()
-                finally:
-                    graph = self.stream.end_capture()
-            self.loss, self.ce, self.graphs = loss.data, ce.data, (graph, None)
+            def forward_backward():
+                loss, ce = self.model.loss(self.tokens, self.targets, check=False)
+                loss.backward()
+                self.loss, self.ce = loss.data, ce.data
+
+            graph = self._capture(forward_backward)
+            if graph is None:
+                return self._eager_forward_backward(x, y)
+            self.mode, self.graphs = "capture", (graph, None)
         else:
             self.mode = "replay-pending"
         self.graphs[0].launch(cupy.cuda.get_current_stream())
@@ -119,14 +121,13 @@ class CapturedStep:
         if mode == "eager":
             self.optimizer.step()
         elif mode == "capture":
-            with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
-                self.stream.begin_capture()
-                try:
-                    self.optimizer.step()
-                finally:
-                    graph = self.stream.end_capture()
-            self.graphs = (self.graphs[0], graph)
-            graph.launch(cupy.cuda.get_current_stream())
+            graph = self._capture(self.optimizer.step)
+            if graph is None:   # the forward and backward graph ran: apply its gradients
+                self.optimizer.step()
+                mode = "eager"
+            else:
+                self.graphs = (self.graphs[0], graph)
+                graph.launch(cupy.cuda.get_current_stream())
         elif mode == "replay-pending":
             self.graphs[1].launch(cupy.cuda.get_current_stream())
             self._tick()
@@ -141,6 +142,40 @@ class CapturedStep:
             self.graphs = None   # half captured: capture both again next time
         self.optimizer.zero_grad()
         self.mode = None
+
+    def _eager_forward_backward(self, x, y):
+        self.graphs = None   # host work may move arrays the graphs read: capture again
+        self.mode = "eager"
+        loss, ce = self.model.loss(x, y)
+        loss.backward()
+        return loss.data, ce.data
+
+    def _capture(self, work):
+        """A graph of work() (None if capture failed: the host state work() changed is put back
+        and `failed` says why; nothing ran on the device)."""
+        cupy = backend.cupy
+        owners = [self.optimizer, *self.model.modules()]
+        # attributes as they were (lists copied: a forward appends to them in place)
+        saved = [{k: list(v) if isinstance(v, list) else v for k, v in vars(o).items()}
+                 for o in owners]
+        try:
+            with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
+                self.stream.begin_capture()
+                try:
+                    work()
+                finally:
+                    graph = self.stream.end_capture()
+            return graph
+        except Exception as e:   # whatever refused capture: train on, eagerly
+            for owner, attributes in zip(owners, saved):
+                vars(owner).clear()
+                vars(owner).update(attributes)
+            self.graphs = None
+            self.failed = f"{type(e).__name__}: {e}"
+            if self.log is not None:
+                self.log(f"CUDA graphs off: capturing a step failed ({self.failed}); training "
+                         "goes on with eager steps")
+            return None
 
     # --- what a replay leaves to the host ----------------------------------------------
     def _tick(self):

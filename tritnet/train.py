@@ -368,7 +368,7 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             f"{config.seq_len} tokens a step")
     captured = None
     if config.cuda_graph and backend.device() == "cuda" and shards == 1:
-        captured = CapturedStep(model, optimizer)
+        captured = CapturedStep(model, optimizer, log=log)
         log("steps replay from CUDA graphs after 3 eager ones (cuda_graph; eager again on "
             "steps that restart codes or rebuild an index)")
 
