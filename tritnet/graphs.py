@@ -27,7 +27,9 @@ step, and after the first `warmup` steps, which compile kernels and fill caches.
 
 Memory: the graphs' intermediate arrays come from a memory pool of their own, kept while the
 CapturedStep lives (graph replays write them; nothing else may get them). It holds one
-step's working set, beside the default pool's cached blocks from eager steps.
+step's working set; once both graphs are captured, the default pool's cached blocks (the
+eager steps' working set) are given back to the device, so the process holds one working
+set, not two. An eager step later (a restart) allocates its own again, for that step.
 
 Limits (checked, with a clear error): CuPy on a GPU; one micro-batch per step on one rank;
 every batch of one shape. A capture that fails (a code path that syncs with the host, a
@@ -128,6 +130,9 @@ class CapturedStep:
             else:
                 self.graphs = (self.graphs[0], graph)
                 graph.launch(cupy.cuda.get_current_stream())
+                # The eager steps' cached blocks are idle now that the graphs hold a pool of
+                # their own: give them back, or the process would hold two working sets.
+                cupy.get_default_memory_pool().free_all_blocks()
         elif mode == "replay-pending":
             self.graphs[1].launch(cupy.cuda.get_current_stream())
             self._tick()
