@@ -188,8 +188,7 @@ class CapturedStep:
         device half, the clock included, was in the graph)."""
         for book in self.ticking:
             book.tick()
-        self.optimizer.step_count += 1
-        self.optimizer._sync_modules()
+        self.optimizer.count_step()
 
     def _check_batch(self, x, y):
         """Every batch, eager or not: the shape of the graphs' input buffers once they exist,

@@ -161,9 +161,15 @@ class TritFlip:
         for m in self.observers:
             m.apply_observations()
         self._advance_clock()
+        self.count_step()
+        return flips
+
+    def count_step(self) -> None:
+        """The host's half of a step: its count, and the modules' view of it (the device's
+        half advanced the clock). A replayed CUDA graph of step() leaves this to the host
+        (tritnet/graphs.py)."""
         self.step_count += 1
         self._sync_modules()
-        return flips
 
     def zero_grad(self) -> None:
         """Drop the step's pending gradients and observations (nothing is applied)."""
