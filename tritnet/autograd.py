@@ -400,8 +400,8 @@ def once_per_recompute(compute):
     """`compute()`, run once per training forward even inside a recomputed block.
 
     For non-differentiable work a block repeats identically when backward re-runs it -- a
-    code-book search, the expert counts that cost a host sync: the first (tape-less) run keeps
-    the result and the re-run takes it back instead of computing it again, in call order.
+    code-book search: the first (tape-less) run keeps the result and the re-run takes it back
+    instead of computing it again, in call order.
     Outside recomputation it simply calls `compute()`. The result must depend only on the
     block's inputs and on state that does not change within the step (recompute's contract),
     so training stays bit-identical; the kept results (index arrays) live until the re-run.

@@ -9,11 +9,11 @@ so its GEMMs capture like any kernel. The same path runs outside capture, so a r
 graph computes what the eager step computed, bit for bit.
 
 Semantics: np.matmul's for a (..., M, K) and b (..., K, N) with batch dimensions that
-broadcast, both float32 or both float64. An operand's matrices may be row- or column-major (a transposed
-view costs nothing); other layouts are copied first. Other dtypes go to cupy.matmul (not
-capturable). `out` may be any view of the right shape and dtype (one not C-contiguous
-receives a copy). Float32 products use TF32 tensor cores when `set_precision("tf32")`, as
-tritnet.backend.set_matmul_precision sets it for CuPy too.
+broadcast, both float32 or both float64. An operand's matrices may be row- or column-major
+(a transposed view costs nothing); other layouts are copied first. Other dtypes go to
+cupy.matmul (not capturable). `out` may be any view of the right shape and dtype (one not
+C-contiguous receives a copy). Float32 products use TF32 tensor cores after
+`set_precision("tf32")`, which tritnet.backend.set_matmul_precision calls.
 """
 
 from __future__ import annotations
