@@ -117,6 +117,9 @@ def main():
                         help="recompute each block in backward (default: the preset's)")
     parser.add_argument("--matmul-precision", choices=("fp32", "tf32"),
                         help="float32 products on the GPU (default: the preset's, tf32)")
+    parser.add_argument("--expert-capacity", type=float,
+                        help="MoE expert capacity in fair shares (default: the preset's, 0: "
+                        "every token fits)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="replay the timed steps from CUDA graphs, as `tritnet train` does "
                         "(default: the config's, on); phase 2 always runs eagerly")
@@ -136,7 +139,8 @@ def main():
     config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len,
                                           recompute=args.recompute,
                                           matmul_precision=args.matmul_precision,
-                                          cuda_graph=args.cuda_graph)
+                                          cuda_graph=args.cuda_graph,
+                                          expert_capacity=args.expert_capacity)
     trandom.manual_seed(config.seed)
     corpus = tdata.load_corpus(None)
     batches = tdata.Batches(corpus, config.batch_size, config.seq_len, seed=1)
@@ -239,7 +243,8 @@ def main():
     tag = f"{args.preset}-{config.batch_size}x{config.seq_len}" + \
         ("-recompute" if config.recompute else "") + \
         ("-fp32" if config.matmul_precision == "fp32" else "") + \
-        ("-graph" if captured is not None else "")
+        ("-graph" if captured is not None else "") + \
+        (f"-cap{config.expert_capacity:g}" if config.expert_capacity else "")
     path = os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
                         f"step-{tag}-{name.lower().replace(' ', '-')}.json")
     with open(path, "w") as fh:

@@ -114,13 +114,27 @@ def test_routing_without_a_sort_is_a_stable_sort(device):
         np.testing.assert_array_equal(slot_token[slot], np.arange(N * k) // k)
         unused = np.setdiff1d(np.arange(6 * N), slot)
         assert (slot_token[unused] == 0).all()
+    # a capacity of C slots an expert: its first C entries in token order run, the rest go
+    # to the sink slot 6·C
+    experts = np.argsort(-probs, axis=1, kind="stable")[:, :2].reshape(-1)
+    C = 120
+    slot, slot_token = (backend.to_numpy(a) for a in expert_slots(xp.asarray(experts), 6, 2, C))
+    assert slot_token.shape == (6 * C,)
+    for e in range(6):
+        mine = np.flatnonzero(experts == e)
+        kept = mine[:C]
+        np.testing.assert_array_equal(slot[kept], e * C + np.arange(kept.size))
+        np.testing.assert_array_equal(slot_token[slot[kept]], kept // 2)
+        assert (slot[mine[C:]] == 6 * C).all()
+    assert (slot == 6 * C).sum() == sum(max(0, (experts == e).sum() - C) for e in range(6)) > 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_experts_run_each_token_on_its_chosen_experts(device):
     """The fixed expert slots compute the routed mixture: token t gets the sum over its k
     choices of gate · expert(h_t), and the gradient reaches h through the chosen experts only
-    (float64 central differences, routing held fixed)."""
+    (float64 central differences, routing held fixed); with an expert capacity, the entries
+    past it add nothing."""
     from tritnet.autograd import no_grad
     from tritnet.gradcheck import check_backward
     trandom.manual_seed(5)
@@ -138,6 +152,19 @@ def test_experts_run_each_token_on_its_chosen_experts(device):
     want = sum(g[:, j, None] * every[c[:, j], np.arange(10)] for j in range(2))
     np.testing.assert_allclose(backend.to_numpy(out.data), want, rtol=1e-10, atol=1e-12)
     assert len(set(c[:, 0].tolist())) > 1   # several experts in use
+    check_backward(lambda h: moe.experts_forward(h, choice, fixed_gates), [h])
+    # with a capacity of one fair share (5 rows an expert here), entries past it drop out
+    moe.expert_capacity = 1.0
+    C = 5
+    dropped = np.zeros(c.shape, bool)
+    for e in range(4):
+        mine = np.flatnonzero(c.reshape(-1) == e)
+        dropped.reshape(-1)[mine[C:]] = True
+    assert dropped.any() and not dropped.all()
+    out = moe.experts_forward(h, choice, fixed_gates)
+    want = sum(np.where(dropped[:, j, None], 0.0, g[:, j, None] * every[c[:, j], np.arange(10)])
+               for j in range(2))
+    np.testing.assert_allclose(backend.to_numpy(out.data), want, rtol=1e-10, atol=1e-12)
     check_backward(lambda h: moe.experts_forward(h, choice, fixed_gates), [h])
 
 
@@ -291,6 +318,10 @@ def test_config_validation_names_field_value_and_range():
         preset("tiny").override(learning_rate=3)
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset("huge")
+    with pytest.raises(ConfigError, match=r"expert_capacity = 0.5 is below one fair share: "
+                                          r"expected 0 \(no dropping\) or at least 1"):
+        preset("tiny").override(expert_capacity=0.5)
+    assert preset("tiny").override(expert_capacity=1.25).expert_capacity == 1.25
 
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])

@@ -37,6 +37,10 @@ class Config:
     n_experts: int = 4             # MoEGraph partitions: routing centroids and ternary experts
     expert_hidden: int = 256
     top_k: int = 2                 # experts per token
+    expert_capacity: float = 0.0   # rows an expert runs on, in fair shares (tokens · top_k /
+                                   # n_experts); entries past it, in token order, are dropped
+                                   # (Switch Transformer's capacity factor). 0: every token
+                                   # fits (all tokens' rows: n_experts / top_k fair shares)
     codebook_dim: int = 64         # CODEBOOK_DIM
     shared_vq_size: int = 4096     # SHARED_VQ_SIZE
     kgvq_size: int = 1024          # KGVQ_CODEBOOK_SIZE
@@ -110,6 +114,9 @@ class Config:
         if self.d_model % self.n_heads:
             raise ConfigError(f"config field d_model = {self.d_model} must be divisible by "
                               f"n_heads = {self.n_heads}")
+        if 0 < self.expert_capacity < 1:
+            raise ConfigError(f"config field expert_capacity = {self.expert_capacity} is below "
+                              "one fair share: expected 0 (no dropping) or at least 1")
         if self.top_k > self.n_experts:
             raise ConfigError(f"config field top_k = {self.top_k} exceeds n_experts = "
                               f"{self.n_experts}")
@@ -167,6 +174,7 @@ _RANGES = {
     "expert_hidden": (1, 1 << 20), "top_k": (1, 64), "codebook_dim": (1, 4096),
     "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
     "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
+    "expert_capacity": (0.0, 4096.0),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
     "decay_shift": (0, 7), "grad_rms_units": (1, 127), "grad_clip_units": (0, 127),
     "final_grad_rms_units": (0.001, 127.0), "batch_size": (1, 1 << 20),

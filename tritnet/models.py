@@ -175,9 +175,10 @@ class MoEGraph(Module):
     """
 
     def __init__(self, d_model: int, codebook_size: int, *, n_experts: int, expert_hidden: int,
-                 top_k: int, code_dim: int, slots: int, capacity: int = 0, device=None):
+                 top_k: int, code_dim: int, slots: int, capacity: int = 0,
+                 expert_capacity: float = 0.0, device=None):
         super().__init__()
-        self.n_experts, self.top_k = n_experts, top_k
+        self.n_experts, self.top_k, self.expert_capacity = n_experts, top_k, expert_capacity
         self.router = TernaryEmbeddingTable(n_experts, d_model, device)
         self.experts = ModuleList([Expert(d_model, expert_hidden, device)
                                    for _ in range(n_experts)])
@@ -205,18 +206,25 @@ class MoEGraph(Module):
     def experts_forward(self, h: Tensor, choice, gates: Tensor) -> Tensor:
         """Run each expert once on the tokens routed to it; combine with the gates.
 
-        Each expert runs on N rows, N the tokens (no token picks an expert twice, so N bounds
-        what an expert can get): its tokens, then padding rows that read token 0 and whose
-        outputs nobody reads, so they get no gradient. Fixed shapes, whatever the routing:
-        no host sync, and a step a CUDA graph can capture, for n_experts / top_k times the
-        expert rows of exact grouping (2x on the small preset, 4x on the default).
+        Each expert runs on C rows: its tokens, then padding rows that read token 0 and whose
+        outputs nobody reads, so they get no gradient. Fixed shapes, whatever the routing: no
+        host sync, and a step a CUDA graph can capture. C = N, the tokens, by default (no
+        token picks an expert twice, so every token fits), for n_experts / top_k times the
+        rows of exact grouping (2x on the small preset, 4x on the default); with
+        expert_capacity c > 0, C = min(N, ceil(c · N·top_k / n_experts)) and an expert's
+        entries past C, in token order, are dropped: their term of the sum is 0.
         """
         N, k = choice.shape
-        slot, slot_token = expert_slots(choice.reshape(-1), self.n_experts, k)
-        xs = F.take(h, slot_token, check=False)  # (n_experts·N, d); tokens: in range
-        ys = F.concat([expert(xs[e * N:(e + 1) * N]) for e, expert in enumerate(self.experts)],
-                      axis=0)
-        ys = F.take(ys, slot, check=False).reshape(N, k, h.shape[-1])
+        E = self.n_experts
+        C = N if not self.expert_capacity else min(N, math.ceil(
+            self.expert_capacity * N * k / E))
+        slot, slot_token = expert_slots(choice.reshape(-1), E, k, C)
+        xs = F.take(h, slot_token, check=False)  # (E·C, d); tokens: in range
+        outs = [expert(xs[e * C:(e + 1) * C]) for e, expert in enumerate(self.experts)]
+        if C < N:   # dropped entries read a zero row after the experts' rows
+            outs.append(Tensor(backend.get_array_module(h.data).zeros((1, h.shape[-1]),
+                                                                      h.dtype)))
+        ys = F.take(F.concat(outs, axis=0), slot, check=False).reshape(N, k, h.shape[-1])
         return (ys * gates.reshape(N, k, 1)).sum(axis=1)
 
     def forward(self, x: Tensor, memory: TernaryVQCodebook | None):
@@ -266,25 +274,25 @@ def top_k(probs, k: int):
     return xp.stack([(rank == r).argmax(axis=-1) for r in range(k)], axis=-1)
 
 
-def expert_slots(experts, n_experts: int, k: int):
+def expert_slots(experts, n_experts: int, k: int, capacity: int | None = None):
     """Where each routed entry runs: (slot, slot_token) for expert ids `experts` (N·k,), the
-    flattened (N, k) choices of N tokens.
+    flattened (N, k) choices of N tokens, C = capacity slots an expert (default N: all fit).
 
-    Expert e owns slots e·N ... e·N + N - 1. Entry i (token i // k) takes slot e·N + r, r the
+    Expert e owns slots e·C ... e·C + C - 1. Entry i (token i // k) takes slot e·C + r, r the
     number of e's entries before i: each expert's tokens in their original order, then its
-    unused slots. slot int64 (N·k,); slot_token int64 (n_experts·N,) is the token of each
-    slot, 0 for an unused one. No sort and no host sync: r is a running count of the
-    expert-major one-hot.
+    unused slots; an entry with r >= C is dropped, to slot n_experts·C (past every expert's).
+    slot int64 (N·k,); slot_token int64 (n_experts·C,) is the token of each slot, 0 for an
+    unused one. No sort and no host sync: r is a running count of the expert-major one-hot.
     """
     xp = backend.get_array_module(experts)
     n = experts.shape[0]
-    N = n // k
+    C = n // k if capacity is None else capacity
     onehot = experts[None, :] == xp.arange(n_experts)[:, None]          # (E, n)
-    running = xp.cumsum(onehot, axis=1, dtype=np.int64)                 # e's entries up to i
-    slot = experts * N + running[experts, xp.arange(n)] - 1
-    slot_token = xp.zeros(n_experts * N, np.int64)
+    rank = xp.cumsum(onehot, axis=1, dtype=np.int64)[experts, xp.arange(n)] - 1
+    slot = xp.where(rank < C, experts * C + rank, n_experts * C)
+    slot_token = xp.zeros(n_experts * C + 1, np.int64)   # + the dropped entries' sink
     slot_token[slot] = xp.arange(n) // k
-    return slot, slot_token
+    return slot, slot_token[:-1]
 
 
 class Block(Module):
@@ -303,7 +311,8 @@ class Block(Module):
         self.moe = MoEGraph(c.d_model, c.shared_vq_size, n_experts=c.n_experts,
                             expert_hidden=c.expert_hidden, top_k=c.top_k,
                             code_dim=c.codebook_dim, slots=c.graph_slots,
-                            capacity=c.graph_capacity, device=device)
+                            capacity=c.graph_capacity, expert_capacity=c.expert_capacity,
+                            device=device)
         self.moe.use_edges = c.use_graph_edges
 
     def forward(self, x: Tensor, memory):
