@@ -429,6 +429,26 @@ def _cpu_twin_observe(state, src, dst, attr, n_buckets, slots, K):
 
 
 @pytest.mark.cudasim
+@pytest.mark.parametrize("slots", [3, 5])
+def test_sim_hot_bucket_takes_every_path_of_the_rule(slots):
+    """One bucket takes every observation (a popular code): reinforcements, admissions into
+    empty slots, ageing of a full bucket and evictions at score 0, in the order the rule
+    gives them, as the CPU twin and the reference apply them one by one."""
+    rng = np.random.default_rng(slots)
+    K = 50
+    state = list(g.empty_edges(1, slots))
+    src = np.full(90, 7, np.int32)
+    dst = rng.choice(np.array([1, 2, 3, 4, 5, 6, 7, 8, 9], np.int32), 90)  # 7: self, skipped
+    attr = rng.choice(np.array([-1, 1], np.int8), 90)
+    want = _cpu_twin_observe(state, src, dst, attr, 1, slots, K)
+    truth = g.observe_edges_reference(*state, src, dst, attr, 1, slots, K)
+    counts = g.observe_edges(*state, src, dst, attr, 1, slots, K)
+    assert_state_equal(state + [counts], want)
+    assert_state_equal(state + [counts], list(truth))
+    assert (counts > 0).all(), counts   # admitted, reinforced, evicted, aged: each happened
+
+
+@pytest.mark.cudasim
 @pytest.mark.parametrize("K,n_buckets,slots", [(12, 12, 2), (1000, 3, 2), (40, 5, 1)])
 def test_sim_observe_bucket_and_neighbors(K, n_buckets, slots):
     rng = np.random.default_rng(K)

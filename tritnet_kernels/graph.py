@@ -52,8 +52,9 @@ Determinism: buckets are independent, so the result equals applying the observat
 one in their given order, on every device. The wrapper hashes the sources, sorts the
 observations stably by bucket (and gathers them in that order, so that a run reads its
 observations one after another rather than through the permutation: a code book's popular
-code makes one run of thousands), and the kernel gives each run of equal buckets to one
-thread (the thread at the run's first sorted position), which applies the run in order. Finding the
+code makes one run of thousands), and each run of equal buckets is applied in order by one
+worker: on the CPU a thread, on the GPU a block whose threads hold one slot each and scan
+them in parallel for each observation. Finding the
 runs' heads in the kernel, rather than building per-bucket offsets, keeps the call free of
 host syncs (offsets would need the number of touched buckets on the host). No atomics touch
 the edge state; CPU and GPU results are bit-identical.
@@ -316,40 +317,86 @@ def _observe_edges_cpu(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, ob
     counts[3] += aged
 
 
+_RUN_THREADS = 64   # a block per run, a thread per slot (slots <= 64)
+_NONE = 1 << 30     # "no such slot" in the block's shared minima
+
+
 @cuda.jit(cache=True)
 def _observe_edges_cuda(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, obs_src,
                         obs_dst, obs_attr, slots, counts):
-    # A thread per sorted position; the thread at the head of a bucket's run applies the whole
-    # run, so one bucket is only ever written by one thread. The runs are serial (the rule is
-    # order-dependent): a hot bucket's run is the kernel's time, so it reads the observations
-    # in sorted order, one cache line after another.
-    block_counts = cuda.shared.array(4, numba.int64)
-    if cuda.threadIdx.x < 4:
-        block_counts[cuda.threadIdx.x] = 0
-    cuda.syncthreads()
+    # A block per bucket run (the block of the run's first sorted position), a thread per
+    # slot. The rule is _observe_run's, applied observation after observation (it is
+    # order-dependent), but each observation's slot scan is parallel: the bucket's slots sit
+    # in the threads' registers from the run's start to its end, and three shared minima
+    # give the first matching slot, the first empty one and the first of the lowest score.
+    # A code book's popular code makes a run of thousands: this is that run's time.
+    first = cuda.shared.array(3, numba.int32)   # match, empty, lowest (score * 64 + slot)
+    t = cuda.threadIdx.x
+    n = obs_bucket.shape[0]
     admitted = 0
     reinforced = 0
     evicted = 0
     aged = 0
-    for i in range(cuda.grid(1), obs_bucket.shape[0], cuda.gridsize(1)):
-        if i == 0 or obs_bucket[i] != obs_bucket[i - 1]:
-            ad, re, ev, ag = _observe_run_dev(edge_src, edge_dst, edge_attr, edge_score,
-                                              obs_bucket, obs_src, obs_dst, obs_attr, slots, i)
-            admitted += ad
-            reinforced += re
-            evicted += ev
-            aged += ag
-    if admitted != 0:
-        cuda.atomic.add(block_counts, 0, admitted)
-    if reinforced != 0:
-        cuda.atomic.add(block_counts, 1, reinforced)
-    if evicted != 0:
-        cuda.atomic.add(block_counts, 2, evicted)
-    if aged != 0:
-        cuda.atomic.add(block_counts, 3, aged)
-    cuda.syncthreads()
-    if cuda.threadIdx.x < 4 and block_counts[cuda.threadIdx.x] != 0:
-        cuda.atomic.add(counts, cuda.threadIdx.x, block_counts[cuda.threadIdx.x])
+    start = cuda.blockIdx.x
+    while start < n:
+        if start == 0 or obs_bucket[start] != obs_bucket[start - 1]:
+            bucket = obs_bucket[start]
+            k = bucket * slots + t
+            mine = t < slots
+            src = np.int64(edge_src[k]) if mine else np.int64(0)
+            dst = np.int64(edge_dst[k]) if mine else np.int64(0)
+            attr = np.int64(edge_attr[k]) if mine else np.int64(0)
+            score = np.int64(edge_score[k]) if mine else np.int64(0)
+            i = start
+            while i < n and obs_bucket[i] == bucket:
+                a = np.int64(obs_src[i])
+                b = np.int64(obs_dst[i])
+                sign = np.int64(obs_attr[i])
+                i += 1
+                if a == b:
+                    continue
+                if t < 3:
+                    first[t] = _NONE
+                cuda.syncthreads()
+                if mine:
+                    if dst == -1:
+                        cuda.atomic.min(first, 1, t)
+                    elif dst == b and src == a:
+                        cuda.atomic.min(first, 0, t)
+                    else:
+                        cuda.atomic.min(first, 2, numba.int32(score * 64 + t))
+                cuda.syncthreads()
+                match, empty, lowest = first[0], first[1], first[2]
+                cuda.syncthreads()   # read before the next observation resets them
+                if match != _NONE:
+                    if t == match:
+                        score = min(score + 1, SCORE_MAX)
+                        attr = sign
+                    reinforced += 1
+                elif empty != _NONE or lowest // 64 == 0:
+                    if (empty if empty != _NONE else lowest % 64) == t:
+                        src, dst, attr, score = a, b, sign, np.int64(1)
+                    if empty == _NONE:
+                        evicted += 1
+                    admitted += 1
+                else:
+                    score -= 1
+                    aged += 1
+            if mine:
+                edge_src[k] = src
+                edge_dst[k] = dst
+                edge_attr[k] = attr
+                edge_score[k] = score
+        start += cuda.gridDim.x
+    if t == 0:   # every thread counted the same: thread 0 reports
+        if admitted != 0:
+            cuda.atomic.add(counts, 0, admitted)
+        if reinforced != 0:
+            cuda.atomic.add(counts, 1, reinforced)
+        if evicted != 0:
+            cuda.atomic.add(counts, 2, evicted)
+        if aged != 0:
+            cuda.atomic.add(counts, 3, aged)
 
 
 def _check_not_sharing(op, writes, reads):
@@ -419,7 +466,7 @@ def observe_edges(edge_src, edge_dst, edge_attr, edge_score, obs_src, obs_dst, o
     if dev == "cpu":
         _observe_edges_cpu(*args)
     else:
-        launch(_observe_edges_cuda, _blocks(n, _THREADS), _THREADS, *args)
+        launch(_observe_edges_cuda, min(n, 1 << 20), _RUN_THREADS, *args)
     return counts
 
 
