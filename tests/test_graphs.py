@@ -41,6 +41,19 @@ def _pair(search):
     return made
 
 
+def _steps(eager, eager_opt, step, batches, n):
+    """n steps of the same batches, eagerly and through `step`: yields the step's number with
+    ((loss, ce) eager, (loss, ce) of the CapturedStep) as floats."""
+    for i in range(n):
+        x, y = batches.get("train")
+        loss, ce = eager.loss(x, y)
+        loss.backward()
+        eager_opt.step()
+        got = step.forward_backward(x, y)
+        step.update()
+        yield i, (float(loss.item()), float(ce.item())), tuple(float(v) for v in got)
+
+
 def _state(model):
     return {name: backend.to_numpy(b) for name, b in model.named_buffers()}
 
@@ -52,14 +65,8 @@ def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search):
     step = CapturedStep(model, optimizer, warmup=2)
     corpus = tdata.load_corpus(None)
     batches = tdata.Batches(corpus, 4, 32, seed=3)
-    for i in range(12):
-        x, y = batches.get("train")
-        loss, ce = eager.loss(x, y)
-        loss.backward()
-        eager_opt.step()
-        got_loss, got_ce = step.forward_backward(x, y)
-        step.update()
-        assert float(got_loss) == float(loss.item()) and float(got_ce) == float(ce.item()), i
+    for i, want, got in _steps(eager, eager_opt, step, batches, 12):
+        assert got == want, i
         assert optimizer.step_count == eager_opt.step_count == i + 1
         np.testing.assert_array_equal(backend.to_numpy(optimizer.clock),
                                       backend.to_numpy(eager_opt.clock))
@@ -93,14 +100,8 @@ def test_cuda_a_failed_capture_falls_back_to_eager_steps(half):
     logged = []
     step = CapturedStep(model, optimizer, warmup=2, log=logged.append)
     batches = tdata.Batches(tdata.load_corpus(None), 4, 32, seed=3)
-    for i in range(6):
-        x, y = batches.get("train")
-        loss, _ = eager.loss(x, y)
-        loss.backward()
-        eager_opt.step()
-        got, _ = step.forward_backward(x, y)
-        step.update()
-        assert float(got) == float(loss.item()), i
+    for i, want, got in _steps(eager, eager_opt, step, batches, 6):
+        assert got == want, i
     assert step.counts == {"eager": 6, "capture": 0, "replay": 0}, step.counts
     assert "capturing" in step.failed and len(logged) == 1 and "CUDA graphs off" in logged[0]
     assert optimizer.step_count == eager_opt.step_count == 6
