@@ -337,6 +337,36 @@ def test_sim_top_codes_partitions_and_usage():
     np.testing.assert_array_equal(vq.count_usage(indices, usage), ref)
 
 
+@pytest.mark.cudasim
+def test_sim_top_codes_tiles_keep_the_best_so_far():
+    # a slice longer than a block's tile of 2048 codes: each later tile's candidates compete
+    # with the best k kept from the tiles before it
+    dim, K = 20, 2100
+    T_packed = book(K, dim, 11)
+    T_packed[2050:] = T_packed[:50]  # ties across the tiles
+    q = queries(2, dim, 12)
+    idx = vq.top_codes(q, T_packed, dim, 3)
+    np.testing.assert_array_equal(idx, vq.top_codes_reference(q, T_packed, dim, 3)[0])
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("dim", [20, 70])
+def test_sim_partition_search_many_queries_a_partition(dim):
+    # 40 queries on 2 partitions: pairs in more than one group of 32; dim 20 has one 32-trit
+    # group, dim 70 three (the groups past the two kept in registers)
+    K, P = 30, 3
+    T_packed = book(K, dim, 13)
+    offsets, codes = _partitions(K, P, 14)
+    q = queries(40, dim, 15)
+    probe = np.random.default_rng(16).integers(0, 2, (40, 2)).astype(np.int32)
+    dot = np.empty(40, np.int32)
+    idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
+    ref_idx, ref_dot = vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes,
+                                                               probe)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(dot, ref_dot)
+
+
 # --------------------------------------------------------------------------------------------
 # the CUDA kernels on a GPU (CuPy), against the CPU twins
 
@@ -391,6 +421,34 @@ def test_cuda_top_codes_partitions_and_usage():
     g_usage = cupy.asarray(usage)
     vq.count_usage(cupy.asarray(indices), g_usage)
     np.testing.assert_array_equal(g_usage.get(), vq.count_usage_reference(indices, usage))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dim,n,P,k", [(64, 3000, 3162, 48), (20, 7, 5000, 64), (100, 400, 300, 16)])
+def test_cuda_routed_search_at_training_shapes(dim, n, P, k):
+    # top_codes: the default preset's shape (3 tiles of a slice), few queries (many slices),
+    # dim > 64; then the partition search with every pair of those probes
+    K = 40 * P
+    centroids = book(P, dim, 21)
+    centroids[P // 2:P // 2 + 40] = centroids[:40]  # ties across tiles and slices
+    q = queries(n, dim, 22)
+    dot = np.empty((n, k), np.int32)
+    probe = vq.top_codes(q, centroids, dim, k, out_dot=dot)
+    g_dot = cupy.empty((n, k), cupy.int32)
+    g_probe = vq.top_codes(cupy.asarray(q), cupy.asarray(centroids), dim, k, out_dot=g_dot)
+    np.testing.assert_array_equal(g_probe.get(), probe)
+    np.testing.assert_array_equal(g_dot.get(), dot)
+    T_packed = book(K, dim, 23)
+    T_packed[K // 2:K // 2 + 100] = T_packed[:100]
+    offsets, codes = _partitions(K, P, 24)
+    dot = np.empty(n, np.int32)
+    idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
+    g_dot = cupy.empty(n, cupy.int32)
+    g_idx = vq.nearest_code_in_partitions(cupy.asarray(q), cupy.asarray(T_packed), dim,
+                                          cupy.asarray(offsets), cupy.asarray(codes), g_probe,
+                                          out_dot=g_dot)
+    np.testing.assert_array_equal(g_idx.get(), idx)
+    np.testing.assert_array_equal(g_dot.get(), dot)
 
 
 @pytest.mark.cuda
