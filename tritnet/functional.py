@@ -435,6 +435,15 @@ class Concat(Function):
     def backward(self, g): return tuple(_xp(g).split(g, self.bounds, axis=self.axis))
 
 
+class Split(Function):
+    def forward(self, x, *, bounds, axis):
+        self.axis = axis
+        return tuple(_xp(x).split(x, bounds, axis=axis))
+
+    # one join of the parts' gradients: not a zero-filled full-size gradient per part, summed
+    def backward(self, *grads): return backend.concatenate(grads, axis=self.axis)
+
+
 class Stack(Function):
     def forward(self, *arrays, axis):
         self.axis, self.count = axis, len(arrays)
@@ -596,6 +605,27 @@ def concat(tensors, axis=0):
         raise ValueError(f"concat: shapes {[tuple(t.shape) for t in tensors]} differ outside "
                          f"axis {axis}; expected equal sizes there")
     return Concat.apply(*tensors, axis=axis)
+
+
+def split(x, sections, axis=0):
+    """Consecutive parts of x along `axis`, as views: `sections` an int (that many equal
+    parts) or the rising indices where parts start, as np.split. The inverse of concat; its
+    backward joins the parts' gradients once (slicing x part by part would give each slice
+    a zero-filled gradient of x's full shape, to be summed)."""
+    (axis,) = _axes("split", axis, x.shape)
+    n = x.shape[axis]
+    if isinstance(sections, (int, np.integer)) and not isinstance(sections, bool):
+        if sections < 1 or n % sections:
+            raise ValueError(f"split: {n} entries along axis {axis} (shape {tuple(x.shape)}) "
+                             f"do not split into {sections} equal parts")
+        bounds = [n // sections * i for i in range(1, sections)]
+    else:
+        bounds = [int(b) for b in sections]
+        if any(not 0 <= a <= b <= n for a, b in zip([0] + bounds, bounds + [n])):
+            raise ValueError(f"split: bounds {bounds} must rise within [0, {n}] (axis {axis} of "
+                             f"shape {tuple(x.shape)})")
+    parts = Split.apply(x, bounds=bounds, axis=axis)
+    return parts if isinstance(parts, tuple) else (parts,)
 
 
 def stack(tensors, axis=0):

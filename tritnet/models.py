@@ -220,7 +220,7 @@ class MoEGraph(Module):
             self.expert_capacity * N * k / E))
         slot, slot_token = expert_slots(choice.reshape(-1), E, k, C)
         xs = F.take(h, slot_token, check=False)  # (E·C, d); tokens: in range
-        outs = [expert(xs[e * C:(e + 1) * C]) for e, expert in enumerate(self.experts)]
+        outs = [expert(x) for expert, x in zip(self.experts, F.split(xs, E))]
         if C < N:   # dropped entries read a zero row after the experts' rows
             outs.append(Tensor(backend.get_array_module(h.data).zeros((1, h.shape[-1]),
                                                                       h.dtype)))
