@@ -18,6 +18,21 @@ def test_numpy_arrays_take_numpy_matmul():
     np.testing.assert_array_equal(out, np.matmul(a, b))
 
 
+def test_gathered_products_on_numpy():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((3, 4, 5)), rng.standard_normal((2, 6, 5)).swapaxes(1, 2)
+    ai, bi = np.array([2, 0, 2, 1]), np.array([1, 1, 0, 0])
+    got = gemm.matmul_gathered(a, b, ai, bi)
+    np.testing.assert_allclose(got, np.stack([a[i] @ b[j] for i, j in zip(ai, bi)]))
+    with pytest.raises(ValueError, match=r"matmul_gathered: shapes \(3, 4, 5\) and \(2, 4, 6\) "
+                                         r"do not fit"):
+        gemm.matmul_gathered(a, b.swapaxes(1, 2).swapaxes(1, 2)[:, :4], ai, bi)
+    with pytest.raises(ValueError, match=r"matmul_gathered: a_index \(4,\) and b_index \(3,\)"):
+        gemm.matmul_gathered(a, b, ai, bi[:3])
+    with pytest.raises(TypeError, match=r"matmul_gathered: dtypes float64 and float32"):
+        gemm.matmul_gathered(a, b.astype(np.float32), ai, bi)
+
+
 def test_precision_names_are_checked():
     with pytest.raises(ValueError, match=r"gemm.set_precision: 'bf16'; expected 'fp32' or 'tf32'"):
         gemm.set_precision("bf16")
@@ -108,3 +123,33 @@ def test_cuda_matmul_is_captured_in_a_graph_and_replays_on_new_inputs():
         eager = gemm.matmul(a, b)
     stream.synchronize()
     np.testing.assert_array_equal(out.get(), eager.get())   # same handle, same algorithm
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_gathered_products_match_numpy_and_capture(dtype):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((5, 16, 24)).astype(dtype)
+    b = rng.standard_normal((3, 40, 24)).astype(dtype).swapaxes(1, 2)   # column-major matrices
+    ai, bi = np.array([4, 0, 0, 3, 1, 2]), np.array([2, 2, 0, 1, 0, 1])
+    want = np.stack([a[i].astype(np.float64) @ b[j] for i, j in zip(ai, bi)])
+    ga, gb = cupy.asarray(a), cupy.asarray(b.swapaxes(1, 2)).swapaxes(1, 2)
+    gai, gbi = cupy.asarray(ai), cupy.asarray(bi)
+    gemm.set_precision("fp32")
+    got = gemm.matmul_gathered(ga, gb, gai, gbi)
+    np.testing.assert_allclose(got.get(), want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+    # captured into a graph, it replays on new indices written into the same arrays
+    out = cupy.empty_like(got)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        gemm.matmul_gathered(ga, gb, gai, gbi, out=out)   # warm: the handle and its workspace
+        stream.begin_capture()
+        gemm.matmul_gathered(ga, gb, gai, gbi, out=out)
+        graph = stream.end_capture()
+    gbi[...] = cupy.asarray(bi[::-1].copy())
+    graph.launch(stream)
+    stream.synchronize()
+    want = np.stack([a[i].astype(np.float64) @ b[j] for i, j in zip(ai, bi[::-1])])
+    np.testing.assert_allclose(out.get(), want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)

@@ -140,7 +140,7 @@ def test_bad_input_raises_before_launch(case):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("M,N,K", [(1, 5, 33), (3, 20, 40)])
+@pytest.mark.parametrize("M,N,K", [(1, 5, 33), (3, 20, 40), (2, 6, 100)])
 def test_generic_and_widen_kernels_in_simulator(M, N, K):
     x, T_packed, E, gy = problem(K, M, N, K)
     y_cpu, y_sim = np.empty((M, N), np.float32), np.empty((M, N), np.float32)
@@ -155,7 +155,7 @@ def test_generic_and_widen_kernels_in_simulator(M, N, K):
     assert_close(gx_sim, gx_cpu.astype(np.float64), 1e-5)
     W_cpu, W_sim = np.empty((N, K), np.float32), np.empty((N, K), np.float32)
     MM._widen_cpu(T_packed, E, 0, W_cpu)
-    launch(MM._widen_cuda, (1, 4), (64, 1), T_packed, E, 0, W_sim)
+    launch(MM._widen_cuda, (-(-K // 64), 4), 64, T_packed, E, 0, W_sim)  # 2 groups a block
     np.testing.assert_array_equal(W_sim, W_cpu)
 
 
@@ -276,3 +276,16 @@ def test_gpu_kernels_take_the_fast_launch_path():
     status = fast_launch_status()
     assert status.get("_ternary_matmul_mma_f32_m8") == "fast", status
     assert status.get("_ternary_matmul_t_mma_m8") == "fast", status
+
+
+def test_widen_writes_the_scaled_trits():
+    x, T_packed, E, gy = problem(5, 2, 6, 45)
+    ref = MM._weights_reference(T_packed, E, 45)
+    np.testing.assert_array_equal(MM.widen(T_packed, E, 45, np.empty((6, 45))), ref)
+    np.testing.assert_array_equal(MM.widen(T_packed, E, 45, np.empty((6, 45), np.float32)),
+                                  ref.astype(np.float32))
+    with pytest.raises(ValueError, match=r"widen: T_packed \(6, 4\), E \(6,\) and out \(6, 44\) "
+                                         r"do not fit 45 columns"):
+        MM.widen(T_packed, E, 45, np.empty((6, 44), np.float32))
+    with pytest.raises(TypeError, match=r"widen: out has dtype float16"):
+        MM.widen(T_packed, E, 45, np.empty((6, 45), np.float16))

@@ -15,7 +15,7 @@ from tritnet import backend
 from tritnet import random as trandom
 from tritnet.config import Config, ConfigError, load_config, preset, trace
 from tritnet.autograd import Tensor
-from tritnet.models import CodeMemoryLM, MoEGraph, expert_slots, top_k
+from tritnet.models import CodeMemoryLM, MoEGraph, expert_tiles, top_k
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.optim import TritFlip
 from tritnet.train import build
@@ -88,50 +88,62 @@ def test_code_graph_checks_codes_from_callers_and_trusts_its_own(monkeypatch):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_routing_without_a_sort_is_a_stable_sort(device):
-    """top_k gives what a stable argsort gives -- ties to the lower index -- and expert_slots
-    lays each expert's entries out in their original order, with no sort (CuPy's sorts and
-    bincount end in host syncs), on rows full of ties and on random ones."""
+    """top_k gives what a stable argsort gives -- ties to the lower index -- and expert_tiles
+    lays each expert's entries out in their original order on its own tiles, with no sort
+    (CuPy's sorts and bincount end in host syncs), on rows full of ties and on random ones."""
     rng = np.random.default_rng(0)
     probs = rng.integers(0, 3, (500, 6)).astype(np.float32) / 4   # many ties
     probs[:50] = rng.random((50, 6))
     probs[50] = 0.25                                               # a row of equal entries
-    experts = rng.integers(0, 5, 777)
-    experts[:40] = 2
     xp = backend.cupy if device == "cuda" else np
     for k in (1, 2, 6):
         got = backend.to_numpy(top_k(xp.asarray(probs), k))
         np.testing.assert_array_equal(got, np.argsort(-probs, axis=1, kind="stable")[:, :k])
+
+    def tiles_of(experts, k, tile, capacity=None):
+        got = expert_tiles(xp.asarray(experts), 6, k, tile, capacity)
+        return (backend.to_numpy(a) for a in got)
+
     N = 500
     for k in (1, 2, 6):
         experts = np.argsort(-probs, axis=1, kind="stable")[:, :k].reshape(-1)
-        slot, slot_token = (backend.to_numpy(a) for a in expert_slots(xp.asarray(experts), 6, k))
-        assert slot.shape == (N * k,) and slot_token.shape == (6 * N,)
-        assert len(np.unique(slot)) == N * k                 # one slot an entry
-        np.testing.assert_array_equal(slot // N, experts)    # in its expert's range
-        for e in range(6):   # each expert's entries first, in their original order
-            mine = np.flatnonzero(experts == e)
-            np.testing.assert_array_equal(slot[mine], e * N + np.arange(mine.size))
-        np.testing.assert_array_equal(slot_token[slot], np.arange(N * k) // k)
-        unused = np.setdiff1d(np.arange(6 * N), slot)
-        assert (slot_token[unused] == 0).all()
-    # a capacity of C slots an expert: its first C entries in token order run, the rest go
-    # to the sink slot 6·C
+        for tile in (1, 7, 64):
+            row, row_token, tile_expert = tiles_of(experts, k, tile)
+            n_tiles = min(-(-N * k // tile) + 6, 6 * -(-N // tile))
+            assert row.shape == (N * k,) and row_token.shape == (n_tiles * tile,)
+            assert tile_expert.shape == (n_tiles,)
+            assert len(np.unique(row)) == N * k                        # one row an entry
+            np.testing.assert_array_equal(tile_expert[row // tile], experts)  # its expert's tile
+            for e in range(6):   # an expert's entries on consecutive rows from a tile's first
+                mine = np.flatnonzero(experts == e)
+                if mine.size:
+                    np.testing.assert_array_equal(row[mine], row[mine[0]] + np.arange(mine.size))
+                    assert row[mine[0]] % tile == 0
+            used = sum(-(-(experts == e).sum() // tile) for e in range(6))
+            assert (np.diff(tile_expert[:used]) >= 0).all() and (tile_expert[used:] == 0).all()
+            np.testing.assert_array_equal(row_token[row], np.arange(N * k) // k)
+            unused = np.setdiff1d(np.arange(n_tiles * tile), row)
+            assert (row_token[unused] == 0).all()
+    # a capacity of C entries an expert: its first C entries in token order run, the rest go
+    # to the sink row past every tile
     experts = np.argsort(-probs, axis=1, kind="stable")[:, :2].reshape(-1)
-    C = 120
-    slot, slot_token = (backend.to_numpy(a) for a in expert_slots(xp.asarray(experts), 6, 2, C))
-    assert slot_token.shape == (6 * C,)
+    C, tile = 120, 16
+    row, row_token, tile_expert = tiles_of(experts, 2, tile, C)
+    sink = min(-(-N * 2 // tile) + 6, 6 * -(-C // tile)) * tile
+    assert row_token.shape == (sink,)
     for e in range(6):
         mine = np.flatnonzero(experts == e)
         kept = mine[:C]
-        np.testing.assert_array_equal(slot[kept], e * C + np.arange(kept.size))
-        np.testing.assert_array_equal(slot_token[slot[kept]], kept // 2)
-        assert (slot[mine[C:]] == 6 * C).all()
-    assert (slot == 6 * C).sum() == sum(max(0, (experts == e).sum() - C) for e in range(6)) > 0
+        np.testing.assert_array_equal(row[kept], row[kept[0]] + np.arange(kept.size))
+        assert (tile_expert[row[kept] // tile] == e).all()
+        np.testing.assert_array_equal(row_token[row[kept]], kept // 2)
+        assert (row[mine[C:]] == sink).all()
+    assert (row == sink).sum() == sum(max(0, (experts == e).sum() - C) for e in range(6)) > 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_experts_run_each_token_on_its_chosen_experts(device):
-    """The fixed expert slots compute the routed mixture: token t gets the sum over its k
+    """The expert tiles compute the routed mixture: token t gets the sum over its k
     choices of gate · expert(h_t), and the gradient reaches h through the chosen experts only
     (float64 central differences, routing held fixed); with an expert capacity, the entries
     past it add nothing."""

@@ -12,7 +12,8 @@ from tritnet import backend
 from tritnet import random as trandom
 from tritnet.gradcheck import check_backward
 from tritnet.nn import Module
-from tritnet.nn.ternary import TernaryLinear, initial_exponent, scale_from_exponent
+from tritnet.nn.ternary import (TernaryLinear, expert_matmul, initial_exponent,
+                                scale_from_exponent)
 from tritnet.optim import TritFlip
 from tritnet_kernels import packing, update
 
@@ -89,6 +90,49 @@ def test_weight_gradient_is_int8_quantised_reference():
     update.quantize_grad_reference(gE, update.grad_inv_scale(gE, layer.grad_rms_units), seed_E,
                                    expected_E, clip=layer.grad_clip_units)
     assert np.abs(layer.grad_E_q.astype(int) - expected_E).max() <= 1  # fp32 sum order
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_expert_matmul_runs_each_tile_through_its_expert(device):
+    """expert_matmul: tile t of x times expert tile_expert[t]'s weight; the input gradient by
+    float64 central differences; each expert's weight gradient G_e = Σ over its tiles of
+    gy_tᵀ·x_t (recorded where it enters the int8 path), nothing from tiles it does not own."""
+    xp = backend.cupy if device == "cuda" else np
+    layers = [TernaryLinear(9, 5, device=device) for _ in range(3)]
+    tile_expert = xp.asarray([2, 0, 0, 1, 0])
+    rng = np.random.default_rng(4)
+    x = tritnet.tensor(xp.asarray(rng.standard_normal((20, 9))), requires_grad=True)
+    y = expert_matmul(x, layers, tile_expert, 4)
+    te = backend.to_numpy(tile_expert)
+    xh = backend.to_numpy(x.data)
+    with tritnet.no_grad():   # each tile through its expert's own TernaryLinear
+        want = np.concatenate([backend.to_numpy(layers[e](x[4 * t:4 * t + 4]).data)
+                               for t, e in enumerate(te)])
+    np.testing.assert_allclose(backend.to_numpy(y.data), want, rtol=1e-12, atol=1e-12)
+    for layer in layers:
+        layer.eval()   # the input gradient alone first
+    check_backward(lambda t: expert_matmul(t, layers, tile_expert, 4), [x])
+    recorded = {}
+    for e, layer in enumerate(layers):
+        layer.train()
+        layer.accumulate_grad = lambda G, e=e: recorded.setdefault(e, backend.to_numpy(G))
+    gy = rng.standard_normal((20, 5))
+    expert_matmul(x, layers, tile_expert, 4).backward(xp.asarray(gy))
+    for e in range(3):
+        mine = [t for t in range(5) if te[t] == e]
+        G = sum(gy[4 * t:4 * t + 4].T @ xh[4 * t:4 * t + 4] for t in mine)
+        np.testing.assert_allclose(recorded[e], G, rtol=1e-10, atol=1e-10)
+
+
+def test_expert_matmul_bad_input():
+    layers = [TernaryLinear(8, 4), TernaryLinear(8, 4)]
+    x = tritnet.tensor(np.zeros((6, 8), np.float32))
+    with pytest.raises(ValueError, match=r"ExpertMatmul: input has shape \(6, 8\), expected "
+                                         r"\(8, 8\): 2 tiles of 4 rows"):
+        expert_matmul(x, layers, np.array([0, 1]), 4)
+    with pytest.raises(ValueError, match=r"ExpertMatmul: layers of different shapes "
+                                         r"\[\(8, 3\), \(8, 4\)\]"):
+        expert_matmul(x, [TernaryLinear(8, 4), TernaryLinear(8, 3)], np.array([0, 1, 0]), 2)
 
 
 @pytest.mark.parametrize("phase", ["forward", "backward", "step"])

@@ -29,7 +29,7 @@ from .autograd import Tensor, is_grad_enabled, recompute
 from .config import Config
 from .nn import Module, ModuleList
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
-from .nn.ternary import TernaryLinear
+from .nn.ternary import TernaryLinear, expert_matmul
 from tritnet_kernels import graph as kgraph
 
 
@@ -206,25 +206,28 @@ class MoEGraph(Module):
     def experts_forward(self, h: Tensor, choice, gates: Tensor) -> Tensor:
         """Run each expert once on the tokens routed to it; combine with the gates.
 
-        Each expert runs on C rows: its tokens, then padding rows that read token 0 and whose
-        outputs nobody reads, so they get no gradient. Fixed shapes, whatever the routing: no
-        host sync, and a step a CUDA graph can capture. C = N, the tokens, by default (no
-        token picks an expert twice, so every token fits), for n_experts / top_k times the
-        rows of exact grouping (2x on the small preset, 4x on the default); with
-        expert_capacity c > 0, C = min(N, ceil(c · N·top_k / n_experts)) and an expert's
-        entries past C, in token order, are dropped: their term of the sum is 0.
+        The routed entries are laid out expert by expert on tiles of EXPERT_TILE rows
+        (`expert_tiles`), and each tile goes through its own expert's weights in one grouped
+        product (`nn.ternary.expert_matmul`). The tile count is fixed by the shapes, whatever
+        the routing: no host sync, and a step a CUDA graph can capture. Rows of a tile past
+        its expert's last entry are padding that reads token 0 and whose outputs nobody
+        reads, so they get no gradient. By default every entry runs; with expert_capacity
+        c > 0 an expert takes C = min(N, ceil(c · N·top_k / n_experts)) entries and the rest,
+        in token order, are dropped: their term of the sum is 0.
         """
         N, k = choice.shape
         E = self.n_experts
         C = N if not self.expert_capacity else min(N, math.ceil(
             self.expert_capacity * N * k / E))
-        slot, slot_token = expert_slots(choice.reshape(-1), E, k, C)
-        xs = F.take(h, slot_token, check=False)  # (E·C, d); tokens: in range
-        outs = [expert(x) for expert, x in zip(self.experts, F.split(xs, E))]
-        if C < N:   # dropped entries read a zero row after the experts' rows
-            outs.append(Tensor(backend.get_array_module(h.data).zeros((1, h.shape[-1]),
-                                                                      h.dtype)))
-        ys = F.take(F.concat(outs, axis=0), slot, check=False).reshape(N, k, h.shape[-1])
+        row, row_token, tile_expert = expert_tiles(choice.reshape(-1), E, k, EXPERT_TILE, C)
+        xs = F.take(h, row_token, check=False)  # tokens: in range
+        hidden = expert_matmul(xs, [ex.up for ex in self.experts], tile_expert, EXPERT_TILE)
+        outs = expert_matmul(F.silu(hidden), [ex.down for ex in self.experts], tile_expert,
+                             EXPERT_TILE)
+        if C < N:   # dropped entries read a zero row after the tiles' rows
+            zero = backend.get_array_module(h.data).zeros((1, h.shape[-1]), h.dtype)
+            outs = F.concat([outs, Tensor(zero)], axis=0)
+        ys = F.take(outs, row, check=False).reshape(N, k, h.shape[-1])
         return (ys * gates.reshape(N, k, 1)).sum(axis=1)
 
     def forward(self, x: Tensor, memory: TernaryVQCodebook | None):
@@ -274,25 +277,38 @@ def top_k(probs, k: int):
     return xp.stack([(rank == r).argmax(axis=-1) for r in range(k)], axis=-1)
 
 
-def expert_slots(experts, n_experts: int, k: int, capacity: int | None = None):
-    """Where each routed entry runs: (slot, slot_token) for expert ids `experts` (N·k,), the
-    flattened (N, k) choices of N tokens, C = capacity slots an expert (default N: all fit).
+EXPERT_TILE = 128   # rows of an expert tile: the grouped product's unit of work
 
-    Expert e owns slots e·C ... e·C + C - 1. Entry i (token i // k) takes slot e·C + r, r the
-    number of e's entries before i: each expert's tokens in their original order, then its
-    unused slots; an entry with r >= C is dropped, to slot n_experts·C (past every expert's).
-    slot int64 (N·k,); slot_token int64 (n_experts·C,) is the token of each slot, 0 for an
-    unused one. No sort and no host sync: r is a running count of the expert-major one-hot.
+
+def expert_tiles(experts, n_experts: int, k: int, tile: int, capacity: int | None = None):
+    """Where each routed entry runs: (row, row_token, tile_expert) for expert ids `experts`
+    (N·k,), the flattened (N, k) choices of N tokens, on tiles of `tile` rows, with at most
+    C = capacity entries an expert (default N: all of them; no token picks an expert twice).
+
+    Expert e's kept entries -- its first C in token order -- fill consecutive rows from the
+    first row of its first tile on, in token order; its tiles follow expert e-1's. There are
+    n_tiles = min(ceil(N·k / tile) + n_experts, n_experts · ceil(C / tile)) tiles whatever
+    the routing (enough for any), so shapes stay fixed. row int64 (N·k,) is an entry's row,
+    n_tiles·tile (past every tile) for an entry dropped by the capacity; row_token int64
+    (n_tiles·tile,) the token of each row, 0 for padding rows; tile_expert int64 (n_tiles,)
+    each tile's expert, 0 for tiles past the last expert's (all padding). No sort and no
+    host sync: ranks are running counts of the expert-major one-hot.
     """
     xp = backend.get_array_module(experts)
     n = experts.shape[0]
     C = n // k if capacity is None else capacity
-    onehot = experts[None, :] == xp.arange(n_experts)[:, None]          # (E, n)
-    rank = xp.cumsum(onehot, axis=1, dtype=np.int64)[experts, xp.arange(n)] - 1
-    slot = xp.where(rank < C, experts * C + rank, n_experts * C)
-    slot_token = xp.zeros(n_experts * C + 1, np.int64)   # + the dropped entries' sink
-    slot_token[slot] = xp.arange(n) // k
-    return slot, slot_token[:-1]
+    running = xp.cumsum(experts[None, :] == xp.arange(n_experts)[:, None], axis=1,
+                        dtype=np.int64)                                   # (E, n)
+    rank = running[experts, xp.arange(n)] - 1
+    tiles = (xp.minimum(running[:, -1], C) + tile - 1) // tile            # each expert's
+    ends = xp.cumsum(tiles)
+    n_tiles = min(-(-n // tile) + n_experts, n_experts * -(-C // tile))
+    rows = n_tiles * tile
+    row = xp.where(rank < C, (ends - tiles)[experts] * tile + rank, rows)
+    row_token = xp.zeros(rows + 1, np.int64)   # + the dropped entries' sink
+    row_token[row] = xp.arange(n) // k
+    owner = (xp.arange(n_tiles)[:, None] >= ends[None, :]).sum(axis=1)   # experts before
+    return row, row_token[:-1], xp.where(owner < n_experts, owner, 0)
 
 
 class Block(Module):

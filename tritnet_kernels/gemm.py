@@ -8,6 +8,11 @@ must not allocate its workspace. This handle has a workspace set once (cublasSet
 so its GEMMs capture like any kernel. The same path runs outside capture, so a replayed
 graph computes what the eager step computed, bit for bit.
 
+`matmul_gathered(a, b, a_index, b_index)` multiplies matrices picked by index arrays that
+stay on the device (out[i] = a[a_index[i]] @ b[b_index[i]]), through cublasGemmBatchedEx
+with pointer arrays computed on the device: a grouped product whose grouping the host never
+reads (the experts of a mixture, each on its own tiles of rows).
+
 Semantics: np.matmul's for a (..., M, K) and b (..., K, N) with batch dimensions that
 broadcast, both float32 or both float64. An operand's matrices may be row- or column-major
 (a transposed view costs nothing); other layouts are copied first. Other dtypes go to
@@ -28,7 +33,7 @@ try:  # CuPy is optional: CPU machines run without it.
 except Exception:  # pragma: no cover - depends on the machine
     cupy = None
 
-__all__ = ["matmul", "set_precision"]
+__all__ = ["matmul", "matmul_gathered", "set_precision"]
 
 _OP_N, _OP_T = 0, 1
 _CUDA_R_32F, _CUDA_R_64F = 0, 1
@@ -69,6 +74,8 @@ def _cublas():
         i, ll, p = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
         lib.cublasGemmStridedBatchedEx.argtypes = [
             p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll, i, i, i]
+        lib.cublasGemmBatchedEx.argtypes = [
+            p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i, i]
         _lib = lib
     return _lib
 
@@ -172,17 +179,67 @@ def matmul(a, b, out=None):
     b = cupy.broadcast_to(b, batch + (K, N))
     a, op_a, lda, stride_a = _matrix(a)
     b, op_b, ldb, stride_b = _matrix(b)
-    if a.dtype == np.float64:
-        kind, compute = _CUDA_R_64F, _COMPUTE_64F
-        one, zero = ctypes.c_double(1.0), ctypes.c_double(0.0)
-    else:
-        kind = _CUDA_R_32F
-        compute = _COMPUTE_32F_FAST_TF32 if _precision == "tf32" else _COMPUTE_32F
-        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    kind, compute, one, zero = _precision_of(a.dtype)
     # row-major out = a·b is column-major outᵀ = bᵀ·aᵀ: b's matrix comes first
     status = _cublas().cublasGemmStridedBatchedEx(
         _handle(), op_b, op_a, N, M, K, ctypes.addressof(one),
         b.data.ptr, kind, ldb, stride_b, a.data.ptr, kind, lda, stride_a,
         ctypes.addressof(zero), out.data.ptr, kind, N, M * N, count, compute, _GEMM_DEFAULT)
     _check(status, "cublasGemmStridedBatchedEx")
+    return out
+
+
+def _precision_of(dtype):
+    """(cuBLAS data type, compute type, alpha, beta) of a float32 or float64 product."""
+    if dtype == np.float64:
+        return _CUDA_R_64F, _COMPUTE_64F, ctypes.c_double(1.0), ctypes.c_double(0.0)
+    compute = _COMPUTE_32F_FAST_TF32 if _precision == "tf32" else _COMPUTE_32F
+    return _CUDA_R_32F, compute, ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+
+def matmul_gathered(a, b, a_index, b_index, out=None):
+    """out[i] = a[a_index[i]] @ b[b_index[i]] for a (na, M, K), b (nb, K, N) and integer
+    index arrays of one length n: out (n, M, N). No index is read on the host: on CuPy
+    arrays the matrices' addresses are computed on the device and cuBLAS reads them there
+    (cublasGemmBatchedEx), so the call captures into a CUDA graph like `matmul`. The indices
+    must be in range (not checked: that would read them). Matrices may be row- or
+    column-major as in `matmul`; float32 (TF32 per `set_precision`) or float64."""
+    if a.ndim != 3 or b.ndim != 3 or a.shape[2] != b.shape[1]:
+        raise ValueError(f"matmul_gathered: shapes {tuple(a.shape)} and {tuple(b.shape)} do not "
+                         "fit: expected a (na, M, K) and b (nb, K, N)")
+    if a_index.shape != b_index.shape or a_index.ndim != 1:
+        raise ValueError(f"matmul_gathered: a_index {tuple(a_index.shape)} and b_index "
+                         f"{tuple(b_index.shape)}: expected two index arrays of one length")
+    if a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"matmul_gathered: dtypes {a.dtype} and {b.dtype}; expected both "
+                        "float32 or both float64")
+    n, (M, K), N = a_index.shape[0], a.shape[1:], b.shape[2]
+    if out is not None and (out.shape != (n, M, N) or out.dtype != a.dtype
+                            or not out.flags.c_contiguous):
+        raise ValueError(f"matmul_gathered: out has shape {tuple(out.shape)} ({out.dtype}), "
+                         f"expected C-contiguous {(n, M, N)} ({a.dtype})")
+    if not (cupy is not None and isinstance(a, cupy.ndarray)):
+        return np.matmul(a[a_index], b[b_index], out=out)
+    if out is None:
+        out = cupy.empty((n, M, N), a.dtype)
+    if out.size == 0:
+        return out
+    if K == 0:
+        out.fill(0)
+        return out
+    a, op_a, lda, stride_a = _matrix(a)
+    b, op_b, ldb, stride_b = _matrix(b)
+    item = a.itemsize
+    # the addresses of each product's matrices, computed where the indices are
+    ptrs = cupy.empty((3, n), np.uint64)
+    ptrs[0] = b_index.astype(np.uint64) * np.uint64(stride_b * item) + np.uint64(b.data.ptr)
+    ptrs[1] = a_index.astype(np.uint64) * np.uint64(stride_a * item) + np.uint64(a.data.ptr)
+    ptrs[2] = cupy.arange(n, dtype=np.uint64) * np.uint64(M * N * item) + np.uint64(out.data.ptr)
+    kind, compute, one, zero = _precision_of(a.dtype)
+    # row-major out = a·b is column-major outᵀ = bᵀ·aᵀ: b's matrix comes first
+    status = _cublas().cublasGemmBatchedEx(
+        _handle(), op_b, op_a, N, M, K, ctypes.addressof(one),
+        ptrs[0].data.ptr, kind, ldb, ptrs[1].data.ptr, kind, lda,
+        ctypes.addressof(zero), ptrs[2].data.ptr, kind, N, n, compute, _GEMM_DEFAULT)
+    _check(status, "cublasGemmBatchedEx")
     return out

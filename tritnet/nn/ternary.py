@@ -102,6 +102,81 @@ class TernaryMatmul(Function):
         return gx
 
 
+class ExpertMatmul(Function):
+    """Each tile of rows times its own expert's weight: rows t·T … t·T + T - 1 of x (R, in),
+    R = n_tiles·T, go through layer tile_expert[t] of `layers` (E TernaryLinear of one shape):
+    y = x_t · W_eᵀ. tile_expert (n_tiles,) stays on the device: the routing that made it is
+    never read by the host (a grouped product, `gemm.matmul_gathered`), so the step keeps its
+    shapes and captures as a CUDA graph.
+
+    Forward and backward widen the E weights into one transient (E, out, in) stack. A layer's
+    weight gradient G_e = Σ over e's tiles of gy_tᵀ·x_t is each tile's product (n_tiles, out,
+    in, a transient) summed by one product with the tiles' one-hot experts, then goes to the
+    layer's int8 state as in TernaryMatmul. Padding rows (a tile's rows past its expert's
+    last entry) must get zero output gradient: then they add nothing to G.
+    """
+
+    def forward(self, x, *, layers, tile_expert, tile):
+        first = layers[0]
+        out_f, in_f = first.out_features, first.in_features
+        if any((m.out_features, m.in_features) != (out_f, in_f) for m in layers):
+            raise ValueError("ExpertMatmul: layers of different shapes "
+                             f"{sorted({(m.in_features, m.out_features) for m in layers})}; "
+                             "expected one (in, out) for all")
+        n_tiles = tile_expert.shape[0]
+        if x.shape != (n_tiles * tile, in_f):
+            raise ValueError(f"ExpertMatmul: input has shape {tuple(x.shape)}, expected "
+                             f"({n_tiles * tile}, {in_f}): {n_tiles} tiles of {tile} rows")
+        xp = backend.get_array_module(x)
+        self.layers, self.tile_expert, self.tile = layers, tile_expert, tile
+        self.tiles = xp.arange(n_tiles)
+        x = xp.ascontiguousarray(x)
+        W = self._weights(x.dtype, xp)
+        y = kgemm.matmul_gathered(x.reshape(n_tiles, tile, in_f), W.transpose(0, 2, 1),
+                                  self.tiles, tile_expert)
+        del W  # the widened weights live only inside this call (DESIGN §1.2)
+        self.updates_state = first.training and is_grad_enabled()
+        if self.updates_state:
+            self.x = x
+        return y.reshape(-1, out_f)
+
+    def backward(self, gy):
+        layers, tile = self.layers, self.tile
+        out_f, in_f = layers[0].out_features, layers[0].in_features
+        xp = backend.get_array_module(gy)
+        n_tiles = self.tiles.shape[0]
+        gy3 = xp.ascontiguousarray(gy).reshape(n_tiles, tile, out_f)
+        gx = None
+        if self.needs_input_grad[0]:
+            W = self._weights(gy.dtype, xp)
+            gx = kgemm.matmul_gathered(gy3, W, self.tiles, self.tile_expert).reshape(-1, in_f)
+            del W
+        if self.updates_state:
+            per_tile = kgemm.matmul_gathered(gy3.transpose(0, 2, 1),
+                                             self.x.reshape(n_tiles, tile, in_f), self.tiles,
+                                             self.tiles)            # (n_tiles, out, in)
+            owner = (self.tile_expert[None, :] == xp.arange(len(layers))[:, None])
+            G = kgemm.matmul(owner.astype(gy.dtype), per_tile.reshape(n_tiles, -1))
+            del per_tile
+            G = G.reshape(len(layers), out_f, in_f)
+            for e, layer in enumerate(layers):
+                layer.accumulate_grad(G[e])
+        return gx
+
+    def _weights(self, dtype, xp):
+        first = self.layers[0]
+        W = xp.empty((len(self.layers), first.out_features, first.in_features), dtype)
+        for layer, w in zip(self.layers, W):
+            kmatmul.widen(layer.T_packed, layer.E, layer.in_features, w)
+        return W
+
+
+def expert_matmul(x, layers, tile_expert, tile: int):
+    """y (R, out) of x (R, in): each tile of `tile` rows times its expert's weight
+    (ExpertMatmul; tile_expert int (R / tile,) on x's device)."""
+    return ExpertMatmul.apply(x, layers=list(layers), tile_expert=tile_expert, tile=tile)
+
+
 class TernaryModule(Module):
     """Base of modules with ternary weights: knows how the optimiser drives its int8 state.
 
@@ -236,8 +311,12 @@ class TernaryLinear(TernaryModule):
     # --- the integer gradient path --------------------------------------------------------
     def accumulate_weight_grad(self, gy, x) -> None:
         """Quantise G = gyᵀ·x (transient float) into grad_q, and dL/dE into grad_E_q."""
-        xp = backend.get_array_module(gy)
-        G = kgemm.matmul(gy.T, x)
+        self.accumulate_grad(kgemm.matmul(gy.T, x))
+
+    def accumulate_grad(self, G) -> None:
+        """Quantise the weight's gradient G = dL/dW (out, in; a transient float) into grad_q,
+        and dL/dE into grad_E_q."""
+        xp = backend.get_array_module(G)
         if G.dtype != np.float32:  # the kernels' working precision; float64 only in checks
             G = G.astype(np.float32)
         G = xp.ascontiguousarray(G)
