@@ -115,6 +115,9 @@ def main():
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute each block in backward (default: the preset's)")
+    parser.add_argument("--recompute-keep", type=int,
+                        help="with recompute, the last N blocks keep their activations "
+                        "(default: the preset's)")
     parser.add_argument("--matmul-precision", choices=("fp32", "tf32"),
                         help="float32 products on the GPU (default: the preset's, tf32)")
     parser.add_argument("--expert-capacity", type=float,
@@ -138,6 +141,7 @@ def main():
     backend.set_device("cuda")
     config = preset(args.preset).override(batch_size=args.batch_size, seq_len=args.seq_len,
                                           recompute=args.recompute,
+                                          recompute_keep=args.recompute_keep,
                                           matmul_precision=args.matmul_precision,
                                           cuda_graph=args.cuda_graph,
                                           expert_capacity=args.expert_capacity)
@@ -227,6 +231,7 @@ def main():
     result = {
         "device": name, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
         "batch": [config.batch_size, config.seq_len], "recompute": config.recompute,
+        "recompute_keep": config.recompute_keep,
         "matmul_precision": config.matmul_precision,
         "logical_trits": trits,
         "state_bytes": state, "state_bytes_per_trit": state / trits, "build_s": build_s,
@@ -242,6 +247,7 @@ def main():
     }
     tag = f"{args.preset}-{config.batch_size}x{config.seq_len}" + \
         ("-recompute" if config.recompute else "") + \
+        (f"-keep{config.recompute_keep}" if config.recompute and config.recompute_keep else "") + \
         ("-fp32" if config.matmul_precision == "fp32" else "") + \
         ("-graph" if captured is not None else "") + \
         (f"-cap{config.expert_capacity:g}" if config.expert_capacity else "")

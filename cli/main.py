@@ -162,6 +162,9 @@ def trace(preset_name, config_path, as_json):
               help="Keep one block's activations and recompute each block in backward: the "
               "same training in far less device memory, for a second forward (default: the "
               "preset's).")
+@click.option("--recompute-keep", type=click.IntRange(min=0), default=None,
+              help="With --recompute, the last N blocks keep their activations instead: "
+              "faster steps for the memory that leaves (default: the preset's).")
 @click.option("--expert-capacity", type=float, help="Rows each MoE expert runs on, in fair "
               "shares (tokens x top_k / n_experts); entries past it are dropped. 0 (default): "
               "every token fits, at n_experts / top_k fair shares of rows.")
@@ -173,7 +176,8 @@ def trace(preset_name, config_path, as_json):
 def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size, seq_len,
           flip_threshold, scale_threshold, decay_shift, grad_rms_units, grad_clip_units,
           schedule, final_grad_rms_units, eval_every, save_every, out_dir, resume, overwrite,
-          seed, device, gpus, micro_batches, recompute, expert_capacity, cuda_graph):
+          seed, device, gpus, micro_batches, recompute, recompute_keep, expert_capacity,
+          cuda_graph):
     """Train a model; with no options, the tiny preset on the default corpus.
 
     The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
@@ -200,7 +204,8 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
                              final_grad_rms_units=final_grad_rms_units,
                              eval_every=eval_every, save_every=save_every, seed=seed,
                              micro_batches=micro_batches, recompute=recompute,
-                             expert_capacity=expert_capacity, cuda_graph=cuda_graph)
+                             recompute_keep=recompute_keep, expert_capacity=expert_capacity,
+                             cuda_graph=cuda_graph)
     run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
               overwrite=overwrite, device=device, tokens=tokens, gpus=gpus,
               log=lambda line: click.echo(line))

@@ -16,6 +16,11 @@ def test_numpy_arrays_take_numpy_matmul():
     out = np.empty((3, 4, 2))
     assert gemm.matmul(a, b, out=out) is out
     np.testing.assert_array_equal(out, np.matmul(a, b))
+    again = np.ones((3, 4, 2))
+    gemm.matmul(a, b, out=again, accumulate=True)
+    np.testing.assert_allclose(again, 1 + np.matmul(a, b))
+    with pytest.raises(ValueError, match=r"matmul: accumulate=True adds into out"):
+        gemm.matmul(a, b, accumulate=True)
 
 
 def test_gathered_products_on_numpy():
@@ -153,3 +158,13 @@ def test_cuda_gathered_products_match_numpy_and_capture(dtype):
     want = np.stack([a[i].astype(np.float64) @ b[j] for i, j in zip(ai, bi[::-1])])
     np.testing.assert_allclose(out.get(), want, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-4 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.cuda
+def test_cuda_matmul_accumulates_into_out():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((6, 33, 17)), rng.standard_normal((17, 9))
+    out = cupy.asarray(rng.standard_normal((6, 33, 9)))
+    want = out.get() + a @ b
+    gemm.matmul(cupy.asarray(a), cupy.asarray(b), out=out, accumulate=True)
+    np.testing.assert_allclose(out.get(), want, rtol=1e-12, atol=1e-12)

@@ -334,6 +334,8 @@ def test_config_validation_names_field_value_and_range():
                                           r"expected 0 \(no dropping\) or at least 1"):
         preset("tiny").override(expert_capacity=0.5)
     assert preset("tiny").override(expert_capacity=1.25).expert_capacity == 1.25
+    with pytest.raises(ConfigError, match=r"recompute_keep = 3 exceeds n_layers = 2"):
+        preset("tiny").override(recompute_keep=3)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
@@ -370,16 +372,18 @@ def test_default_preset_persistent_state_fits_the_memory_plan():
 
 # --- recomputation (config.recompute) --------------------------------------------------------
 
-def _recompute_pair_config(recompute):
+def _recompute_pair_config(recompute, keep=0):
     return preset("tiny").override(batch_size=8, seq_len=16, d_model=64, n_heads=4, n_layers=3,
-                                   shared_vq_size=512, kgvq_size=128, recompute=recompute)
+                                   shared_vq_size=512, kgvq_size=128, recompute=recompute,
+                                   recompute_keep=keep)
 
 
-def _one_backward(recompute):
+def _one_backward(recompute, keep=0):
     from tritnet.nn.tables import TernaryEmbeddingTable
     from tritnet.nn.ternary import TernaryLinear
     trandom.manual_seed(0)
-    model = CodeMemoryLM(_recompute_pair_config(recompute))
+    model = CodeMemoryLM(_recompute_pair_config(recompute, keep))
+    assert [b.recompute for b in model.blocks] == [recompute and i < 3 - keep for i in range(3)]
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 256, (8, 17))
     loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
@@ -400,12 +404,13 @@ def test_recompute_gives_the_same_loss_and_int8_gradients():
     block, quantises each read with the seed of its place in backward's order, which
     recomputation changes: its gradients are equally valid, not identical.)"""
     plain_loss, plain = _one_backward(False)
-    again_loss, again = _one_backward(True)
-    assert plain_loss == again_loss
-    assert plain.keys() == again.keys() and len(plain) > 40
-    for name in plain:
-        for a, b in zip(plain[name], again[name]):
-            np.testing.assert_array_equal(a, b, err_msg=name)
+    for keep in (0, 2):   # every block recomputed; the last two keeping their activations
+        again_loss, again = _one_backward(True, keep)
+        assert plain_loss == again_loss
+        assert plain.keys() == again.keys() and len(plain) > 40
+        for name in plain:
+            for a, b in zip(plain[name], again[name]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}, keep {keep}")
 
 
 def test_recompute_searches_the_code_book_once_per_step(monkeypatch):

@@ -122,6 +122,21 @@ def test_expert_matmul_runs_each_tile_through_its_expert(device):
         mine = [t for t in range(5) if te[t] == e]
         G = sum(gy[4 * t:4 * t + 4].T @ xh[4 * t:4 * t + 4] for t in mine)
         np.testing.assert_allclose(recorded[e], G, rtol=1e-10, atol=1e-10)
+    # rows=: the tiled input gathered from x inside the op, the same as gathering first
+    small = tritnet.tensor(xp.asarray(rng.standard_normal((7, 9))), requires_grad=True)
+    rows = xp.asarray(rng.integers(0, 7, 20))
+    recorded.clear()
+    expert_matmul(small, layers, tile_expert, 4, rows=rows).backward(xp.asarray(gy))
+    fused, recorded_fused = backend.to_numpy(small.grad), dict(recorded)
+    small.grad = None
+    recorded.clear()
+    expert_matmul(F.take(small, rows), layers, tile_expert, 4).backward(xp.asarray(gy))
+    np.testing.assert_allclose(fused, backend.to_numpy(small.grad), rtol=1e-12, atol=1e-12)
+    for e in range(3):
+        np.testing.assert_allclose(recorded_fused[e], recorded[e], rtol=1e-12, atol=1e-12)
+    for layer in layers:
+        layer.eval()
+    check_backward(lambda t: expert_matmul(t, layers, tile_expert, 4, rows=rows), [small])
 
 
 def test_expert_matmul_bad_input():
@@ -130,6 +145,9 @@ def test_expert_matmul_bad_input():
     with pytest.raises(ValueError, match=r"ExpertMatmul: input has shape \(6, 8\), expected "
                                          r"\(8, 8\): 2 tiles of 4 rows"):
         expert_matmul(x, layers, np.array([0, 1]), 4)
+    with pytest.raises(ValueError, match=r"ExpertMatmul: rows has shape \(6,\), expected "
+                                         r"\(8,\): one input row for each of 2 tiles of 4"):
+        expert_matmul(x, layers, np.array([0, 1]), 4, rows=np.zeros(6, np.int64))
     with pytest.raises(ValueError, match=r"ExpertMatmul: layers of different shapes "
                                          r"\[\(8, 3\), \(8, 4\)\]"):
         expert_matmul(x, [TernaryLinear(8, 4), TernaryLinear(8, 3)], np.array([0, 1, 0]), 2)

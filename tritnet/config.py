@@ -56,6 +56,9 @@ class Config:
     use_composite_head: bool = True
     recompute: bool = False        # keep one block's activations, recompute each in backward:
                                    # bit-identical training, far less memory, a second forward
+    recompute_keep: int = 0        # with recompute: the last this-many blocks keep their
+                                   # activations instead (no second forward for them): the
+                                   # memory a budget leaves, spent on speed
     matmul_precision: str = "tf32" # float32 products on the GPU: "tf32" (tensor cores) or
                                    # "fp32" (backend.set_matmul_precision); the CPU is fp32
     cuda_graph: bool = True        # on a GPU, replay each training step from CUDA graphs
@@ -117,6 +120,9 @@ class Config:
         if 0 < self.expert_capacity < 1:
             raise ConfigError(f"config field expert_capacity = {self.expert_capacity} is below "
                               "one fair share: expected 0 (no dropping) or at least 1")
+        if self.recompute_keep > self.n_layers:
+            raise ConfigError(f"config field recompute_keep = {self.recompute_keep} exceeds "
+                              f"n_layers = {self.n_layers}")
         if self.top_k > self.n_experts:
             raise ConfigError(f"config field top_k = {self.top_k} exceeds n_experts = "
                               f"{self.n_experts}")
@@ -174,7 +180,7 @@ _RANGES = {
     "expert_hidden": (1, 1 << 20), "top_k": (1, 64), "codebook_dim": (1, 4096),
     "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
     "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
-    "expert_capacity": (0.0, 4096.0),
+    "expert_capacity": (0.0, 4096.0), "recompute_keep": (0, 1024),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
     "decay_shift": (0, 7), "grad_rms_units": (1, 127), "grad_clip_units": (0, 127),
     "final_grad_rms_units": (0.001, 127.0), "batch_size": (1, 1 << 20),
@@ -195,17 +201,21 @@ PRESETS = {
                  position="alibi"),
     # 25–30M logical trits: the comparison preset. On the H100, 5M tokens of the default
     # corpus learn best at 128 x 32 tokens a step (1,221 steps) with the cosine gain
-    # (benchmarks/results/train-small-5m-h100/README.md)
+    # (benchmarks/results/train-small-5m-h100/README.md). Blocks are recomputed in backward:
+    # issue 7's 1 GB budget for a step at 32 x 256 (0.81 GiB, 188,863 tok/s; 2.76 GiB and
+    # 221,766 tok/s without; H200, CUDA graphs)
     "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
                   graph_capacity=1 << 16, batch_size=128, seq_len=32, position="alibi",
-                  schedule="cosine"),
-    # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64. Blocks are
-    # recomputed in backward: issue 7's 16 GB budget for a step at 4 x 512
+                  schedule="cosine", recompute=True),
+    # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64. The first 4
+    # blocks are recomputed in backward: issue 7's 16 GB budget for a step at 4 x 512 (15.85
+    # GiB without recomputation, 13.26 GiB keeping 18 blocks, 7.32 GiB keeping none; H200)
     "default": dict(d_model=2560, n_layers=24, n_heads=20, context=1024, n_experts=8,
                     expert_hidden=1424, shared_vq_size=10_000_000, kgvq_size=5_000_000,
                     graph_slots=8, graph_capacity=1 << 18, vq_search="routed",
-                    batch_size=4, seq_len=512, position="alibi", recompute=True),
+                    batch_size=4, seq_len=512, position="alibi", recompute=True,
+                    recompute_keep=20),
 }
 
 

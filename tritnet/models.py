@@ -220,8 +220,8 @@ class MoEGraph(Module):
         C = N if not self.expert_capacity else min(N, math.ceil(
             self.expert_capacity * N * k / E))
         row, row_token, tile_expert = expert_tiles(choice.reshape(-1), E, k, EXPERT_TILE, C)
-        xs = F.take(h, row_token, check=False)  # tokens: in range
-        hidden = expert_matmul(xs, [ex.up for ex in self.experts], tile_expert, EXPERT_TILE)
+        hidden = expert_matmul(h, [ex.up for ex in self.experts], tile_expert, EXPERT_TILE,
+                               rows=row_token)
         outs = expert_matmul(F.silu(hidden), [ex.down for ex in self.experts], tile_expert,
                              EXPERT_TILE)
         if C < N:   # dropped entries read a zero row after the tiles' rows
@@ -376,6 +376,8 @@ class CodeMemoryLM(Module):
         self.config = c
         self.embed = TernaryEmbeddingTable(c.vocab_size, c.d_model, device)
         self.blocks = ModuleList([Block(c, device) for _ in range(c.n_layers)])
+        for i, block in enumerate(self.blocks):   # the last recompute_keep keep activations
+            block.recompute = c.recompute and i < c.n_layers - c.recompute_keep
         self.motif = TernaryLinear(c.d_model, c.codebook_dim, device)
         self.shared_vq = TernaryVQCodebook(c.shared_vq_size, c.codebook_dim, beta=c.vq_beta,
                                            search=c.vq_search, device=device)

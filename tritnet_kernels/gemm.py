@@ -146,13 +146,22 @@ def _batch_stride(x):
     return dims[-1][1]
 
 
-def matmul(a, b, out=None):
+def matmul(a, b, out=None, *, accumulate=False):
     """np.matmul(a, b) for NumPy arrays; on CuPy arrays, cuBLAS on a capturable handle (the
-    module doc)."""
+    module doc). accumulate=True adds the product into `out` (required, C-contiguous) instead
+    of overwriting it: cuBLAS's beta = 1, no separate addition pass."""
+    if accumulate and (out is None or not out.flags.c_contiguous):
+        raise ValueError("matmul: accumulate=True adds into out: pass a C-contiguous out")
     if not (cupy is not None and isinstance(a, cupy.ndarray)):
+        if accumulate:
+            out += np.matmul(a, b)
+            return out
         return np.matmul(a, b, out=out)
     if (a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or a.ndim < 2
             or b.ndim < 2):
+        if accumulate:
+            out += cupy.matmul(a, b)
+            return out
         return cupy.matmul(a, b, out=out)
     M, K = a.shape[-2:]
     K2, N = b.shape[-2:]
@@ -170,7 +179,7 @@ def matmul(a, b, out=None):
     if out is None:
         out = cupy.empty(shape, a.dtype)
     count = math.prod(batch)
-    if out.size == 0:
+    if out.size == 0 or (K == 0 and accumulate):
         return out
     if K == 0:
         out.fill(0)
@@ -180,11 +189,12 @@ def matmul(a, b, out=None):
     a, op_a, lda, stride_a = _matrix(a)
     b, op_b, ldb, stride_b = _matrix(b)
     kind, compute, one, zero = _precision_of(a.dtype)
+    beta = one if accumulate else zero
     # row-major out = a·b is column-major outᵀ = bᵀ·aᵀ: b's matrix comes first
     status = _cublas().cublasGemmStridedBatchedEx(
         _handle(), op_b, op_a, N, M, K, ctypes.addressof(one),
         b.data.ptr, kind, ldb, stride_b, a.data.ptr, kind, lda, stride_a,
-        ctypes.addressof(zero), out.data.ptr, kind, N, M * N, count, compute, _GEMM_DEFAULT)
+        ctypes.addressof(beta), out.data.ptr, kind, N, M * N, count, compute, _GEMM_DEFAULT)
     _check(status, "cublasGemmStridedBatchedEx")
     return out
 

@@ -103,20 +103,23 @@ class TernaryMatmul(Function):
 
 
 class ExpertMatmul(Function):
-    """Each tile of rows times its own expert's weight: rows t·T … t·T + T - 1 of x (R, in),
-    R = n_tiles·T, go through layer tile_expert[t] of `layers` (E TernaryLinear of one shape):
-    y = x_t · W_eᵀ. tile_expert (n_tiles,) stays on the device: the routing that made it is
-    never read by the host (a grouped product, `gemm.matmul_gathered`), so the step keeps its
-    shapes and captures as a CUDA graph.
+    """Each tile of rows times its own expert's weight: row i of the tiled input is x[rows[i]]
+    (or x[i] without `rows`), and rows t·T … t·T + T - 1 go through layer tile_expert[t] of
+    `layers` (E TernaryLinear of one shape): y_t = x_t · W_eᵀ, y (n_tiles·T, out).
+    tile_expert (n_tiles,) and rows stay on the device: the routing that made them is never
+    read by the host (a grouped product, `gemm.matmul_gathered`), so the step keeps its shapes
+    and captures as a CUDA graph. With `rows` the op keeps x itself for backward, not the
+    tiled copy (x is the normalised residual stream that the router keeps anyway), and
+    gathers again there; x's gradient sums the rows' gradients.
 
     Forward and backward widen the E weights into one transient (E, out, in) stack. A layer's
-    weight gradient G_e = Σ over e's tiles of gy_tᵀ·x_t is each tile's product (n_tiles, out,
-    in, a transient) summed by one product with the tiles' one-hot experts, then goes to the
-    layer's int8 state as in TernaryMatmul. Padding rows (a tile's rows past its expert's
-    last entry) must get zero output gradient: then they add nothing to G.
+    weight gradient G_e = Σ over e's tiles of gy_tᵀ·x_t is each tile's product (a transient,
+    at most 8·E tiles at a time) summed by a product with the tiles' one-hot experts, then
+    goes to the layer's int8 state as in TernaryMatmul. Padding rows (a tile's rows past its
+    expert's last entry) must get zero output gradient: then they add nothing to G.
     """
 
-    def forward(self, x, *, layers, tile_expert, tile):
+    def forward(self, x, *, layers, tile_expert, tile, rows=None):
         first = layers[0]
         out_f, in_f = first.out_features, first.in_features
         if any((m.out_features, m.in_features) != (out_f, in_f) for m in layers):
@@ -124,44 +127,65 @@ class ExpertMatmul(Function):
                              f"{sorted({(m.in_features, m.out_features) for m in layers})}; "
                              "expected one (in, out) for all")
         n_tiles = tile_expert.shape[0]
-        if x.shape != (n_tiles * tile, in_f):
+        n_rows = n_tiles * tile
+        if x.ndim != 2 or x.shape[1] != in_f or (rows is None and x.shape[0] != n_rows):
             raise ValueError(f"ExpertMatmul: input has shape {tuple(x.shape)}, expected "
-                             f"({n_tiles * tile}, {in_f}): {n_tiles} tiles of {tile} rows")
+                             f"({n_rows if rows is None else 'N'}, {in_f}): {n_tiles} tiles of "
+                             f"{tile} rows")
+        if rows is not None and rows.shape != (n_rows,):
+            raise ValueError(f"ExpertMatmul: rows has shape {tuple(rows.shape)}, expected "
+                             f"({n_rows},): one input row for each of {n_tiles} tiles of {tile}")
         xp = backend.get_array_module(x)
-        self.layers, self.tile_expert, self.tile = layers, tile_expert, tile
+        self.layers, self.tile_expert, self.tile, self.rows = layers, tile_expert, tile, rows
+        self.x_rows = x.shape[0]
         self.tiles = xp.arange(n_tiles)
         x = xp.ascontiguousarray(x)
         W = self._weights(x.dtype, xp)
-        y = kgemm.matmul_gathered(x.reshape(n_tiles, tile, in_f), W.transpose(0, 2, 1),
-                                  self.tiles, tile_expert)
+        y = kgemm.matmul_gathered(self._tiled(x), W.transpose(0, 2, 1), self.tiles, tile_expert)
         del W  # the widened weights live only inside this call (DESIGN §1.2)
         self.updates_state = first.training and is_grad_enabled()
         if self.updates_state:
             self.x = x
-        return y.reshape(-1, out_f)
+        return y.reshape(n_rows, out_f)
 
     def backward(self, gy):
         layers, tile = self.layers, self.tile
-        out_f, in_f = layers[0].out_features, layers[0].in_features
+        E, out_f, in_f = len(layers), layers[0].out_features, layers[0].in_features
         xp = backend.get_array_module(gy)
         n_tiles = self.tiles.shape[0]
         gy3 = xp.ascontiguousarray(gy).reshape(n_tiles, tile, out_f)
         gx = None
         if self.needs_input_grad[0]:
             W = self._weights(gy.dtype, xp)
-            gx = kgemm.matmul_gathered(gy3, W, self.tiles, self.tile_expert).reshape(-1, in_f)
+            gx = kgemm.matmul_gathered(gy3, W, self.tiles, self.tile_expert)
             del W
+            gx = gx.reshape(n_tiles * tile, in_f)
+            if self.rows is not None:
+                tiled, gx = gx, xp.zeros((self.x_rows, in_f), gy.dtype)
+                backend.scatter_add(gx, self.rows, tiled)
         if self.updates_state:
-            per_tile = kgemm.matmul_gathered(gy3.transpose(0, 2, 1),
-                                             self.x.reshape(n_tiles, tile, in_f), self.tiles,
-                                             self.tiles)            # (n_tiles, out, in)
-            owner = (self.tile_expert[None, :] == xp.arange(len(layers))[:, None])
-            G = kgemm.matmul(owner.astype(gy.dtype), per_tile.reshape(n_tiles, -1))
-            del per_tile
-            G = G.reshape(len(layers), out_f, in_f)
+            x3 = self._tiled(self.x)
+            owner = (self.tile_expert[None, :] == xp.arange(E)[:, None]).astype(gy.dtype)
+            G = xp.empty((E, out_f * in_f), gy.dtype)
+            # chunks of at most 8·E tiles: the per-tile products stay a bounded transient, and
+            # adding each chunk into G costs at most a quarter of reading the products
+            step = 8 * E
+            for t0 in range(0, n_tiles, step):
+                t = self.tiles[t0:t0 + step]
+                per_tile = kgemm.matmul_gathered(gy3.transpose(0, 2, 1), x3, t, t)
+                kgemm.matmul(owner[:, t0:t0 + step], per_tile.reshape(t.shape[0], -1), out=G,
+                             accumulate=t0 > 0)
+                del per_tile
+            G = G.reshape(E, out_f, in_f)
             for e, layer in enumerate(layers):
                 layer.accumulate_grad(G[e])
         return gx
+
+    def _tiled(self, x):
+        """The (n_tiles, T, in) tiled input: x itself, or its rows gathered."""
+        if self.rows is not None:
+            x = x[self.rows]
+        return x.reshape(self.tiles.shape[0], self.tile, x.shape[-1])
 
     def _weights(self, dtype, xp):
         first = self.layers[0]
@@ -171,10 +195,13 @@ class ExpertMatmul(Function):
         return W
 
 
-def expert_matmul(x, layers, tile_expert, tile: int):
-    """y (R, out) of x (R, in): each tile of `tile` rows times its expert's weight
-    (ExpertMatmul; tile_expert int (R / tile,) on x's device)."""
-    return ExpertMatmul.apply(x, layers=list(layers), tile_expert=tile_expert, tile=tile)
+def expert_matmul(x, layers, tile_expert, tile: int, rows=None):
+    """y (R, out), R = len(tile_expert)·tile: each tile of `tile` rows times its expert's
+    weight (ExpertMatmul). The tiled input is x (R, in), or x[rows] for an int array `rows`
+    (R,) (then x is (N, in) and keeps its own shape in backward); both index arrays on x's
+    device."""
+    return ExpertMatmul.apply(x, layers=list(layers), tile_expert=tile_expert, tile=tile,
+                              rows=rows)
 
 
 class TernaryModule(Module):
