@@ -213,12 +213,12 @@ def test_grad_inv_scale_rejects_bad_rows():
         U.grad_inv_scale(G, 8.0, rows=np.array([2, 2], np.int64))
 
 
-@pytest.mark.parametrize("n", [1, 255, 4096, 70_001, 3_000_000])   # 1 to 256 blocks
+@pytest.mark.parametrize("n", [1, 255, 4096, 70_001, 3_000_000, 5_000_000])   # 1 to 1024 blocks
 def test_grad_inv_scale_matches_the_reference(n):
     G = (np.random.default_rng(n).standard_normal(n) * 1e-3).astype(np.float32)
     np.testing.assert_allclose(U.grad_inv_scale(G, 8.0), U.grad_inv_scale_reference(G, 8.0),
                                rtol=1e-6)
-    assert U._rms_blocks(n) == min(256, -(-n // 4096))
+    assert U._rms_blocks(n) == min(1024, -(-n // 4096))
 
 
 # ------------------------------------------------------------------------ row_trit_dot (CPU)
@@ -649,7 +649,8 @@ def test_sim_row_trit_dot_matches_cpu_twin(monkeypatch, rows, cols, max_blocks):
 
 @pytest.mark.cudasim
 @pytest.mark.parametrize("rows,cols,max_blocks",
-                         [(1, 1, 4096), (3, 37, 4096), (5, 64, 1), (9, 33, 1)])
+                         [(1, 1, 4096), (3, 37, 4096), (5, 64, 1), (9, 33, 1),
+                          (2, 300, 1), (3, 520, 4096)])   # rows of more than 8 groups
 def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks):
     monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
     _, s = _sim_inputs(rows * cols, rows, cols)

@@ -76,7 +76,7 @@ EXPONENT_GRAD_FACTOR = np.float32(math.log(2) / 8)
 # with one global atomic per block, so a bounded grid also bounds atomic traffic.
 _QUANT_THREADS = 256
 _DOT_THREADS = 128          # power of two: tree reduction in shared memory
-_UPDATE_THREADS = 256       # 8 warps; each warp owns one 32-trit group per iteration
+_UPDATE_THREADS = 256       # 8 warps; each warp owns 8 32-trit groups of a row a pass
 _UPDATE_WARPS = _UPDATE_THREADS // 32
 _MAX_BLOCKS = 4096
 
@@ -276,7 +276,8 @@ def _block_tree_sum(buf, tid, width):
 # GPU, the simulator -- and the scale is bit-identical on all of them.
 _RMS_THREADS = 256           # power of two: tree reduction in shared memory
 _RMS_PER_THREAD = 16         # elements a thread adds before the tree, at the most blocks
-_RMS_MAX_BLOCKS = 256
+_RMS_MAX_BLOCKS = 1024       # a full GPU of threads: 256 blocks (2 an SM) kept too few loads
+                             # in flight (0.5-0.9 TB/s on the H200)
 
 
 def _rms_blocks(n):
@@ -337,8 +338,8 @@ _clocked_key_dev = on_device(_clocked_key)
 @numba.njit(parallel=True, cache=True)
 def _grad_inv_scale_cpu(G, n, row_size, rows, gain, clock, partial, done, out):
     # The CUDA kernel's order: thread t of block b adds elements b*T + t, then + nb*T, ...;
-    # the block's threads meet in a halving tree; the block sums are added in block order.
-    # (`done` is the GPU's block counter, unused here.)
+    # the block's threads meet in a halving tree. Then thread t adds block sums t, t + T, ...
+    # and those meet in a halving tree. (`done` is the GPU's block counter, unused here.)
     nb = partial.shape[0]
     for b in numba.prange(nb):
         acc = np.zeros(_RMS_THREADS, np.float64)
@@ -351,35 +352,63 @@ def _grad_inv_scale_cpu(G, n, row_size, rows, gain, clock, partial, done, out):
                 acc[t] += acc[t + half]
             half //= 2
         partial[b] = acc[0]
-    total = 0.0
-    for b in range(nb):
-        total += partial[b]
-    out[0] = _inv_rms(total, _counted(n, row_size, rows), _clocked_gain(gain, clock))
+    acc = np.zeros(_RMS_THREADS, np.float64)
+    for t in range(_RMS_THREADS):
+        for b in range(t, nb, _RMS_THREADS):
+            acc[t] += partial[b]
+    half = _RMS_THREADS // 2
+    while half > 0:
+        for t in range(half):
+            acc[t] += acc[t + half]
+        half //= 2
+    out[0] = _inv_rms(acc[0], _counted(n, row_size, rows), _clocked_gain(gain, clock))
 
 
 @cuda.jit(cache=True)
 def _grad_inv_scale_cuda(G, n, row_size, rows, gain, clock, partial, done, out):
     # One launch: each block writes its sum of squares; the last block to finish (counted in
-    # `done`, which it resets for the next call) adds the block sums in order and writes the
-    # scale. Squares in float32 (as G * G), sums in float64.
+    # `done`, which it resets for the next call) adds the block sums, its threads in
+    # parallel, and writes the scale. Squares in float32 (as G * G), sums in float64. Four
+    # loads a thread are issued before their adds (the same order of adds as one at a time).
     sums = cuda.shared.array(_RMS_THREADS, numba.float64)
+    is_last = cuda.shared.array(1, numba.int32)
     tid = cuda.threadIdx.x
     nb = cuda.gridDim.x
+    size = G.shape[0]
+    stride = nb * _RMS_THREADS
     acc = 0.0
-    for i in range(cuda.blockIdx.x * _RMS_THREADS + tid, G.shape[0], nb * _RMS_THREADS):
+    i = cuda.blockIdx.x * _RMS_THREADS + tid
+    while i + 3 * stride < size:
+        g0 = G[i]
+        g1 = G[i + stride]
+        g2 = G[i + 2 * stride]
+        g3 = G[i + 3 * stride]
+        acc += np.float64(g0 * g0)
+        acc += np.float64(g1 * g1)
+        acc += np.float64(g2 * g2)
+        acc += np.float64(g3 * g3)
+        i += 4 * stride
+    while i < size:
         g = G[i]
         acc += np.float64(g * g)
+        i += stride
     sums[tid] = acc
     cuda.syncthreads()
     _block_tree_sum(sums, tid, _RMS_THREADS)
     if tid == 0:
         partial[cuda.blockIdx.x] = sums[0]
         cuda.threadfence()   # this block's sum is visible before its ticket is
-        if cuda.atomic.add(done, 0, 1) == nb - 1:
-            total = 0.0
-            for b in range(nb):
-                total += cuda.atomic.add(partial, b, 0.0)  # read through L2, not a stale L1
-            out[0] = _inv_rms_dev(total, _counted_dev(n, row_size, rows),
+        is_last[0] = cuda.atomic.add(done, 0, 1) == nb - 1
+    cuda.syncthreads()
+    if is_last[0]:   # uniform across the block
+        acc = 0.0
+        for b in range(tid, nb, _RMS_THREADS):
+            acc += cuda.atomic.add(partial, b, 0.0)  # read through L2, not a stale L1
+        sums[tid] = acc
+        cuda.syncthreads()
+        _block_tree_sum(sums, tid, _RMS_THREADS)
+        if tid == 0:
+            out[0] = _inv_rms_dev(sums[0], _counted_dev(n, row_size, rows),
                                   _clocked_gain_dev(gain, clock))
             done[0] = 0
 
@@ -740,19 +769,22 @@ def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, f
 @cuda.jit(cache=True)
 def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
                          flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad, counts):
-    # A warp per 32-trit group, a lane per trit: loads and stores of the int8 state are
-    # coalesced, each mask word pair is read once (a broadcast) and written once by lane 0.
-    # The lanes' new bits meet in shared memory (atomic OR) because the simulator that CI
-    # runs has no warp vote functions.
-    new_plus = cuda.shared.array(_UPDATE_WARPS, numba.uint32)
-    new_minus = cuda.shared.array(_UPDATE_WARPS, numba.uint32)
+    # A warp per 8 consecutive 32-trit groups of a row (256 trits), a lane per 8 trits: lane l
+    # takes bits 8(l % 4) ... + 7 of group l // 4, so each of its 8 byte loads of the int8
+    # state is, across the warp, one contiguous 256-byte read. The lanes' new bits meet in
+    # shared memory (the simulator that CI runs has no warp vote functions), one barrier per
+    # block pass, and the first lane of each group writes its two mask words. A lane per trit
+    # with two barriers per 32-trit group ran the int8 state at 0.3 TB/s (H200).
+    new_plus = cuda.shared.array(_UPDATE_THREADS, numba.uint32)
+    new_minus = cuda.shared.array(_UPDATE_THREADS, numba.uint32)
     block_counts = cuda.shared.array(2, numba.int64)
     tid = cuda.threadIdx.x
     lane = tid & 31
     warp = tid >> 5
     rows = T_accum.shape[0]
     groups = (cols + 31) // 32
-    tasks = rows * groups
+    per_row = (groups + 7) // 8          # warp tasks a row
+    tasks = rows * per_row
     # Zeroed before the loop's first barrier; threads add to it only after the loop (the
     # wrapper gives every block at least one task, so that barrier is always passed).
     if tid == 0:
@@ -760,40 +792,48 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
         block_counts[1] = 0
     flips = 0
     steps = 0
+    shift = (lane & 3) * 8
     base = cuda.blockIdx.x * _UPDATE_WARPS
-    while base < tasks:  # uniform across the block: every thread reaches both syncthreads
+    while base < tasks:  # uniform across the block: every thread reaches the syncthreads
         task = base + warp
-        r = task // groups
-        g = task - r * groups
-        if lane == 0:
-            new_plus[warp] = 0
-            new_minus[warp] = 0
-        cuda.syncthreads()
-        j = 32 * g + lane
-        if task < tasks and j < cols:
+        r = task // per_row
+        g = (task - r * per_row) * 8 + (lane >> 2)
+        plus_bits = np.uint32(0)
+        minus_bits = np.uint32(0)
+        if task < tasks and g < groups:
             plus = np.int64(T_packed[r, 2 * g])
             minus = np.int64(T_packed[r, 2 * g + 1])
-            t = ((plus >> lane) & 1) - ((minus >> lane) & 1)
-            t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]), np.int64(grad_q[r, j]),
-                                         flip_threshold, -1, 1, flip_decay_shift)
-            T_accum[r, j] = a
-            if zero_grad:
-                grad_q[r, j] = 0
-            if t_new != t:
-                flips += 1
-            if t_new > 0:
-                cuda.atomic.or_(new_plus, warp, np.uint32(1 << lane))
-            elif t_new < 0:
-                cuda.atomic.or_(new_minus, warp, np.uint32(1 << lane))
-        if task < tasks and g == 0 and lane == 0:
-            steps += _exponent_step_dev(E, E_accum, grad_E_q, r, r, scale_threshold,
-                                        scale_decay_shift)
-            if zero_grad:
-                grad_E_q[r] = 0
+            j0 = 32 * g + shift
+            for b in range(8):
+                j = j0 + b
+                if j < cols:
+                    t = ((plus >> (shift + b)) & 1) - ((minus >> (shift + b)) & 1)
+                    t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
+                                                 np.int64(grad_q[r, j]), flip_threshold, -1,
+                                                 1, flip_decay_shift)
+                    T_accum[r, j] = a
+                    if zero_grad:
+                        grad_q[r, j] = 0
+                    if t_new != t:
+                        flips += 1
+                    if t_new > 0:
+                        plus_bits |= np.uint32(1) << np.uint32(shift + b)
+                    elif t_new < 0:
+                        minus_bits |= np.uint32(1) << np.uint32(shift + b)
+            if g == 0 and lane == 0:
+                steps += _exponent_step_dev(E, E_accum, grad_E_q, r, r, scale_threshold,
+                                            scale_decay_shift)
+                if zero_grad:
+                    grad_E_q[r] = 0
+        new_plus[tid] = plus_bits
+        new_minus[tid] = minus_bits
         cuda.syncthreads()
-        if lane == 0 and task < tasks:
-            T_packed[r, 2 * g] = new_plus[warp]
-            T_packed[r, 2 * g + 1] = new_minus[warp]
+        if task < tasks and g < groups and (lane & 3) == 0:
+            T_packed[r, 2 * g] = (new_plus[tid] | new_plus[tid + 1] | new_plus[tid + 2]
+                                  | new_plus[tid + 3])
+            T_packed[r, 2 * g + 1] = (new_minus[tid] | new_minus[tid + 1] | new_minus[tid + 2]
+                                      | new_minus[tid + 3])
+        cuda.syncthreads()  # the shared words are written again on the next pass
         base += cuda.gridDim.x * _UPDATE_WARPS
     if flips != 0:
         cuda.atomic.add(block_counts, 0, flips)
@@ -886,7 +926,7 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
     if dev == "cpu":
         _ternary_update_cpu(*args)
     else:
-        tasks = rows * -(-cols // 32)
+        tasks = rows * -(-cols // 256)   # a warp per 8 groups of a row
         launch(_ternary_update_cuda, _blocks(tasks, _UPDATE_WARPS), _UPDATE_THREADS, *args)
     return counts
 
