@@ -192,7 +192,7 @@ _RANGES = {
 # Presets: named overrides of the defaults above (the `tiny` model).
 PRESETS = {
     # trains on a two-core CPU: `tritnet train` with no options, ~5 minutes, ending near
-    # 2.77 held-out bpb against the bigram's 3.47 on the default corpus (2.83 with unclipped
+    # 2.78 held-out bpb against the bigram's 3.47 on the default corpus (2.83 with unclipped
     # gradients, grad_clip_units = 0; 3.10 with NoPE).
     # Measured on two cores at 2048 tokens a step: 64 x 32 learned faster than 32 x 64 and
     # 16 x 128 (with ALiBi, 2.83 against 2.88 for 16 x 128); a step is ~0.55 s, half of it the
