@@ -181,9 +181,9 @@ def test_experts_run_each_token_on_its_chosen_experts(device):
 
 
 def test_moe_forward_and_backward_ask_the_host_nothing(monkeypatch):
-    """A MoEGraph forward and backward needs no answer from the device: experts run on fixed
-    slots (not on the tokens they got, which the host would have to be told), and router,
-    top-k, slots and gathers take no range checks, sorts or bincounts. On the GPU each of
+    """A MoEGraph forward and backward needs no answer from the device: experts run on a
+    fixed count of tiles (not on the tokens they got, which the host would have to be
+    told), and router, top-k, tiles and gathers take no range checks, sorts or bincounts. On the GPU each of
     those ends in a host sync (the GPU drains, then idles while the host catches up; 536 of
     them a default step before they went), and none may happen in a captured CUDA graph."""
     from tritnet_kernels import tables as ktables

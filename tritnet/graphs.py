@@ -6,7 +6,8 @@ graph (cudaStreamBeginCapture) and then replayed with one launch, the step costs
 time alone. Capture needs a step that never waits on the device and has the same shapes and
 the same arrays every time; the framework's step is built that way:
 
-- no host syncs: MoE experts run on fixed slots (models.MoEGraph), table gradients on rows
+- no host syncs: MoE experts run on a fixed count of row tiles whose owners stay on the
+  device (models.expert_tiles, gemm.matmul_gathered), table gradients on rows
   padded to a fixed count (tritnet_kernels.tables.unique_rows), the VQ search and routing
   without sorts or counts on the host, token ids checked on the host before their copy;
 - the per-step numbers, the step (random bits of the stochastic rounding) and the gain
