@@ -20,8 +20,8 @@ Two phases on the same model:
 
 Peer numbers (issue 7, BitNet-b1.58-style PyTorch, fp32 latents + AdamW, same H100): 3.2B
 parameters at 4 x 512: 62.5 GiB, 7,900 tokens/s; 27.7M at 32 x 256: 2.3 GiB, 180,000 tokens/s.
-Writes benchmarks/results/step-<preset>-<batch>[-recompute][-graph]-<gpu>.json and prints a
-table.
+Writes benchmarks/results/step-<preset>-<batch>[-recompute[-keepN]][-fp32][-graph][-capC]-<gpu>.json
+and prints a table.
 """
 
 from __future__ import annotations
