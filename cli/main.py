@@ -165,9 +165,9 @@ def trace(preset_name, config_path, as_json):
 @click.option("--recompute-keep", type=click.IntRange(min=0), default=None,
               help="With --recompute, the last N blocks keep their activations instead: "
               "faster steps for the memory that leaves (default: the preset's).")
-@click.option("--expert-capacity", type=float, help="Rows each MoE expert runs on, in fair "
-              "shares (tokens x top_k / n_experts); entries past it are dropped. 0 (default): "
-              "every token fits, at n_experts / top_k fair shares of rows.")
+@click.option("--expert-capacity", type=float, help="The most entries each MoE expert takes, "
+              "in fair shares (tokens x top_k / n_experts); entries past it are dropped. 0 "
+              "(default): every entry runs.")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="On a GPU, replay each step from CUDA graphs, captured after a few eager "
               "steps: the same training without most of the host's launch time (default: on "

@@ -37,10 +37,10 @@ class Config:
     n_experts: int = 4             # MoEGraph partitions: routing centroids and ternary experts
     expert_hidden: int = 256
     top_k: int = 2                 # experts per token
-    expert_capacity: float = 0.0   # rows an expert runs on, in fair shares (tokens · top_k /
-                                   # n_experts); entries past it, in token order, are dropped
-                                   # (Switch Transformer's capacity factor). 0: every token
-                                   # fits (all tokens' rows: n_experts / top_k fair shares)
+    expert_capacity: float = 0.0   # the most entries an expert takes, in fair shares (tokens
+                                   # · top_k / n_experts); entries past it, in token order,
+                                   # are dropped (Switch Transformer's capacity factor).
+                                   # 0: every entry runs
     codebook_dim: int = 64         # CODEBOOK_DIM
     shared_vq_size: int = 4096     # SHARED_VQ_SIZE
     kgvq_size: int = 1024          # KGVQ_CODEBOOK_SIZE
