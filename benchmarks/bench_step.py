@@ -122,7 +122,7 @@ def main():
                         help="float32 products on the GPU (default: the preset's, tf32)")
     parser.add_argument("--expert-capacity", type=float,
                         help="MoE expert capacity in fair shares (default: the preset's, 0: "
-                        "every token fits)")
+                        "every entry runs)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="replay the timed steps from CUDA graphs, as `tritnet train` does "
                         "(default: the config's, on); phase 2 always runs eagerly")
