@@ -347,6 +347,23 @@ def test_sim_top_codes_tiles_keep_the_best_so_far():
     q = queries(2, dim, 12)
     idx = vq.top_codes(q, T_packed, dim, 3)
     np.testing.assert_array_equal(idx, vq.top_codes_reference(q, T_packed, dim, 3)[0])
+    # a narrow book: few distinct scores, so ties everywhere, settled by the lower index
+    T_packed = book(300, 5, 13)
+    q = queries(3, 5, 14)
+    dot = np.empty((3, 12), np.int32)
+    idx = vq.top_codes(q, T_packed, 5, 12, out_dot=dot)
+    ref_idx, ref_dot = vq.top_codes_reference(q, T_packed, 5, 12)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(dot, ref_dot)
+
+
+@pytest.mark.cudasim
+def test_sim_top_codes_refuses_dims_its_key_cannot_rank():
+    words = 2 * (1 << 17) // 32
+    T_packed, q = np.zeros((2, words), np.uint32), np.zeros((1, words), np.uint32)
+    with pytest.raises(ValueError, match=r"top_codes: dim = 131072: the GPU kernel ranks codes "
+                                         r"by a float64 key, exact for dim < 131072"):
+        vq.top_codes(q, T_packed, 1 << 17, 1)
 
 
 @pytest.mark.cudasim

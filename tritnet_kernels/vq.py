@@ -797,45 +797,56 @@ def _top_codes_partial_cpu(queries, T_packed, slice_len, part_d, part_nn, part_i
 
 
 @numba.njit(cache=True)
-def _best_candidate(c_d, c_nn, c_i, tid, total, threads):
-    """(d, nn, index, slot) of the best of candidates tid, tid + threads, ... (index -1: taken)."""
-    bd = np.int64(0)
-    bn = np.int64(1)
+def _score_key(d, nn):
+    """d·|d|/nn in float64: an exact sort key of the score. Two different such fractions
+    (|d| <= nn <= dim) differ by at least 1/dim**2, far above float64 rounding for dim < 2**17,
+    and equal fractions round to the same double (code_scores_reference says the same)."""
+    return np.float64(d * abs(d)) / np.float64(nn)
+
+
+@numba.njit(cache=True)
+def _best_key(c_s, c_i, tid, total, threads):
+    """(key, index, slot) of the best of candidates tid, tid + threads, ... (index -1: taken
+    or none): the highest key, ties to the lower index."""
+    bs = np.float64(0.0)
     bi = np.int64(-1)
     at = np.int64(-1)
     for t in range(tid, total, threads):
-        if _beats(np.int64(c_d[t]), np.int64(c_nn[t]), np.int64(c_i[t]), bd, bn, bi):
-            bd = np.int64(c_d[t])
-            bn = np.int64(c_nn[t])
-            bi = np.int64(c_i[t])
+        i = np.int64(c_i[t])
+        if i >= 0 and (bi < 0 or c_s[t] > bs or (c_s[t] == bs and i < bi)):
+            bs = c_s[t]
+            bi = i
             at = np.int64(t)
-    return bd, bn, bi, at
+    return bs, bi, at
 
 
-_best_candidate_dev = on_device(_best_candidate)
-
-
+_best_key_dev = on_device(_best_key)
 _TOP_THREADS = 128  # fewer rounds of the block's tree than 256 (and 1.5x faster, H200)
 _TOP_TILE = 2048   # codes scored per pass of a block, kept in shared memory with the list
 _TOP_CAND = _TOP_TILE + _MAX_TOP_K
+_TOP_MAX_DIM = 1 << 17   # _score_key is exact below this
 
 
 @cuda.jit(cache=True)
 def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_i):
     # A block per (query, slice of the book). It scores a tile of the slice into shared
-    # memory beside the best k so far, then picks the new best k one at a time: each thread
-    # takes the best of its candidates, a tree in shared memory the block's, and the winner
-    # leaves the candidates. A thread per (query, slice) with its list in local memory spent
-    # most of its time inserting: 2 ms a call for 2048 queries over 3162 centroids (H200).
-    c_d = cuda.shared.array(_TOP_CAND, numba.int32)
-    c_nn = cuda.shared.array(_TOP_CAND, numba.int32)
+    # memory (as exact float64 keys, so that a comparison is one compare, not the cross
+    # products of _beats) beside the best k so far, then picks the new best k one at a time:
+    # each thread holds its best candidate, a tree in shared memory finds the block's, the
+    # winner leaves the candidates and only its thread looks again. The winners' dots and
+    # counts are scored again at the end (k codes). A thread per (query, slice) with its
+    # list in local memory spent most of its time inserting: 2 ms a call for 2048 queries
+    # over 3162 centroids (H200).
+    c_s = cuda.shared.array(_TOP_CAND, numba.float64)
     c_i = cuda.shared.array(_TOP_CAND, numba.int32)
-    r_d = cuda.shared.array(_TOP_THREADS, numba.int32)
-    r_nn = cuda.shared.array(_TOP_THREADS, numba.int32)
+    k_s = cuda.shared.array(_MAX_TOP_K, numba.float64)
+    k_i = cuda.shared.array(_MAX_TOP_K, numba.int32)
+    r_s = cuda.shared.array(_TOP_THREADS, numba.float64)
     r_i = cuda.shared.array(_TOP_THREADS, numba.int32)
     r_at = cuda.shared.array(_TOP_THREADS, numba.int32)
     S, n, k = part_i.shape
     K = T_packed.shape[0]
+    W = queries.shape[1]
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
     for task in range(cuda.blockIdx.x, S * n, cuda.gridDim.x):
@@ -849,7 +860,7 @@ def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_
                 c = start + t
                 d = np.int64(0)
                 nnz = np.int64(0)
-                for w in range(0, queries.shape[1], 2):
+                for w in range(0, W, 2):
                     qp = queries[q, w]
                     qm = queries[q, w + 1]
                     cp = T_packed[c, w]
@@ -857,49 +868,60 @@ def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_
                     d += (np.int32(cuda.popc((qp & cp) | (qm & cm)))
                           - np.int32(cuda.popc((qp & cm) | (qm & cp))))
                     nnz += np.int32(cuda.popc(cp | cm))
-                c_d[t] = d
-                c_nn[t] = max(nnz, 1)
+                c_s[t] = _score_key(d, max(nnz, 1))
                 c_i[t] = c
             for t in range(tid, filled, threads):  # the best k so far join the candidates
-                c_d[m + t] = part_d[s, q, t]
-                c_nn[m + t] = part_nn[s, q, t]
-                c_i[m + t] = part_i[s, q, t]
+                c_s[m + t] = k_s[t]
+                c_i[m + t] = k_i[t]
             cuda.syncthreads()
             total = m + filled
             filled = min(k, total)
-            # each thread's best candidate; only the thread whose candidate wins a round
-            # looks again
-            bd, bn, bi, at = _best_candidate_dev(c_d, c_nn, c_i, tid, total, threads)
+            bs, bi, at = _best_key_dev(c_s, c_i, tid, total, threads)
             for j in range(filled):
-                r_d[tid] = bd
-                r_nn[tid] = bn
+                r_s[tid] = bs
                 r_i[tid] = bi
                 r_at[tid] = at
                 cuda.syncthreads()
                 half = threads // 2
                 while half > 0:
-                    if tid < half and _beats(np.int64(r_d[tid + half]), np.int64(r_nn[tid + half]),
-                                             np.int64(r_i[tid + half]), np.int64(r_d[tid]),
-                                             np.int64(r_nn[tid]), np.int64(r_i[tid])):
-                        r_d[tid] = r_d[tid + half]
-                        r_nn[tid] = r_nn[tid + half]
-                        r_i[tid] = r_i[tid + half]
-                        r_at[tid] = r_at[tid + half]
+                    if tid < half:
+                        os = r_s[tid + half]
+                        oi = r_i[tid + half]
+                        mi = r_i[tid]
+                        if oi >= 0 and (mi < 0 or os > r_s[tid] or (os == r_s[tid] and oi < mi)):
+                            r_s[tid] = os
+                            r_i[tid] = oi
+                            r_at[tid] = r_at[tid + half]
                     cuda.syncthreads()
                     half //= 2
                 won = r_at[0]
                 if tid == 0:
-                    part_d[s, q, j] = r_d[0]
-                    part_nn[s, q, j] = r_nn[0]
-                    part_i[s, q, j] = r_i[0]
+                    k_s[j] = r_s[0]
+                    k_i[j] = r_i[0]
                 if won % threads == tid:
-                    c_i[won] = -1  # taken: it ranks below every code from now on
-                    bd, bn, bi, at = _best_candidate_dev(c_d, c_nn, c_i, tid, total, threads)
+                    c_i[won] = -1  # taken: it leaves the candidates
+                    bs, bi, at = _best_key_dev(c_s, c_i, tid, total, threads)
                 cuda.syncthreads()
-        for j in range(filled + tid, k, threads):
-            part_d[s, q, j] = 0
-            part_nn[s, q, j] = 1
-            part_i[s, q, j] = -1
+        for j in range(tid, k, threads):
+            if j < filled:
+                c = k_i[j]
+                d = np.int64(0)
+                nnz = np.int64(0)
+                for w in range(0, W, 2):
+                    qp = queries[q, w]
+                    qm = queries[q, w + 1]
+                    cp = T_packed[c, w]
+                    cm = T_packed[c, w + 1]
+                    d += (np.int32(cuda.popc((qp & cp) | (qm & cm)))
+                          - np.int32(cuda.popc((qp & cm) | (qm & cp))))
+                    nnz += np.int32(cuda.popc(cp | cm))
+                part_d[s, q, j] = d
+                part_nn[s, q, j] = max(nnz, 1)
+                part_i[s, q, j] = c
+            else:
+                part_d[s, q, j] = 0
+                part_nn[s, q, j] = 1
+                part_i[s, q, j] = -1
         cuda.syncthreads()  # the next task reuses the shared arrays
 
 
@@ -972,6 +994,9 @@ def top_codes(queries, T_packed, dim, k, out_index=None, out_dot=None):
     if n == 0:
         return out_index
     K = T_packed.shape[0]
+    if dev != "cpu" and dim >= _TOP_MAX_DIM:
+        raise ValueError(f"{op}: dim = {dim}: the GPU kernel ranks codes by a float64 key, "
+                         f"exact for dim < {_TOP_MAX_DIM}; run wider codes on the CPU")
     if dev == "cpu":
         slice_len = K  # the CPU twin is parallel over queries already
     else:
