@@ -827,6 +827,22 @@ _TOP_CAND = _TOP_TILE + _MAX_TOP_K
 _TOP_MAX_DIM = 1 << 17   # _score_key is exact below this
 
 
+@cuda.jit(device=True)
+def _dot_and_nn(queries, q, T_packed, c):
+    """(d, nn) of query q and code c: the dot and max(nonzero trits of c, 1), by popcounts."""
+    d = np.int64(0)
+    nnz = np.int64(0)
+    for w in range(0, queries.shape[1], 2):
+        qp = queries[q, w]
+        qm = queries[q, w + 1]
+        cp = T_packed[c, w]
+        cm = T_packed[c, w + 1]
+        d += (np.int32(cuda.popc((qp & cp) | (qm & cm)))
+              - np.int32(cuda.popc((qp & cm) | (qm & cp))))
+        nnz += np.int32(cuda.popc(cp | cm))
+    return d, max(nnz, 1)
+
+
 @cuda.jit(cache=True)
 def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_i):
     # A block per (query, slice of the book). It scores a tile of the slice into shared
@@ -846,7 +862,6 @@ def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_
     r_at = cuda.shared.array(_TOP_THREADS, numba.int32)
     S, n, k = part_i.shape
     K = T_packed.shape[0]
-    W = queries.shape[1]
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
     for task in range(cuda.blockIdx.x, S * n, cuda.gridDim.x):
@@ -858,17 +873,8 @@ def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_
             m = min(_TOP_TILE, end - start)
             for t in range(tid, m, threads):
                 c = start + t
-                d = np.int64(0)
-                nnz = np.int64(0)
-                for w in range(0, W, 2):
-                    qp = queries[q, w]
-                    qm = queries[q, w + 1]
-                    cp = T_packed[c, w]
-                    cm = T_packed[c, w + 1]
-                    d += (np.int32(cuda.popc((qp & cp) | (qm & cm)))
-                          - np.int32(cuda.popc((qp & cm) | (qm & cp))))
-                    nnz += np.int32(cuda.popc(cp | cm))
-                c_s[t] = _score_key(d, max(nnz, 1))
+                d, nn = _dot_and_nn(queries, q, T_packed, c)
+                c_s[t] = _score_key(d, nn)
                 c_i[t] = c
             for t in range(tid, filled, threads):  # the best k so far join the candidates
                 c_s[m + t] = k_s[t]
@@ -905,18 +911,9 @@ def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_
         for j in range(tid, k, threads):
             if j < filled:
                 c = k_i[j]
-                d = np.int64(0)
-                nnz = np.int64(0)
-                for w in range(0, W, 2):
-                    qp = queries[q, w]
-                    qm = queries[q, w + 1]
-                    cp = T_packed[c, w]
-                    cm = T_packed[c, w + 1]
-                    d += (np.int32(cuda.popc((qp & cp) | (qm & cm)))
-                          - np.int32(cuda.popc((qp & cm) | (qm & cp))))
-                    nnz += np.int32(cuda.popc(cp | cm))
+                d, nn = _dot_and_nn(queries, q, T_packed, c)
                 part_d[s, q, j] = d
-                part_nn[s, q, j] = max(nnz, 1)
+                part_nn[s, q, j] = nn
                 part_i[s, q, j] = c
             else:
                 part_d[s, q, j] = 0
