@@ -281,6 +281,11 @@ def test_bad_partitions():
         call(q, T_packed, 64, np.array([0, 6, 4, 10], np.int64), codes, probe)
     with pytest.raises(ValueError, match=r"probe has shape \(3, 1\), expected \(2, nprobe\)"):
         call(q, T_packed, 64, offsets, codes, np.zeros((3, 1), np.int32))
+    with pytest.raises(ValueError, match=r"method = 'fast', expected 'auto', 'mma' or 'scan'"):
+        call(q, T_packed, 64, offsets, codes, probe, method="fast")
+    with pytest.raises(ValueError, match=r"method 'mma' needs a GPU \(or the simulator\) and "
+                                         r"dim <= 64, got device cpu and dim=64"):
+        call(q, T_packed, 64, offsets, codes, probe, method="mma")
 
 
 def test_bad_usage_calls_change_nothing():
@@ -328,9 +333,11 @@ def test_sim_top_codes_partitions_and_usage():
                                   vq.top_codes_reference(q, T_packed, dim, 4)[0])
     offsets, codes = _partitions(K, P, 3)
     probe = np.random.default_rng(4).integers(0, P, (9, 2)).astype(np.int32)
-    np.testing.assert_array_equal(
-        vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe),
-        vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes, probe)[0])
+    for method in ("mma", "scan"):
+        np.testing.assert_array_equal(
+            vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, method=method),
+            vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes, probe)[0],
+            err_msg=method)
     usage = np.array([32766, 0, 5, 32767, 9], np.int16)
     indices = np.array([0, 0, 0, 1, 4, 4, 3, 2], np.int64)
     ref = vq.count_usage_reference(indices, usage)
@@ -339,11 +346,11 @@ def test_sim_top_codes_partitions_and_usage():
 
 @pytest.mark.cudasim
 def test_sim_top_codes_tiles_keep_the_best_so_far():
-    # a slice longer than a block's tile of 2048 codes: each later tile's candidates compete
-    # with the best k kept from the tiles before it
-    dim, K = 20, 2100
+    # a slice longer than a block's sort (128 keys a pass in the simulator): each later
+    # pass's codes compete with the best k kept from the passes before it
+    dim, K = 20, 400
     T_packed = book(K, dim, 11)
-    T_packed[2050:] = T_packed[:50]  # ties across the tiles
+    T_packed[350:] = T_packed[:50]  # ties across the passes
     q = queries(2, dim, 12)
     idx = vq.top_codes(q, T_packed, dim, 3)
     np.testing.assert_array_equal(idx, vq.top_codes_reference(q, T_packed, dim, 3)[0])
@@ -376,12 +383,38 @@ def test_sim_partition_search_many_queries_a_partition(dim):
     offsets, codes = _partitions(K, P, 14)
     q = queries(40, dim, 15)
     probe = np.random.default_rng(16).integers(0, 2, (40, 2)).astype(np.int32)
-    dot = np.empty(40, np.int32)
-    idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
+    ref_idx, ref_dot = vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes,
+                                                               probe)
+    for method in (["mma", "scan"] if dim <= 64 else ["scan"]):
+        dot = np.empty(40, np.int32)
+        idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot,
+                                            method=method)
+        np.testing.assert_array_equal(idx, ref_idx, err_msg=method)
+        np.testing.assert_array_equal(dot, ref_dot, err_msg=method)
+
+
+@pytest.mark.cudasim
+def test_sim_partition_search_mma_ties_in_list_order():
+    # the tensor-core kernel sees a partition's codes in list order (here falling index),
+    # split over warps and lanes: equal scores must still go to the lowest index, within one
+    # lane (codes 64 apart in the list are 8 steps apart: the same warp and lane) and across
+    # them; a partition longer than a staged tile, an empty one, a group of one pair
+    dim, K = 24, 600
+    T_packed = book(64, dim, 31)[np.arange(K) % 64]
+    codes = np.ascontiguousarray(np.arange(K, dtype=np.int32)[::-1])
+    offsets = np.array([0, 560, 560, 600], np.int64)
+    q = queries(17, dim, 32)
+    probe = np.zeros((17, 2), np.int32)
+    probe[:, 1] = 2
+    probe[16] = 1      # only the empty partition: -1
+    dot = np.empty(17, np.int32)
+    idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot,
+                                        method="mma")
     ref_idx, ref_dot = vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes,
                                                                probe)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(dot, ref_dot)
+    assert idx[16] == -1 and dot[16] == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,12 +493,36 @@ def test_cuda_routed_search_at_training_shapes(dim, n, P, k):
     offsets, codes = _partitions(K, P, 24)
     dot = np.empty(n, np.int32)
     idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
-    g_dot = cupy.empty(n, cupy.int32)
-    g_idx = vq.nearest_code_in_partitions(cupy.asarray(q), cupy.asarray(T_packed), dim,
-                                          cupy.asarray(offsets), cupy.asarray(codes), g_probe,
-                                          out_dot=g_dot)
-    np.testing.assert_array_equal(g_idx.get(), idx)
-    np.testing.assert_array_equal(g_dot.get(), dot)
+    for method in (["auto", "mma", "scan"] if dim <= 64 else ["auto"]):
+        g_dot = cupy.empty(n, cupy.int32)
+        g_idx = vq.nearest_code_in_partitions(cupy.asarray(q), cupy.asarray(T_packed), dim,
+                                              cupy.asarray(offsets), cupy.asarray(codes),
+                                              g_probe, out_dot=g_dot, method=method)
+        np.testing.assert_array_equal(g_idx.get(), idx, err_msg=method)
+        np.testing.assert_array_equal(g_dot.get(), dot, err_msg=method)
+
+
+@pytest.mark.cuda
+def test_cuda_partition_search_skewed_probes():
+    # most queries probe the same few partitions (hundreds of pairs each: many work items of
+    # one partition), near-book queries (few ties) and random ones (many)
+    dim, K, P, n = 64, 60_000, 200, 3000
+    T_packed = book(K, dim, 41)
+    T_packed[K // 2:K // 2 + 500] = T_packed[:500]
+    offsets, codes = _partitions(K, P, 42)
+    rng = np.random.default_rng(43)
+    probe = np.where(rng.random((n, 8)) < 0.7, rng.integers(0, 4, (n, 8)),
+                     rng.integers(0, P, (n, 8))).astype(np.int32)
+    for q in (queries(n, dim, 44), near_book_queries(T_packed, dim, n, 45)):
+        dot = np.empty(n, np.int32)
+        idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
+        for method in ("mma", "scan"):
+            g_dot = cupy.empty(n, cupy.int32)
+            g_idx = vq.nearest_code_in_partitions(
+                cupy.asarray(q), cupy.asarray(T_packed), dim, cupy.asarray(offsets),
+                cupy.asarray(codes), cupy.asarray(probe), out_dot=g_dot, method=method)
+            np.testing.assert_array_equal(g_idx.get(), idx, err_msg=method)
+            np.testing.assert_array_equal(g_dot.get(), dot, err_msg=method)
 
 
 @pytest.mark.cuda

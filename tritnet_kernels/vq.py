@@ -35,7 +35,8 @@ Kernels
   merges the chunks in index order; other shapes use a plain scan (same results).
 - `top_codes(queries, T_packed, dim, k)`     the k best codes per query (coarse routing).
 - `nearest_code_in_partitions(...)`          exact argmax over the codes of each query's
-  probed partitions (routed search).
+  probed partitions (routed search); on a GPU with dim <= 64 on the int8 tensor cores too
+  (a block per group of 32 (query, partition) pairs), else a popcount scan.
 - `count_usage(indices, usage)`              int16 usage counts, saturating at 32767.
 
 Each is a CUDA kernel (`_*_cuda`) with a Numba CPU twin of the same argument list (`_*_cpu`)
@@ -804,27 +805,43 @@ def _score_key(d, nn):
     return np.float64(d * abs(d)) / np.float64(nn)
 
 
-@numba.njit(cache=True)
-def _best_key(c_s, c_i, tid, total, threads):
-    """(key, index, slot) of the best of candidates tid, tid + threads, ... (index -1: taken
-    or none): the highest key, ties to the lower index."""
-    bs = np.float64(0.0)
-    bi = np.int64(-1)
-    at = np.int64(-1)
-    for t in range(tid, total, threads):
-        i = np.int64(c_i[t])
-        if i >= 0 and (bi < 0 or c_s[t] > bs or (c_s[t] == bs and i < bi)):
-            bs = c_s[t]
-            bi = i
-            at = np.int64(t)
-    return bs, bi, at
-
-
-_best_key_dev = on_device(_best_key)
-_TOP_THREADS = 128  # fewer rounds of the block's tree than 256 (and 1.5x faster, H200)
-_TOP_TILE = 2048   # codes scored per pass of a block, kept in shared memory with the list
-_TOP_CAND = _TOP_TILE + _MAX_TOP_K
+_TOP_THREADS = 256
+_TOP_SORT = 4096   # keys a block scores a pass: the best k so far, then up to 4096 - k codes
+_TOP_CAND = 512    # keys of a pass's sample, then of its candidates
 _TOP_MAX_DIM = 1 << 17   # _score_key is exact below this
+
+
+@cuda.jit(device=True)
+def _bitonic_sort(keys, pos, size, tid, threads):
+    """Sort keys[:size] (a power of two) best first in place, ties to the lower pos, moving
+    pos along; the whole block calls it."""
+    width = 2
+    while width <= size:
+        stride = width // 2
+        while stride > 0:
+            for t in range(tid, size // 2, threads):
+                i = 2 * t - (t & (stride - 1))
+                j = i + stride
+                # j ranks before i: a higher key, or the same key at a lower position
+                j_first = keys[j] > keys[i] or (keys[j] == keys[i] and pos[j] < pos[i])
+                if j_first == ((i & width) == 0):   # runs alternate best-first/last
+                    x = keys[i]
+                    keys[i] = keys[j]
+                    keys[j] = x
+                    y = pos[i]
+                    pos[i] = pos[j]
+                    pos[j] = y
+            cuda.syncthreads()
+            stride //= 2
+        width *= 2
+
+
+@cuda.jit(device=True)
+def _pow2_at_least(n):
+    size = 1
+    while size < n:
+        size *= 2
+    return size
 
 
 @cuda.jit(device=True)
@@ -844,22 +861,29 @@ def _dot_and_nn(queries, q, T_packed, c):
 
 
 @cuda.jit(cache=True)
-def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_i):
-    # A block per (query, slice of the book). It scores a tile of the slice into shared
-    # memory (as exact float64 keys, so that a comparison is one compare, not the cross
-    # products of _beats) beside the best k so far, then picks the new best k one at a time:
-    # each thread holds its best candidate, a tree in shared memory finds the block's, the
-    # winner leaves the candidates and only its thread looks again. The winners' dots and
-    # counts are scored again at the end (k codes). A thread per (query, slice) with its
-    # list in local memory spent most of its time inserting: 2 ms a call for 2048 queries
-    # over 3162 centroids (H200).
-    c_s = cuda.shared.array(_TOP_CAND, numba.float64)
-    c_i = cuda.shared.array(_TOP_CAND, numba.int32)
-    k_s = cuda.shared.array(_MAX_TOP_K, numba.float64)
+def _top_codes_partial_cuda(queries, T_packed, slice_len, sort_len, cand_len, part_d, part_nn,
+                            part_i):
+    # A block per (query, slice of the book). A pass scores up to sort_len - k codes of the
+    # slice into shared memory as exact float64 keys, after the best k kept from the codes
+    # before them: position order is index order, so ties go to the lower position. Then:
+    # - a bitonic sort of the first cand_len keys (the kept ones among them) gives tau, their
+    #   k-th best: at least k keys of the pass are >= tau, so its best k are among them;
+    # - the keys >= tau (a few times k for a sample of a shuffled book) are gathered and
+    #   sorted; their first k are the pass's best k.
+    # If more than cand_len keys reach tau (a book of many equal scores), the whole pass is
+    # sorted instead; so is a pass of at most cand_len keys, at once. For 2048 queries over
+    # 3162 centroids, k = 48 (H200), this takes 0.47 ms a call; sorting every pass whole took
+    # 1.04 ms, and picking the k one at a time with a block-wide argmax each (96 rounds of a
+    # tree a query) 0.95 ms.
+    # The winners' dots and counts are scored again at the end (k codes).
+    c_s = cuda.shared.array(_TOP_SORT, numba.float64)
+    c_p = cuda.shared.array(_TOP_SORT, numba.int16)
+    b_s = cuda.shared.array(_TOP_CAND, numba.float64)
+    b_p = cuda.shared.array(_TOP_CAND, numba.int16)
     k_i = cuda.shared.array(_MAX_TOP_K, numba.int32)
-    r_s = cuda.shared.array(_TOP_THREADS, numba.float64)
-    r_i = cuda.shared.array(_TOP_THREADS, numba.int32)
-    r_at = cuda.shared.array(_TOP_THREADS, numba.int32)
+    k_new = cuda.shared.array(_MAX_TOP_K, numba.int32)
+    k_key = cuda.shared.array(_MAX_TOP_K, numba.float64)
+    found = cuda.shared.array(1, numba.int32)
     S, n, k = part_i.shape
     K = T_packed.shape[0]
     tid = cuda.threadIdx.x
@@ -868,46 +892,62 @@ def _top_codes_partial_cuda(queries, T_packed, slice_len, part_d, part_nn, part_
         s = task // n
         q = task - s * n
         filled = 0
-        end = min(K, (s + 1) * slice_len)
-        for start in range(s * slice_len, end, _TOP_TILE):
-            m = min(_TOP_TILE, end - start)
-            for t in range(tid, m, threads):
-                c = start + t
-                d, nn = _dot_and_nn(queries, q, T_packed, c)
-                c_s[t] = _score_key(d, nn)
-                c_i[t] = c
-            for t in range(tid, filled, threads):  # the best k so far join the candidates
-                c_s[m + t] = k_s[t]
-                c_i[m + t] = k_i[t]
+        start = s * slice_len
+        end = min(K, start + slice_len)
+        while start < end:
+            m = min(sort_len - k, end - start)
+            total = filled + m
+            for t in range(tid, total, threads):
+                c_p[t] = t
+                if t >= filled:   # the kept keys stay where the last pass left them
+                    d, nn = _dot_and_nn(queries, q, T_packed, start + t - filled)
+                    c_s[t] = _score_key(d, nn)
+            if tid == 0:
+                found[0] = 0
             cuda.syncthreads()
-            total = m + filled
-            filled = min(k, total)
-            bs, bi, at = _best_key_dev(c_s, c_i, tid, total, threads)
-            for j in range(filled):
-                r_s[tid] = bs
-                r_i[tid] = bi
-                r_at[tid] = at
+            whole = total <= cand_len or cand_len < 2 * k
+            if not whole:
+                for t in range(tid, cand_len, threads):   # the sample
+                    b_s[t] = c_s[t]
+                    b_p[t] = t
                 cuda.syncthreads()
-                half = threads // 2
-                while half > 0:
-                    if tid < half:
-                        os = r_s[tid + half]
-                        oi = r_i[tid + half]
-                        mi = r_i[tid]
-                        if oi >= 0 and (mi < 0 or os > r_s[tid] or (os == r_s[tid] and oi < mi)):
-                            r_s[tid] = os
-                            r_i[tid] = oi
-                            r_at[tid] = r_at[tid + half]
-                    cuda.syncthreads()
-                    half //= 2
-                won = r_at[0]
-                if tid == 0:
-                    k_s[j] = r_s[0]
-                    k_i[j] = r_i[0]
-                if won % threads == tid:
-                    c_i[won] = -1  # taken: it leaves the candidates
-                    bs, bi, at = _best_key_dev(c_s, c_i, tid, total, threads)
+                _bitonic_sort(b_s, b_p, cand_len, tid, threads)
+                tau = b_s[k - 1]
+                cuda.syncthreads()   # every thread has read tau before b is overwritten
+                for t in range(tid, total, threads):
+                    if c_s[t] >= tau:
+                        at = cuda.atomic.add(found, 0, 1)
+                        if at < cand_len:
+                            b_s[at] = c_s[t]
+                            b_p[at] = t
                 cuda.syncthreads()
+                whole = found[0] > cand_len
+            if whole:
+                size = _pow2_at_least(total)
+                for t in range(total + tid, size, threads):
+                    c_s[t] = -math.inf
+                    c_p[t] = t
+                cuda.syncthreads()
+                _bitonic_sort(c_s, c_p, size, tid, threads)
+            else:
+                size = _pow2_at_least(found[0])
+                for t in range(found[0] + tid, size, threads):
+                    b_s[t] = -math.inf
+                    b_p[t] = _TOP_SORT - 1   # below every real position in a tie
+                cuda.syncthreads()
+                _bitonic_sort(b_s, b_p, size, tid, threads)
+            filled_now = min(k, total)
+            for j in range(tid, filled_now, threads):
+                at = np.int32(c_p[j] if whole else b_p[j])
+                k_key[j] = c_s[j] if whole else b_s[j]
+                k_new[j] = k_i[at] if at < filled else np.int32(start + at - filled)
+            cuda.syncthreads()
+            for j in range(tid, filled_now, threads):
+                k_i[j] = k_new[j]
+                c_s[j] = k_key[j]
+            cuda.syncthreads()
+            filled = filled_now
+            start += m
         for j in range(tid, k, threads):
             if j < filled:
                 c = k_i[j]
@@ -970,9 +1010,10 @@ def top_codes(queries, T_packed, dim, k, out_index=None, out_dot=None):
 
     Same score and tie rule as `nearest_code` (top_codes(..., 1)[:, 0] == nearest_code);
     entries past the book's size are -1 (dot 0). k in 1..64. Meant for coarse routing over a
-    small centroid book: on the GPU a block picks the top k of one query in one slice of the
-    book (a tile of 2048 codes at a time in shared memory), and a second kernel merges the
-    sorted slices in order.
+    small centroid book: on the GPU a block scores one query against a slice of the book
+    (4096 - k codes at a time in shared memory, after the best k so far) and sorts those
+    that reach a threshold taken from a sample of them; a second kernel merges the sorted
+    slices in order.
     """
     op = "top_codes"
     dev = target(queries, T_packed, out_index, out_dot, op=op)
@@ -1006,13 +1047,16 @@ def top_codes(queries, T_packed, dim, k, out_index=None, out_dot=None):
     part_d = xp.empty((S, n, k), dtype=np.int32)
     part_nn = xp.empty((S, n, k), dtype=np.int32)
     part_i = xp.empty((S, n, k), dtype=np.int32)
-    args = (queries, T_packed, np.int64(slice_len), part_d, part_nn, part_i)
     if dev == "cpu":
-        _top_codes_partial_cpu(*args)
+        _top_codes_partial_cpu(queries, T_packed, np.int64(slice_len), part_d, part_nn, part_i)
         _top_codes_merge_cpu(part_d, part_nn, part_i, out_index, out_dot)
     else:
         threads = 32 if simulator() else _TOP_THREADS
-        launch(_top_codes_partial_cuda, min(S * n, _grid_cap()), threads, *args)
+        # the simulator scores 128 keys a pass and samples 32, so tiny books take every path
+        sort_len, cand_len = (128, 32) if simulator() else (_TOP_SORT, _TOP_CAND)
+        launch(_top_codes_partial_cuda, min(S * n, _grid_cap()), threads, queries, T_packed,
+               np.int64(slice_len), np.int64(sort_len), np.int64(cand_len), part_d, part_nn,
+               part_i)
         blocks = max(1, min(_grid_cap(), -(-n // _THREADS)))
         launch(_top_codes_merge_cuda, blocks, _THREADS, part_d, part_nn, part_i, out_index,
                out_dot)
@@ -1043,7 +1087,9 @@ def top_codes_reference(queries, T_packed, dim, k):
 # codes) read every code once per probing query: 5.7 ms a call against 2.2 ms, for 2048
 # queries probing 48 of 3162 partitions of 10M random codes (H200). More groups of pairs
 # side by side, or fewer registers (more blocks a multiprocessor), did not change the time:
-# the scoring loop's instructions bound it.
+# the scoring loop's instructions bound it. The tensor-core kernel below takes 1.06 ms at
+# that shape (same results); 8 warps a block instead of 4, 1024-code tiles instead of 512
+# or 64-80 registers instead of 94 moved it by less than 0.1 ms either way.
 
 _PART_WARPS = 8
 _PART_THREADS = 32 * _PART_WARPS  # a literal for the shared arrays' size
@@ -1201,8 +1247,188 @@ def _search_partitions_cuda(queries, T_packed, partition_offsets, partition_code
             cuda.syncthreads()  # the next pairs reuse the shared arrays
 
 
+# Tensor-core variant (dim <= 64), as nearest_code's: a block takes one group of up to
+# _PMMA_ROWS pairs of one partition (a warp holds their queries' int8 A fragments, _PMMA_MT
+# m-tiles of 16) and its warps split the partition's codes, 8 (one n-tile) a step, staged a
+# tile at a time in shared memory with their nonzero counts. Groups are work items listed
+# by a prefix sum over the partitions (ceil(pairs / _PMMA_ROWS) each), so a partition many
+# queries probe spreads over as many blocks as it has groups, whatever the skew; a block
+# finds its partition by a binary search of the list.
+_PMMA_MT = 2
+_PMMA_ROWS = 16 * _PMMA_MT
+_PMMA_WARPS = 4
+_PMMA_TILE = 512   # codes staged a pass: a multiple of 8 * _PMMA_WARPS
+
+
+@cuda.jit(cache=True)
+def _search_partitions_mma_cuda(queries, T_packed, partition_offsets, partition_codes,
+                                pair_offsets, pairs, work_offsets, part_d, part_nn, part_i):
+    # Lane 4*gid + tq holds, per m-tile, the A fragments of rows gid and gid + 8, and after
+    # each mma the dots of those rows with codes a = n0 + 2tq and a + 1 of the step. It keeps
+    # the best it sees for its rows; the block's (warp, tq) bests of a row are merged at the
+    # end. Codes of a partition come in list order, not index order, so an equal score
+    # replaces the best when its index is lower. The filter of nearest_code's mma kernel,
+    # made non-strict for that tie rule: with m = max(d_a, d_b), nn_lo = min(nn_a, nn_b), a
+    # code can beat or tie (key, nn) only if m*|m| * nn >= key * nn_lo when key >= 0.
+    t_c = cuda.shared.array(_PMMA_TILE, numba.int32)
+    t_nn = cuda.shared.array(_PMMA_TILE, numba.float32)
+    t_w = cuda.shared.array((_PMMA_TILE, 4), numba.uint32)
+    s_key = cuda.shared.array((_PMMA_WARPS, _PMMA_ROWS, 4), numba.float32)
+    s_nn = cuda.shared.array((_PMMA_WARPS, _PMMA_ROWS, 4), numba.float32)
+    s_i = cuda.shared.array((_PMMA_WARPS, _PMMA_ROWS, 4), numba.int32)
+    A = cuda.local.array((_PMMA_MT, 8), numba.uint32)
+    best_key = cuda.local.array((_PMMA_MT, 2), numba.float32)  # d*|d| of the best, exact
+    best_nn = cuda.local.array((_PMMA_MT, 2), numba.float32)
+    best_i = cuda.local.array((_PMMA_MT, 2), numba.int32)
+    filt_key = cuda.local.array((_PMMA_MT, 2), numba.float32)  # best_key, or -1e30 if < 0
+    R = cuda.local.array((_PMMA_MT, 4), numba.int32)
+    nprobe = part_i.shape[0]
+    P = partition_offsets.shape[0] - 1
+    two_groups = queries.shape[1] == 4
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    warps = threads >> 5
+    lane = tid & 31
+    warp = tid >> 5
+    gid = lane >> 2
+    tq = lane & 3
+    zero = np.uint32(0)
+    for item in range(cuda.blockIdx.x, work_offsets[P], cuda.gridDim.x):
+        p = 0          # the last partition whose items start at or before this one
+        above = P
+        while above - p > 1:
+            mid = (p + above) >> 1
+            if work_offsets[mid] <= item:
+                p = mid
+            else:
+                above = mid
+        first = pair_offsets[p] + _PMMA_ROWS * (item - work_offsets[p])
+        last = min(pair_offsets[p + 1], first + _PMMA_ROWS)
+        n_mt = (last - first + 15) >> 4   # the same for the whole block
+        for mt in range(_PMMA_MT):
+            for h in range(2):
+                e = first + 16 * mt + gid + 8 * h
+                p0 = zero
+                m0 = zero
+                p1 = zero
+                m1 = zero
+                if e < last:
+                    q = pairs[e] // nprobe
+                    p0 = queries[q, 0]
+                    m0 = queries[q, 1]
+                    if two_groups:
+                        p1 = queries[q, 2]
+                        m1 = queries[q, 3]
+                A[mt, h] = _trit_bytes(p0, m0, 4 * tq)
+                A[mt, 2 + h] = _trit_bytes(p0, m0, 16 + 4 * tq)
+                A[mt, 4 + h] = _trit_bytes(p1, m1, 4 * tq)
+                A[mt, 6 + h] = _trit_bytes(p1, m1, 16 + 4 * tq)
+                best_key[mt, h] = _NO_SCORE
+                best_nn[mt, h] = np.float32(1.0)
+                best_i[mt, h] = -1
+                filt_key[mt, h] = _NO_SCORE
+        lo = partition_offsets[p]
+        hi = partition_offsets[p + 1]
+        for base in range(lo, hi, _PMMA_TILE):
+            for t in range(tid, _PMMA_TILE, threads):
+                pos = base + t
+                c = np.int32(-1)   # past the partition: no code, scores nothing
+                w0 = zero
+                w1 = zero
+                w2 = zero
+                w3 = zero
+                if pos < hi:
+                    c = partition_codes[pos]
+                    uc = np.uint64(c)
+                    w0 = T_packed[uc, np.uint64(0)]
+                    w1 = T_packed[uc, np.uint64(1)]
+                    if two_groups:
+                        w2 = T_packed[uc, np.uint64(2)]
+                        w3 = T_packed[uc, np.uint64(3)]
+                t_c[t] = c
+                t_w[t, 0] = w0
+                t_w[t, 1] = w1
+                t_w[t, 2] = w2
+                t_w[t, 3] = w3
+                nnz = np.int32(cuda.popc(w0 | w1)) + np.int32(cuda.popc(w2 | w3))
+                t_nn[t] = np.float32(max(nnz, np.int32(1)))
+            cuda.syncthreads()
+            # every warp takes the same number of steps (the simulator's mma is block-wide)
+            steps = -(-min(_PMMA_TILE, hi - base) // 8)
+            steps = -(-steps // warps) * warps
+            for s in range(warp, steps, warps):
+                n0 = 8 * s
+                b = n0 + gid
+                b0 = _trit_bytes(t_w[b, 0], t_w[b, 1], 4 * tq)
+                b1 = _trit_bytes(t_w[b, 0], t_w[b, 1], 16 + 4 * tq)
+                b2 = _trit_bytes(t_w[b, 2], t_w[b, 3], 4 * tq)
+                b3 = _trit_bytes(t_w[b, 2], t_w[b, 3], 16 + 4 * tq)
+                for mt in range(_PMMA_MT):
+                    if mt < n_mt:
+                        r0, r1, r2, r3 = _mma_s8(A[mt, 0], A[mt, 1], A[mt, 2], A[mt, 3], b0,
+                                                 b1, _F32_BIAS_BITS, _F32_BIAS_BITS,
+                                                 _F32_BIAS_BITS, _F32_BIAS_BITS)
+                        R[mt, 0], R[mt, 1], R[mt, 2], R[mt, 3] = _mma_s8(
+                            A[mt, 4], A[mt, 5], A[mt, 6], A[mt, 7], b2, b3, r0, r1, r2, r3)
+                a = n0 + 2 * tq
+                nn_a = t_nn[a]
+                nn_b = t_nn[a + 1]
+                nn_lo = min(nn_a, nn_b)
+                for mt in range(_PMMA_MT):
+                    if mt < n_mt:
+                        for h in range(2):
+                            ra = R[mt, 2 * h]
+                            rb = R[mt, 2 * h + 1]
+                            m = _f32_from_bits(max(ra, rb)) - _F32_BIAS
+                            # every term an integer below 2**24: float32 is exact here
+                            if m * abs(m) * best_nn[mt, h] - filt_key[mt, h] * nn_lo >= 0:
+                                for v in range(2):
+                                    c = t_c[a + v]
+                                    nn = nn_a if v == 0 else nn_b
+                                    d = _f32_from_bits(ra if v == 0 else rb) - _F32_BIAS
+                                    key = d * abs(d)
+                                    diff = key * best_nn[mt, h] - best_key[mt, h] * nn
+                                    if c >= 0 and (diff > 0 or (diff == 0 and c < best_i[mt, h])):
+                                        best_key[mt, h] = key
+                                        best_nn[mt, h] = nn
+                                        best_i[mt, h] = c
+                                        filt_key[mt, h] = key if key >= 0 else _NO_SCORE
+            cuda.syncthreads()  # the next tile reuses the shared arrays
+        for mt in range(_PMMA_MT):
+            for h in range(2):
+                row = 16 * mt + gid + 8 * h
+                s_key[warp, row, tq] = best_key[mt, h]
+                s_nn[warp, row, tq] = best_nn[mt, h]
+                s_i[warp, row, tq] = best_i[mt, h]
+        cuda.syncthreads()
+        for row in range(tid, last - first, threads):
+            bk = _NO_SCORE
+            bn = np.float32(1.0)
+            bi = np.int32(-1)
+            for w in range(warps):
+                for t in range(4):
+                    i = s_i[w, row, t]
+                    diff = s_key[w, row, t] * bn - bk * s_nn[w, row, t]
+                    if i >= 0 and (bi < 0 or diff > 0 or (diff == 0 and i < bi)):
+                        bk = s_key[w, row, t]
+                        bn = s_nn[w, row, t]
+                        bi = i
+            d = np.int32(0)
+            if bi >= 0:  # bk = d*|d| is a perfect square: its root is exact
+                d = np.int32(round(_sqrt_f32(abs(bk))))
+                if bk < 0:
+                    d = -d
+            pair = pairs[first + row]
+            q = pair // nprobe
+            part_d[pair - q * nprobe, q] = d
+            part_nn[pair - q * nprobe, q] = np.int32(bn)
+            part_i[pair - q * nprobe, q] = bi
+        cuda.syncthreads()  # the next item reuses the shared arrays
+
+
 def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partition_codes,
-                               probe, out_index=None, out_dot=None, *, check=True):
+                               probe, out_index=None, out_dot=None, *, check=True,
+                               method="auto"):
     """Exact nearest code among the codes of each query's probed partitions.
 
     The book's codes are grouped by partition through an index permutation: partition p holds
@@ -1213,6 +1439,8 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
     lowest code index, whatever the list order). A query whose probed partitions are all empty
     gets index -1 and dot 0. Returns out_index int32 (n,).
     `check=False` skips the range/monotonicity checks (one host sync on the GPU).
+    method: "auto" (the int8 tensor cores when on a GPU and dim <= 64), "mma" or "scan"
+    (tests and benchmarks; same results), as in `nearest_code`.
     Transients: 5 int32 per (query, probe) pair and the partitions' pair counts. Each
     partition's codes are read once per 32 queries that probe it.
     """
@@ -1238,6 +1466,11 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
     xp = xp_of(T_packed)
     out_index = _check_out(op, "out_index", out_index, n, xp)
     dot = _check_out(op, "out_dot", out_dot, n, xp)
+    if method not in ("auto", "mma", "scan"):
+        raise ValueError(f"{op}: method = {method!r}, expected 'auto', 'mma' or 'scan'")
+    if method == "mma" and (dev == "cpu" or dim > 64):
+        raise ValueError(f"{op}: method 'mma' needs a GPU (or the simulator) and dim <= 64, "
+                         f"got device {dev} and dim={dim}")
     if check:
         L = partition_codes.shape[0]
         parts = [partition_offsets[0], partition_offsets[-1],
@@ -1283,9 +1516,19 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
         launch(_group_probes_cuda, blocks, threads, probe, counts, rank)
         pair_offsets[1:] = xp.cumsum(counts)
         launch(_place_probes_cuda, blocks, threads, probe, pair_offsets, rank, pairs)
-        # up to _PART_GROUPS groups of 32 pairs of one partition run side by side
-        launch(_search_partitions_cuda, (min(P, _grid_cap()), 2 if simulator() else _PART_GROUPS),
-               64 if simulator() else _PART_THREADS, *search)
+        if method == "mma" or (method == "auto" and dim <= 64):
+            # work items: each partition's groups of _PMMA_ROWS pairs, listed by a prefix sum
+            work_offsets = xp.zeros(P + 1, dtype=np.int64)
+            work_offsets[1:] = xp.cumsum((counts + (_PMMA_ROWS - 1)) // _PMMA_ROWS)
+            items = P + -(-pairs_n // _PMMA_ROWS)   # at most; the kernel reads the count
+            warps = 2 if simulator() else _PMMA_WARPS
+            launch(_search_partitions_mma_cuda, min(items, _grid_cap()), 32 * warps,
+                   *search[:6], work_offsets, *search[6:])
+        else:
+            # up to _PART_GROUPS groups of 32 pairs of one partition run side by side
+            launch(_search_partitions_cuda,
+                   (min(P, _grid_cap()), 2 if simulator() else _PART_GROUPS),
+                   64 if simulator() else _PART_THREADS, *search)
         blocks = max(1, min(_grid_cap(), -(-n // threads)))
         launch(_nearest_merge_cuda, blocks, threads, part_d, part_nn, part_i, out_index, dot)
     return out_index
