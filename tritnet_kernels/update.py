@@ -804,20 +804,12 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
             plus = np.int64(T_packed[r, 2 * g])
             minus = np.int64(T_packed[r, 2 * g + 1])
             j0 = 32 * g + shift
-            # all 16 loads first, then the rule and the stores: the compiler cannot move a
-            # load above a store to another int8 array (it may alias), so interleaved they
-            # would wait for memory one by one
-            accums = cuda.local.array(8, numba.int64)
-            grads = cuda.local.array(8, numba.int64)
-            for b in range(8):
-                if j0 + b < cols:
-                    accums[b] = T_accum[r, j0 + b]
-                    grads[b] = grad_q[r, j0 + b]
             for b in range(8):
                 j = j0 + b
                 if j < cols:
                     t = ((plus >> (shift + b)) & 1) - ((minus >> (shift + b)) & 1)
-                    t_new, a = _accumulator_step(t, accums[b], grads[b], flip_threshold, -1,
+                    t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
+                                                 np.int64(grad_q[r, j]), flip_threshold, -1,
                                                  1, flip_decay_shift)
                     T_accum[r, j] = a
                     if zero_grad:
