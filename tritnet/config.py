@@ -208,14 +208,15 @@ PRESETS = {
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
                   graph_capacity=1 << 16, batch_size=128, seq_len=32, position="alibi",
                   schedule="cosine", recompute=True),
-    # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64. The first 4
-    # blocks are recomputed in backward: issue 7's 16 GB budget for a step at 4 x 512 (15.85
-    # GiB without recomputation, 13.26 GiB keeping 18 blocks, 7.32 GiB keeping none; H200)
+    # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64. The first 3
+    # blocks are recomputed in backward: issue 7's 16 GB budget for a step at 4 x 512 (14.62
+    # GiB = 15.70 GB keeping 21 blocks, 14.11 GiB keeping 20, 15.85 GiB = 17.0 GB without
+    # recomputation, 7.32 GiB keeping none; each kept block ~0.5 GiB and ~0.8% tokens/s)
     "default": dict(d_model=2560, n_layers=24, n_heads=20, context=1024, n_experts=8,
                     expert_hidden=1424, shared_vq_size=10_000_000, kgvq_size=5_000_000,
                     graph_slots=8, graph_capacity=1 << 18, vq_search="routed",
                     batch_size=4, seq_len=512, position="alibi", recompute=True,
-                    recompute_keep=20),
+                    recompute_keep=21),
 }
 
 
