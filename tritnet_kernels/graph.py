@@ -285,9 +285,6 @@ def _observe_run(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, obs_src,
     return admitted, reinforced, evicted, aged
 
 
-_observe_run_dev = on_device(_observe_run)
-
-
 @numba.njit(parallel=True, cache=True)
 def _observe_edges_cpu(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, obs_src,
                        obs_dst, obs_attr, slots, counts):

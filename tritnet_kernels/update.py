@@ -413,7 +413,9 @@ def _grad_inv_scale_cuda(G, n, row_size, rows, gain, clock, partial, done, out):
             done[0] = 0
 
 
-_done_counters = {}   # device id -> int32 (1,) block counter of _grad_inv_scale_cuda, kept at 0
+# Device arrays made once and kept, by device: _grad_inv_scale_cuda's int32 (1,) block
+# counter (the kernel leaves it at 0) and the empty stand-ins of `_empty`.
+_kept_arrays = {}
 
 
 def _empty(xp, dtype):
@@ -422,9 +424,9 @@ def _empty(xp, dtype):
     if xp is np:
         return np.zeros(0, dtype)
     key = (np.dtype(dtype).str, xp.cuda.runtime.getDevice())
-    empty = _done_counters.get(key)
+    empty = _kept_arrays.get(key)
     if empty is None:
-        empty = _done_counters[key] = xp.zeros(0, dtype)
+        empty = _kept_arrays[key] = xp.zeros(0, dtype)
     return empty
 
 
@@ -437,9 +439,9 @@ def _done_counter(xp):
     if xp is np:
         return np.zeros(1, np.int32)
     key = xp.cuda.runtime.getDevice()
-    counter = _done_counters.get(key)
+    counter = _kept_arrays.get(key)
     if counter is None:
-        counter = _done_counters[key] = xp.zeros(1, np.int32)
+        counter = _kept_arrays[key] = xp.zeros(1, np.int32)
     return counter
 
 
@@ -597,6 +599,13 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
     return out
 
 
+def _mix64_reference(z):
+    """_mix64 on uint64 arrays (whose arithmetic wraps silently, as the kernels' does)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
 def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
     """NumPy truth for `quantize_grad`, with its signature: updates `out` and returns it.
     step: the step of quantize_grad's clock (clock[0]), when it is given one."""
@@ -607,15 +616,9 @@ def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
     lo = np.floor(v)
     i = np.arange(v.size, dtype=np.uint64)
     key = np.array([_stream_key(int(seed))], np.uint64)
-    if step is not None:   # _clocked_key, on arrays (their uint64 arithmetic wraps silently)
-        z = key + np.array([int(step)], np.uint64) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        key = z ^ (z >> np.uint64(31))
-    z = key + i * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
+    if step is not None:   # _clocked_key
+        key = _mix64_reference(key + np.array([int(step)], np.uint64) * _GOLDEN)
+    z = _mix64_reference(key + i * _GOLDEN)
     u = (z >> np.uint64(40)).astype(np.float32) * _INV_2_24
     q = lo.astype(np.int64) + (u < v - lo)
     new = np.clip(out.reshape(-1).astype(np.int64) + q, -ACCUM_MAX, ACCUM_MAX)

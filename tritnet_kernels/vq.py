@@ -656,6 +656,18 @@ def code_nnz(T_packed):
     return out
 
 
+def _use_mma(op, method, dev, dim):
+    """Whether a search runs on the int8 tensor cores: method "mma", or "auto" with dim <= 64
+    (on the CPU the answer is not used); "scan" never. Refuses other methods, and "mma" where
+    it cannot run."""
+    if method not in ("auto", "mma", "scan"):
+        raise ValueError(f"{op}: method = {method!r}, expected 'auto', 'mma' or 'scan'")
+    if method == "mma" and (dev == "cpu" or dim > 64):
+        raise ValueError(f"{op}: method 'mma' needs a GPU (or the simulator) and dim <= 64, "
+                         f"got device {dev} and dim={dim}")
+    return method == "mma" or (method == "auto" and dim <= 64)
+
+
 def nearest_code(queries, T_packed, dim, out_index=None, out_dot=None, *, method="auto"):
     """Exact nearest code of each ternary query; returns out_index int32 (n,).
 
@@ -675,11 +687,7 @@ def nearest_code(queries, T_packed, dim, out_index=None, out_dot=None, *, method
     out_index = _check_out(op, "out_index", out_index, n, xp)
     if out_dot is not None:
         _check_out(op, "out_dot", out_dot, n, xp)
-    if method not in ("auto", "mma", "scan"):
-        raise ValueError(f"{op}: method = {method!r}, expected 'auto', 'mma' or 'scan'")
-    if method == "mma" and (dev == "cpu" or dim > 64):
-        raise ValueError(f"{op}: method 'mma' needs a GPU (or the simulator) and dim <= 64, "
-                         f"got device {dev} and dim={dim}")
+    use_mma = _use_mma(op, method, dev, dim)
     if n == 0:
         return out_index
     K = T_packed.shape[0]
@@ -689,7 +697,6 @@ def nearest_code(queries, T_packed, dim, out_index=None, out_dot=None, *, method
         chunk = -(-K // n_chunks)
         kernel = _nearest_partial_cpu
     else:
-        use_mma = method == "mma" or (method == "auto" and dim <= 64)
         if use_mma:
             warps = 1 if simulator() else min(_MMA_WARPS, -(-n // _MMA_QPW))
             per_block = warps * _MMA_QPW
@@ -1466,11 +1473,7 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
     xp = xp_of(T_packed)
     out_index = _check_out(op, "out_index", out_index, n, xp)
     dot = _check_out(op, "out_dot", out_dot, n, xp)
-    if method not in ("auto", "mma", "scan"):
-        raise ValueError(f"{op}: method = {method!r}, expected 'auto', 'mma' or 'scan'")
-    if method == "mma" and (dev == "cpu" or dim > 64):
-        raise ValueError(f"{op}: method 'mma' needs a GPU (or the simulator) and dim <= 64, "
-                         f"got device {dev} and dim={dim}")
+    use_mma = _use_mma(op, method, dev, dim)
     if check:
         L = partition_codes.shape[0]
         parts = [partition_offsets[0], partition_offsets[-1],
@@ -1516,7 +1519,7 @@ def nearest_code_in_partitions(queries, T_packed, dim, partition_offsets, partit
         launch(_group_probes_cuda, blocks, threads, probe, counts, rank)
         pair_offsets[1:] = xp.cumsum(counts)
         launch(_place_probes_cuda, blocks, threads, probe, pair_offsets, rank, pairs)
-        if method == "mma" or (method == "auto" and dim <= 64):
+        if use_mma:
             # work items: each partition's groups of _PMMA_ROWS pairs, listed by a prefix sum
             work_offsets = xp.zeros(P + 1, dtype=np.int64)
             work_offsets[1:] = xp.cumsum((counts + (_PMMA_ROWS - 1)) // _PMMA_ROWS)
