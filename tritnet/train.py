@@ -423,15 +423,16 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             losses = []
             if captured is not None:
                 losses += [v.reshape(1) for v in captured.forward_backward(x, y)]
-            for j in range(0 if captured is not None else local_shards):
-                shard = group.rank * local_shards + j
-                rows = slice(shard * shard_rows, (shard + 1) * shard_rows)
-                optimizer.begin_shard(shard)
-                loss, ce = model.loss(x[rows], y[rows])
-                loss.backward()
-                if reducer is not None:
-                    reducer.collect()
-                losses += [loss.data.reshape(1), ce.data.reshape(1)]
+            else:
+                for j in range(local_shards):
+                    shard = group.rank * local_shards + j
+                    rows = slice(shard * shard_rows, (shard + 1) * shard_rows)
+                    optimizer.begin_shard(shard)
+                    loss, ce = model.loss(x[rows], y[rows])
+                    loss.backward()
+                    if reducer is not None:
+                        reducer.collect()
+                    losses += [loss.data.reshape(1), ce.data.reshape(1)]
             # One all-reduce (and one host sync) agrees on the step's loss and on stopping.
             xp = backend.get_array_module(losses[0])
             totals = xp.concatenate([xp.stack(losses[0::2]).sum(0), xp.stack(losses[1::2]).sum(0),

@@ -271,24 +271,20 @@ class TernaryModule(Module):
         a non-finite loss first.
         """
         xp = backend.get_array_module(G)
-        clip = self.grad_clip_units or 128
-        first = grad_q is None  # a fresh buffer is written, not added to: no zero fill
-        if first:
-            grad_q = xp.empty(G.shape, dtype=np.int8)
-        clock = self.grad_clock
-        kupdate.quantize_grad(G, kupdate.grad_inv_scale(G, self.grad_rms_units, rows=rows,
-                                                        clock=clock),
-                              self.next_grad_seed(0), grad_q, clip=clip, accumulate=not first,
-                              clock=clock)
+        clip, clock = self.grad_clip_units or 128, self.grad_clock
+
+        def quantize(g, out, which):
+            first = out is None  # a fresh buffer is written, not added to: no zero fill
+            if first:
+                out = xp.empty(g.shape, dtype=np.int8)
+            inv_scale = kupdate.grad_inv_scale(g, self.grad_rms_units, rows=rows, clock=clock)
+            return kupdate.quantize_grad(g, inv_scale, self.next_grad_seed(which), out,
+                                         clip=clip, accumulate=not first, clock=clock)
+
+        grad_q = quantize(G, grad_q, 0)
         # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, in one launch
-        gE = kupdate.row_trit_dot(G, T_packed, self.trit_shape[1], E=E)
-        first = grad_E_q is None
-        if first:
-            grad_E_q = xp.empty(gE.shape, dtype=np.int8)
-        kupdate.quantize_grad(gE, kupdate.grad_inv_scale(gE, self.grad_rms_units, rows=rows,
-                                                         clock=clock),
-                              self.next_grad_seed(1), grad_E_q, clip=clip, accumulate=not first,
-                              clock=clock)
+        grad_E_q = quantize(kupdate.row_trit_dot(G, T_packed, self.trit_shape[1], E=E),
+                            grad_E_q, 1)
         self.grad_uses += 1
         return grad_q, grad_E_q
 
