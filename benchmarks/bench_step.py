@@ -10,13 +10,16 @@ Two phases on the same model:
    (CuPy's own element-wise kernels are not counted), and the peak of device memory the CuPy
    pools handed out, from the model's construction on. With CUDA graphs (the default, as in
    `tritnet train`; --no-cuda-graph for eager steps) the timed steps are replays: host time
-   and launches are then those of two graph launches, and the graphs' own memory pool counts
-   whole in the peak.
+   and launches are then those of two graph launches (a launch of a long graph returns only
+   when the GPU's launch queue has room: host time then includes waiting on the GPU), and
+   the graphs' own memory pool counts whole in the peak.
 2. `--profile-steps` steps with a stream synchronisation at every component boundary, to split
    a step's wall time by component: forward of embedding, attention, MoEGraph (its code-memory
    reads of the shared VQ counted under shared_vq), motif, shared_vq, kgvq, head; then
    backward as a whole, and the optimiser's update. The synchronisations slow the step; the
-   shares, not the sum, are the point.
+   shares, not the sum, are the point. These steps run eagerly beside the graphs' pool: their
+   default-pool peak is reported apart (profile_steps_peak_default_pool_bytes), not in the
+   training peak.
 
 Peer numbers (issue 7, BitNet-b1.58-style PyTorch, fp32 latents + AdamW, same H100): 3.2B
 parameters at 4 x 512: 62.5 GiB, 7,900 tokens/s; 27.7M at 32 x 256: 2.3 GiB, 180,000 tokens/s.
@@ -42,14 +45,16 @@ PEER = {"default": {"tokens_per_s": 7900, "peak_gib": 62.5},
 
 
 def track_peak_memory():
-    """Route CuPy allocations through the default pool, recording the most ever in use."""
+    """Route CuPy allocations through the default pool, recording the most ever in use: in
+    "bytes" while peak["phase"] is "steps", in "profile_bytes" while it is "profile"."""
     import cupy
     pool = cupy.get_default_memory_pool()
-    peak = {"bytes": 0}
+    peak = {"bytes": 0, "profile_bytes": 0, "phase": "steps"}
 
     def malloc(size):
         mem = pool.malloc(size)
-        peak["bytes"] = max(peak["bytes"], pool.used_bytes())
+        key = "bytes" if peak["phase"] == "steps" else "profile_bytes"
+        peak[key] = max(peak[key], pool.used_bytes())
         return mem
 
     cupy.cuda.set_allocator(malloc)
@@ -202,6 +207,9 @@ def main():
             peak["bytes"] = max(peak["bytes"], cupy.get_default_memory_pool().total_bytes() +
                                 graph_pool)
 
+        # The profile steps below run eagerly, with a sync after each component, beside the
+        # graphs' pool: a diagnostic, not a training step; their peak is reported apart.
+        peak["phase"] = "profile"
         sync = cupy.cuda.get_current_stream().synchronize
         times = defaultdict(float)
         time_components(model, sync, times)
@@ -242,6 +250,7 @@ def main():
         "graph_pool_bytes": graph_pool,
         "peak_device_bytes": peak["bytes"],
         "peak_device_gib": peak["bytes"] / 2**30,
+        "profile_steps_peak_default_pool_bytes": peak["profile_bytes"],
         "peer": PEER.get(args.preset), "component_s_per_step": component_s,
         "method": __doc__.strip(),
     }

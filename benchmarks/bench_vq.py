@@ -426,7 +426,10 @@ def main():
             rows_s, inv_s, order_s, offs_s = tb.unique_rows(look)
             Gs = tb.segment_sum_rows(grad, inv_s, len(rows_s), segments=(order_s, offs_s),
                                      check=False)
-            U.quantize_grad(Gs, U.grad_inv_scale(Gs, 8.0), 11, grad_q)
+            inv_scales, grad_E = U.exponent_grad_and_scales(Gs, T_packed[rows_s], E[rows_s], dim,
+                                                            8.0)
+            U.quantize_grad(Gs, inv_scales[:1], 11, grad_q)
+            U.quantize_grad(grad_E, inv_scales[1:], 12, gE)
             tb.sparse_ternary_update(T_packed, T_accum, E, E_accum, rows_s, grad_q, gE,
                                      counts=counts, check=False, **hyper)
 

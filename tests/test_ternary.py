@@ -80,15 +80,15 @@ def test_weight_gradient_is_int8_quantised_reference():
     assert layer.grad_E_q.dtype == np.int8 and layer.grad_E_q.shape == (7,)
     G = gy.T @ x
     expected = np.zeros((7, 40), np.int8)
-    update.quantize_grad_reference(G, update.grad_inv_scale(G, layer.grad_rms_units), seed_T,
-                                   expected, clip=layer.grad_clip_units)
+    update.quantize_grad_reference(G, update.grad_inv_scale_reference(G, layer.grad_rms_units),
+                                   seed_T, expected, clip=layer.grad_clip_units)
     np.testing.assert_array_equal(layer.grad_q, expected)
     # the scale gradient: dL/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, quantised the same way
     gE = (G * layer.trits()).sum(1) * scale_from_exponent(layer.E) * math.log(2) / 8
     gE = gE.astype(np.float32)
     expected_E = np.zeros(7, np.int8)
-    update.quantize_grad_reference(gE, update.grad_inv_scale(gE, layer.grad_rms_units), seed_E,
-                                   expected_E, clip=layer.grad_clip_units)
+    update.quantize_grad_reference(gE, update.grad_inv_scale_reference(gE, layer.grad_rms_units),
+                                   seed_E, expected_E, clip=layer.grad_clip_units)
     assert np.abs(layer.grad_E_q.astype(int) - expected_E).max() <= 1  # fp32 sum order
 
 

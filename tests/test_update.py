@@ -106,7 +106,7 @@ def test_quantize_clip_matches_reference_and_bounds_each_call(clip):
 def test_quantize_adds_into_out_and_accepts_device_scale():
     rng = np.random.default_rng(1)
     G = rng.standard_normal((4, 40)).astype(np.float32)
-    inv = U.grad_inv_scale(G, 4.0)
+    inv = U.grad_inv_scale_reference(G, 4.0)
     first = U.quantize_grad(G, inv, 5, np.zeros(G.shape, np.int8))
     twice = U.quantize_grad(G, inv, 5, first.copy())
     np.testing.assert_array_equal(twice, np.clip(2 * first.astype(np.int64), -127, 127))
@@ -147,27 +147,78 @@ def test_quantize_saturates_and_maps_nan_to_zero():
     np.testing.assert_array_equal(out, [-127, 127])
 
 
-def test_grad_inv_scale():
+def _exponent_inputs(rng, rows, cols):
+    G = rng.standard_normal((rows, cols)).astype(np.float32)
+    T = rng.integers(-1, 2, size=(rows, cols))
+    E = rng.integers(-128, 128, rows).astype(np.int8)
+    return G, T, E
+
+
+def _check_against_reference(G, T_packed, E, cols, gain, **kw):
+    """exponent_grad_and_scales against its reference, within float rounding (the sums are in
+    another order). Returns the kernel's outputs."""
+    inv, gE = U.exponent_grad_and_scales(G, T_packed, E, cols, gain, **kw)
+    assert inv.dtype == gE.dtype == np.float32 and inv.shape == (2,) and gE.shape == E.shape
+    ref_inv, ref_gE = U.exponent_grad_and_scales_reference(G, T_packed, E, cols, gain,
+                                                           kw.get("rows"))
+    np.testing.assert_allclose(inv, ref_inv, rtol=1e-6)
+    np.testing.assert_allclose(gE, ref_gE, rtol=1e-5, atol=1e-6 * np.abs(ref_gE).max(initial=0))
+    return inv, gE
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES + [(40, 300), (9, 2560), (300, 64), (3, 1424)])
+def test_exponent_grad_and_scales_match_the_reference(rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols)
+    G, T, E = _exponent_inputs(rng, rows, cols)
+    inv, gE = _check_against_reference(G, pack(T), E, cols, 8.0)
+    # the exponent gradient, from its definition: dL/dE_r = (Σ_j G_rj T_rj) · 2**(E_r/8) · ln2/8
+    exact = (G.astype(np.float64) * T).sum(1) * 2.0 ** (E / 8.0) * np.log(2) / 8
+    np.testing.assert_allclose(gE, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+    np.testing.assert_allclose(inv[0], 8.0 / np.sqrt(np.mean(G.astype(np.float64) ** 2)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(inv[1], 8.0 / np.sqrt(np.mean(gE.astype(np.float64) ** 2)),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows,cols", [(16400, 64), (4200, 2560)])
+def test_exponent_grad_and_scales_over_many_blocks(rows, cols):
+    rng = np.random.default_rng(rows + cols)
+    G, T, E = _exponent_inputs(rng, rows, cols)
+    G *= np.float32(1e-3)
+    width = U._row_width(cols)
+    assert U._grad_blocks(rows, width) == 2048 < rows / (U._GRAD_THREADS // width)  # strided
+    _check_against_reference(G, pack(T), E, cols, 8.0)
+
+
+def test_exponent_grad_ignores_padding_and_invalid_codes():
+    G = np.ones((1, 3), np.float32)
+    E = np.zeros(1, np.int8)
+    # col 0 -> +1, col 1 -> 0, col 2 an invalid code (both masks): 0; bits 3..31 are padding,
+    # set in both masks too
+    T_packed = np.array([[0xFFFFFFFD, 0xFFFFFFFC]], dtype=np.uint32)
+    _, gE = U.exponent_grad_and_scales(G, T_packed, E, 3, 8.0)
+    assert gE[0] == U.EXPONENT_GRAD_FACTOR   # +1 (col 0), 0 (col 1), 0 (col 2: invalid)
+
+
+def test_scales_of_zero_or_non_finite_gradients_are_zero():
     rng = np.random.default_rng(2)
-    G = rng.standard_normal((30, 20)).astype(np.float32)
-    inv = U.grad_inv_scale(G, 8.0)
-    assert inv.dtype == np.float32 and inv.shape == (1,)
-    rms = np.sqrt(np.mean(G.astype(np.float64) ** 2))
-    np.testing.assert_allclose(inv[0], 8.0 / rms, rtol=1e-6)
-    assert U.grad_inv_scale(np.zeros((3, 3), np.float32), 8.0)[0] == 0
-    for bad in (np.nan, np.inf):
+    G, T, E = _exponent_inputs(rng, 30, 20)
+    inv, gE = U.exponent_grad_and_scales(np.zeros_like(G), pack(T), E, 20, 8.0)
+    assert not inv.any() and not gE.any()
+    for bad in (np.nan, np.inf, 1e20):   # 1e20 squared overflows float32, as in NumPy
         Gb = G.copy()
         Gb[3, 4] = bad
-        inv = U.grad_inv_scale(Gb, 8.0)
+        inv, gE = U.exponent_grad_and_scales(Gb, pack(T), E, 20, 8.0)
         assert inv[0] == 0
-        # A non-finite gradient therefore gives no update at all.
-        out = U.quantize_grad(Gb, inv, 1, np.zeros(G.shape, np.int8))
-        assert not out.any()
+        # A non-finite gradient therefore gives the trits no update at all,
+        assert not U.quantize_grad(Gb, inv[:1], 1, np.zeros(G.shape, np.int8)).any()
+        # nor the exponents when it reaches dL/dE (not through a zero trit)
+        assert np.isfinite(gE).all() or inv[1] == 0
 
 
 def test_a_clock_gives_each_step_its_bits_and_gain():
     """The optimiser's clock [step, gain], read on the device: quantize_grad's stream is that
-    of (seed, step) -- the reference's `step` --, a new one each step; grad_inv_scale's gain is
+    of (seed, step) -- the reference's `step` --, a new one each step; the scales' gain is
     clock[1] whatever grad_gain says."""
     rng = np.random.default_rng(9)
     G = rng.standard_normal((40, 30)).astype(np.float32)
@@ -182,84 +233,50 @@ def test_a_clock_gives_each_step_its_bits_and_gain():
     plain = U.quantize_grad(G, 1.7, 123, np.zeros(G.shape, np.int8))
     np.testing.assert_array_equal(plain, U.quantize_grad_reference(G, 1.7, 123,
                                                                    np.zeros(G.shape, np.int8)))
-    np.testing.assert_array_equal(U.grad_inv_scale(G, 99.0, clock=np.array([3, 5 << 32])),
-                                  U.grad_inv_scale(G, 5.0))
+    _, T, E = _exponent_inputs(rng, 40, 30)
+    args = (G, pack(T), E, 30)
+    for a, b in zip(U.exponent_grad_and_scales(*args, 99.0, clock=np.array([3, 5 << 32])),
+                    U.exponent_grad_and_scales(*args, 5.0)):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"quantize_grad: clock has shape \(3,\), expected \(2,\)"):
         U.quantize_grad(G, 1.7, 123, np.zeros(G.shape, np.int8), clock=np.zeros(3, np.int64))
-    with pytest.raises(TypeError, match=r"grad_inv_scale: clock has dtype float64, expected int64"):
-        U.grad_inv_scale(G, 5.0, clock=np.zeros(2))
+    with pytest.raises(TypeError, match=r"exponent_grad_and_scales: clock has dtype float64, "
+                                        r"expected int64"):
+        U.exponent_grad_and_scales(*args, 5.0, clock=np.zeros(2))
 
 
 @pytest.mark.parametrize("u", [0, 1, 17, 40])
-def test_grad_inv_scale_over_leading_rows(u):
+def test_exponent_grad_and_scales_over_leading_rows(u):
     # a table's touched rows padded to a fixed count: only the first u rows count
-    G = np.random.default_rng(u).standard_normal((40, 9)).astype(np.float32)
+    rng = np.random.default_rng(u)
+    G, T, E = _exponent_inputs(rng, 40, 9)
     G[u:] = 0
     rows = np.array([u], np.int64)
-    got = U.grad_inv_scale(G, 8.0, rows=rows)
-    np.testing.assert_allclose(got, U.grad_inv_scale_reference(G, 8.0, rows=rows), rtol=1e-6)
-    np.testing.assert_allclose(got, U.grad_inv_scale(G[:u], 8.0), rtol=1e-6)
-    if u:
-        assert got[0] < U.grad_inv_scale(G, 8.0)[0] or u == 40
-    else:
-        assert got[0] == 0   # no rows: no update
+    inv, gE = _check_against_reference(G, pack(T), E, 9, 8.0, rows=rows)
+    inv_u, gE_u = U.exponent_grad_and_scales(G[:u], pack(T)[:u], E[:u], 9, 8.0)
+    np.testing.assert_allclose(inv, inv_u if u else [0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(gE[:u], gE_u)
+    assert not gE[u:].any()   # padding rows: no gradient
 
 
-def test_grad_inv_scale_rejects_bad_rows():
-    G = np.ones((4, 3), np.float32)
-    with pytest.raises(TypeError, match=r"grad_inv_scale: rows has dtype int32, expected int64"):
-        U.grad_inv_scale(G, 8.0, rows=np.array([2], np.int32))
-    with pytest.raises(ValueError, match=r"grad_inv_scale: rows has shape \(2,\), expected \(1,\)"):
-        U.grad_inv_scale(G, 8.0, rows=np.array([2, 2], np.int64))
-
-
-@pytest.mark.parametrize("n", [1, 255, 4096, 70_001, 3_000_000, 5_000_000])   # 1 to 1024 blocks
-def test_grad_inv_scale_matches_the_reference(n):
-    G = (np.random.default_rng(n).standard_normal(n) * 1e-3).astype(np.float32)
-    np.testing.assert_allclose(U.grad_inv_scale(G, 8.0), U.grad_inv_scale_reference(G, 8.0),
-                               rtol=1e-6)
-    assert U._rms_blocks(n) == min(1024, -(-n // 4096))
-
-
-# ------------------------------------------------------------------------ row_trit_dot (CPU)
-
-
-@pytest.mark.parametrize("rows,cols", SHAPES)
-def test_row_trit_dot_matches_reference(rows, cols):
-    rng = np.random.default_rng(rows * 1000 + cols)
-    G = rng.standard_normal((rows, cols)).astype(np.float32)
-    T = rng.integers(-1, 2, size=(rows, cols))
-    got = U.row_trit_dot(G, pack(T), cols)
-    expected = (G.astype(np.float64) * T).sum(axis=1)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(G).sum())
-    np.testing.assert_allclose(U.row_trit_dot_reference(G, pack(T), cols), expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize("rows,cols", SHAPES)
-def test_row_trit_dot_gives_the_exponent_gradient(rows, cols):
-    """With E: dL/dE_r = dot_r · s_r · ln2/8, s_r from the correctly rounded table."""
-    rng = np.random.default_rng(rows + 7 * cols)
-    G = rng.standard_normal((rows, cols)).astype(np.float32)
-    T = rng.integers(-1, 2, size=(rows, cols))
-    E = rng.integers(-128, 128, rows).astype(np.int8)
-    dot = U.row_trit_dot(G, pack(T), cols)
-    got = U.row_trit_dot(G, pack(T), cols, E=E)
-    np.testing.assert_array_equal(got, dot * U.SCALE_OF_E[E.astype(int) + 128]
-                                  * np.float32(np.log(2) / 8))
-    exact = (G.astype(np.float64) * T).sum(1) * 2.0 ** (E / 8.0) * np.log(2) / 8
-    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
-    np.testing.assert_allclose(U.row_trit_dot_reference(G, pack(T), cols, E), got, rtol=1e-6)
-    with pytest.raises(ValueError, match=rf"row_trit_dot: E has shape \({rows + 1},\), "
-                       rf"expected \({rows},\)"):
-        U.row_trit_dot(G, pack(T), cols, E=np.zeros(rows + 1, np.int8))
-
-
-def test_row_trit_dot_ignores_padding_and_overwrites_out():
-    G = np.ones((1, 3), np.float32)
-    T_packed = np.array([[0xFFFFFFF9, 0x00000004]], dtype=np.uint32)  # cols 0 -> +1, 2 -> -1
-    out = np.full(1, 99.0, np.float32)
-    U.row_trit_dot(G, T_packed, 3, out)
-    assert out[0] == 0.0  # +1 (col 0), 0 (col 1), -1 (col 2); bits 3..31 are padding
+@pytest.mark.parametrize("change,error,match", [
+    (dict(G=np.ones(40, np.float32)), ValueError, r"G has shape \(40,\), expected 2 dimensions"),
+    (dict(G=np.ones((2, 40), np.float16)), TypeError, "G has dtype float16"),
+    (dict(cols=39), ValueError, r"G has shape \(2, 40\), expected \(rows, 39\)"),
+    (dict(T_packed=np.zeros((2, 2), np.uint32)), ValueError,
+     r"T_packed has shape \(2, 2\), expected \(2, 4\)"),
+    (dict(E=np.zeros(3, np.int8)), ValueError, r"E has shape \(3,\), expected \(2,\)"),
+    (dict(grad_gain=0.0), ValueError, "grad_gain = 0.0"),
+    (dict(grad_gain="8"), TypeError, "grad_gain must be a real number"),
+    (dict(rows=np.array([2], np.int32)), TypeError, "rows has dtype int32, expected int64"),
+    (dict(rows=np.array([2, 2], np.int64)), ValueError, r"rows has shape \(2,\), expected \(1,\)"),
+])
+def test_exponent_grad_and_scales_reject_bad_input(change, error, match):
+    args = dict(G=np.ones((2, 40), np.float32), T_packed=np.zeros((2, 4), np.uint32),
+                E=np.zeros(2, np.int8), cols=40, grad_gain=8.0)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        U.exponent_grad_and_scales(**args)
 
 
 # ------------------------------------------------------------------ the update rule (CPU)
@@ -540,22 +557,6 @@ def test_quantize_rejects_bad_input(kwargs, error, match):
     np.testing.assert_array_equal(args["out"], out_before)
 
 
-def test_row_trit_dot_and_grad_inv_scale_reject_bad_input():
-    G = np.ones((2, 40), np.float32)
-    with pytest.raises(ValueError, match=r"T_packed has shape \(2, 2\), expected \(2, 4\)"):
-        U.row_trit_dot(G, np.zeros((2, 2), np.uint32), 40)
-    with pytest.raises(ValueError, match="G has shape"):
-        U.row_trit_dot(np.ones(40, np.float32), np.zeros((2, 4), np.uint32), 40)
-    with pytest.raises(ValueError, match=r"G has shape \(2, 40\), expected \(rows, 39\)"):
-        U.row_trit_dot(G, np.zeros((2, 4), np.uint32), 39)
-    with pytest.raises(ValueError, match="out has shape"):
-        U.row_trit_dot(G, np.zeros((2, 4), np.uint32), 40, np.zeros(3, np.float32))
-    with pytest.raises(ValueError, match="grad_gain"):
-        U.grad_inv_scale(G, 0.0)
-    with pytest.raises(TypeError, match="G has dtype"):
-        U.grad_inv_scale(G.astype(np.float16), 1.0)
-
-
 # ------------------------------------------------------------ CUDA kernels in the simulator
 
 
@@ -564,23 +565,33 @@ def _sim_inputs(seed=0, rows=3, cols=37):
     return rng, random_state(rng, rows, cols)
 
 
+def _twin_exponent_grad_and_scales(G, T_packed, E, cols, gain, rows=None, clock=None):
+    """The CPU twin called directly (the wrapper runs the simulator when it is on)."""
+    width = U._row_width(cols)
+    inv, gE = np.zeros(2, np.float32), np.zeros(E.shape[0], np.float32)
+    no = np.zeros(0, np.int64)
+    U._exponent_grad_and_scales_cpu(
+        G, T_packed, E, np.int64(cols), np.int64(width), float(G.size), float(cols),
+        no if rows is None else rows, float(gain), no if clock is None else clock,
+        np.empty((U._grad_blocks(E.shape[0], width), 2)), np.zeros(1, np.int32), inv, gE)
+    return inv, gE
+
+
 @pytest.mark.cudasim
-@pytest.mark.parametrize("n", [5, 9000])   # one block; three blocks and the last-block sum
-def test_sim_grad_inv_scale(n):
-    G = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    ref = U._grad_inv_scale_cpu
-    out, partial = np.zeros(1, np.float32), np.empty(U._rms_blocks(n), np.float64)
-    ref(G, float(n), 0.0, np.zeros(0, np.int64), 8.0, np.zeros(0, np.int64), partial, np.zeros(1, np.int32),
-        out)
-    for _ in range(2):
-        np.testing.assert_array_equal(U.grad_inv_scale(G, 8.0), out)
-    # with padding rows: the mean square is over the first rows only
-    G2 = np.concatenate([G, np.zeros(n, np.float32)]).reshape(2 * n, 1)
-    rows = np.array([n], np.int64)
-    ref(G2.reshape(-1), float(2 * n), 1.0, rows, 8.0, np.zeros(0, np.int64), np.empty(U._rms_blocks(2 * n)),
-        np.zeros(1, np.int32), out)
-    np.testing.assert_array_equal(U.grad_inv_scale(G2, 8.0, rows=rows), out)
-    np.testing.assert_allclose(out, U.grad_inv_scale_reference(G, 8.0), rtol=1e-6)
+@pytest.mark.parametrize("rows,cols,max_blocks",
+                         [(1, 1, 1024), (9, 37, 1024),   # one block of 8 rows; two blocks
+                          (17, 33, 2), (3, 600, 2),      # blocks take several groups
+                          (2, 70, 1)])
+def test_sim_exponent_grad_and_scales_match_cpu_twin(monkeypatch, rows, cols, max_blocks):
+    monkeypatch.setattr(U, "_GRAD_MAX_BLOCKS", max_blocks)
+    rng = np.random.default_rng(rows + cols)
+    G, T, E = _exponent_inputs(rng, rows, cols)
+    for kw in (dict(), dict(clock=np.array([41, 3 << 32])), dict(rows=np.array([rows - 1]))):
+        want = _twin_exponent_grad_and_scales(G, pack(T), E, cols, 8.0, **kw)
+        for _ in range(2):   # the block counter is left at 0 for the next call
+            got = U.exponent_grad_and_scales(G, pack(T), E, cols, 8.0, **kw)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -602,11 +613,12 @@ def test_quantize_without_accumulating_overwrites_whatever_out_held(device):
 @pytest.mark.cudasim
 @pytest.mark.parametrize("max_blocks", [U._MAX_BLOCKS, 1])
 def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
-    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)  # 1: every thread strides the grid
+    # 1: every thread strides the grid, four elements a pass and then the rest
+    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
     rng = np.random.default_rng(6)
-    G = (rng.standard_normal(300) * 4).astype(np.float32)
+    G = (rng.standard_normal(1100) * 4).astype(np.float32)
     G[:3] = [np.nan, np.inf, -1e30]
-    out = rng.integers(-127, 128, size=300, dtype=np.int8)
+    out = rng.integers(-127, 128, size=1100, dtype=np.int8)
     no_clock = np.zeros(0, np.int64)
     expected = out.copy()  # the CPU twin, called directly: the wrapper runs the simulator
     U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
@@ -627,24 +639,6 @@ def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
     U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
                          np.int64(1), clock, expected)
     np.testing.assert_array_equal(U.quantize_grad(G, 2.5, 77, out.copy(), clock=clock), expected)
-
-
-@pytest.mark.cudasim
-@pytest.mark.parametrize("rows,cols,max_blocks", [(1, 1, 4096), (3, 37, 4096), (3, 200, 1)])
-def test_sim_row_trit_dot_matches_cpu_twin(monkeypatch, rows, cols, max_blocks):
-    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
-    rng = np.random.default_rng(rows + cols)
-    G = rng.standard_normal((rows, cols)).astype(np.float32)
-    T_packed = pack(rng.integers(-1, 2, size=(rows, cols)))
-    expected = np.empty(rows, np.float32)
-    U._row_trit_dot_cpu(G, T_packed, np.empty(0, np.int8), np.int64(cols), expected)
-    got = U.row_trit_dot(G, T_packed, cols)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(G).sum())
-    E = rng.integers(-128, 128, rows).astype(np.int8)
-    U._row_trit_dot_cpu(G, T_packed, E, np.int64(cols), expected)
-    got = U.row_trit_dot(G, T_packed, cols, E=E)
-    np.testing.assert_allclose(got, expected, rtol=1e-6,
-                               atol=1e-6 * (np.abs(G).sum(1) * U.SCALE_OF_E[E.astype(int) + 128]).max())
 
 
 @pytest.mark.cudasim
@@ -716,7 +710,7 @@ def test_sim_exponents_stride_the_grid(monkeypatch):
 @pytest.mark.cuda
 def test_cuda_quantize_matches_cpu_twin():
     rng = np.random.default_rng(9)
-    n = 1_100_003  # more than _MAX_BLOCKS * 256: the grid-stride loop runs
+    n = 4_500_003  # over 4 · _MAX_BLOCKS · 256: the four-a-thread loop runs, then the rest
     G = (rng.standard_normal(n) * 3).astype(np.float32)
     G[:3] = [np.nan, np.inf, -np.inf]
     out = rng.integers(-127, 128, size=n, dtype=np.int8)
@@ -724,9 +718,7 @@ def test_cuda_quantize_matches_cpu_twin():
     G_d, out_d = cupy.asarray(G), cupy.asarray(out)
     U.quantize_grad(G_d, 1.75, 2**40 + 3, out_d)
     np.testing.assert_array_equal(out_d.get(), expected)
-    inv = U.grad_inv_scale(G_d[3:], 4.0)
-    assert isinstance(inv, cupy.ndarray)
-    np.testing.assert_allclose(inv.get(), U.grad_inv_scale(G[3:], 4.0), rtol=1e-6)
+    inv = cupy.asarray(U.grad_inv_scale_reference(G[3:], 4.0))
     out_d[...] = 0
     U.quantize_grad(G_d[3:], inv, 5, out_d[3:])
     expected = U.quantize_grad(G[3:], inv.get(), 5, np.zeros(n - 3, np.int8))
@@ -739,44 +731,34 @@ def test_cuda_quantize_matches_cpu_twin():
 
 
 @pytest.mark.cuda
-def test_cuda_grad_inv_scale_is_bit_identical_to_the_cpu_twin():
+def test_cuda_exponent_grad_and_scales_are_bit_identical_to_the_cpu_twin():
     rng = np.random.default_rng(12)
-    for shape in [(1,), (7, 3), (384, 768), (3, 5, 1001), (2560, 2560)]:
-        G = (rng.standard_normal(shape) * 10 ** rng.uniform(-4, 2, shape)).astype(np.float32)
-        for _ in range(2):   # the block counter is left at 0 for the next call
-            got = U.grad_inv_scale(cupy.asarray(G), 8.0)
-            assert isinstance(got, cupy.ndarray) and got.dtype == np.float32 and got.shape == (1,)
-            np.testing.assert_array_equal(got.get(), U.grad_inv_scale(G, 8.0))
-    G = rng.standard_normal((5000, 64)).astype(np.float32)
+    for rows, cols in [(1, 1), (7, 3), (384, 768), (3, 1424), (2560, 2560), (5000, 64)]:
+        G, T, E = _exponent_inputs(rng, rows, cols)
+        G *= (10 ** rng.uniform(-4, 2, G.shape)).astype(np.float32)
+        T_packed = P.pack_trits_reference(T)
+        dev = [cupy.asarray(a) for a in (G, T_packed, E)]
+        for kw in (dict(), dict(clock=np.array([7, 3 << 32]))):
+            want = U.exponent_grad_and_scales(G, T_packed, E, cols, 8.0, **kw)
+            kw_d = {k: cupy.asarray(v) for k, v in kw.items()}
+            for _ in range(2):   # the block counter is left at 0 for the next call
+                got = U.exponent_grad_and_scales(*dev, cols, 8.0, **kw_d)
+                for g, w in zip(got, want):
+                    assert isinstance(g, cupy.ndarray)
+                    np.testing.assert_array_equal(g.get(), w)
     G[1234:] = 0   # padded rows: only the first 1234 count, read from the device
     rows = np.array([1234], np.int64)
-    np.testing.assert_array_equal(U.grad_inv_scale(cupy.asarray(G), 8.0, rows=cupy.asarray(rows)).get(),
-                                  U.grad_inv_scale(G, 8.0, rows=rows))
-    with pytest.raises(TypeError, match="grad_inv_scale: arrays are on different devices"):
-        U.grad_inv_scale(cupy.asarray(G), 8.0, rows=rows)
-    G = np.zeros((4, 9), np.float32)
-    assert U.grad_inv_scale(cupy.asarray(G), 8.0).get()[0] == 0
+    want = U.exponent_grad_and_scales(G, T_packed, E, 64, 8.0, rows=rows)
+    got = U.exponent_grad_and_scales(cupy.asarray(G), *dev[1:], 64, 8.0, rows=cupy.asarray(rows))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.get(), w)
+    with pytest.raises(TypeError, match="exponent_grad_and_scales: arrays are on different "
+                                        "devices"):
+        U.exponent_grad_and_scales(cupy.asarray(G), *dev[1:], 64, 8.0, rows=rows)
     for bad in (np.nan, np.inf, 1e20):   # 1e20 squared overflows float32, as in NumPy
         G[1, 2] = bad
-        assert U.grad_inv_scale(cupy.asarray(G), 8.0).get()[0] == 0 == \
-            U.grad_inv_scale(G, 8.0)[0]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 100), (300, 4096), (5000, 70)])
-def test_cuda_row_trit_dot_matches_cpu_twin(rows, cols):
-    rng = np.random.default_rng(rows + cols)
-    G = rng.standard_normal((rows, cols)).astype(np.float32)
-    T = rng.integers(-1, 2, size=(rows, cols))
-    T_packed = P.pack_trits_reference(T)
-    expected = U.row_trit_dot(G, T_packed, cols)
-    got = U.row_trit_dot(cupy.asarray(G), cupy.asarray(T_packed), cols).get()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(G).sum(axis=1).max())
-    E = rng.integers(-128, 128, rows).astype(np.int8)
-    expected = U.row_trit_dot(G, T_packed, cols, E=E)
-    got = U.row_trit_dot(cupy.asarray(G), cupy.asarray(T_packed), cols, E=cupy.asarray(E)).get()
-    np.testing.assert_allclose(got, expected, rtol=1e-5,
-                               atol=1e-5 * (np.abs(G).sum(1) * U.SCALE_OF_E[E.astype(int) + 128]).max())
+        got = U.exponent_grad_and_scales(cupy.asarray(G), *dev[1:], 64, 8.0)[0].get()
+        assert got[0] == 0 == U.exponent_grad_and_scales(G, T_packed, E, 64, 8.0)[0][0]
 
 
 @pytest.mark.cuda

@@ -343,7 +343,8 @@ def unique_rows(indices):
         order    int64 (n,) a stable argsort of indices: positions of row k's occurrences are
                  order[offsets[k]:offsets[k + 1]], in increasing position;
         offsets  int64 (n + 1,), n from offsets[u] on: the padding rows are empty segments;
-        count    int64 (1,) on the indices' device: u, for grad_inv_scale(..., rows=count).
+        count    int64 (1,) on the indices' device: u, for
+                 exponent_grad_and_scales(..., rows=count).
     Indices must be >= 0 (not checked here: the forward that read the rows checked them).
     One stable sort (what xp.unique does anyway); pass segments=(order, offsets) to
     segment_sum_rows for a deterministic sum.

@@ -4,13 +4,14 @@ A ternary weight W = diag(s)·T trains without any float copy: its float gradien
 quantised to int8 (`quantize_grad`), added with saturation to the int8 accumulator beside
 each trit, and a trit moves one step when its accumulator crosses a threshold
 (`ternary_update`). The per-row exponent E (s = 2**(E/8)) moves the same way from its own
-accumulator; its float gradient comes from `row_trit_dot`.
+accumulator; its gradient dL/dE = (Σ_j G[r, j] T[r, j]) · s · ln2/8 comes from
+`exponent_grad_and_scales`, in the same pass over G that finds both quantisation scales.
 
 One optimiser step for a TernaryLinear with weight gradient G (rows, cols) is:
 
-    gE  = row_trit_dot(G, T_packed, cols, E=E)           # dL/dE = dot · s · ln2/8 (rows,)
-    quantize_grad(G,  grad_inv_scale(G,  grad_gain),  seed_T, grad_q)
-    quantize_grad(gE, grad_inv_scale(gE, scale_gain), seed_E, grad_E_q)
+    inv_scales, gE = exponent_grad_and_scales(G, T_packed, E, cols, grad_gain)
+    quantize_grad(G,  inv_scales[:1], seed_T, grad_q)
+    quantize_grad(gE, inv_scales[1:], seed_E, grad_E_q)
     ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, ...)  # one launch
 
 (data-parallel training all-reduces grad_q / grad_E_q between quantisation and update, so the
@@ -35,11 +36,11 @@ from ._launch import is_cupy, launch, on_device, target, xp_of
 from .packing import pack_trits_reference, unpack_trits_reference
 
 __all__ = [
-    "grad_inv_scale",
-    "grad_inv_scale_reference",
     "quantize_grad",
     "quantize_grad_reference",
-    "row_trit_dot",
+    "exponent_grad_and_scales",
+    "exponent_grad_and_scales_reference",
+    "grad_inv_scale_reference",
     "row_trit_dot_reference",
     "SCALE_OF_E",
     "EXPONENT_GRAD_FACTOR",
@@ -75,7 +76,6 @@ EXPONENT_GRAD_FACTOR = np.float32(math.log(2) / 8)
 # Launch geometry. Grid-stride loops keep the grid bounded; the update kernel adds its counts
 # with one global atomic per block, so a bounded grid also bounds atomic traffic.
 _QUANT_THREADS = 256
-_DOT_THREADS = 128          # power of two: tree reduction in shared memory
 _UPDATE_THREADS = 256       # 8 warps; each warp owns 8 32-trit groups of a row a pass
 _UPDATE_WARPS = _UPDATE_THREADS // 32
 _MAX_BLOCKS = 4096
@@ -270,20 +270,6 @@ def _block_tree_sum(buf, tid, width):
         cuda.syncthreads()
         half //= 2
 
-
-# grad_inv_scale's reduction: a fixed number of blocks for a given size (never the device's
-# SM count), so the float64 sum of squares is added in one order everywhere -- CPU twin, every
-# GPU, the simulator -- and the scale is bit-identical on all of them.
-_RMS_THREADS = 256           # power of two: tree reduction in shared memory
-_RMS_PER_THREAD = 16         # elements a thread adds before the tree, at the most blocks
-_RMS_MAX_BLOCKS = 1024       # a full GPU of threads: 256 blocks (2 an SM) kept too few loads
-                             # in flight (0.5-0.9 TB/s on the H200)
-
-
-def _rms_blocks(n):
-    return max(1, min(_RMS_MAX_BLOCKS, -(-n // (_RMS_THREADS * _RMS_PER_THREAD))))
-
-
 @numba.njit(cache=True)
 def _inv_rms(total, n, gain):
     if n <= 0.0:   # no rows count (every touched row is padding)
@@ -335,86 +321,8 @@ def _clocked_key(key, clock):
 _clocked_key_dev = on_device(_clocked_key)
 
 
-@numba.njit(parallel=True, cache=True)
-def _grad_inv_scale_cpu(G, n, row_size, rows, gain, clock, partial, done, out):
-    # The CUDA kernel's order: thread t of block b adds elements b*T + t, then + nb*T, ...;
-    # the block's threads meet in a halving tree. Then thread t adds block sums t, t + T, ...
-    # and those meet in a halving tree. (`done` is the GPU's block counter, unused here.)
-    nb = partial.shape[0]
-    for b in numba.prange(nb):
-        acc = np.zeros(_RMS_THREADS, np.float64)
-        for t in range(_RMS_THREADS):
-            for i in range(b * _RMS_THREADS + t, G.shape[0], nb * _RMS_THREADS):
-                acc[t] += np.float64(G[i] * G[i])
-        half = _RMS_THREADS // 2
-        while half > 0:
-            for t in range(half):
-                acc[t] += acc[t + half]
-            half //= 2
-        partial[b] = acc[0]
-    acc = np.zeros(_RMS_THREADS, np.float64)
-    for t in range(_RMS_THREADS):
-        for b in range(t, nb, _RMS_THREADS):
-            acc[t] += partial[b]
-    half = _RMS_THREADS // 2
-    while half > 0:
-        for t in range(half):
-            acc[t] += acc[t + half]
-        half //= 2
-    out[0] = _inv_rms(acc[0], _counted(n, row_size, rows), _clocked_gain(gain, clock))
-
-
-@cuda.jit(cache=True)
-def _grad_inv_scale_cuda(G, n, row_size, rows, gain, clock, partial, done, out):
-    # One launch: each block writes its sum of squares; the last block to finish (counted in
-    # `done`, which it resets for the next call) adds the block sums, its threads in
-    # parallel, and writes the scale. Squares in float32 (as G * G), sums in float64. Four
-    # loads a thread are issued before their adds (the same order of adds as one at a time).
-    sums = cuda.shared.array(_RMS_THREADS, numba.float64)
-    is_last = cuda.shared.array(1, numba.int32)
-    tid = cuda.threadIdx.x
-    nb = cuda.gridDim.x
-    size = G.shape[0]
-    stride = nb * _RMS_THREADS
-    acc = 0.0
-    i = cuda.blockIdx.x * _RMS_THREADS + tid
-    while i + 3 * stride < size:
-        g0 = G[i]
-        g1 = G[i + stride]
-        g2 = G[i + 2 * stride]
-        g3 = G[i + 3 * stride]
-        acc += np.float64(g0 * g0)
-        acc += np.float64(g1 * g1)
-        acc += np.float64(g2 * g2)
-        acc += np.float64(g3 * g3)
-        i += 4 * stride
-    while i < size:
-        g = G[i]
-        acc += np.float64(g * g)
-        i += stride
-    sums[tid] = acc
-    cuda.syncthreads()
-    _block_tree_sum(sums, tid, _RMS_THREADS)
-    if tid == 0:
-        partial[cuda.blockIdx.x] = sums[0]
-        cuda.threadfence()   # this block's sum is visible before its ticket is
-        is_last[0] = cuda.atomic.add(done, 0, 1) == nb - 1
-    cuda.syncthreads()
-    if is_last[0]:   # uniform across the block
-        acc = 0.0
-        for b in range(tid, nb, _RMS_THREADS):
-            acc += cuda.atomic.add(partial, b, 0.0)  # read through L2, not a stale L1
-        sums[tid] = acc
-        cuda.syncthreads()
-        _block_tree_sum(sums, tid, _RMS_THREADS)
-        if tid == 0:
-            out[0] = _inv_rms_dev(sums[0], _counted_dev(n, row_size, rows),
-                                  _clocked_gain_dev(gain, clock))
-            done[0] = 0
-
-
-# Device arrays made once and kept, by device: _grad_inv_scale_cuda's int32 (1,) block
-# counter (the kernel leaves it at 0) and the empty stand-ins of `_empty`.
+# Device arrays made once and kept, by device: _exponent_grad_and_scales_cuda's int32 (1,)
+# block counter (the kernel leaves it at 0) and the empty stand-ins of `_empty`.
 _kept_arrays = {}
 
 
@@ -445,67 +353,21 @@ def _done_counter(xp):
     return counter
 
 
-def grad_inv_scale(G, grad_gain, *, rows=None, clock=None):
-    """The per-tensor quantisation scale: grad_gain / rms(G), as a float32 array of shape (1,).
-
-    rows: None, or an int64 array of shape (1,) on G's device holding u: only G's first u
-    rows count (the rest are zero padding, as for the rows of tritnet_kernels.tables'
-    unique_rows), so the rms is over u · (G.size / G.shape[0]) elements. Read on the device.
-    clock: None, or the optimiser's int64 (2,) [step, gain / 2**-32] on G's device: the gain
-    is then read there (grad_gain is ignored), as a replayed CUDA graph needs.
-
-    Computed on G's device without a host sync (the result feeds `quantize_grad` directly),
-    in one launch on the GPU: float32 squares summed in float64, in an order fixed by G's size
-    alone, so the scale is bit-identical on the CPU, in the simulator and on every GPU. An
-    all-zero or non-finite G gives 0, so that the whole tensor then receives no update (the
-    kernel maps NaN to 0).
-
-    `grad_gain` is the typical |quantised gradient| of one step, in accumulator units: with
-    flip threshold F, a trit whose gradient is consistently one rms in size flips after about
-    F / grad_gain steps.
-    """
-    op = "grad_inv_scale"
-    dev = target(G, op=op)
-    _check_array(op, "G", G, np.float32)
-    if clock is not None:
-        _check_clock(op, clock, G)
-        grad_gain = 1.0
-    if not _is_real(grad_gain):
-        raise TypeError(f"{op}: grad_gain must be a real number, got {grad_gain!r}")
-    if not (math.isfinite(grad_gain) and grad_gain > 0):
-        raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
-    xp = xp_of(G)
-    if rows is None:
-        rows, row_size = _empty(xp, np.int64), 0.0
-    else:
-        target(G, rows, op=op)   # raises if rows is on another device
-        _check_array(op, "rows", rows, np.int64, shape=(1,))
-        if G.ndim == 0:
-            raise ValueError(f"{op}: rows needs G with a row axis, got a 0-d G")
-        row_size = float(G.size // G.shape[0]) if G.shape[0] else 0.0
-    if G.size == 0:
-        return xp.zeros(1, dtype=np.float32)
-    out = xp.empty(1, dtype=np.float32)  # the kernel's last block writes it
-    partial = xp.empty(_rms_blocks(G.size), dtype=np.float64)
-    args = (G.reshape(-1), float(G.size), row_size, rows, float(grad_gain),
-            _empty(xp, np.int64) if clock is None else clock, partial, _done_counter(xp), out)
-    if dev == "cpu":
-        _grad_inv_scale_cpu(*args)
-    else:
-        launch(_grad_inv_scale_cuda, partial.shape[0], _RMS_THREADS, *args)
-    return out
+def _check_seed(op, seed):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{op}: seed must be an integer in [0, 2**64), got {seed!r}")
+    if not 0 <= int(seed) <= _MASK64:
+        raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
 
 
-def grad_inv_scale_reference(G, grad_gain, rows=None):
-    """NumPy truth: grad_gain / rms(G) in float64, rounded to float32 (the rms over G's first
-    `rows` rows when given); 0 when the mean square is 0 or not finite. (The kernels add in
-    another order: equal within float64 rounding.)"""
-    G = np.asarray(G, np.float32)
-    if rows is not None:
-        G = G[:int(np.asarray(rows).reshape(-1)[0])]
-    mean_sq = np.mean(np.square(G).astype(np.float64)) if G.size else 0.0
-    ok = math.isfinite(mean_sq) and mean_sq > 0
-    return np.array([grad_gain / math.sqrt(mean_sq) if ok else 0.0], np.float32)
+@numba.njit(cache=True)
+def _quantized(g, scale, key, i, clip, accumulate, held):
+    """Element i's new int8 value: round_stochastic(g · scale), added to `held` (its value
+    before) when accumulating, saturated."""
+    q = _round_stochastic(g * scale, _uniform24(key, i), clip)
+    if accumulate:
+        q += np.int64(held)
+    return _sat_accum(q)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -513,21 +375,31 @@ def _quantize_grad_cpu(G, inv_scale, key, clip, accumulate, clock, out):
     scale = inv_scale[0]
     key = _clocked_key(key, clock)
     for i in numba.prange(G.shape[0]):
-        q = _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
-        if accumulate:
-            q += np.int64(out[i])
-        out[i] = _sat_accum(q)
+        out[i] = _quantized(G[i], scale, key, i, clip, accumulate, out[i])
 
 
 @cuda.jit(cache=True)
 def _quantize_grad_cuda(G, inv_scale, key, clip, accumulate, clock, out):
+    # Four elements a thread a pass, their loads issued before any is used: with one load in
+    # flight a thread the kernel waited on memory latency, not bandwidth.
     scale = inv_scale[0]
     key = _clocked_key_dev(key, clock)
-    for i in range(cuda.grid(1), G.shape[0], cuda.gridsize(1)):
-        q = _round_stochastic(G[i] * scale, _uniform24(key, i), clip)
+    size = G.shape[0]
+    stride = cuda.gridsize(1)
+    i = cuda.grid(1)
+    while i + 3 * stride < size:
+        g0, g1, g2, g3 = G[i], G[i + stride], G[i + 2 * stride], G[i + 3 * stride]
+        h0 = h1 = h2 = h3 = np.int8(0)
         if accumulate:
-            q += np.int64(out[i])
-        out[i] = _sat_accum(q)
+            h0, h1, h2, h3 = out[i], out[i + stride], out[i + 2 * stride], out[i + 3 * stride]
+        out[i] = _quantized(g0, scale, key, i, clip, accumulate, h0)
+        out[i + stride] = _quantized(g1, scale, key, i + stride, clip, accumulate, h1)
+        out[i + 2 * stride] = _quantized(g2, scale, key, i + 2 * stride, clip, accumulate, h2)
+        out[i + 3 * stride] = _quantized(g3, scale, key, i + 3 * stride, clip, accumulate, h3)
+        i += 4 * stride
+    while i < size:
+        out[i] = _quantized(G[i], scale, key, i, clip, accumulate, out[i])
+        i += stride
 
 
 def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=None):
@@ -537,7 +409,7 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
 
     G: float32, C-contiguous, any shape (treated as flat, index i in C order).
     inv_scale: a float (finite, >= 0) or a float32 array of shape (1,) on G's device, e.g.
-        from `grad_inv_scale` (then no host sync is needed).
+        such as `exponent_grad_and_scales`' inv_scales[:1] (then no host sync is needed).
     seed: integer in [0, 2**64). Use a different seed for every (step, tensor); nearby seeds
         give unrelated streams.
     clock: None, or the optimiser's int64 (2,) [step, gain / 2**-32] on G's device: the stream is
@@ -556,8 +428,8 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
     uniform(seed, i) = (mix64(key + i * φ) >> 40) / 2**24, key = mix64(seed + φ),
     φ = 0x9E3779B97F4A7C15, mix64 = splitmix64's finaliser; identical on every device.
 
-    Non-finite gradients: the caller checks finiteness (or uses `grad_inv_scale`, which turns
-    a non-finite tensor into a zero update). The kernel never writes garbage: NaN rounds to 0,
+    Non-finite gradients: the caller checks finiteness (or takes the scale from
+    `exponent_grad_and_scales`, which turns a non-finite tensor into a zero update). The kernel never writes garbage: NaN rounds to 0,
     ±inf saturates to ±127.
     """
     op = "quantize_grad"
@@ -574,10 +446,7 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
     else:
         raise TypeError(f"{op}: inv_scale must be a number or a float32 array of shape (1,), "
                         f"got {type(inv_scale).__name__}")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"{op}: seed must be an integer in [0, 2**64), got {seed!r}")
-    if not 0 <= int(seed) <= _MASK64:
-        raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
+    _check_seed(op, seed)
     _check_distinct(op, G=G, out=out)
     clip = np.float32(_check_int(op, "clip", clip, 1, 128))
     if clock is not None:
@@ -625,116 +494,309 @@ def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
     out[...] = new.reshape(out.shape)
     return out
 
-
 # --------------------------------------------------------------------------------------------
-# 2. Row scale gradient: sum_j G[r, j] * T[r, j], T read from the bitplane32 masks.
+# 2. One pass over a weight gradient G: the exponents' gradient and the quantisation scales.
+#
+# dL/dE_r = (Σ_j G[r, j] · T[r, j]) · s_r · ln2/8 needs every element of row r; the scale of G
+# needs the sum of squares of every element. One kernel reads G once for both, and for the
+# scale of dL/dE: per weight, three launches (this one and two quantize_grad) and two reads of
+# G, where separate kernels took five launches and three reads.
+#
+# The float sums are added in an order fixed by G's shape alone -- never by the device's SM
+# count -- so the scales and dL/dE are bit-identical on the CPU twin, in the simulator and on
+# every GPU:
+#   - a row is summed by `width` threads (a power of two, `_row_width(cols)`): thread `lane`
+#     adds columns lane, lane + width, ... (the trit-signed float32 values into one sum, their
+#     float32 squares into a float64 one), and the width sums meet in a halving tree;
+#   - a block holds _GRAD_THREADS / width rows a pass (a group); block b takes groups b,
+#     b + nb, ...; its thread 0 adds each row's float64 square sum, and the float32 square of
+#     its dL/dE, in row order, into the block's two partial sums;
+#   - the last block to finish adds the nb partials: thread t takes partials t,
+#     t + _GRAD_THREADS, ..., then a halving tree.
+_GRAD_THREADS = 256          # power of two: tree reductions in shared memory
+_GRAD_MAX_BLOCKS = 2048      # the last block adds at most 8 partials a thread
+_COLS_PER_LANE = 32          # a row's threads: about cols / 32, from 32 to _GRAD_THREADS
+
+
+def _row_width(cols):
+    """The threads that sum a row: fewer rows a block when each has more columns."""
+    width = 32
+    while width * _COLS_PER_LANE < cols and width < _GRAD_THREADS:
+        width *= 2
+    return width
+
+
+def _grad_blocks(rows, width):
+    per_block = _GRAD_THREADS // width
+    return max(1, min(_GRAD_MAX_BLOCKS, -(-rows // per_block)))
 
 
 @numba.njit(cache=True)
-def _dot_to_exponent_grad(dot, E, r):
-    # with E (rows,): dL/dE_r = float32(dot) · s_r · ln2/8, in that order; with E empty: dot
-    if E.shape[0] == 0:
-        return np.float32(dot)
-    return np.float32(dot) * _SCALE_OF_E[np.int64(E[r]) + 128] * EXPONENT_GRAD_FACTOR
+def _signed(acc, g, T_packed, r, j):
+    """acc + T[r, j] · g for a trit read from the bitplane32 masks (an invalid code adds 0)."""
+    bit = np.uint32(1) << np.uint32(j & 31)
+    plus = T_packed[r, 2 * (j >> 5)] & bit
+    minus = T_packed[r, 2 * (j >> 5) + 1] & bit
+    if plus != 0 and minus == 0:
+        return acc + g
+    if minus != 0 and plus == 0:
+        return acc - g
+    return acc
 
 
-_dot_to_exponent_grad_dev = on_device(_dot_to_exponent_grad)
+_signed_dev = on_device(_signed)
+
+
+@numba.njit(cache=True)
+def _row_scale(E, r):
+    return _SCALE_OF_E[np.int64(E[r]) + 128]
+
+
+_row_scale_dev = on_device(_row_scale)
+
+
+@numba.njit(cache=True)
+def _dot_to_exponent_grad(dot, s):
+    # dL/dE_r = float32(dot) · s_r · ln2/8, in that order
+    return np.float32(dot) * s * EXPONENT_GRAD_FACTOR
 
 
 @numba.njit(parallel=True, cache=True)
-def _row_trit_dot_cpu(G, T_packed, E, cols, out):
-    for r in numba.prange(G.shape[0]):
-        acc = 0.0  # float64 accumulation: free on the CPU
-        for g in range((cols + 31) // 32):
-            plus = np.int64(T_packed[r, 2 * g])
-            minus = np.int64(T_packed[r, 2 * g + 1])
-            for b in range(min(32, cols - 32 * g)):
-                t = ((plus >> b) & 1) - ((minus >> b) & 1)
-                if t > 0:
-                    acc += G[r, 32 * g + b]
-                elif t < 0:
-                    acc -= G[r, 32 * g + b]
-        out[r] = _dot_to_exponent_grad(acc, E, r)
+def _exponent_grad_and_scales_cpu(G, T_packed, E, cols, width, n, row_size, rows, gain, clock,
+                                  partial, done, inv_scales, grad_E):
+    # The CUDA kernel's order of float adds (see the section's comment), thread by thread.
+    # (`done` is the GPU's block counter, unused here.)
+    nb = partial.shape[0]
+    per_block = _GRAD_THREADS // width
+    R = G.shape[0]
+    n_groups = (R + per_block - 1) // per_block
+    for b in numba.prange(nb):
+        dots = np.zeros(width, np.float32)
+        squares = np.zeros(width, np.float64)
+        block_sq = 0.0
+        block_esq = 0.0
+        for group in range(b, n_groups, nb):
+            for r in range(group * per_block, min(R, (group + 1) * per_block)):
+                for lane in range(width):
+                    d = np.float32(0.0)
+                    q = 0.0
+                    for j in range(lane, cols, width):
+                        g = G[r, j]
+                        d = _signed(d, g, T_packed, r, j)
+                        q += np.float64(g * g)
+                    dots[lane] = d
+                    squares[lane] = q
+                half = width // 2
+                while half > 0:
+                    for lane in range(half):
+                        dots[lane] += dots[lane + half]
+                        squares[lane] += squares[lane + half]
+                    half //= 2
+                ge = _dot_to_exponent_grad(dots[0], _row_scale(E, r))
+                grad_E[r] = ge
+                block_sq += squares[0]
+                block_esq += np.float64(ge * ge)
+        partial[b, 0] = block_sq
+        partial[b, 1] = block_esq
+    sums = np.zeros((2, _GRAD_THREADS), np.float64)
+    for t in range(_GRAD_THREADS):
+        for k in range(t, nb, _GRAD_THREADS):
+            sums[0, t] += partial[k, 0]
+            sums[1, t] += partial[k, 1]
+    half = _GRAD_THREADS // 2
+    while half > 0:
+        for t in range(half):
+            sums[0, t] += sums[0, t + half]
+            sums[1, t] += sums[1, t + half]
+        half //= 2
+    gain = _clocked_gain(gain, clock)
+    inv_scales[0] = _inv_rms(sums[0, 0], _counted(n, row_size, rows), gain)
+    inv_scales[1] = _inv_rms(sums[1, 0], _counted(np.float64(R), 1.0, rows), gain)
 
 
 @cuda.jit(cache=True)
-def _row_trit_dot_cuda(G, T_packed, E, cols, out):
-    # One block per row (grid-stride over rows); a thread per column, so the loads of G
-    # are coalesced and a warp's 32 columns share one plus/minus word pair.
-    partial = cuda.shared.array(_DOT_THREADS, numba.float32)
+def _exponent_grad_and_scales_cuda(G, T_packed, E, cols, width, n, row_size, rows, gain, clock,
+                                   partial, done, inv_scales, grad_E):
+    dots = cuda.shared.array(_GRAD_THREADS, numba.float32)
+    squares = cuda.shared.array(_GRAD_THREADS, numba.float64)
+    is_last = cuda.shared.array(1, numba.int32)
     tid = cuda.threadIdx.x
-    r = cuda.blockIdx.x
-    while r < G.shape[0]:  # uniform across the block: every thread reaches syncthreads
-        acc = np.float32(0.0)
-        j = tid
-        while j < cols:
-            g = j >> 5
-            b = j & 31
-            plus = np.int64(T_packed[r, 2 * g])
-            minus = np.int64(T_packed[r, 2 * g + 1])
-            t = ((plus >> b) & 1) - ((minus >> b) & 1)
-            if t > 0:
-                acc += G[r, j]
-            elif t < 0:
-                acc -= G[r, j]
-            j += _DOT_THREADS
-        partial[tid] = acc
+    sub = tid // width
+    lane = tid - sub * width
+    per_block = _GRAD_THREADS // width
+    R = G.shape[0]
+    nb = cuda.gridDim.x
+    n_groups = (R + per_block - 1) // per_block
+    block_sq = 0.0
+    block_esq = 0.0
+    group = cuda.blockIdx.x
+    while group < n_groups:   # uniform across the block: every thread reaches syncthreads
+        r = group * per_block + sub
+        d = np.float32(0.0)
+        q = 0.0
+        s = np.float32(0.0)
+        if r < R:
+            if lane == 0:   # loaded now, used after the sums: its latency is hidden
+                s = _row_scale_dev(E, r)
+            # four loads of G a thread issued before their adds (the adds keep column order)
+            j = lane
+            while j + 3 * width < cols:
+                g0, g1 = G[r, j], G[r, j + width]
+                g2, g3 = G[r, j + 2 * width], G[r, j + 3 * width]
+                d = _signed_dev(d, g0, T_packed, r, j)
+                d = _signed_dev(d, g1, T_packed, r, j + width)
+                d = _signed_dev(d, g2, T_packed, r, j + 2 * width)
+                d = _signed_dev(d, g3, T_packed, r, j + 3 * width)
+                q += np.float64(g0 * g0)
+                q += np.float64(g1 * g1)
+                q += np.float64(g2 * g2)
+                q += np.float64(g3 * g3)
+                j += 4 * width
+            while j < cols:
+                g = G[r, j]
+                d = _signed_dev(d, g, T_packed, r, j)
+                q += np.float64(g * g)
+                j += width
+        dots[tid] = d
+        squares[tid] = q
         cuda.syncthreads()
-        _block_tree_sum(partial, tid, _DOT_THREADS)
+        half = width // 2
+        while half > 0:
+            if lane < half:
+                dots[tid] += dots[tid + half]
+                squares[tid] += squares[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if lane == 0 and r < R:
+            ge = _dot_to_exponent_grad(dots[tid], s)
+            grad_E[r] = ge
+            dots[tid] = ge
+        cuda.syncthreads()
         if tid == 0:
-            out[r] = _dot_to_exponent_grad_dev(partial[0], E, r)
-        cuda.syncthreads()  # partial is reused by the next row
-        r += cuda.gridDim.x
+            for k in range(min(per_block, R - group * per_block)):
+                block_sq += squares[k * width]
+                block_esq += np.float64(dots[k * width] * dots[k * width])
+        cuda.syncthreads()   # dots and squares are reused by the next group
+        group += nb
+    if tid == 0:
+        partial[cuda.blockIdx.x, 0] = block_sq
+        partial[cuda.blockIdx.x, 1] = block_esq
+        cuda.threadfence()   # this block's partials are visible before its ticket is
+        is_last[0] = cuda.atomic.add(done, 0, 1) == nb - 1
+    cuda.syncthreads()
+    if is_last[0]:   # uniform across the block
+        sq = 0.0
+        esq = 0.0
+        for k in range(tid, nb, _GRAD_THREADS):   # read through L2, not a stale L1
+            sq += cuda.atomic.add(partial, (k, 0), 0.0)
+            esq += cuda.atomic.add(partial, (k, 1), 0.0)
+        squares[tid] = sq
+        cuda.syncthreads()
+        _block_tree_sum(squares, tid, _GRAD_THREADS)
+        sq = squares[0]
+        cuda.syncthreads()   # every thread has read squares[0] before it is overwritten
+        squares[tid] = esq
+        cuda.syncthreads()
+        _block_tree_sum(squares, tid, _GRAD_THREADS)
+        if tid == 0:
+            gain = _clocked_gain_dev(gain, clock)
+            inv_scales[0] = _inv_rms_dev(sq, _counted_dev(n, row_size, rows), gain)
+            inv_scales[1] = _inv_rms_dev(squares[0], _counted_dev(np.float64(R), 1.0, rows),
+                                         gain)
+            done[0] = 0
 
 
-def row_trit_dot(G, T_packed, cols, out=None, *, E=None):
-    """out[r] = sum_j G[r, j] * T[r, j] for float32 G (rows, cols); returns out (float32 (rows,)).
+def exponent_grad_and_scales(G, T_packed, E, cols, grad_gain, *, rows=None, clock=None):
+    """One pass over a ternary matrix's weight gradient G = dL/dW (float32 (R, cols)) for the
+    optimiser. Returns (inv_scales, grad_E), both float32 on G's device:
 
-    cols: the matrix's column count (must equal G.shape[1]; T_packed holds ceil(cols/32)
-    plus/minus word pairs per row). `out` is allocated when None.
+    - grad_E (R,): the exponents' gradient, dL/dE_r = (Σ_j G[r, j] · T[r, j]) · s_r · ln2/8
+      with s_r = SCALE_OF_E[E_r + 128] (T from T_packed's bitplane32 masks, E int8 (R,));
+    - inv_scales (2,): the quantisation scales [grad_gain / rms(G), grad_gain / rms(grad_E)],
+      for quantize_grad(G, inv_scales[:1], ...) and quantize_grad(grad_E, inv_scales[1:], ...).
 
-    With s_r = 2**(E_r/8), the gradient of the loss with respect to the exponent is
-    dL/dE_r = s_r * ln(2)/8 * row_trit_dot(G)[r], where G = dL/dW (rows, cols). Pass the
-    int8 exponents E (rows,) to get that gradient from the same launch:
-    out[r] = float32(dot) * SCALE_OF_E[E[r] + 128] * EXPONENT_GRAD_FACTOR.
-    Float result: the CUDA kernel accumulates in float32 (per-thread, then a tree), the CPU
-    twin in float64, so they agree within fp32 rounding. `out` is overwritten.
+    rows: None, or an int64 (1,) array on G's device holding u: only the first u rows count
+    in both mean squares (the rest are zero padding, as for the rows of
+    tritnet_kernels.tables' unique_rows). clock: None, or the optimiser's int64 (2,) [step,
+    gain / 2**-32] on G's device: the gain is then read there (grad_gain is ignored), as a
+    replayed CUDA graph needs.
+
+    One launch, no host sync. Float32 squares summed in float64 and trit-signed sums in
+    float32, in an order fixed by G's shape alone (see the section's comment), so both outputs
+    are bit-identical on the CPU, in the simulator and on every GPU. An all-zero or non-finite
+    G gives inv_scales[0] = 0, so that the trits then receive no update (quantize_grad maps
+    NaN to 0); likewise grad_E and inv_scales[1].
+
+    `grad_gain` is the typical |quantised gradient| of one step, in accumulator units: with
+    flip threshold F, a trit whose gradient is consistently one rms in size flips after about
+    F / grad_gain steps.
     """
-    op = "row_trit_dot"
-    dev = target(G, T_packed, out, E, op=op)
+    op = "exponent_grad_and_scales"
+    dev = target(G, T_packed, E, rows, clock, op=op)
     _check_array(op, "G", G, np.float32, ndim=2)
     cols = _check_int(op, "cols", cols, 0, 2**31 - 1)
     if G.shape[1] != cols:
         raise ValueError(f"{op}: G has shape {tuple(G.shape)}, expected (rows, {cols}) for "
                          f"cols = {cols}")
-    rows = G.shape[0]
+    R = G.shape[0]
     _check_array(op, "T_packed", T_packed, np.uint32, ndim=2)
-    if T_packed.shape != (rows, 2 * -(-cols // 32)):
+    if T_packed.shape != (R, 2 * -(-cols // 32)):
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
-                         f"{(rows, 2 * -(-cols // 32))} to match G's {rows} rows and {cols} "
+                         f"{(R, 2 * -(-cols // 32))} to match G's {R} rows and {cols} "
                          "columns (bitplane32: a plus and a minus word per 32 columns)")
-    if E is None:
-        E = xp_of(G).empty(0, dtype=np.int8)
-    else:
-        _check_array(op, "E", E, np.int8, shape=(rows,))
-    if out is None:
-        out = xp_of(G).empty(rows, dtype=np.float32)
-    else:
-        _check_array(op, "out", out, np.float32, shape=(rows,), writeable=True)
-    if rows == 0:
-        return out
-    if cols == 0:
-        out[...] = 0
-        return out
+    _check_array(op, "E", E, np.int8, shape=(R,))
+    if clock is not None:
+        _check_clock(op, clock, G)
+        grad_gain = 1.0
+    if not _is_real(grad_gain):
+        raise TypeError(f"{op}: grad_gain must be a real number, got {grad_gain!r}")
+    if not (math.isfinite(grad_gain) and grad_gain > 0):
+        raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
+    if rows is not None:
+        _check_array(op, "rows", rows, np.int64, shape=(1,))
+
+    xp = xp_of(G)
+    inv_scales = xp.zeros(2, dtype=np.float32)
+    grad_E = xp.zeros(R, dtype=np.float32)
+    if R == 0:
+        return inv_scales, grad_E
+    width = _row_width(cols)
+    partial = xp.empty((_grad_blocks(R, width), 2), dtype=np.float64)
+    args = (G, T_packed, E, np.int64(cols), np.int64(width), float(G.size), float(cols),
+            _empty(xp, np.int64) if rows is None else rows, float(grad_gain),
+            _empty(xp, np.int64) if clock is None else clock, partial, _done_counter(xp),
+            inv_scales, grad_E)
     if dev == "cpu":
-        _row_trit_dot_cpu(G, T_packed, E, np.int64(cols), out)
+        _exponent_grad_and_scales_cpu(*args)
     else:
-        launch(_row_trit_dot_cuda, _blocks(rows, 1), _DOT_THREADS,
-               G, T_packed, E, np.int64(cols), out)
-    return out
+        launch(_exponent_grad_and_scales_cuda, partial.shape[0], _GRAD_THREADS, *args)
+    return inv_scales, grad_E
+
+
+def exponent_grad_and_scales_reference(G, T_packed, E, cols, grad_gain, rows=None):
+    """NumPy truth for `exponent_grad_and_scales`: (inv_scales, grad_E). Its float sums are in
+    another order than the kernels': equal within rounding."""
+    grad_E = row_trit_dot_reference(G, T_packed, cols, E)
+    inv_scales = np.concatenate([grad_inv_scale_reference(G, grad_gain, rows),
+                                 grad_inv_scale_reference(grad_E, grad_gain, rows)])
+    return inv_scales, grad_E
+
+
+def grad_inv_scale_reference(G, grad_gain, rows=None):
+    """NumPy truth for a quantisation scale: grad_gain / rms(G) in float64, rounded to
+    float32 (the rms over G's first `rows` rows when given); 0 when the mean square is 0 or
+    not finite. (The kernel adds in another order: equal within float64 rounding.)"""
+    G = np.asarray(G, np.float32)
+    if rows is not None:
+        G = G[:int(np.asarray(rows).reshape(-1)[0])]
+    mean_sq = np.mean(np.square(G).astype(np.float64)) if G.size else 0.0
+    ok = math.isfinite(mean_sq) and mean_sq > 0
+    return np.array([grad_gain / math.sqrt(mean_sq) if ok else 0.0], np.float32)
 
 
 def row_trit_dot_reference(G, T_packed, cols, E=None):
+    """NumPy truth for Σ_j G[r, j] · T[r, j] (float64, rounded to float32), and with E the
+    exponent gradient dL/dE_r of `exponent_grad_and_scales`."""
     T = unpack_trits_reference(T_packed, cols)
     dot = (G.astype(np.float64) * T).sum(axis=1).astype(np.float32)
     if E is None:

@@ -272,19 +272,20 @@ class TernaryModule(Module):
         """
         xp = backend.get_array_module(G)
         clip, clock = self.grad_clip_units or 128, self.grad_clock
+        # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, and both scales, in
+        # one pass over G
+        inv_scales, grad_E = kupdate.exponent_grad_and_scales(
+            G, T_packed, E, self.trit_shape[1], self.grad_rms_units, rows=rows, clock=clock)
 
-        def quantize(g, out, which):
+        def quantize(g, inv_scale, out, which):
             first = out is None  # a fresh buffer is written, not added to: no zero fill
             if first:
                 out = xp.empty(g.shape, dtype=np.int8)
-            inv_scale = kupdate.grad_inv_scale(g, self.grad_rms_units, rows=rows, clock=clock)
             return kupdate.quantize_grad(g, inv_scale, self.next_grad_seed(which), out,
                                          clip=clip, accumulate=not first, clock=clock)
 
-        grad_q = quantize(G, grad_q, 0)
-        # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, in one launch
-        grad_E_q = quantize(kupdate.row_trit_dot(G, T_packed, self.trit_shape[1], E=E),
-                            grad_E_q, 1)
+        grad_q = quantize(G, inv_scales[:1], grad_q, 0)
+        grad_E_q = quantize(grad_E, inv_scales[1:], grad_E_q, 1)
         self.grad_uses += 1
         return grad_q, grad_E_q
 
