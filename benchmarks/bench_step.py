@@ -8,7 +8,8 @@ Two phases on the same model:
    of tritnet/train.py without its logging) after `--warmup` steps: median tokens/s and host
    time per step (issuing the work, not waiting for the loss), Numba kernel launches per step
    (CuPy's own element-wise kernels are not counted), and the peak of device memory the CuPy
-   pools handed out, from the model's construction on. With CUDA graphs (the default, as in
+   pools needed, from the model's construction on (at every allocation: the allocating pool's
+   blocks in use and all the blocks of the other pool). With CUDA graphs (the default, as in
    `tritnet train`; --no-cuda-graph for eager steps) the timed steps are replays: host time
    and launches are then those of two graph launches (a launch of a long graph returns only
    when the GPU's launch queue has room: host time then includes waiting on the GPU), and
@@ -17,9 +18,8 @@ Two phases on the same model:
    a step's wall time by component: forward of embedding, attention, MoEGraph (its code-memory
    reads of the shared VQ counted under shared_vq), motif, shared_vq, kgvq, head; then
    backward as a whole, and the optimiser's update. The synchronisations slow the step; the
-   shares, not the sum, are the point. These steps run eagerly beside the graphs' pool: their
-   default-pool peak is reported apart (profile_steps_peak_default_pool_bytes), not in the
-   training peak.
+   shares, not the sum, are the point. These steps run eagerly, after the graphs' pool is
+   given back (CapturedStep.release); their peak is reported apart (profile_steps_peak_bytes).
 
 Peer numbers (issue 7, BitNet-b1.58-style PyTorch, fp32 latents + AdamW, same H100): 3.2B
 parameters at 4 x 512: 62.5 GiB, 7,900 tokens/s; 27.7M at 32 x 256: 2.3 GiB, 180,000 tokens/s.
@@ -45,20 +45,45 @@ PEER = {"default": {"tokens_per_s": 7900, "peak_gib": 62.5},
 
 
 def track_peak_memory():
-    """Route CuPy allocations through the default pool, recording the most ever in use: in
-    "bytes" while peak["phase"] is "steps", in "profile_bytes" while it is "profile"."""
+    """Route CuPy allocations through the default pool, and those of a CUDA graph's pool once
+    `watch_graph_pool` wraps it, recording the most device memory the step needs at any
+    allocation: the allocating pool's blocks in use, plus every block the other pool holds
+    (a pool gives back its own idle blocks when the device runs out, never the other's).
+    In peak["bytes"] while peak["phase"] is "steps", in peak["profile_bytes"] after."""
     import cupy
-    pool = cupy.get_default_memory_pool()
-    peak = {"bytes": 0, "profile_bytes": 0, "phase": "steps"}
+    default = cupy.get_default_memory_pool()
+    peak = {"bytes": 0, "profile_bytes": 0, "phase": "steps", "graph_pool": None}
+
+    def record(used, other_total):
+        key = "bytes" if peak["phase"] == "steps" else "profile_bytes"
+        peak[key] = max(peak[key], used + other_total)
 
     def malloc(size):
-        mem = pool.malloc(size)
-        key = "bytes" if peak["phase"] == "steps" else "profile_bytes"
-        peak[key] = max(peak[key], pool.used_bytes())
+        mem = default.malloc(size)
+        graph = peak["graph_pool"]
+        record(default.used_bytes(), graph.total_bytes() if graph is not None else 0)
         return mem
 
     cupy.cuda.set_allocator(malloc)
+    peak["record"] = record
     return peak
+
+
+class WatchedPool:
+    """A CapturedStep's memory pool, its allocations recorded by track_peak_memory."""
+
+    def __init__(self, pool, peak):
+        import cupy
+        self.pool, self.peak, self.default = pool, peak, cupy.get_default_memory_pool()
+        peak["graph_pool"] = pool
+
+    def malloc(self, size):
+        mem = self.pool.malloc(size)
+        self.peak["record"](self.pool.used_bytes(), self.default.total_bytes())
+        return mem
+
+    def __getattr__(self, name):   # total_bytes, free_all_blocks, ...
+        return getattr(self.pool, name)
 
 
 def count_launches():
@@ -164,6 +189,8 @@ def main():
     # as tritnet/train.py's loop runs: a step's loss is read (its one host sync) between the
     # backward and the update
     captured = CapturedStep(model, optimizer) if config.cuda_graph else None
+    if captured is not None:
+        captured.pool = WatchedPool(captured.pool, peak)
     if captured is not None and args.warmup <= captured.warmup:
         parser.error(f"--warmup {args.warmup}: with CUDA graphs, more than {captured.warmup} "
                      "(the eager steps before the capture)")
@@ -207,8 +234,11 @@ def main():
             peak["bytes"] = max(peak["bytes"], cupy.get_default_memory_pool().total_bytes() +
                                 graph_pool)
 
-        # The profile steps below run eagerly, with a sync after each component, beside the
-        # graphs' pool: a diagnostic, not a training step; their peak is reported apart.
+        # The profile steps below run eagerly, with a sync after each component: a diagnostic,
+        # not a training step; their peak is reported apart. As an eager training step would,
+        # they run after the graphs' pool is given back.
+        if captured is not None:
+            captured.release()
         peak["phase"] = "profile"
         sync = cupy.cuda.get_current_stream().synchronize
         times = defaultdict(float)
@@ -250,7 +280,7 @@ def main():
         "graph_pool_bytes": graph_pool,
         "peak_device_bytes": peak["bytes"],
         "peak_device_gib": peak["bytes"] / 2**30,
-        "profile_steps_peak_default_pool_bytes": peak["profile_bytes"],
+        "profile_steps_peak_bytes": peak["profile_bytes"],
         "peer": PEER.get(args.preset), "component_s_per_step": component_s,
         "method": __doc__.strip(),
     }

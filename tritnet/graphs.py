@@ -27,10 +27,11 @@ and a routed-search index (re)build (new arrays). The graphs are captured again 
 step, and after the first `warmup` steps, which compile kernels and fill caches.
 
 Memory: the graphs' intermediate arrays come from a memory pool of their own, kept while the
-CapturedStep lives (graph replays write them; nothing else may get them). It holds one
-step's working set; once both graphs are captured, the default pool's cached blocks (the
-eager steps' working set) are given back to the device, so the process holds one working
-set, not two. An eager step later (a restart) allocates its own again, for that step.
+graphs live (graph replays write them; nothing else may get them). It holds one step's
+working set. The process never holds two: before a capture fills the graphs' pool, the
+default pool's idle blocks (the eager steps' working set) go back to the device; an eager
+step later (a restart) drops the graphs and gives their pool's idle blocks back before it
+allocates its own working set.
 
 Limits (checked, with a clear error): CuPy on a GPU; one micro-batch per step on one rank;
 every batch of one shape. A capture that fails (a code path that syncs with the host, a
@@ -131,9 +132,6 @@ class CapturedStep:
             else:
                 self.graphs = (self.graphs[0], graph)
                 graph.launch(cupy.cuda.get_current_stream())
-                # The eager steps' cached blocks are idle now that the graphs hold a pool of
-                # their own: give them back, or the process would hold two working sets.
-                cupy.get_default_memory_pool().free_all_blocks()
         elif mode == "replay-pending":
             self.graphs[1].launch(cupy.cuda.get_current_stream())
             self._tick()
@@ -149,8 +147,16 @@ class CapturedStep:
         self.optimizer.zero_grad()
         self.mode = None
 
+    def release(self):
+        """Drop the graphs and give their pool's idle blocks back to the device, so that eager
+        work (a step with host work, an evaluation) does not hold its working set beside
+        theirs. The next step that can be captured captures them again."""
+        self.graphs = None
+        self.pool.free_all_blocks()
+
     def _eager_forward_backward(self, x, y):
-        self.graphs = None   # host work may move arrays the graphs read: capture again
+        if self.graphs is not None:
+            self.release()   # host work may move arrays the graphs read: capture again
         self.mode = "eager"
         loss, ce = self.model.loss(x, y)
         loss.backward()
@@ -164,6 +170,9 @@ class CapturedStep:
         # attributes as they were (lists copied: a forward appends to them in place)
         saved = [{k: list(v) if isinstance(v, list) else v for k, v in vars(o).items()}
                  for o in owners]
+        # The default pool's idle blocks (the eager steps' working set) go back to the device
+        # first, or the capture would fill the graphs' pool beside them: two working sets.
+        cupy.get_default_memory_pool().free_all_blocks()
         try:
             with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
                 self.stream.begin_capture()
