@@ -429,8 +429,8 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
     φ = 0x9E3779B97F4A7C15, mix64 = splitmix64's finaliser; identical on every device.
 
     Non-finite gradients: the caller checks finiteness (or takes the scale from
-    `exponent_grad_and_scales`, which turns a non-finite tensor into a zero update). The kernel never writes garbage: NaN rounds to 0,
-    ±inf saturates to ±127.
+    `exponent_grad_and_scales`, which turns a non-finite tensor into a zero update). The
+    kernel never writes garbage: NaN rounds to 0, ±inf saturates to ±127.
     """
     op = "quantize_grad"
     scale_on_device = isinstance(inv_scale, np.ndarray) or is_cupy(inv_scale)
@@ -516,6 +516,8 @@ def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
 _GRAD_THREADS = 256          # power of two: tree reductions in shared memory
 _GRAD_MAX_BLOCKS = 2048      # the last block adds at most 8 partials a thread
 _COLS_PER_LANE = 32          # a row's threads: about cols / 32, from 32 to _GRAD_THREADS
+# (on an H100, cols / 4 to cols / 80 and blocks of 128 or 256 all took 31-37 us for a
+# 2560 x 2560 G, about 0.8 TB/s: the kernel waits on latency, not bandwidth)
 
 
 def _row_width(cols):
