@@ -235,6 +235,27 @@ def _trit_bytes(plus, minus, shift):
 
 
 @numba.njit(cache=True)
+def _query_fragments(queries, q, valid, two_groups, tq):
+    """The four A-fragment words that thread tq of a row holds for query q (dim <= 64): its
+    trits 4tq.., 16+4tq.. of each 32-trit group as int8x4; zeros when not `valid`."""
+    p0 = np.uint32(0)
+    m0 = np.uint32(0)
+    p1 = np.uint32(0)
+    m1 = np.uint32(0)
+    if valid:
+        p0 = queries[q, 0]
+        m0 = queries[q, 1]
+        if two_groups:
+            p1 = queries[q, 2]
+            m1 = queries[q, 3]
+    return (_trit_bytes(p0, m0, 4 * tq), _trit_bytes(p0, m0, 16 + 4 * tq),
+            _trit_bytes(p1, m1, 4 * tq), _trit_bytes(p1, m1, 16 + 4 * tq))
+
+
+_query_fragments_dev = on_device(_query_fragments)
+
+
+@numba.njit(cache=True)
 def _sqrt_f32(x):
     return math.sqrt(np.float32(x))
 
@@ -447,20 +468,8 @@ def _nearest_partial_mma_cuda(queries, T_packed, code_nnz, chunk, part_dot, part
     for mt in range(_MMA_MT):
         for h in range(2):
             q = q_warp + 16 * mt + gid + 8 * h
-            p0 = np.uint32(0)
-            m0 = np.uint32(0)
-            p1 = np.uint32(0)
-            m1 = np.uint32(0)
-            if q < n:
-                p0 = queries[q, 0]
-                m0 = queries[q, 1]
-                if two_groups:
-                    p1 = queries[q, 2]
-                    m1 = queries[q, 3]
-            A[mt, h] = _trit_bytes(p0, m0, 4 * tq)
-            A[mt, 2 + h] = _trit_bytes(p0, m0, 16 + 4 * tq)
-            A[mt, 4 + h] = _trit_bytes(p1, m1, 4 * tq)
-            A[mt, 6 + h] = _trit_bytes(p1, m1, 16 + 4 * tq)
+            A[mt, h], A[mt, 2 + h], A[mt, 4 + h], A[mt, 6 + h] = _query_fragments_dev(
+                queries, q, q < n, two_groups, tq)
             best_key[mt, h] = _NO_SCORE
             best_nn[mt, h] = np.float32(1.0)
             best_i[mt, h] = -1
@@ -1315,21 +1324,9 @@ def _search_partitions_mma_cuda(queries, T_packed, partition_offsets, partition_
         for mt in range(_PMMA_MT):
             for h in range(2):
                 e = first + 16 * mt + gid + 8 * h
-                p0 = zero
-                m0 = zero
-                p1 = zero
-                m1 = zero
-                if e < last:
-                    q = pairs[e] // nprobe
-                    p0 = queries[q, 0]
-                    m0 = queries[q, 1]
-                    if two_groups:
-                        p1 = queries[q, 2]
-                        m1 = queries[q, 3]
-                A[mt, h] = _trit_bytes(p0, m0, 4 * tq)
-                A[mt, 2 + h] = _trit_bytes(p0, m0, 16 + 4 * tq)
-                A[mt, 4 + h] = _trit_bytes(p1, m1, 4 * tq)
-                A[mt, 6 + h] = _trit_bytes(p1, m1, 16 + 4 * tq)
+                q = pairs[e] // nprobe if e < last else 0
+                A[mt, h], A[mt, 2 + h], A[mt, 4 + h], A[mt, 6 + h] = _query_fragments_dev(
+                    queries, q, e < last, two_groups, tq)
                 best_key[mt, h] = _NO_SCORE
                 best_nn[mt, h] = np.float32(1.0)
                 best_i[mt, h] = -1
