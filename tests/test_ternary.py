@@ -170,10 +170,12 @@ def test_no_float_state_survives(phase):
         opt.step()
         assert model.grad_q is None and model.grad_E_q is None
     assert float_arrays(model) == []
-    # the optimiser's arrays: its clock [step, gain] and the schedule's gains, integers
+    # the optimiser's arrays: its clock [step, gain], the schedule's gains and the last
+    # step's statistics, integers
     held = {n: (v.shape, v.dtype) for n, v in vars(opt).items()
             if isinstance(v, np.ndarray) or backend.is_cupy(v)}
-    assert held == {"clock": ((2,), np.int64), "_gains": ((1,), np.int64)}
+    assert held == {"clock": ((2,), np.int64), "_gains": ((1,), np.int64),
+                    "stats": ((1, 3), np.int64)}
 
 
 def test_float_state_is_detected():
@@ -350,3 +352,35 @@ def test_grad_clip_units_is_checked_and_saved():
     with pytest.raises(ValueError, match=r"grad_clip_units must be an integer in \[0, 127\], got 128"):
         TritFlip(TernaryLinear(8, 4), grad_clip_units=128)
     assert TritFlip(TernaryLinear(8, 4), grad_clip_units=20).state_dict()["grad_clip_units"] == 20
+
+
+def test_normalized_grad_gives_unit_entries_under_its_model_of_magnitude():
+    from tritnet.nn.ternary import normalized_grad
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.5, 5, size=(7, 1)), rng.uniform(0.5, 5, size=(1, 9))
+    signs = rng.choice([-1.0, 1.0], size=(7, 9))
+    G = (a * b * signs).astype(np.float32)
+    np.testing.assert_allclose(normalized_grad(G, "factored"), signs, rtol=1e-5)
+    rows = normalized_grad(G, "row")
+    np.testing.assert_allclose(np.sqrt((rows.astype(np.float64) ** 2).mean(axis=1)), 1.0,
+                               rtol=1e-5)
+    np.testing.assert_allclose(rows, G / np.sqrt((G.astype(np.float64) ** 2).mean(1,
+                                                 keepdims=True)), rtol=1e-5)
+    # a table's padding rows (all zero) stay zero, and nothing is NaN; a quiet row is raised
+    # at most to the floor's share of the mean
+    G[5:] = 0
+    G[0] *= 1e-6
+    for mode in ("row", "factored"):
+        out = normalized_grad(G, mode)
+        assert np.isfinite(out).all() and not out[5:].any()
+        assert np.abs(out[0]).max() < np.abs(out[1:5]).max()
+
+
+def test_optimiser_options_are_checked():
+    model = TernaryLinear(8, 4)
+    with pytest.raises(ValueError, match="grad_norm must be one of"):
+        TritFlip(model, grad_norm="adam")
+    with pytest.raises(ValueError, match="accum_init must be one of"):
+        TritFlip(model, accum_init="random")
+    TritFlip(model, accum_init="spread", flip_threshold=10)
+    assert model.T_accum.min() >= -9 and model.T_accum.max() <= 9 and model.T_accum.any()

@@ -227,3 +227,47 @@ def test_training_loop_runs_with_the_long_lived_objects_frozen(tmp_path, corpus,
     train(small(steps=2), data=corpus, out_dir=str(tmp_path / "run"), log=quiet)
     assert len(counts) == 2 and min(counts) > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_each_row_carries_the_optimisers_view_of_its_own_update(tmp_path, corpus):
+    """`opt` in every step's row: per model component, the share of trits the step's update
+    flipped, of accumulators at ±127 after it and of row exponents it stepped; the flips equal
+    the change of the trits between two checkpoints."""
+    run = tmp_path / "run"
+    train(small(steps=3, save_every=2, flip_threshold=2, grad_rms_units=4, grad_clip_units=4),
+          data=corpus, out_dir=run, log=quiet)
+    rows = [r for r in metrics(run) if r["step"] > 0]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    model = CodeMemoryLM(small())
+    for r in rows:
+        assert set(r["opt"]) <= set(model.components())
+        assert {"attention", "moe_experts", "head", "embedding"} <= set(r["opt"])
+        for view in r["opt"].values():
+            assert set(view) == {"flip", "sat", "scale"}
+            assert all(0.0 <= v <= 1.0 for v in view.values())
+    assert any(v["flip"] > 0 for r in rows for v in r["opt"].values())
+    # step 3's attention flips = trits that differ between the checkpoints of step 2 and 3
+    train(small(steps=2, save_every=2, flip_threshold=2, grad_rms_units=4, grad_clip_units=4),
+          data=corpus, out_dir=tmp_path / "two", log=quiet)
+    a, b = (load_checkpoint(p / "ckpt.h5").arrays for p in (tmp_path / "two", run))
+    from tritnet_kernels.packing import unpack_trits
+    changed = trits = 0
+    for key in a:
+        if ".attn." in key and key.endswith("T_packed"):
+            cols = 32
+            changed += int((unpack_trits(a[key], cols) != unpack_trits(b[key], cols)).sum())
+            trits += a[key].shape[0] * cols
+    assert rows[2]["opt"]["attention"]["flip"] == pytest.approx(changed / trits, rel=1e-3)
+
+
+@pytest.mark.parametrize("options", [dict(accum_init="spread", flip_carry=True),
+                                     dict(grad_norm="factored"), dict(grad_norm="row")])
+def test_optimiser_options_learn_and_resume_exactly(tmp_path, corpus, options):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(small(steps=6, **options), data=corpus, out_dir=full, log=quiet)
+    train(small(steps=3, **options), data=corpus, out_dir=split, log=quiet)
+    train(small(steps=6, **options), data=corpus, out_dir=split, resume=True, log=quiet)
+    assert losses(split) == losses(full)
+    plain = tmp_path / "plain"
+    train(small(steps=6), data=corpus, out_dir=plain, log=quiet)
+    assert losses(plain) != losses(full)   # the option changes training

@@ -339,6 +339,90 @@ def test_hand_worked_trit_cases():
     assert not s["grad_q"].any()
 
 
+def test_hand_worked_carried_flips():
+    # (t, accum, grad) -> (t, accum) with flip_threshold 50 and flip_carry: a flip moves the
+    # accumulator by 2·50 to the far edge of the new trit's bin; a blocked trit keeps it.
+    cases = [
+        ((0, 30, 20), (-1, -50)),     # reaches +50: descend, 50 - 100
+        ((0, -30, -27), (1, 43)),     # reaches -57: ascend, -57 + 100
+        ((1, 127, 100), (0, 27)),     # saturates at 127, flips: 127 - 100
+        ((-1, 127, 100), (-1, 127)),  # blocked at -1: no flip, nothing taken away
+        ((0, 49, 0), (0, 49)),        # under the threshold: kept (no decay)
+        ((-1, -60, 5), (0, 45)),      # -55: ascend, -55 + 100
+    ]
+    cols = len(cases)
+    s = dict(T_packed=pack(np.array([[c[0][0] for c in cases]])),
+             T_accum=np.array([[c[0][1] for c in cases]], np.int8),
+             grad_q=np.array([[c[0][2] for c in cases]], np.int8),
+             E=np.array([5], np.int8), E_accum=np.array([9], np.int8),
+             grad_E_q=np.array([1], np.int8))
+    ref = U.ternary_update_reference(**copy_state(s), flip_threshold=50, flip_decay_shift=0,
+                                     scale_threshold=10, flip_carry=True)
+    counts = _step(s, cols, flip_threshold=50, flip_decay_shift=0, scale_threshold=10,
+                   scale_decay_shift=0, flip_carry=True)
+    np.testing.assert_array_equal(unpack(s["T_packed"], cols)[0], [c[1][0] for c in cases])
+    np.testing.assert_array_equal(s["T_accum"][0], [c[1][1] for c in cases])
+    np.testing.assert_array_equal(counts, [4, 1])
+    # exponents are never carried: 9 + 1 reaches 10, E steps down and its accumulator is 0
+    assert s["E"][0] == 4 and s["E_accum"][0] == 0
+    for got, want in zip((s["T_packed"], s["T_accum"], s["E"], s["E_accum"], counts), ref):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_carried_update_matches_reference(rows, cols):
+    rng = np.random.default_rng(rows * 11 + cols)
+    s = random_state(rng, rows, cols)
+    ref = U.ternary_update_reference(**copy_state(s), **HYPER, flip_carry=True)
+    counts = U.ternary_update(**s, cols=cols, **HYPER, flip_carry=True)
+    for got, want in zip((s["T_packed"], s["T_accum"], s["E"], s["E_accum"], counts), ref):
+        np.testing.assert_array_equal(got, want)
+    assert s["T_accum"].min() >= -127
+
+
+@pytest.mark.parametrize("shape,bound", [((1,), 0), ((7,), 1), ((3, 33), 63), ((40, 70), 127)])
+def test_spread_accumulators_match_reference_and_cover_the_range(shape, bound):
+    a = np.full(shape, 99, np.int8)
+    assert U.spread_accumulators(a, 1234, bound) is a
+    np.testing.assert_array_equal(a, U.spread_accumulators_reference(shape, 1234, bound))
+    assert a.min() >= -bound and a.max() <= bound
+    if a.size > 50 * (2 * bound + 1):
+        assert a.min() == -bound and a.max() == bound
+        assert abs(float(a.mean())) < 0.1 * (bound + 1)
+    other = np.zeros(shape, np.int8)
+    U.spread_accumulators(other, 1235, bound)
+    assert bound == 0 or a.size < 8 or not np.array_equal(a, other)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(accum=np.zeros(3, np.int16)), TypeError, "dtype int16"),
+    (dict(accum=np.zeros((3, 4), np.int8)[:, ::2]), ValueError, "C-contiguous"),
+    (dict(bound=128), ValueError, "bound = 128"),
+    (dict(seed=-1), ValueError, "seed = -1"),
+])
+def test_spread_accumulators_reject_bad_input(change, error, match):
+    args = {**dict(accum=np.zeros(5, np.int8), seed=1, bound=10), **change}
+    before = args["accum"].copy()
+    with pytest.raises(error, match=match):
+        U.spread_accumulators(**args)
+    np.testing.assert_array_equal(args["accum"], before)
+
+
+def test_count_saturated_matches_reference_and_adds():
+    rng = np.random.default_rng(3)
+    a = rng.integers(-127, 128, size=(37, 41), dtype=np.int8)
+    a[0, :5] = 127
+    a[1, :3] = -127
+    out = np.array([5, 7], np.int64)
+    assert U.count_saturated(a, out, 1) is out
+    np.testing.assert_array_equal(out, [5, 7 + U.count_saturated_reference(a)])
+    assert U.count_saturated_reference(a) == np.count_nonzero((a == 127) | (a == -127)) >= 8
+    with pytest.raises(ValueError, match="index = 2"):
+        U.count_saturated(a, out, 2)
+    with pytest.raises(TypeError, match="dtype int32"):
+        U.count_saturated(a, out.astype(np.int32), 0)
+
+
 def test_hand_worked_exponent_cases():
     # (E, accum, grad) -> (E, accum) with scale_threshold 10, scale_decay_shift 1
     cases = [
@@ -645,7 +729,8 @@ def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
 @pytest.mark.parametrize("rows,cols,max_blocks",
                          [(1, 1, 4096), (3, 37, 4096), (5, 64, 1), (9, 33, 1),
                           (2, 300, 1), (3, 520, 4096)])   # rows of more than 8 groups
-def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks):
+@pytest.mark.parametrize("carry", [False, True])
+def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks, carry):
     monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
     _, s = _sim_inputs(rows * cols, rows, cols)
     cpu = copy_state(s)
@@ -653,10 +738,10 @@ def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks
     U._ternary_update_cpu(cpu["T_packed"], cpu["T_accum"], cpu["grad_q"], cpu["E"],
                           cpu["E_accum"], cpu["grad_E_q"], np.int64(cols),
                           np.int64(HYPER["flip_threshold"]), np.int64(HYPER["flip_decay_shift"]),
-                          np.int64(HYPER["scale_threshold"]),
+                          np.int64(carry), np.int64(HYPER["scale_threshold"]),
                           np.int64(HYPER["scale_decay_shift"]), True, cpu_counts)
     sim = copy_state(s)
-    counts = U.ternary_update(**sim, cols=cols, **HYPER)
+    counts = U.ternary_update(**sim, cols=cols, **HYPER, flip_carry=carry)
     for k in s:
         np.testing.assert_array_equal(sim[k], cpu[k], err_msg=k)
     np.testing.assert_array_equal(counts, cpu_counts)
@@ -686,6 +771,21 @@ def test_sim_zero_grad_false_and_counts_accumulate():
 
 
 @pytest.mark.cudasim
+@pytest.mark.parametrize("size,max_blocks", [(1, 4096), (1000, 4096), (3000, 1)])
+def test_sim_spread_and_count_saturated_match_cpu_twins(monkeypatch, size, max_blocks):
+    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
+    cpu = np.zeros(size, np.int8)
+    U._spread_accumulators_cpu(cpu, U._stream_key(77), np.int64(127))
+    sim = np.zeros(size, np.int8)
+    U.spread_accumulators(sim, 77, 127)
+    np.testing.assert_array_equal(sim, cpu)
+    np.testing.assert_array_equal(sim, U.spread_accumulators_reference((size,), 77, 127))
+    out = np.array([3, 0], np.int64)
+    U.count_saturated(sim, out, 0)
+    assert out[0] == 3 + U.count_saturated_reference(sim)
+
+
+@pytest.mark.cudasim
 def test_sim_exponents_stride_the_grid(monkeypatch):
     # One block of 8 warps for 300 rows of one group each: every warp strides the grid, and
     # each row's exponent is stepped once, by the warp that owns the row's group 0.
@@ -695,7 +795,7 @@ def test_sim_exponents_stride_the_grid(monkeypatch):
     cpu_counts = np.zeros(2, np.int64)
     U._ternary_update_cpu(cpu["T_packed"], cpu["T_accum"], cpu["grad_q"], cpu["E"],
                           cpu["E_accum"], cpu["grad_E_q"], np.int64(1), np.int64(20),
-                          np.int64(3), np.int64(20), np.int64(3), True, cpu_counts)
+                          np.int64(3), np.int64(0), np.int64(20), np.int64(3), True, cpu_counts)
     counts = U.ternary_update(**s, cols=1, flip_threshold=20, flip_decay_shift=3,
                               scale_threshold=20, scale_decay_shift=3)
     for k in s:
@@ -794,6 +894,31 @@ def test_cuda_ternary_update_matches_cpu_twin(rows, cols):
         np.testing.assert_array_equal(dev2[k].get(), s2[k], err_msg=k)
     assert isinstance(results[1], cupy.ndarray)
     np.testing.assert_array_equal(results[1].get(), results[0])
+
+
+@pytest.mark.cuda
+def test_cuda_carry_spread_and_saturation_match_the_cpu():
+    rng = np.random.default_rng(12)
+    rows, cols = 300, 777
+    T = rng.integers(-1, 2, size=(rows, cols))
+    s = dict(T_packed=P.pack_trits_reference(T),
+             T_accum=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
+             grad_q=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
+             E=rng.integers(-128, 128, size=rows, dtype=np.int8),
+             E_accum=rng.integers(-128, 128, size=rows, dtype=np.int8),
+             grad_E_q=rng.integers(-128, 128, size=rows, dtype=np.int8))
+    dev = {k: cupy.asarray(v) for k, v in s.items()}
+    want = U.ternary_update(**s, cols=cols, **HYPER, flip_carry=True)
+    got = U.ternary_update(**dev, cols=cols, **HYPER, flip_carry=True)
+    for k in s:
+        np.testing.assert_array_equal(dev[k].get(), s[k], err_msg=k)
+    np.testing.assert_array_equal(got.get(), want)
+    a = cupy.zeros((1000, 333), np.int8)
+    U.spread_accumulators(a, 9, 63)
+    np.testing.assert_array_equal(a.get(), U.spread_accumulators_reference((1000, 333), 9, 63))
+    out = cupy.zeros(2, np.int64)
+    U.count_saturated(dev["T_accum"], out, 1)
+    assert int(out[1]) == U.count_saturated_reference(s["T_accum"]) and int(out[0]) == 0
 
 
 @pytest.mark.cuda

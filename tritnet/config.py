@@ -72,6 +72,12 @@ class Config:
     grad_clip_units: int = 8       # the most one step's gradient adds to an accumulator; 0: off
     schedule: str = "constant"     # the gain's decay over `steps`: "constant" or "cosine" (to
     final_grad_rms_units: float = 1.0  # final_grad_rms_units at the last step; optim.py)
+    flip_carry: bool = False       # a flip keeps the accumulator's place (a ∓ 2·threshold)
+                                   # instead of zeroing it
+    accum_init: str = "zero"       # a new run's accumulators: "zero" or "spread" (uniform in
+                                   # ±(flip_threshold - 1))
+    grad_norm: str = "tensor"      # G's normalisation before quantisation: "tensor" (one RMS),
+                                   # "row" or "factored" (per row × per column)
     # --- training run -----------------------------------------------------------------------
     batch_size: int = 16
     seq_len: int = 128
@@ -108,6 +114,12 @@ class Config:
             raise ConfigError(f"config field final_grad_rms_units = {self.final_grad_rms_units} "
                               f"exceeds grad_rms_units = {self.grad_rms_units} (the schedule "
                               "decays the gain)")
+        if self.accum_init not in ("zero", "spread"):
+            raise ConfigError(f"config field accum_init = {self.accum_init!r}: expected 'zero' "
+                              "or 'spread'")
+        if self.grad_norm not in ("tensor", "row", "factored"):
+            raise ConfigError(f"config field grad_norm = {self.grad_norm!r}: expected "
+                              "'tensor', 'row' or 'factored'")
         if self.matmul_precision not in ("fp32", "tf32"):
             raise ConfigError(f"config field matmul_precision = {self.matmul_precision!r}: "
                               "expected 'fp32' or 'tf32'")

@@ -58,8 +58,11 @@ import numpy as np
 from . import backend
 from . import random as trandom
 from .nn.module import Module
-from .nn.ternary import TernaryModule
+from .nn.ternary import GRAD_NORMS, TernaryModule
 from tritnet_kernels import update as kupdate
+
+ACCUM_INITS = ("zero", "spread")
+SPREAD_STREAM = 0x5350   # mixed into the seed of the accumulators' starting spread
 
 
 def _check_int(name, value, lo, hi):
@@ -73,7 +76,8 @@ class TritFlip:
     def __init__(self, modules, *, flip_threshold: int = 64, scale_threshold: int = 64,
                  decay_shift: int = 0, grad_rms_units: int = 8, grad_clip_units: int = 8,
                  seed: int = 0, schedule: str = "constant", final_grad_rms_units: float = 1.0,
-                 total_steps: int = 0):
+                 total_steps: int = 0, flip_carry: bool = False, accum_init: str = "zero",
+                 grad_norm: str = "tensor"):
         _check_int("flip_threshold", flip_threshold, 1, 127)
         _check_int("scale_threshold", scale_threshold, 1, 127)
         _check_int("decay_shift", decay_shift, 0, 7)
@@ -90,6 +94,13 @@ class TritFlip:
                 0 < final_grad_rms_units <= grad_rms_units):
             raise ValueError(f"TritFlip: final_grad_rms_units must be in (0, grad_rms_units = "
                              f"{grad_rms_units}], got {final_grad_rms_units!r}")
+        if accum_init not in ACCUM_INITS:
+            raise ValueError(f"TritFlip: accum_init must be one of {ACCUM_INITS}, got "
+                             f"{accum_init!r}")
+        if grad_norm not in GRAD_NORMS:
+            raise ValueError(f"TritFlip: grad_norm must be one of {GRAD_NORMS}, got "
+                             f"{grad_norm!r}")
+        self.flip_carry, self.accum_init, self.grad_norm = bool(flip_carry), accum_init, grad_norm
         self.schedule, self.total_steps = schedule, total_steps
         self.final_grad_rms_units = float(final_grad_rms_units)
         if isinstance(modules, Module):
@@ -104,11 +115,19 @@ class TritFlip:
         self.decay_shift, self.grad_rms_units, self.seed = decay_shift, grad_rms_units, seed
         self.grad_clip_units = grad_clip_units
         self.step_count = 0
+        self._groups = {"all": list(range(len(self.modules)))}
         for key, m in enumerate(self.modules):
             m.grad_seed = trandom.mix_seed(seed, key)
+            m.grad_norm = grad_norm
+            if accum_init == "spread" and not backend.is_meta(m.T_accum):
+                kupdate.spread_accumulators(m.T_accum, trandom.mix_seed(seed, key, SPREAD_STREAM),
+                                            flip_threshold - 1)
         like = self.modules[0].T_packed
-        self.clock = self._gains = None
+        self.clock = self._gains = self.stats = None
         if not backend.is_meta(like):
+            # per module, what the last step did: [trits flipped, exponents stepped,
+            # accumulators at ±127] (observe() reads it)
+            self.stats = backend.get_array_module(like).zeros((len(self.modules), 3), np.int64)
             xp = backend.get_array_module(like)
             # the gain of every step, from the host's formula: the device looks it up
             steps = self.total_steps + 1 if self.schedule == "cosine" else 1
@@ -156,13 +175,49 @@ class TritFlip:
     def step(self) -> list:
         """Apply every pending int8 gradient, then the step's observations; returns
         per-module flip counts (device scalars)."""
-        flips = [m.apply_update(self.flip_threshold, self.scale_threshold, self.decay_shift)
-                 for m in self.modules]
+        if self.stats is not None:
+            self.stats.fill(0)
+        flips = []
+        for i, m in enumerate(self.modules):
+            counts = None if self.stats is None else self.stats[i, :2]
+            flips.append(m.apply_update(self.flip_threshold, self.scale_threshold,
+                                        self.decay_shift, self.flip_carry, counts))
+            if self.stats is not None:
+                kupdate.count_saturated(m.T_accum, self.stats[i], 2)
         for m in self.observers:
             m.apply_observations()
         self._advance_clock()
         self.count_step()
         return flips
+
+    def observe(self, stats=None) -> dict:
+        """The optimiser's view of its last step, per group of modules: the share of trits
+        flipped (`flip`), of accumulators at saturation (`sat`) and of row exponents stepped
+        (`scale`). Groups are `groups` ({name: modules}, e.g. a model's components());
+        without them, one group "all". `stats`: a host copy of `self.stats` read earlier
+        (so the caller chooses when to sync), else it is read now."""
+        if self.stats is None:
+            return {}
+        stats = backend.to_numpy(self.stats) if stats is None else np.asarray(stats)
+        view = {}
+        for name, indices in self._groups.items():
+            trits = sum(self.modules[i].logical_trits() for i in indices)
+            rows = sum(self.modules[i].trit_shape[0] for i in indices)
+            flips, steps, saturated = stats[indices].sum(axis=0).tolist()
+            view[name] = {k: float(f"{v:.4g}") for k, v in (
+                ("flip", flips / trits), ("sat", saturated / trits), ("scale", steps / rows))}
+        return view
+
+    def set_groups(self, groups: dict) -> None:
+        """Name groups of modules for `observe` ({name: module or modules}); ternary modules
+        in no group are left out of the view."""
+        index = {id(m): i for i, m in enumerate(self.modules)}
+        self._groups = {}
+        for name, owner in groups.items():
+            members = owner.modules() if isinstance(owner, Module) else owner
+            found = sorted({index[id(m)] for m in members if id(m) in index})
+            if found:
+                self._groups[name] = found
 
     def count_step(self) -> None:
         """The host's half of a step: its count, and the modules' view of it (the device's
@@ -184,7 +239,8 @@ class TritFlip:
                 "grad_rms_units": self.grad_rms_units, "grad_clip_units": self.grad_clip_units,
                 "schedule": self.schedule,
                 "final_grad_rms_units": self.final_grad_rms_units,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "flip_carry": self.flip_carry,
+                "accum_init": self.accum_init, "grad_norm": self.grad_norm}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])

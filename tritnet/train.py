@@ -60,7 +60,7 @@ RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
 RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
                     "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
                     "grad_rms_units", "grad_clip_units", "schedule", "final_grad_rms_units",
-                    "seed", "recompute", "cuda_graph")
+                    "seed", "recompute", "cuda_graph", "flip_carry", "grad_norm", "accum_init")
 
 
 class TrainError(Exception):
@@ -111,7 +111,9 @@ def build(config: Config, device=None):
                          grad_clip_units=config.grad_clip_units, seed=config.seed,
                          schedule=config.schedule,
                          final_grad_rms_units=config.final_grad_rms_units,
-                         total_steps=config.steps)
+                         total_steps=config.steps, flip_carry=config.flip_carry,
+                         accum_init=config.accum_init, grad_norm=config.grad_norm)
+    optimizer.set_groups(model.components())
     return model, optimizer
 
 
@@ -399,6 +401,18 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
+    # A step's row is written once its update's statistics are known: they come back with
+    # the next step's loss (one host sync a step, as before), or are read at once before
+    # anything else is written (a checkpoint, the end, a stop).
+    pending = None
+
+    def flush(stats=None):
+        nonlocal pending
+        if pending is not None:
+            pending["opt"] = optimizer.observe(stats)
+            record(pending)
+            pending = None
+
     def estimate_loss(status=""):
         if not is_main:   # rank 0 evaluates; evaluation changes no state
             return None
@@ -437,7 +451,13 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             xp = backend.get_array_module(losses[0])
             totals = xp.concatenate([xp.stack(losses[0::2]).sum(0), xp.stack(losses[1::2]).sum(0),
                                      xp.full(1, float(stop.requested))]).astype(np.float64)
-            loss_sum, ce_sum, stops = group.all_reduce_sum([totals])[0].tolist()
+            # the last update's statistics ride along (identical on every rank: one update)
+            if pending is not None and optimizer.stats is not None:
+                totals = xp.concatenate([totals, optimizer.stats.reshape(-1)])
+            reduced = group.all_reduce_sum([totals])[0]
+            loss_sum, ce_sum, stops = reduced[:3].tolist()
+            if pending is not None:
+                flush(backend.to_numpy(reduced[3:]).reshape(-1, 3) / group.size)
             loss_value, ce_value = loss_sum / shards, ce_sum / shards
             if not math.isfinite(loss_value):
                 # Nothing has been applied by this step: drop it and save the last good one.
@@ -475,9 +495,11 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             bar.update(f"step {step}/{config.steps}{status}")
             if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
                 row.update(val_bpb=estimate_loss(status), bigram_bpb=bigram)
-            record(row)
+            pending = row
             if config.save_every and step % config.save_every == 0 and step < config.steps:
+                flush()
                 save()
+        flush()
         if stopping:
             save()
             say(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")

@@ -581,15 +581,16 @@ _SPARSE_RULE_DOC = """
         elif a <= -flip_threshold and t < +1:  t += 1; a = 0
         elif decay_shift > 0:                  a -= sign(a) * (|a| >> decay_shift)
 
-    and for E[r] the same rule with E_accum[r], grad_E_q_rows[k], scale_threshold, its own
+    (with flip_carry a flip keeps the accumulator's place: a ∓= 2·flip_threshold), and for
+    E[r] the same rule (never carried) with E_accum[r], grad_E_q_rows[k], scale_threshold, its own
     decay shift, and E held in [-128, 127]. Rows not listed are not read or written.
 """
 
 
 @numba.njit(parallel=True, cache=True)
 def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows,
-                               cols, flip_threshold, flip_decay_shift, scale_threshold,
-                               scale_decay_shift, counts):
+                               cols, flip_threshold, flip_decay_shift, flip_carry,
+                               scale_threshold, scale_decay_shift, counts):
     groups = (cols + 31) // 32
     flips = 0
     steps = 0
@@ -602,7 +603,7 @@ def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows,
             continue
         for g in range(groups):
             row_flips += _trit_group_step(T_packed, T_accum, grad_q_rows, r, k, g, cols,
-                                          flip_threshold, flip_decay_shift)
+                                          flip_threshold, flip_decay_shift, flip_carry)
         row_steps = _exponent_step(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
                                    scale_decay_shift)
         flips += row_flips
@@ -613,8 +614,8 @@ def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows,
 
 @cuda.jit(cache=True)
 def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows,
-                                cols, flip_threshold, flip_decay_shift, scale_threshold,
-                                scale_decay_shift, counts):
+                                cols, flip_threshold, flip_decay_shift, flip_carry,
+                                scale_threshold, scale_decay_shift, counts):
     # A thread per (listed row, 32-trit group): it owns the group's two mask words and its 32
     # accumulator bytes (one 32-byte sector), so no two threads write the same word. The
     # group-0 thread also steps the row's exponent. Counts meet in shared memory, then one
@@ -634,7 +635,7 @@ def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows
         if r < 0:   # padding (unique_rows)
             continue
         flips += _trit_group_step_dev(T_packed, T_accum, grad_q_rows, r, k, g, cols,
-                                      flip_threshold, flip_decay_shift)
+                                      flip_threshold, flip_decay_shift, flip_carry)
         if g == 0:
             steps += _exponent_step_dev(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
                                         scale_decay_shift)
@@ -652,7 +653,7 @@ def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows
 
 def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows, *,
                           flip_threshold, flip_decay_shift, scale_threshold, scale_decay_shift,
-                          counts=None, check=True):
+                          flip_carry=False, counts=None, check=True):
     """One optimiser step on the listed rows of a table, trits and exponents in one launch.
 
     T_packed uint32 (R, 2*ceil(cols/32)), T_accum int8 (R, cols), E, E_accum int8 (R,): the
@@ -692,8 +693,8 @@ def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad
     if u == 0:
         return counts
     args = (T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows, np.int64(cols),
-            np.int64(flip_threshold), np.int64(flip_decay_shift), np.int64(scale_threshold),
-            np.int64(scale_decay_shift), counts)
+            np.int64(flip_threshold), np.int64(flip_decay_shift), np.int64(bool(flip_carry)),
+            np.int64(scale_threshold), np.int64(scale_decay_shift), counts)
     if dev == "cpu":
         _sparse_ternary_update_cpu(*args)
     else:
@@ -736,7 +737,7 @@ def _check_trit_table(op, T_packed, T_accum):
 
 def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_rows,
                                     grad_E_q_rows, *, flip_threshold, flip_decay_shift,
-                                    scale_threshold, scale_decay_shift):
+                                    scale_threshold, scale_decay_shift, flip_carry=False):
     """NumPy truth: returns new (T_packed, T_accum, E, E_accum, counts); inputs untouched.
 
     E/E_accum/grad_E_q_rows may be None (trits only); T_packed/T_accum/grad_q_rows may be
@@ -754,7 +755,7 @@ def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_
         T = unpack_trits_reference(T_packed[rows], cols)
         t, a = _rule_reference(T, T_accum[rows].astype(np.int64),
                                np.asarray(grad_q_rows, dtype=np.int64), flip_threshold, -1, 1,
-                               flip_decay_shift)
+                               flip_decay_shift, flip_carry)
         counts[0] = np.count_nonzero(t != T)
         T_packed_new = np.array(T_packed, copy=True)
         T_accum_new = np.array(T_accum, copy=True)

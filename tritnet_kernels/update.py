@@ -46,6 +46,10 @@ __all__ = [
     "EXPONENT_GRAD_FACTOR",
     "ternary_update",
     "ternary_update_reference",
+    "spread_accumulators",
+    "spread_accumulators_reference",
+    "count_saturated",
+    "count_saturated_reference",
     "ACCUM_MAX",
     "E_MIN",
     "E_MAX",
@@ -130,17 +134,20 @@ def _sat_accum(a):
 
 
 @numba.njit(cache=True)
-def _accumulator_step(value, accum, grad, threshold, lowest, highest, decay_shift):
+def _accumulator_step(value, accum, grad, threshold, lowest, highest, decay_shift, carry):
     """The update rule for one trit (lowest=-1, highest=1) or one exponent (-128, 127).
 
-    Returns the new (value, accum). All arguments are int64.
+    On a move the accumulator restarts at 0 (carry = 0), or keeps its place as a position
+    inside the value's bins of width 2·threshold (carry = 1: a ∓ 2·threshold, the far edge of
+    the new bin, as a float latent weight that crosses a rounding boundary). Returns the new
+    (value, accum). All arguments are int64.
     """
     a = _sat_accum(accum + grad)
     # Positive accumulated gradient: the loss falls as the value falls.
     if a >= threshold and value > lowest:
-        return value - 1, 0
+        return value - 1, a - 2 * threshold if carry else 0
     if a <= -threshold and value < highest:
-        return value + 1, 0
+        return value + 1, a + 2 * threshold if carry else 0
     if decay_shift > 0:
         if a > 0:
             a -= a >> decay_shift
@@ -151,7 +158,7 @@ def _accumulator_step(value, accum, grad, threshold, lowest, highest, decay_shif
 
 @numba.njit(cache=True)
 def _trit_group_step(T_packed, T_accum, grad_q, r, grad_row, g, cols, flip_threshold,
-                     flip_decay_shift):
+                     flip_decay_shift, flip_carry):
     """The rule for the 32-trit group g of row r, whose gradients are row grad_row of grad_q.
 
     Rewrites the group's mask words and accumulators; returns how many trits changed.
@@ -165,7 +172,7 @@ def _trit_group_step(T_packed, T_accum, grad_q, r, grad_row, g, cols, flip_thres
         j = 32 * g + b
         t = ((plus >> b) & 1) - ((minus >> b) & 1)
         t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]), np.int64(grad_q[grad_row, j]),
-                                     flip_threshold, -1, 1, flip_decay_shift)
+                                     flip_threshold, -1, 1, flip_decay_shift, flip_carry)
         T_accum[r, j] = a
         if t_new != t:
             flips += 1
@@ -183,7 +190,7 @@ def _exponent_step(E, E_accum, grad_E_q, r, grad_row, scale_threshold, scale_dec
     """The rule for the exponent of row r (its gradient at grad_row); returns 1 if E[r] moved."""
     e = np.int64(E[r])
     e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[grad_row]),
-                                 scale_threshold, E_MIN, E_MAX, scale_decay_shift)
+                                 scale_threshold, E_MIN, E_MAX, scale_decay_shift, 0)
     E[r] = e_new
     E_accum[r] = a
     if e_new != e:
@@ -493,6 +500,68 @@ def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
     new = np.clip(out.reshape(-1).astype(np.int64) + q, -ACCUM_MAX, ACCUM_MAX)
     out[...] = new.reshape(out.shape)
     return out
+
+# --------------------------------------------------------------------------------------------
+# 1b. Spread accumulators: a fresh optimiser's starting positions inside each trit's bin.
+
+
+@numba.njit(cache=True)
+def _spread_value(key, i, bound):
+    """A uniform integer in [-bound, bound], a pure function of (key, i): the top 24 bits of
+    the hash times the 2·bound + 1 choices, in integers (exact on every device)."""
+    z = _mix64(key + np.uint64(i) * _GOLDEN) >> np.uint64(40)
+    return np.int64((z * np.uint64(2 * bound + 1)) >> np.uint64(24)) - bound
+
+
+@numba.njit(parallel=True, cache=True)
+def _spread_accumulators_cpu(accum, key, bound):
+    for i in numba.prange(accum.shape[0]):
+        accum[i] = _spread_value(key, i, bound)
+
+
+@cuda.jit(cache=True)
+def _spread_accumulators_cuda(accum, key, bound):
+    i = cuda.grid(1)
+    while i < accum.shape[0]:
+        accum[i] = _spread_value(key, i, bound)
+        i += cuda.gridsize(1)
+
+
+def spread_accumulators(accum, seed, bound):
+    """Fill the int8 array `accum` (any shape, C-contiguous) with uniform integers in
+    [-bound, bound], 0 <= bound <= 127, from a counter-based hash of (seed, flat index):
+    identical on every device. Returns accum.
+
+    A float latent weight starts anywhere inside its rounding bin, so some weights sit near a
+    boundary and move at the first consistent gradient; zero accumulators all sit at the
+    centre and none moves before flip_threshold units have come in. Spread accumulators are
+    the integer form of that start.
+    """
+    op = "spread_accumulators"
+    dev = target(accum, op=op)
+    _check_array(op, "accum", accum, np.int8, writeable=True)
+    bound = _check_int(op, "bound", bound, 0, ACCUM_MAX)
+    _check_seed(op, seed)
+    if accum.size == 0:
+        return accum
+    flat = accum.reshape(-1)
+    args = (flat, _stream_key(int(seed)), np.int64(bound))
+    if dev == "cpu":
+        _spread_accumulators_cpu(*args)
+    else:
+        launch(_spread_accumulators_cuda, _blocks(flat.size, _QUANT_THREADS), _QUANT_THREADS,
+               *args)
+    return accum
+
+
+def spread_accumulators_reference(shape, seed, bound):
+    """NumPy truth for `spread_accumulators`: a new int8 array of `shape`."""
+    i = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    key = np.array([_stream_key(int(seed))], np.uint64)
+    z = _mix64_reference(key + i * _GOLDEN) >> np.uint64(40)
+    v = ((z * np.uint64(2 * bound + 1)) >> np.uint64(24)).astype(np.int64) - bound
+    return v.astype(np.int8).reshape(shape)
+
 
 # --------------------------------------------------------------------------------------------
 # 2. One pass over a weight gradient G: the exponents' gradient and the quantisation scales.
@@ -812,7 +881,8 @@ def row_trit_dot_reference(G, T_packed, cols, E=None):
 
 @numba.njit(parallel=True, cache=True)
 def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
-                        flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad, counts):
+                        flip_decay_shift, flip_carry, scale_threshold, scale_decay_shift,
+                        zero_grad, counts):
     flips = 0
     steps = 0
     for r in numba.prange(T_accum.shape[0]):
@@ -821,7 +891,7 @@ def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, f
         row_flips = 0
         for g in range((cols + 31) // 32):
             row_flips += _trit_group_step(T_packed, T_accum, grad_q, r, r, g, cols,
-                                          flip_threshold, flip_decay_shift)
+                                          flip_threshold, flip_decay_shift, flip_carry)
         row_steps = _exponent_step(E, E_accum, grad_E_q, r, r, scale_threshold,
                                    scale_decay_shift)
         if zero_grad:
@@ -835,7 +905,8 @@ def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, f
 
 @cuda.jit(cache=True)
 def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, flip_threshold,
-                         flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad, counts):
+                         flip_decay_shift, flip_carry, scale_threshold, scale_decay_shift,
+                         zero_grad, counts):
     # A warp per 8 consecutive 32-trit groups of a row (256 trits), a lane per 8 trits: lane l
     # takes bits 8(l % 4) ... + 7 of group l // 4, so each of its 8 byte loads of the int8
     # state is, across the warp, one contiguous 256-byte read. The lanes' new bits meet in
@@ -877,7 +948,7 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
                     t = ((plus >> (shift + b)) & 1) - ((minus >> (shift + b)) & 1)
                     t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
                                                  np.int64(grad_q[r, j]), flip_threshold, -1,
-                                                 1, flip_decay_shift)
+                                                 1, flip_decay_shift, flip_carry)
                     T_accum[r, j] = a
                     if zero_grad:
                         grad_q[r, j] = 0
@@ -940,8 +1011,8 @@ def _check_scale_state(op, E, E_accum, grad_E_q, rows):
 
 
 def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, flip_threshold,
-                   flip_decay_shift, scale_threshold, scale_decay_shift, zero_grad=True,
-                   counts=None):
+                   flip_decay_shift, scale_threshold, scale_decay_shift, flip_carry=False,
+                   zero_grad=True, counts=None):
     """Apply one optimiser step to a ternary matrix and its row exponents, in one launch.
 
     T_packed uint32 (rows, 2*ceil(cols/32)) bitplane32; T_accum, grad_q int8 (rows, cols);
@@ -958,8 +1029,10 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
         elif flip_decay_shift > 0:             a -= sign(a) * (|a| >> flip_decay_shift)
         T[r, j] = t;  T_accum[r, j] = a;  grad_q[r, j] = 0 (if zero_grad)
 
-    and for every row exponent e = E[r] the same rule with E_accum[r], grad_E_q[r],
-    scale_threshold and scale_decay_shift, e held in [-128, 127] instead of [-1, 1].
+    With flip_carry, a flip keeps the accumulator's place instead of zeroing it:
+    a -= 2·flip_threshold on a step down, a += 2·flip_threshold on a step up.
+    For every row exponent e = E[r] the same rule (never carried) with E_accum[r],
+    grad_E_q[r], scale_threshold and scale_decay_shift, e held in [-128, 127], not [-1, 1].
     A value at its end stays there and its accumulator is not reset (only decayed).
     Padding bits of T_packed (columns >= cols) are written zero; a trit coded in both masks
     reads as 0 (validate packed data where it enters, e.g. checkpoint load, not here).
@@ -988,8 +1061,9 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
     if rows == 0:
         return counts
     args = (T_packed, T_accum, grad_q, E, E_accum, grad_E_q, np.int64(cols),
-            np.int64(flip_threshold), np.int64(flip_decay_shift), np.int64(scale_threshold),
-            np.int64(scale_decay_shift), np.int64(bool(zero_grad)), counts)
+            np.int64(flip_threshold), np.int64(flip_decay_shift), np.int64(bool(flip_carry)),
+            np.int64(scale_threshold), np.int64(scale_decay_shift), np.int64(bool(zero_grad)),
+            counts)
     if dev == "cpu":
         _ternary_update_cpu(*args)
     else:
@@ -1002,7 +1076,7 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
 # they stay independent of every kernel they check.
 
 
-def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift):
+def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift, carry=False):
     """Vectorised `_accumulator_step` over integer arrays: returns (value, accum)."""
     a = np.clip(accum + grad, -ACCUM_MAX, ACCUM_MAX)
     down = (a >= threshold) & (value > lowest)
@@ -1012,13 +1086,16 @@ def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift)
     else:
         decayed = a
     value = value - down + up
-    accum = np.where(down | up, 0, decayed)
+    if carry:
+        accum = np.where(down, a - 2 * threshold, np.where(up, a + 2 * threshold, decayed))
+    else:
+        accum = np.where(down | up, 0, decayed)
     return value, accum
 
 
 def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, grad_E_q=None, *,
                              flip_threshold, flip_decay_shift, scale_threshold=1,
-                             scale_decay_shift=0):
+                             scale_decay_shift=0, flip_carry=False):
     """NumPy truth for `ternary_update` (with E None: the trits alone).
 
     Returns (T_packed, T_accum, E, E_accum, counts) as new arrays (E, E_accum None when E is
@@ -1027,7 +1104,7 @@ def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, gr
     cols = T_accum.shape[1]
     T = unpack_trits_reference(T_packed, cols)
     T_new, T_accum_new = _rule_reference(T, T_accum.astype(np.int64), grad_q.astype(np.int64),
-                                         flip_threshold, -1, 1, flip_decay_shift)
+                                         flip_threshold, -1, 1, flip_decay_shift, flip_carry)
     counts = np.array([np.count_nonzero(T_new != T), 0], dtype=np.int64)
     E_new = E_accum_new = None
     if E is not None:
@@ -1039,3 +1116,66 @@ def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, gr
     return (pack_trits_reference(T_new), T_accum_new.astype(np.int8), E_new, E_accum_new,
             counts)
 
+
+
+# --------------------------------------------------------------------------------------------
+# 5. What the optimiser sees: accumulators at saturation.
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_saturated_cpu(accum, out, index):
+    total = 0
+    for i in numba.prange(accum.shape[0]):
+        a = np.int64(accum[i])
+        if a >= ACCUM_MAX or a <= -ACCUM_MAX:
+            total += 1
+    out[index] += total
+
+
+@cuda.jit(cache=True)
+def _count_saturated_cuda(accum, out, index):
+    # A grid-stride count per thread, added once per block into shared memory, then one
+    # global atomic per block.
+    block_total = cuda.shared.array(1, numba.int64)
+    if cuda.threadIdx.x == 0:
+        block_total[0] = 0
+    cuda.syncthreads()
+    total = 0
+    i = cuda.grid(1)
+    while i < accum.shape[0]:
+        a = np.int64(accum[i])
+        if a >= ACCUM_MAX or a <= -ACCUM_MAX:
+            total += 1
+        i += cuda.gridsize(1)
+    if total != 0:
+        cuda.atomic.add(block_total, 0, total)
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and block_total[0] != 0:
+        cuda.atomic.add(out, index, block_total[0])
+
+
+def count_saturated(accum, out, index=0):
+    """out[index] += the number of entries of the int8 array `accum` at ±127 (saturated: the
+    accumulator can hold no more of its gradient's direction). out: int64 (n,) on accum's
+    device; no host sync, so a captured step can count every step."""
+    op = "count_saturated"
+    dev = target(accum, out, op=op)
+    _check_array(op, "accum", accum, np.int8)
+    _check_array(op, "out", out, np.int64, ndim=1, writeable=True)
+    index = _check_int(op, "index", index, 0, max(out.shape[0] - 1, 0))
+    if out.shape[0] == 0:
+        raise ValueError(f"{op}: out is empty; expected an int64 array with an entry {index}")
+    if accum.size == 0:
+        return out
+    flat = accum.reshape(-1)
+    if dev == "cpu":
+        _count_saturated_cpu(flat, out, np.int64(index))
+    else:
+        launch(_count_saturated_cuda, _blocks(flat.size, _QUANT_THREADS), _QUANT_THREADS, flat,
+               out, np.int64(index))
+    return out
+
+
+def count_saturated_reference(accum):
+    """NumPy truth for `count_saturated`: the count itself."""
+    return int(np.count_nonzero(np.abs(np.asarray(accum, np.int64)) >= ACCUM_MAX))

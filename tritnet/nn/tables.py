@@ -132,14 +132,15 @@ class TernaryEmbeddingTable(TernaryModule):
         grad_q, grad_E_q = self.quantize_grads(G, self.T_packed[rows], self.E[rows], rows=count)
         self.pending.append((rows, grad_q, grad_E_q))
 
-    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
-        counts = None
+    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int,
+                     flip_carry: bool = False, counts=None):
         for rows, grad_q, grad_E_q in self.pending:
             counts = ktables.sparse_ternary_update(
                 self.T_packed, self.T_accum, self.E, self.E_accum, rows, grad_q, grad_E_q,
                 flip_threshold=flip_threshold, flip_decay_shift=decay_shift,
                 scale_threshold=scale_threshold, scale_decay_shift=decay_shift,
-                counts=counts, check=False)  # rows come from unique_rows of checked indices
+                flip_carry=flip_carry, counts=counts,
+                check=False)  # rows come from unique_rows of checked indices
         self.pending = []
         return counts
 

@@ -204,6 +204,36 @@ def expert_matmul(x, layers, tile_expert, tile: int, rows=None):
                               rows=rows)
 
 
+GRAD_NORMS = ("tensor", "row", "factored")
+_NORM_FLOOR = np.float32(1e-3)   # a row or column's mean square counts as at least this share
+                                 # of the mean: quiet rows are raised at most ~32x
+
+
+def normalized_grad(G, mode: str):
+    """G (rows, cols) rescaled so every entry has unit expected square under a per-row
+    ("row") or a per-row-times-per-column ("factored", as Adafactor factors Adam's second
+    moment) model of its magnitude: G_ij / sqrt(R_i / cols), or G_ij · sqrt(S / (R_i C_j)),
+    with R, C the row and column sums of squares and S their total. A transient float
+    array, made and dropped inside backward; the rows and columns that carry small but
+    consistent gradients then move their trits as fast as the loud ones (Adam's behaviour,
+    without its state). All-zero rows (a table's padding) stay zero."""
+    xp = backend.get_array_module(G)
+    sq = G * G
+    R = sq.sum(axis=1, keepdims=True)
+    if mode == "row":
+        mean = R.mean()
+        R = xp.maximum(R, _NORM_FLOOR * mean)
+        return G * (xp.sqrt(np.float32(G.shape[1])) / xp.sqrt(xp.maximum(R, np.float32(1e-30))))
+    C = sq.sum(axis=0, keepdims=True)
+    del sq
+    total = R.sum()
+    R = xp.maximum(R, _NORM_FLOOR * R.mean())
+    C = xp.maximum(C, _NORM_FLOOR * C.mean())
+    scale = xp.sqrt(xp.maximum(total, np.float32(1e-30)))
+    return G * (scale / xp.sqrt(xp.maximum(R, np.float32(1e-30)))) / xp.sqrt(
+        xp.maximum(C, np.float32(1e-30)))
+
+
 class TernaryModule(Module):
     """Base of modules with ternary weights: knows how the optimiser drives its int8 state.
 
@@ -224,6 +254,7 @@ class TernaryModule(Module):
         self.grad_shard = 0
         self.grad_uses = 0
         self.grad_clock = None   # the optimiser's int64 [step, gain] (TritFlip.clock)
+        self.grad_norm = "tensor"   # how G is normalised before quantisation (GRAD_NORMS)
 
     def _init_ternary_state(self, rows: int, cols: int, exponent: int, device: str | None):
         """Packed-first initial state: uniform random trits (2/3 nonzero) written straight
@@ -276,6 +307,9 @@ class TernaryModule(Module):
         # one pass over G
         inv_scales, grad_E = kupdate.exponent_grad_and_scales(
             G, T_packed, E, self.trit_shape[1], self.grad_rms_units, rows=rows, clock=clock)
+        if self.grad_norm != "tensor":
+            G, inv_scales = normalized_grad(G, self.grad_norm), inv_scales.copy()
+            inv_scales[:1] = self._gain(xp)
 
         def quantize(g, inv_scale, out, which):
             first = out is None  # a fresh buffer is written, not added to: no zero fill
@@ -289,7 +323,14 @@ class TernaryModule(Module):
         self.grad_uses += 1
         return grad_q, grad_E_q
 
-    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
+    def _gain(self, xp):
+        """The gain as a float32 (1,) array on the device: the clock's, else the host's."""
+        if self.grad_clock is not None:
+            return self.grad_clock[1:2].astype(np.float32) * np.float32(kupdate.CLOCK_GAIN_UNIT)
+        return xp.full(1, self.grad_rms_units, np.float32)
+
+    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int,
+                     flip_carry: bool = False, counts=None):
         raise NotImplementedError
 
 
@@ -347,15 +388,18 @@ class TernaryLinear(TernaryModule):
         self.grad_q, self.grad_E_q = self.quantize_grads(G, self.T_packed, self.E, self.grad_q,
                                                          self.grad_E_q)
 
-    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int):
-        """Consume grad_q / grad_E_q: accumulate, flip trits and step E across thresholds."""
+    def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int,
+                     flip_carry: bool = False, counts=None):
+        """Consume grad_q / grad_E_q: accumulate, flip trits and step E across thresholds.
+        Returns int64 (2,) [trits flipped, exponents stepped], added into `counts` when given
+        (None when there was no gradient and no `counts`)."""
         if self.grad_q is None:
-            return None
+            return counts
         counts = kupdate.ternary_update(
             self.T_packed, self.T_accum, self.grad_q, self.E, self.E_accum, self.grad_E_q,
             self.in_features, flip_threshold=flip_threshold, flip_decay_shift=decay_shift,
             scale_threshold=scale_threshold, scale_decay_shift=decay_shift,
-            zero_grad=False)  # the buffers are dropped right after: no need to clear them
+            flip_carry=flip_carry, zero_grad=False, counts=counts)  # the buffers are dropped right after: no need to clear them
         self.grad_q = self.grad_E_q = None
         return counts
 
