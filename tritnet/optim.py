@@ -34,9 +34,23 @@ The hyperparameters are this scheme's learning rate:
   (stochastic rounding keeps a fractional gain unbiased). Late in training, noise then rarely
   reaches the threshold, so trits stop flipping back and forth and settle.
 
+Three options change the rule (each a config field; the defaults are the rule above):
+- flip_carry: a flip keeps the accumulator's place instead of zeroing it, a ∓= 2·threshold
+  (the accumulator is then a position inside the trit's bin, as a float latent weight is);
+- accum_init = "spread": a new optimiser starts every trit accumulator at a uniform integer
+  in ±(flip_threshold - 1), as float latent weights start spread inside their bins, so some
+  trits move at the first consistent gradient;
+- grad_norm = "row" or "factored": G is rescaled per row, or per row × per column, before it
+  is quantised (tritnet.nn.ternary.normalized_grad), so rows and columns with small but
+  consistent gradients move as fast as loud ones (Adam's per-weight scaling, without state).
+
 After the weight updates, a step applies what the step's training forwards observed:
 modules with integer learning rules that are not gradients (VQ usage counts and dead-code
 restarts, code-graph edges) implement `apply_observations()`.
+
+What a step did is kept on the device, per module, in `stats` ([trits flipped, exponents
+stepped, accumulators at ±127]); `observe()` turns it into shares per group of modules (the
+training loop logs it in every metrics row).
 
 Deterministic for a given seed: the stochastic rounding draws counter-based random bits from
 (seed, tensor key, step, use), identical on CPU and GPU. Each tensor's update is one kernel
