@@ -64,12 +64,17 @@ def run_variant(name, flags, gpu, args):
         if row:
             result.update(step=row["step"], tokens=row["tokens"], val_bpb=row["val_bpb"],
                           bigram_bpb=row["bigram_bpb"])
+        rates = sorted(json.loads(line).get("tokens_per_s", 0) for line in open(metrics))
+        last = json.loads(open(metrics).readlines()[-1])
+        result.update(median_step_tokens_per_s=rates[len(rates) // 2],
+                      tokens_per_s=last["tokens"] / max(last["elapsed"], 1e-9))
     ckpt = os.path.join(folder, "ckpt.h5")
     for seq_len in args.eval_seq_len:
         if code or not os.path.exists(ckpt):
             break
+        extra = [] if args.eval_batches is None else ["--batches", str(args.eval_batches)]
         out = subprocess.run([sys.executable, "-m", "cli.main", "eval", ckpt, "--seq-len",
-                              str(seq_len)], env=env, capture_output=True, text=True)
+                              str(seq_len), *extra], env=env, capture_output=True, text=True)
         found = re.search(r"held-out ([0-9.]+)", out.stdout)
         result[f"eval_bpb_at_{seq_len}"] = float(found.group(1)) if found else out.stderr[-300:]
     print(json.dumps(result), flush=True)
@@ -83,6 +88,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=5_000_000)
     parser.add_argument("--per-gpu", type=int, default=2)
     parser.add_argument("--eval-seq-len", type=int, nargs="*", default=[])
+    parser.add_argument("--eval-batches", type=int, default=None,
+                        help="held-out batches of each extra evaluation (0: every window)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     variants = [v.split("=", 1) for v in args.variants]
@@ -96,12 +103,13 @@ def main():
         json.dump({"preset": args.preset, "tokens": args.tokens, "runs": results}, fh, indent=2)
     extra = [f"eval_bpb_at_{n}" for n in args.eval_seq_len]
     print(f"{'variant':<16} {'held-out':>9} {'bigram':>7} " +
-          " ".join(f"{'@' + str(n):>7}" for n in args.eval_seq_len) + f" {'time':>7}")
+          " ".join(f"{'@' + str(n):>7}" for n in args.eval_seq_len) + f" {'time':>7} "
+          f"{'tok/s':>8}")
     for r in results:
         cells = [f"{r[k]:7.4f}" if isinstance(r.get(k), float) else f"{'-':>7}" for k in extra]
         val = f"{r['val_bpb']:9.4f}" if "val_bpb" in r else f"{'exit ' + str(r['exit']):>9}"
         print(f"{r['name']:<16} {val} {r.get('bigram_bpb', float('nan')):7.4f} "
-              f"{' '.join(cells)} {r['train_s']:6.0f}s")
+              f"{' '.join(cells)} {r['train_s']:6.0f}s {r.get('tokens_per_s', 0):8.0f}")
 
 
 if __name__ == "__main__":

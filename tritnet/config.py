@@ -54,6 +54,8 @@ class Config:
     use_kgvq: bool = True
     use_graph_edges: bool = True
     use_composite_head: bool = True
+    memory_values: bool = False    # the code memory reads a value table (rows trained by the
+                                   # loss, one per code) beside the code itself
     recompute: bool = False        # keep one block's activations, recompute each in backward:
                                    # bit-identical training, far less memory, a second forward
     recompute_keep: int = 0        # with recompute: the last this-many blocks keep their

@@ -230,7 +230,7 @@ class MoEGraph(Module):
         ys = F.take(outs, row, check=False).reshape(N, k, h.shape[-1])
         return (ys * gates.reshape(N, k, 1)).sum(axis=1)
 
-    def forward(self, x: Tensor, memory: TernaryVQCodebook | None):
+    def forward(self, x: Tensor, memory: TernaryVQCodebook | None, values=None):
         B, T, d = x.shape
         h = x.reshape(B * T, d)
         choice, gates, aux = self.route(h)
@@ -239,8 +239,11 @@ class MoEGraph(Module):
             read = memory(self.code_in(h))
             aux = aux + read.loss
             g = read.quantized
+            if values is not None:   # what the chosen code has learned to add
+                g = g + values(read.indices, check=False)
             if self.use_edges:
-                g = g + self.expand(memory, read.indices, check=False)
+                g = g + self.expand(values if values is not None else memory, read.indices,
+                                    check=False)
                 if self.training and is_grad_enabled():
                     self.learn_edges(read.quantized, read.indices, B, T)
             out = out + self.code_out(g)
@@ -276,6 +279,8 @@ def top_k(probs, k: int):
     rank = ((other > mine) | ((other == mine) & lower)).sum(axis=-1)
     return xp.stack([(rank == r).argmax(axis=-1) for r in range(k)], axis=-1)
 
+
+VALUE_EXPONENT = -24   # memory values start at scale 2**(-24/8) = 1/8
 
 EXPERT_TILE = 128   # rows of an expert tile: the grouped product's unit of work
 
@@ -331,10 +336,10 @@ class Block(Module):
                             device=device)
         self.moe.use_edges = c.use_graph_edges
 
-    def forward(self, x: Tensor, memory):
+    def forward(self, x: Tensor, memory, values=None):
         def block(x):
             x = x + self.attn(F.rms_norm(x))
-            y, aux = self.moe(F.rms_norm(x), memory)
+            y, aux = self.moe(F.rms_norm(x), memory, values)
             return x + y, aux
 
         if self.recompute and self.training:
@@ -385,6 +390,11 @@ class CodeMemoryLM(Module):
                                  device=device)
         self.head = CompositeHead(c.d_model, c.vocab_size, c.codebook_dim, device)
         self.head.composite = c.use_composite_head
+        if c.memory_values:
+            # one value row per code, starting small (scale 2**-3) so that the untrained
+            # values add little noise to what the code itself reads
+            self.memory_values = TernaryEmbeddingTable(c.shared_vq_size, c.codebook_dim, device,
+                                                       exponent=VALUE_EXPONENT)
 
     def components(self) -> dict:
         """Named groups of modules, for the trace and per-component reports."""
@@ -401,6 +411,7 @@ class CodeMemoryLM(Module):
             "shared_vq": self.shared_vq,
             "kgvq": self.kgvq,
             "head": self.head,
+            **({"memory_values": self.memory_values} if self.config.memory_values else {}),
         }
 
     def forward(self, tokens, *, check=True):
@@ -414,18 +425,22 @@ class CodeMemoryLM(Module):
         if T > c.context:
             raise ValueError(f"CodeMemoryLM: sequence of {T} tokens exceeds context = {c.context}")
         memory = self.shared_vq if c.use_shared_vq else None
+        values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=check)
         aux = None
         for block in self.blocks:
-            x, a = block(x, memory)
+            x, a = block(x, memory, values)
             aux = a if aux is None else aux + a
         code = relation = graph = None
         if c.use_shared_vq:
             vq = self.shared_vq(self.motif(F.rms_norm(x)))
             aux = aux + vq.loss
             code = vq.quantized
+            if values is not None:
+                code = code + values(vq.indices, check=False)
             if c.use_graph_edges:
-                graph = self.blocks[-1].moe.expand(self.shared_vq, vq.indices, check=False).reshape(
+                graph = self.blocks[-1].moe.expand(values if values is not None else self.shared_vq,
+                                                   vq.indices, check=False).reshape(
                     B, T, c.codebook_dim)
             if c.use_kgvq:
                 previous = F.concat([code[:, :1] * 0.0, code[:, :-1]], axis=1)
