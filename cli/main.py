@@ -44,8 +44,10 @@ def _user_errors():
     from tritnet.config import ConfigError
     from tritnet.data import DataError
     from tritnet.distributed import DistributedError
+    from tritnet.models import GenerationError
     from tritnet.train import TrainError
-    return (ConfigError, DataError, CheckpointError, DeviceError, TrainError, DistributedError)
+    return (ConfigError, DataError, CheckpointError, DeviceError, TrainError, DistributedError,
+            GenerationError)
 
 
 def _fail(message: str, code: int = 1):
@@ -182,6 +184,7 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
 
     The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
     """
+    from tritnet.backend import announce_compilation
     from tritnet.config import Config, load_config, preset
     from tritnet.train import train as run_train
     if steps is not None and tokens is not None:
@@ -206,9 +209,10 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
                              micro_batches=micro_batches, recompute=recompute,
                              recompute_keep=recompute_keep, expert_capacity=expert_capacity,
                              cuda_graph=cuda_graph)
-    run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
-              overwrite=overwrite, device=device, tokens=tokens, gpus=gpus,
-              log=lambda line: click.echo(line))
+    with announce_compilation(lambda line: click.echo(line)):
+        run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
+                  overwrite=overwrite, device=device, tokens=tokens, gpus=gpus,
+                  log=lambda line: click.echo(line))
 
 
 @main.command()
@@ -224,27 +228,52 @@ def inspect(checkpoint, as_json):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--prompt", default="", help="Text to continue (UTF-8 bytes; default: a newline).")
+@click.option("--prompt", default="\n", help="Text to continue, as UTF-8 bytes (default: a "
+              "newline); at most the model's context.")
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=200, show_default=True,
-              help="Tokens to generate.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
-              help="Softmax temperature; 0 picks the most likely token.")
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
-              help="Sample among the k most likely tokens (0: all).")
+              help="New tokens to generate per sample (fewer where a --stop string ends it).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples of the prompt, generated together as one batch.")
+@click.option("--temperature", type=float, default=0.8, show_default=True,
+              help="Softmax temperature (> 0: sampling); 0 decodes greedily, the most likely "
+              "token each step, and takes no --top-k or --top-p.")
+@click.option("--top-k", type=int, default=None,
+              help="Sample among the k most likely tokens (default 40; 0: all).")
+@click.option("--top-p", type=float, default=None,
+              help="Sample among the most likely tokens that together reach probability p, "
+              "in (0, 1] (default 1: all).")
+@click.option("--stop", multiple=True, help="End a sample where it writes this string (not "
+              "printed); repeat for several.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", type=DeviceChoice(), default=None, help="auto, cpu or cuda.")
 @user_errors_are_one_line
-def sample(checkpoint, prompt, n_tokens, temperature, top_k, seed, device):
-    """Generate text from a checkpoint's model (eval mode, no gradients)."""
-    from tritnet.sample import load_model, sample as run_sample
-    model, config = load_model(checkpoint, device=device)
-    prompt_tokens = prompt.encode("utf-8")
-    out = run_sample(model, prompt_tokens, n_tokens, temperature=temperature, top_k=top_k,
-                     seed=seed)
-    if config.vocab_size <= 256:   # byte tokens
-        click.echo(prompt + bytes(out).decode("utf-8", errors="replace"))
-    else:
-        click.echo(" ".join(str(t) for t in out))
+def sample(checkpoint, prompt, n_tokens, num_samples, temperature, top_k, top_p, stop, seed,
+           device):
+    """Generate text from a checkpoint's model (a KV cache; no gradients, the model unchanged).
+
+    The window is the model's context: a longer prompt is refused, and a sample that reaches
+    it goes on from its last context/2 tokens (CodeMemoryLM.generate).
+    """
+    from tritnet.backend import announce_compilation
+    from tritnet.models import generation_request
+    from tritnet.sample import load_model, read_config
+    config = read_config(checkpoint)
+    if temperature != 0:   # the sampling defaults; at temperature 0 both must be left out
+        top_k = 40 if top_k is None else (top_k or None)
+    prompts = [list(prompt.encode("utf-8"))] * num_samples
+    # every option is checked before the model loads: a bad one costs no loading time
+    generation_request(config, prompts, n_tokens, temperature, top_k, top_p, stop)
+    with announce_compilation(lambda line: click.echo(line, err=True)):
+        model, config = load_model(checkpoint, device=device)
+        outs = model.generate(prompts, n_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, stop=stop)
+    for i, out in enumerate(outs):
+        if num_samples > 1:
+            click.echo(f"--- sample {i + 1} of {num_samples} ---")
+        if config.vocab_size <= 256:   # byte tokens
+            click.echo(prompt + bytes(out).decode("utf-8", errors="replace"))
+        else:
+            click.echo(" ".join(str(t) for t in out))
 
 
 @main.command("eval")

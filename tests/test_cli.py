@@ -150,6 +150,98 @@ def test_sample(run):
     assert greedy.exit_code == 0, greedy.output
 
 
+def test_sample_streams_stop_and_sampling_options(run):
+    """--num-samples N prints N samples, generated as one batch; --stop ends a sample where it
+    writes the string (not printed); --top-k, --top-p and --seed shape and repeat sampling."""
+    from tritnet.sample import load_model
+    res = cli("sample", run / "ckpt.h5", "--prompt", "def ", "--tokens", 8, "--num-samples", 3,
+              "--top-p", 0.9, "--seed", 2)
+    assert res.exit_code == 0, res.output
+    assert [line for line in res.stdout.splitlines() if line.startswith("--- sample")] == \
+        [f"--- sample {i} of 3 ---" for i in (1, 2, 3)]
+    again = cli("sample", run / "ckpt.h5", "--prompt", "def ", "--tokens", 8, "--num-samples", 3,
+                "--top-p", 0.9, "--seed", 2)
+    assert again.stdout == res.stdout
+    assert cli("sample", run / "ckpt.h5", "--top-k", 0, "--top-p", 1, "--tokens", 4).exit_code == 0
+    # greedy text, then the same cut at the first ASCII character it writes
+    model, _ = load_model(run / "ckpt.h5")
+    greedy = model.generate(b"def ", 12, temperature=0)
+    first = next((j for j, t in enumerate(greedy) if 32 <= t < 127), None)
+    if first is None:
+        pytest.skip("the tiny run writes no ASCII character greedily")
+    res = cli("sample", run / "ckpt.h5", "--prompt", "def ", "--tokens", 12, "--temperature", 0,
+              "--stop", "\x01", "--stop", chr(greedy[first]))
+    assert res.exit_code == 0, res.output
+    want = "def " + bytes(greedy[:first]).decode("utf-8", errors="replace")
+    assert res.stdout == want + "\n"
+
+
+@pytest.fixture
+def ascii_run(files):
+    """A run whose model reads only the 128 ASCII bytes."""
+    (files / "ascii.json").write_text(json.dumps(dict(SMALL, vocab_size=128, steps=1)))
+    (files / "ascii.bin").write_bytes(TEXT.encode())
+    (files / "ascii.bin.json").write_text(json.dumps({"dtype": "uint8", "vocab_size": 128}))
+    res = cli("train", "--config", files / "ascii.json", "--data", files / "ascii.bin", "--out",
+              files / "ascii")
+    assert res.exit_code == 0, res.output
+    return files / "ascii"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--prompt", "x" * 33], r"the prompt has 33 tokens, more than the model's context of 32; "
+                             r"give at most its last 32 tokens"),
+    (["--prompt", ""], r"the prompt is empty; give at least one token"),
+    (["--temperature=-1"], r"temperature = -1.0: expected 0 \(greedy\) or a positive number"),
+    (["--temperature", 0, "--top-k", 5], r"temperature 0 decodes greedily .* leave them out"),
+    (["--temperature", 0, "--top-p", 0.5], r"temperature 0 decodes greedily"),
+    (["--top-p", 0], r"top_p = 0.0: expected a probability in \(0, 1\]"),
+    (["--top-p", 1.5], r"top_p = 1.5: expected a probability in \(0, 1\]"),
+    (["--top-k=-2"], r"top_k = -2: expected an integer >= 1"),
+    (["--stop", ""], r"an empty stop sequence would stop at once"),
+])
+def test_sample_bad_input_is_one_line(run, files, args, match):
+    fails(files, ["sample", run / "ckpt.h5", *args], match)
+
+
+def test_sample_prompt_outside_the_vocabulary(ascii_run, files):
+    fails(files, ["sample", ascii_run / "ckpt.h5", "--prompt", "caf\u00e9"],
+          r"the prompt holds token 195, outside the model's vocabulary of 128 tokens \(0 to "
+          r"127\)")
+    res = cli("sample", ascii_run / "ckpt.h5", "--prompt", "cafe", "--tokens", 4)
+    assert res.exit_code == 0, res.output
+
+
+def test_first_run_says_it_compiles_kernels_and_a_second_run_does_not(run, tmp_path):
+    """A fresh Numba cache: `tritnet sample` says on stderr that it compiles kernels, once;
+    run again, it loads them from the cache and says nothing."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), PYTHONPATH=REPO,
+               TRITNET_DEVICE="cpu")
+    command = [sys.executable, "-m", "cli.main", "sample", str(run / "ckpt.h5"), "--tokens", "4"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.splitlines() == [backend.COMPILING]
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and second.stderr == "", second.stderr
+    assert second.stdout == first.stdout
+
+
+def test_train_says_it_compiles_kernels(files, monkeypatch):
+    """`tritnet train` says so too, on stdout beside its other lines: here a kernel made
+    for the test compiles inside the run."""
+    import numba
+    import tritnet.train
+
+    @numba.njit
+    def fresh(x):
+        return x + 1
+
+    monkeypatch.setattr(tritnet.train, "train", lambda *a, **k: fresh(1))
+    res = cli(*train_args(files, files / "r"))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [backend.COMPILING]
+
+
 def test_eval_matches_the_runs_last_evaluation(run, files):
     res = cli("eval", run / "ckpt.h5", "--data", files / "code.txt")
     assert res.exit_code == 0, res.output

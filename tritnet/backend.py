@@ -14,6 +14,7 @@ tritnet_kernels, never scattered through ops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -246,3 +247,36 @@ def scatter_add(target, indices, values) -> None:
         cupyx.scatter_add(target, indices, values)
     else:
         np.add.at(target, indices, values)
+
+
+COMPILING = "compiling kernels, once (Numba keeps them on disk for later runs) ..."
+
+
+@contextlib.contextmanager
+def announce_compilation(say):
+    """Within the block, call say(COMPILING) when the first Numba kernel starts compiling,
+    and never again: the first run of a command compiles each kernel it uses (seconds to
+    minutes, silent otherwise), later runs load them from Numba's on-disk cache (a kernel
+    whose source changed is compiled again) and say nothing. Numba reports a CPU kernel's
+    compilation as the event "numba:compile"; numba-cuda reports none for CUDA kernels, but
+    each of their compiler passes ("numba-cuda:run_pass"), which only compilation runs."""
+    from numba.core import event
+    sources = [(event, "numba:compile")]
+    try:
+        from numba.cuda.core import event as cuda_event
+        sources.append((cuda_event, "numba-cuda:run_pass"))
+    except ImportError:   # a numba-cuda without its own events
+        pass
+    said = []
+
+    def on_start(_listener, _event):
+        if not said:
+            said.append(True)
+            say(COMPILING)
+
+    with contextlib.ExitStack() as stack:
+        for module, kind in sources:
+            listener = type("CompileNotice", (module.Listener,), {
+                "on_start": on_start, "on_end": lambda _listener, _event: None})()
+            stack.enter_context(module.install_listener(kind, listener))
+        yield

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .autograd import Tensor, is_grad_enabled, recompute
+from .autograd import Tensor, is_grad_enabled, no_grad, recompute
 from .config import Config
 from .nn import Module, ModuleList
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
@@ -58,6 +58,27 @@ class Attention(Module):
         slopes = F.alibi_slopes(h) if self.position == "alibi" else None
         y = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
                                            causal=True, alibi_slopes=slopes)
+        return self.o(y.transpose(0, 2, 1, 3).reshape(B, T, d))
+
+    def decode(self, x: Tensor, keys, values, start: int) -> Tensor:
+        """forward's output for x (B, T, d), the tokens at positions start … start+T-1 of a
+        stream whose earlier keys and values are in keys / values[:, :, :start] (B, h, capacity,
+        d/h arrays, a KVCache's): this call writes its own there and attends to all of them.
+        The mask and the ALiBi bias are bottom-right aligned (scaled_dot_product_attention), so
+        query i sits at position start + i, as it does in forward over the whole window."""
+        B, T, d = x.shape
+        h = self.n_heads
+
+        def heads(t):
+            return t.reshape(B, T, h, d // h).transpose(0, 2, 1, 3)
+
+        end = start + T
+        keys[:, :, start:end] = heads(self.k(x)).data
+        values[:, :, start:end] = heads(self.v(x)).data
+        slopes = F.alibi_slopes(h) if self.position == "alibi" else None
+        y = F.scaled_dot_product_attention(heads(self.q(x)), Tensor(keys[:, :, :end]),
+                                           Tensor(values[:, :, :end]), causal=True,
+                                           alibi_slopes=slopes)
         return self.o(y.transpose(0, 2, 1, 3).reshape(B, T, d))
 
 
@@ -249,6 +270,40 @@ class MoEGraph(Module):
             out = out + self.code_out(g)
         return out.reshape(B, T, d), aux
 
+    def decode(self, x: Tensor, memory: TernaryVQCodebook | None) -> Tensor:
+        """forward's output for inference (eval, no gradient): the same routing, code-memory
+        read and hop, with each expert run on its routed rows through the packed product
+        (routed_experts) instead of on fixed tiles of widened weights. Every routed entry runs
+        (no expert capacity: dropping depends on the other tokens of a batch, which a token
+        decoded alone does not have), and no edges are recorded."""
+        B, T, d = x.shape
+        h = x.reshape(B * T, d)
+        choice, gates, _ = self.route(h)
+        out = self.routed_experts(h, choice, gates)
+        if memory is not None:
+            read = memory(self.code_in(h))
+            g = read.quantized
+            if self.use_edges:
+                g = g + self.expand(memory, read.indices, check=False)
+            out = out + self.code_out(g)
+        return out.reshape(B, T, d)
+
+    def routed_experts(self, h: Tensor, choice, gates: Tensor) -> Tensor:
+        """Σ over each token's chosen experts of gate · expert(h_t), one packed product
+        (ternary_matmul: lookup tables for a few rows on the CPU, the tensor-core GEMV up to
+        16 rows on the GPU) per expert on the rows routed to it. Inference only (no
+        gradient). The routing is read on the host: one device-to-host copy per call."""
+        xp = backend.get_array_module(h.data)
+        chosen = backend.to_numpy(choice)
+        out = xp.zeros(h.shape, h.dtype)
+        for e, expert in enumerate(self.experts):
+            rows, slot = np.nonzero(chosen == e)   # a token picks an expert at most once
+            if rows.size:
+                rows, slot = xp.asarray(rows), xp.asarray(slot)
+                y = expert(Tensor(h.data[rows])).data
+                out[rows] += gates.data[rows, slot, None] * y
+        return Tensor(out)
+
     def expand(self, memory: TernaryEmbeddingTable, codes, *, check=True) -> Tensor:
         """One hop: Σ over each code's out-edges of weight · code(dst), per token (check=False:
         codes from the code book's search, see CodeGraph.neighbors)."""
@@ -345,6 +400,12 @@ class Block(Module):
         if self.recompute and self.training:
             return recompute(block, x)
         return block(x)
+
+    def decode(self, x: Tensor, memory, keys, values, start: int) -> Tensor:
+        """forward's output for the tokens at positions start … of a cached stream
+        (Attention.decode, MoEGraph.decode)."""
+        x = x + self.attn.decode(F.rms_norm(x), keys, values, start)
+        return x + self.moe.decode(F.rms_norm(x), memory)
 
 
 class CompositeHead(Module):
@@ -460,3 +521,247 @@ class CodeMemoryLM(Module):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              check=check)
         return ce + aux * self.config.aux_loss_weight, ce
+
+    # --- generation ---------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int | None = None) -> "KVCache":
+        """An empty KVCache for `batch` streams of up to `capacity` tokens (default: the
+        context), on the model's device."""
+        c = self.config
+        capacity = c.context if capacity is None else capacity
+        if not 1 <= capacity <= c.context:
+            raise GenerationError(f"cache capacity {capacity} is out of range: expected 1 to the "
+                                  f"model's context = {c.context}")
+        xp = backend.get_array_module(self.embed.T_packed)
+        return KVCache(c.n_layers, batch, c.n_heads, capacity, c.d_model // c.n_heads, xp)
+
+    def decode(self, tokens, cache: "KVCache") -> Tensor:
+        """Logits (B, T, vocab) of tokens (B, T): the next T tokens of the cache's B streams,
+        which they are appended to. Each layer runs once on these tokens, attending to the
+        cached keys and values; the first token's relation code composes its shared code with
+        the cache's (the previous token's; zero at a stream's start, as in forward). The
+        logits equal forward's at these positions over the whole window, within float
+        rounding (the products' summation order differs). Inference only: call it in eval
+        mode without gradients (generate does); it records no code transitions and no code
+        usage. Token ids are not range-checked here: generate checks them on the host."""
+        c = self.config
+        if isinstance(tokens, Tensor):
+            tokens = tokens.data
+        B, T = tokens.shape
+        start = cache.length
+        if B != cache.batch or start + T > cache.capacity:
+            raise GenerationError(f"decode: {B} streams of {T} tokens do not fit a cache of "
+                                  f"{cache.batch} streams holding {start} of {cache.capacity} "
+                                  "tokens")
+        xp = backend.get_array_module(self.embed.T_packed)
+        tokens = xp.asarray(tokens)
+        memory = self.shared_vq if c.use_shared_vq else None
+        x = self.embed(tokens, check=False)
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+            x = block.decode(x, memory, keys, values, start)
+        code = relation = graph = None
+        if c.use_shared_vq:
+            vq = self.shared_vq(self.motif(F.rms_norm(x)))
+            code = vq.quantized
+            if c.use_graph_edges:
+                graph = self.blocks[-1].moe.expand(self.shared_vq, vq.indices, check=False).reshape(
+                    B, T, c.codebook_dim)
+            if c.use_kgvq:
+                first = xp.zeros((B, 1, c.codebook_dim), code.dtype) if cache.code is None \
+                    else cache.code
+                previous = F.concat([Tensor(first), code[:, :-1]], axis=1)
+                relation = self.kgvq(previous, code).quantized
+            cache.code = code.data[:, -1:]
+        cache.length = start + T
+        return self.head(x, code, relation, graph)
+
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop=None):
+        """New tokens after prompt_ids: a list of ints for a 1-D prompt (bytes, a list or an
+        array), a list of B such lists for a (B, T) prompt (B streams, decoded as one batch).
+
+        The prompt runs through the model once (the prefill, filling a KVCache); then every new
+        token costs one step of every layer (decode). Sampling: temperature 0 decodes greedily
+        (the most likely token; top_k and top_p are then refused, they only shape sampling);
+        above 0 the logits are divided by it, top_k keeps the k most likely tokens, top_p the
+        most likely ones whose probabilities reach p (nucleus sampling), both if both are
+        given; seed makes it repeatable (each stream's draw at each step is its own, whatever
+        the other streams do). stop: token sequences (bytes, str as UTF-8, or lists of ids);
+        a stream ends when its new tokens end with one of them, which is dropped from its
+        output. Generation ends after max_new_tokens or when every stream has stopped.
+
+        The window is the model's context. A prompt longer than it is refused. When a stream
+        reaches it, the window slides: the cache is refilled from the last context // 2
+        tokens (one prefill) and decoding goes on, so each token sees between context // 2
+        and context tokens, and its logits are forward's over exactly those.
+
+        The model is left as it was: generation runs in eval mode without gradients, records
+        no code transitions and no code usage (it restores the mode, and the routed search's
+        refresh clock should the search build its index). Bad arguments raise GenerationError.
+        """
+        c = self.config
+        prompts, single, stops = generation_request(c, prompt_ids, max_new_tokens, temperature,
+                                                    top_k, top_p, stop)
+        B, T = prompts.shape
+        rng = np.random.default_rng(seed)
+        history = [list(row) for row in prompts.tolist()]   # each stream's tokens so far
+        new = [[] for _ in range(B)]
+        alive = np.arange(B)                                # the streams still generating
+        clocks = [(vq, vq.steps_since_index) for vq in (self.shared_vq, self.kgvq)]
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                cache = self.new_cache(B, min(c.context, T + max_new_tokens))
+                logits = self.decode(prompts, cache) if max_new_tokens else None
+                for step in range(max_new_tokens):
+                    # one draw per stream and step, used or not: a stream's draws do not
+                    # depend on when the others stop
+                    draws = rng.random(B)
+                    last = backend.to_numpy(logits.data[:, -1]).astype(np.float64)
+                    picked = next_tokens(last, temperature, top_k, top_p, draws[alive])
+                    going = []
+                    for j, s in enumerate(alive):
+                        new[s].append(int(picked[j]))
+                        history[s].append(int(picked[j]))
+                        ended = [t for t in stops if new[s][-len(t):] == t]
+                        if ended:
+                            del new[s][-len(ended[0]):]
+                        else:
+                            going.append(j)
+                    if not going or step == max_new_tokens - 1:
+                        break
+                    if len(going) < len(alive):
+                        cache.select(going)
+                        alive, picked = alive[going], picked[going]
+                    if cache.length == cache.capacity:   # the window is full: slide it
+                        cache.reset()
+                        window = np.array([history[s][-(c.context // 2):] for s in alive])
+                        logits = self.decode(window, cache)
+                    else:
+                        logits = self.decode(np.asarray(picked, np.int64)[:, None], cache)
+        finally:
+            self.train(was_training)
+            for vq, clock in clocks:
+                vq.steps_since_index = clock
+        return new[0] if single else new
+
+
+class KVCache:
+    """What generation keeps of B streams between decode steps, so a new token costs one step
+    of every layer: each layer's attention keys and values (B, heads, capacity, head dim,
+    float32), the number of tokens they hold, and the shared-VQ code of each stream's last
+    token (B, 1, code dim), the previous code of the next token's relation code. The rest of
+    the code memory needs nothing carried: routing, code reads and graph hops are per token."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, capacity: int, head_dim: int,
+                 xp=np, dtype=np.float32):
+        shape = (batch, n_heads, capacity, head_dim)
+        self.keys = [xp.zeros(shape, dtype) for _ in range(n_layers)]
+        self.values = [xp.zeros(shape, dtype) for _ in range(n_layers)]
+        self.batch, self.capacity = batch, capacity
+        self.length = 0
+        self.code = None
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def select(self, streams) -> None:
+        """Keep only the listed streams (indices into the batch), in that order."""
+        xp = backend.get_array_module(self.keys[0])
+        index = xp.asarray(np.asarray(streams, np.int64))
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        if self.code is not None:
+            self.code = self.code[index]
+        self.batch = len(streams)
+
+    def reset(self) -> None:
+        """Empty every stream (the arrays are kept and overwritten)."""
+        self.length = 0
+        self.code = None
+
+
+class GenerationError(ValueError):
+    """A generation request the model cannot serve: the prompt or a sampling option."""
+
+
+def generation_request(config: Config, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                       stop):
+    """Check a generate() request against the model's config: (prompts int64 (B, T) on the
+    host, whether the prompt was 1-D, the stop sequences as lists of ids). Raises
+    GenerationError naming the bad value and what to give instead."""
+    V, context = config.vocab_size, config.context
+    if isinstance(prompt_ids, (bytes, bytearray)):
+        prompt_ids = list(prompt_ids)
+    try:
+        prompts = np.asarray(backend.to_numpy(prompt_ids) if backend.is_cupy(prompt_ids)
+                             else prompt_ids)
+    except ValueError:
+        raise GenerationError("the prompts have different lengths; give B prompts of one "
+                              "length (or generate them one at a time)") from None
+    single = prompts.ndim == 1
+    if single:
+        prompts = prompts[None]
+    if prompts.ndim != 2 or (prompts.size and prompts.dtype.kind not in "iu"):
+        raise GenerationError(f"prompt_ids of shape {prompts.shape} and dtype {prompts.dtype}: "
+                              "expected token ids, (T,) or (B, T) integers")
+    B, T = prompts.shape
+    if B == 0 or T == 0:
+        raise GenerationError("the prompt is empty; give at least one token to continue "
+                              "(a newline, say)")
+    if T > context:
+        raise GenerationError(f"the prompt has {T} tokens, more than the model's context of "
+                              f"{context}; give at most its last {context} tokens")
+    lo, hi = int(prompts.min()), int(prompts.max())
+    if lo < 0 or hi >= V:
+        raise GenerationError(f"the prompt holds token {lo if lo < 0 else hi}, outside the "
+                              f"model's vocabulary of {V} tokens (0 to {V - 1}); use a prompt "
+                              "made of tokens the model was trained on")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens = {max_new_tokens!r}: expected an integer >= 0")
+    if not isinstance(temperature, (int, float, np.number)) or not temperature >= 0 \
+            or not math.isfinite(temperature):
+        raise GenerationError(f"temperature = {temperature!r}: expected 0 (greedy) or a "
+                              "positive number (sampling)")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise GenerationError("temperature 0 decodes greedily (the most likely token); top_k "
+                              "and top_p only shape sampling: leave them out, or give a "
+                              "temperature > 0")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise GenerationError(f"top_k = {top_k!r}: expected an integer >= 1 (or none: every "
+                              "token)")
+    if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
+        raise GenerationError(f"top_p = {top_p!r}: expected a probability in (0, 1] (1: every "
+                              "token)")
+    stops = []
+    for s in stop or ():
+        ids = list(s.encode("utf-8") if isinstance(s, str) else s)
+        if not ids:
+            raise GenerationError("an empty stop sequence would stop at once: give at least one "
+                                  "token (a character) for each stop")
+        stops.append([int(t) for t in ids])
+    return prompts.astype(np.int64), single, stops
+
+
+def next_tokens(logits, temperature: float, top_k: int | None, top_p: float | None, draws):
+    """The next token of each row of logits (n, vocab), float64 on the host: the argmax at
+    temperature 0, else a draw from softmax(logits / temperature) restricted to the top_k
+    most likely tokens and to the smallest set of most likely ones whose probability reaches
+    top_p, taken by inverse CDF with the uniform draws (n,) in [0, 1). Ties keep the lower
+    token id first."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    order = np.argsort(-logits, axis=-1, kind="stable")          # most likely first
+    z = np.take_along_axis(logits, order, axis=-1) / temperature
+    p = np.exp(z - z[:, :1])
+    if top_k is not None:
+        p[:, top_k:] = 0.0
+    p /= p.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        # drop a token when the more likely ones already reach top_p (the first always stays)
+        p[np.cumsum(p, axis=-1) - p >= top_p] = 0.0
+    cdf = np.cumsum(p, axis=-1)
+    pick = (cdf < (draws * cdf[:, -1])[:, None]).sum(axis=-1)
+    pick = np.minimum(pick, logits.shape[-1] - 1)
+    return order[np.arange(len(order)), pick]

@@ -303,7 +303,11 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         if self.beta:
             commit = x - codes.detach()
             loss = loss + self.beta * (commit * commit).mean()
-        quantized = x + (codes - x).detach()
+        # the code itself, exactly (x - x is 0), with x's gradient: x + (code - x) would be
+        # the code up to rounding that depends on x, and the relation of two equal
+        # consecutive codes (KGVQCodebook: code - previous) would be that rounding noise,
+        # ternarised into an arbitrary relation code
+        quantized = codes.detach() + (x - x.detach())
         return VQOutput(quantized, indices.reshape(x.shape[:-1]), loss)
 
     def restart_due(self) -> bool:
