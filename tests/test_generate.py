@@ -23,6 +23,7 @@ CONFIGS = {
     "small-nope-active-routed": dict(SMALL, position="nope", graph_capacity=128,
                                      vq_search="routed"),
     "small-no-shared-vq": dict(SMALL, position="alibi", use_shared_vq=False),
+    "small-memory-values": dict(SMALL, position="alibi", memory_values=True),
 }
 
 

@@ -56,6 +56,8 @@ class Config:
     use_composite_head: bool = True
     memory_values: bool = False    # the code memory reads a value table (rows trained by the
                                    # loss, one per code) beside the code itself
+    quiet_memory: bool = False     # the code memory's readouts start at 1/8 of unit scale, so
+                                   # the untrained memory adds little noise to the stream
     recompute: bool = False        # keep one block's activations, recompute each in backward:
                                    # bit-identical training, far less memory, a second forward
     recompute_keep: int = 0        # with recompute: the last this-many blocks keep their

@@ -257,20 +257,27 @@ class MoEGraph(Module):
         choice, gates, aux = self.route(h)
         out = self.experts_forward(h, choice, gates)
         if memory is not None:
-            read = memory(self.code_in(h))
+            added, read = self.read_memory(h, memory, values)
             aux = aux + read.loss
-            g = read.quantized
-            if values is not None:   # what the chosen code has learned to add
-                g = g + values(read.indices, check=False)
-            if self.use_edges:
-                g = g + self.expand(values if values is not None else memory, read.indices,
-                                    check=False)
-                if self.training and is_grad_enabled():
-                    self.learn_edges(read.quantized, read.indices, B, T)
-            out = out + self.code_out(g)
+            if self.use_edges and self.training and is_grad_enabled():
+                self.learn_edges(read.quantized, read.indices, B, T)
+            out = out + added
         return out.reshape(B, T, d), aux
 
-    def decode(self, x: Tensor, memory: TernaryVQCodebook | None) -> Tensor:
+    def read_memory(self, h: Tensor, memory: TernaryVQCodebook, values=None):
+        """(what the code memory adds to h (N, d), the VQ read): the chosen code, plus its
+        value row when the model has memory values, plus one hop along its edges, back to the
+        model width through code_out."""
+        read = memory(self.code_in(h))
+        g = read.quantized
+        if values is not None:   # what the chosen code has learned to add
+            g = g + values(read.indices, check=False)
+        if self.use_edges:
+            g = g + self.expand(values if values is not None else memory, read.indices,
+                                check=False)
+        return self.code_out(g), read
+
+    def decode(self, x: Tensor, memory: TernaryVQCodebook | None, values=None) -> Tensor:
         """forward's output for inference (eval, no gradient): the same routing, code-memory
         read and hop, with each expert run on its routed rows through the packed product
         (routed_experts) instead of on fixed tiles of widened weights. Every routed entry runs
@@ -281,11 +288,7 @@ class MoEGraph(Module):
         choice, gates, _ = self.route(h)
         out = self.routed_experts(h, choice, gates)
         if memory is not None:
-            read = memory(self.code_in(h))
-            g = read.quantized
-            if self.use_edges:
-                g = g + self.expand(memory, read.indices, check=False)
-            out = out + self.code_out(g)
+            out = out + self.read_memory(h, memory, values)[0]
         return out.reshape(B, T, d)
 
     def routed_experts(self, h: Tensor, choice, gates: Tensor) -> Tensor:
@@ -336,6 +339,14 @@ def top_k(probs, k: int):
 
 
 VALUE_EXPONENT = -24   # memory values start at scale 2**(-24/8) = 1/8
+QUIET_STEPS = 24       # quiet_memory: readouts start 24 exponent steps (x 1/8) below unit scale
+
+
+def quieten(layer: TernaryLinear, steps: int) -> None:
+    """Lower every row scale of a fresh layer by `steps` exponent steps (2**(-steps/8))."""
+    if not backend.is_meta(layer.E):
+        xp = backend.get_array_module(layer.E)
+        layer.E[...] = xp.maximum(layer.E.astype(np.int16) - steps, -128).astype(np.int8)
 
 EXPERT_TILE = 128   # rows of an expert tile: the grouped product's unit of work
 
@@ -401,11 +412,12 @@ class Block(Module):
             return recompute(block, x)
         return block(x)
 
-    def decode(self, x: Tensor, memory, keys, values, start: int) -> Tensor:
+    def decode(self, x: Tensor, memory, keys, values, start: int,
+               memory_values=None) -> Tensor:
         """forward's output for the tokens at positions start … of a cached stream
         (Attention.decode, MoEGraph.decode)."""
         x = x + self.attn.decode(F.rms_norm(x), keys, values, start)
-        return x + self.moe.decode(F.rms_norm(x), memory)
+        return x + self.moe.decode(F.rms_norm(x), memory, memory_values)
 
 
 class CompositeHead(Module):
@@ -451,6 +463,10 @@ class CodeMemoryLM(Module):
                                  device=device)
         self.head = CompositeHead(c.d_model, c.vocab_size, c.codebook_dim, device)
         self.head.composite = c.use_composite_head
+        if c.quiet_memory:
+            for layer in [blk.moe.code_out for blk in self.blocks] + [
+                    self.head.code_read, self.head.relation_read, self.head.graph_read]:
+                quieten(layer, QUIET_STEPS)
         if c.memory_values:
             # one value row per code, starting small (scale 2**-3) so that the untrained
             # values add little noise to what the code itself reads
@@ -494,21 +510,31 @@ class CodeMemoryLM(Module):
             aux = a if aux is None else aux + a
         code = relation = graph = None
         if c.use_shared_vq:
-            vq = self.shared_vq(self.motif(F.rms_norm(x)))
-            aux = aux + vq.loss
-            code = vq.quantized
-            if values is not None:
-                code = code + values(vq.indices, check=False)
-            if c.use_graph_edges:
-                graph = self.blocks[-1].moe.expand(values if values is not None else self.shared_vq,
-                                                   vq.indices, check=False).reshape(
-                    B, T, c.codebook_dim)
-            if c.use_kgvq:
-                previous = F.concat([code[:, :1] * 0.0, code[:, :-1]], axis=1)
-                rel = self.kgvq(previous, code)
-                aux = aux + rel.loss
-                relation = rel.quantized
+            code, relation, graph, loss = self.code_reads(x, values)
+            aux = aux + loss
         return self.head(x, code, relation, graph), aux
+
+    def code_reads(self, x: Tensor, values=None, first_previous=None):
+        """What the head reads of the code memory for x (B, T, d): (code, relation code,
+        graph hop, their VQ losses). The code of position t is the nearest shared code to
+        motif(x_t) (plus its value row with memory values); the relation composes it with
+        position t-1's code, which for the first position is `first_previous` (B, 1, dim)
+        (a decode's cached code), else zero."""
+        c = self.config
+        B, T = x.shape[:2]
+        vq = self.shared_vq(self.motif(F.rms_norm(x)))
+        loss, code, relation, graph = vq.loss, vq.quantized, None, None
+        if values is not None:
+            code = code + values(vq.indices, check=False)
+        if c.use_graph_edges:
+            graph = self.blocks[-1].moe.expand(values if values is not None else self.shared_vq,
+                                               vq.indices, check=False).reshape(
+                B, T, c.codebook_dim)
+        if c.use_kgvq:
+            first = code[:, :1] * 0.0 if first_previous is None else Tensor(first_previous)
+            rel = self.kgvq(F.concat([first, code[:, :-1]], axis=1), code)
+            loss, relation = loss + rel.loss, rel.quantized
+        return code, relation, graph, loss
 
     def loss(self, tokens, targets, *, check=True):
         """(total loss, cross-entropy in nats per token) for next-token prediction (check:
@@ -555,21 +581,15 @@ class CodeMemoryLM(Module):
         xp = backend.get_array_module(self.embed.T_packed)
         tokens = xp.asarray(tokens)
         memory = self.shared_vq if c.use_shared_vq else None
+        memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=False)
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
-            x = block.decode(x, memory, keys, values, start)
+            x = block.decode(x, memory, keys, values, start, memory_values)
         code = relation = graph = None
         if c.use_shared_vq:
-            vq = self.shared_vq(self.motif(F.rms_norm(x)))
-            code = vq.quantized
-            if c.use_graph_edges:
-                graph = self.blocks[-1].moe.expand(self.shared_vq, vq.indices, check=False).reshape(
-                    B, T, c.codebook_dim)
-            if c.use_kgvq:
-                first = xp.zeros((B, 1, c.codebook_dim), code.dtype) if cache.code is None \
-                    else cache.code
-                previous = F.concat([Tensor(first), code[:, :-1]], axis=1)
-                relation = self.kgvq(previous, code).quantized
+            first = xp.zeros((B, 1, c.codebook_dim), x.data.dtype) if cache.code is None \
+                else cache.code
+            code, relation, graph, _ = self.code_reads(x, memory_values, first)
             cache.code = code.data[:, -1:]
         cache.length = start + T
         return self.head(x, code, relation, graph)
