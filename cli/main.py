@@ -214,11 +214,24 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@click.option("--no-verify", "no_verify", is_flag=True,
+              help="Show what can be read without checking the file first (marked NOT "
+              "VERIFIED, with what could not be read; exit 1 only when nothing can be read).")
 @user_errors_are_one_line
-def inspect(checkpoint, as_json):
-    """Show what a checkpoint holds: module tree, shapes, dtypes, trits, bytes, config, step."""
-    from tritnet.checkpoint import inspect_checkpoint, render_inspection
-    info = inspect_checkpoint(checkpoint)
+def inspect(checkpoint, as_json, no_verify):
+    """Show what a checkpoint holds: module tree, shapes, dtypes, trits, bytes, config, step.
+
+    The whole file is verified first, as a load would: any damage prints one error line and
+    exits 1."""
+    from tritnet.checkpoint import CheckpointError, inspect_checkpoint, read_header, \
+        render_inspection
+    if not no_verify:
+        module = read_header(checkpoint)["module"]
+        if module != "CodeMemoryLM":
+            raise CheckpointError(f"checkpoint {checkpoint} holds a {module}, which tritnet "
+                                  "inspect cannot check against its model (it knows "
+                                  "CodeMemoryLM); --no-verify shows it unchecked")
+    info = inspect_checkpoint(checkpoint, verify=not no_verify)
     click.echo(json.dumps(info) if as_json else render_inspection(info))
 
 

@@ -12,23 +12,25 @@ import numpy as np
 
 from . import backend
 from .autograd import no_grad
-from .checkpoint import CheckpointError, load_checkpoint, read_header
-from .config import Config, ConfigError
+from .checkpoint import CheckpointError, verify_checkpoint
+from .config import Config
 from .data import DataError
 from .models import CodeMemoryLM
 
 
 def load_model(path, device=None):
-    """(model in eval mode, its Config) from a checkpoint; the config is the file's own."""
-    header = read_header(path)
-    try:
-        config = Config().override(**header["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {os.fspath(path)}: its config cannot be used ({e}); "
-                              "was it written by a newer tritnet?") from None
+    """(model in eval mode, its Config) from a checkpoint; the config is the file's own. The
+    file is verified whole (against the model its config describes, built on the meta device)
+    before the model is built."""
+    ckpt = verify_checkpoint(path)
+    if ckpt.module != "CodeMemoryLM":
+        raise CheckpointError(f"checkpoint {os.fspath(path)} holds a {ckpt.module}, not "
+                              "tritnet's language model (CodeMemoryLM); load it with "
+                              "tritnet.checkpoint.load_checkpoint and your model")
+    config = Config().override(**ckpt.config)   # verified: a valid Config
     backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
     model = CodeMemoryLM(config)
-    load_checkpoint(path, model)
+    ckpt.load_into(model)
     model.eval()
     return model, config
 

@@ -331,8 +331,7 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     # Fixed held-out windows: every evaluation scores the same text, so numbers compare.
     val_batches = list(tdata.eval_batches(corpus.val, config.batch_size, config.seq_len,
                                           config.eval_batches))
-    data_id = {"source": corpus.source, "train_tokens": len(corpus.train),
-               "val_tokens": len(corpus.val), "vocab_size": corpus.vocab_size}
+    data_id = corpus.identity()
 
     # Model and optimiser, then the run's starting point.
     model, optimizer = build(config)
@@ -342,9 +341,12 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     step, elapsed_before, summary = 0, 0.0, {}
     if resume:
         ckpt = load_checkpoint(ckpt_path, model, optimizer, restore_rng=True)
-        if ckpt.train_state.get("data_id", data_id) != data_id:
+        saved_id = ckpt.train_state.get("data_id")
+        if saved_id is not None and not tdata.same_data(saved_id, data_id):
             raise TrainError(f"resume: {ckpt_path} was trained on other data "
-                             f"({ckpt.train_state['data_id']['source']}); pass the run's --data")
+                             f"({saved_id['source']}: {saved_id['train_tokens']:,} + "
+                             f"{saved_id['val_tokens']:,} tokens, sha256 "
+                             f"{saved_id['sha256'][:12]}...); pass the run's --data")
         batches.load_state_dict(ckpt.train_state["data"])
         step = int(ckpt.step)
         elapsed_before = float(ckpt.train_state.get("elapsed", 0.0))
