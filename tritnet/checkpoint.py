@@ -30,7 +30,8 @@ Layout of a file (read it with `tritnet inspect`, plain h5py, or `h5ls -r` / `h5
 Writes are atomic: the file is written to `.NAME.tmp-PID` beside the target, flushed and
 fsynced, renamed onto the target with os.replace, and the directory is fsynced. A save never
 writes into an existing checkpoint, so a crash (even SIGKILL) at any moment leaves the previous
-checkpoint whole.
+checkpoint whole. The space a save needs is reserved (posix_fallocate) before HDF5 writes a
+byte: a full disk fails the save there, with its temporary file removed.
 
 Reading trusts nothing in the file: `verify_checkpoint` checks all of it against the model
 before anything is loaded (the guarantees are listed on it), and load_checkpoint, read_header
@@ -39,6 +40,7 @@ and inspect_checkpoint go through it.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -254,6 +256,78 @@ def _remove_stale_temporaries(directory, base):
             pass
 
 
+def _size_bound(tensors, groups, attrs, compression) -> int:
+    """More bytes than the file will take: the datasets' bytes, the attributes' text twice,
+    and 4 KB per group or dataset for HDF5's object headers, indexes and heaps (measured:
+    under 1 KB), plus 64 KB."""
+    data = 0
+    for t in tensors.values():
+        shape, dtype = _disk_shape(t)
+        data += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if compression:
+        data += data // 64   # chunk indexes, and deflate's worst case on random bytes
+    text = sum(len(str(v).encode()) for v in attrs.values())
+    return data + 2 * text + 4096 * (len(tensors) + len(groups)) + (1 << 16)
+
+
+class _ReservedFile:
+    """The temporary file as HDF5 sees it (h5py's file-object driver): its space is reserved
+    before HDF5 writes anything, so that HDF5 never meets a full disk (its error path on a
+    failed write can crash the process). Writes past the reservation, which the bound
+    should never let happen, reserve more first."""
+
+    def __init__(self, fd, reserved):
+        self.fd, self.reserved, self.pos, self.size = fd, reserved, 0, 0
+
+    def seek(self, offset, whence=0):
+        self.pos = (offset, self.pos + offset, self.size + offset)[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")
+        n = os.preadv(self.fd, [view], self.pos) if self.pos < self.reserved else 0
+        view[n:] = bytes(len(view) - n)   # past the end reads as zeros, as HDF5 expects
+        self.pos += len(view)
+        return len(view)
+
+    def read(self, n):
+        out = bytearray(n)
+        self.readinto(out)
+        return bytes(out)
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        end = self.pos + len(view)
+        if end > self.reserved:
+            _reserve(self.fd, self.reserved, end - self.reserved + (1 << 20))
+            self.reserved = end + (1 << 20)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self.pos + done)
+        self.pos = end
+        self.size = max(self.size, end)
+        return len(view)
+
+    def truncate(self, size):
+        self.size = size   # the file is cut to this size once HDF5 has closed it
+        return size
+
+    def flush(self):
+        pass
+
+
+def _reserve(fd, offset, length):
+    """posix_fallocate, where the filesystem has it (some, such as ZFS, do not)."""
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
 def _write_tensor(f, t: _Tensor, compression):
     path = t.name.replace(".", "/")
     parent, _, leaf = path.rpartition("/")
@@ -294,6 +368,9 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
     anything the loop needs to resume; `optimizer` (TritFlip.state_dict()) and `tritnet_rng`
     (tritnet.random's state) are added. metrics_summary: optional, shown by inspect.
     compression: None (default: fastest) or "gzip". Returns the path written.
+
+    A failure (a full or read-only disk, ...) raises CheckpointError naming the path and the
+    cause; the temporary file is removed and the previous checkpoint at `path` is untouched.
     """
     path = os.fspath(path)
     if compression not in (None, "gzip"):
@@ -339,13 +416,18 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
                               "as ckpt.h5")
     try:
         os.makedirs(directory, exist_ok=True)
+        _remove_stale_temporaries(directory, base)
     except OSError as e:
-        raise CheckpointError(f"save_checkpoint: cannot create directory {directory}: "
-                              f"{e.strerror}") from None
-    _remove_stale_temporaries(directory, base)
+        raise CheckpointError(f"save_checkpoint: cannot write in {directory} ({e.strerror}); "
+                              "choose another --out") from None
     tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}")
+    fd = None
     try:
-        with h5py.File(tmp, "w", track_order=True) as f:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        reserved = _size_bound(tensors, groups, attrs, compression)
+        _reserve(fd, 0, reserved)
+        reserved_file = _ReservedFile(fd, reserved)
+        with h5py.File(reserved_file, "w", track_order=True) as f:
             for k, v in attrs.items():
                 f.attrs[k] = np.int64(v) if k == "format_version" else v
             f.attrs["crc32"] = np.uint32(crc)
@@ -353,18 +435,23 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
                 f.create_group(name, track_order=True).attrs["module"] = cls
             for t in tensors.values():
                 _write_tensor(f, t, compression)
-            f.flush()
-        _fsync(tmp)
+        os.ftruncate(fd, reserved_file.size)   # gives back what the reservation did not use
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
         os.replace(tmp, path)
     except BaseException as e:  # KeyboardInterrupt included: never leave a half file behind
+        if fd is not None:
+            os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise CheckpointError(f"save_checkpoint: could not write {path} ({e}); the previous "
-                                  "checkpoint there, if any, is untouched. Free disk space or "
-                                  "choose another --out") from None
+            cause = e.strerror or str(e).splitlines()[0]
+            raise CheckpointError(f"save_checkpoint: cannot write {path} ({cause}); the "
+                                  "previous checkpoint there, if any, is untouched. Free disk "
+                                  "space or choose another --out") from None
         raise
     try:
         _fsync(directory, directory=True)   # makes the rename itself durable

@@ -12,8 +12,10 @@ under a second.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -157,13 +159,21 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path) -> None:
-        """Write JSON (.json) or TOML (.toml), chosen by the suffix."""
+        """Write JSON (.json) or TOML (.toml), chosen by the suffix; atomically (a temporary
+        file renamed onto `path`), so a failed write leaves the file there as it was."""
         path = Path(path)
         if path.suffix == ".toml":
-            lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_dict().items()]
-            path.write_text("\n".join(lines) + "\n")
+            text = "\n".join(f"{k} = {_toml_value(v)}" for k, v in self.to_dict().items())
         else:
-            path.write_text(self.to_json() + "\n")
+            text = self.to_json()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def override(self, **values) -> "Config":
         """A validated copy with `values` replacing fields (None values are ignored)."""

@@ -172,13 +172,42 @@ def _trim_metrics(path, last_step):
         except (ValueError, KeyError, TypeError):
             return False
 
-    with open(path) as fh:
-        lines = fh.readlines()
-    keep = [line for line in lines if kept(line)]
-    if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as fh:
-            fh.writelines(keep)
-        os.replace(path + ".tmp", path)
+    tmp = path + ".tmp"
+    try:
+        with open(path) as fh:
+            lines = fh.readlines()
+        keep = [line for line in lines if kept(line)]
+        if len(keep) != len(lines):
+            with open(tmp, "w") as fh:
+                fh.writelines(keep)
+            os.replace(tmp, path)
+    except (OSError, UnicodeDecodeError) as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise TrainError(f"resume: cannot rewrite {path} without the rows after the "
+                         f"checkpoint's step {last_step} ({getattr(e, 'strerror', None) or e}); "
+                         "it is as it was. Free disk space (or make the folder writable), then "
+                         "--resume again") from None
+
+
+def _append_metrics(path, row, ckpt_path):
+    """Add one row to metrics.jsonl, whole or not at all."""
+    line, end = (json.dumps(row) + "\n").encode(), None
+    try:
+        with open(path, "ab", buffering=0) as fh:
+            end = fh.seek(0, os.SEEK_END)
+            done = 0
+            while done < len(line):
+                done += fh.write(line[done:])
+    except OSError as e:
+        if end is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(path, end)
+        kept = (f"the steps since its last checkpoint ({ckpt_path}) are lost; free disk "
+                "space, then --resume") if os.path.exists(ckpt_path) else \
+            "it had saved no checkpoint yet; free disk space and start it again (--overwrite)"
+        raise TrainError(f"cannot write {path} ({e.strerror}): the run stopped at step "
+                         f"{row['step']}, and {kept}") from None
 
 
 def _duration(seconds) -> str:
@@ -362,8 +391,8 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             os.makedirs(out_dir, exist_ok=True)
             config.save(os.path.join(out_dir, "config.json"))
         except OSError as e:
-            raise TrainError(f"cannot write the run folder {out_dir} ({e.strerror}); choose "
-                             "another --out") from None
+            raise TrainError(f"cannot write {os.path.join(out_dir, 'config.json')} "
+                             f"({e.strerror}); free disk space or choose another --out") from None
     shards = config.micro_batches
     local_shards, shard_rows = shards // group.size, config.batch_size // shards
     reducer = distributed.StepReducer(model, group, shards) if shards > 1 else None
@@ -400,8 +429,7 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
 
     def record(row):
         if is_main:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            _append_metrics(metrics_path, row, ckpt_path)
 
     # A step's row is written once its update's statistics are known: they come back with
     # the next step's loss (one host sync a step, as before), or are read at once before
