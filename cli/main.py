@@ -263,7 +263,8 @@ def sample(checkpoint, prompt, n_tokens, temperature, top_k, seed, device):
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--data", "data_path", type=click.Path(),
-              help="Data whose held-out split to score (default: the default corpus).")
+              help="Data whose held-out split to score (default: the default corpus, if the "
+              "run was trained on it).")
 @click.option("--dtype", type=click.Choice(["uint8", "uint16"]), help="Token dtype of a .bin.")
 @click.option("--batches", type=click.IntRange(min=0), default=None,
               help="Held-out batches to score (default: the config's eval_batches; 0: all).")
@@ -273,17 +274,31 @@ def sample(checkpoint, prompt, n_tokens, temperature, top_k, seed, device):
 @click.option("--device", type=DeviceChoice(), default=None, help="auto, cpu or cuda.")
 @user_errors_are_one_line
 def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
-    """Held-out bits per byte of a checkpoint's model, beside the bigram baseline."""
+    """Held-out bits per byte of a checkpoint's model, beside the bigram baseline.
+
+    Without --data it scores the default corpus's held-out split, and refuses a checkpoint
+    trained on other data (it names that data: pass it, or any data, with --data)."""
     from tritnet import data as tdata
+    from tritnet.checkpoint import read_header
+    from tritnet.config import ConfigError
     from tritnet.sample import load_model
     from tritnet.train import evaluate as run_evaluate
     model, config = load_model(checkpoint, device=device)
-    from tritnet.config import ConfigError
+    trained_on = read_header(checkpoint)["train_state"].get("data_id")
     seq_len = config.seq_len if seq_len is None else seq_len
     if seq_len > config.context:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context = {config.context}; "
                           f"score windows of at most {config.context} tokens")
     corpus = tdata.load_corpus(data_path, dtype=dtype)
+    if corpus.vocab_size > config.vocab_size:
+        raise tdata.DataError(f"{corpus.source} has vocabulary {corpus.vocab_size}, the model "
+                              f"{config.vocab_size}: it cannot score tokens >= "
+                              f"{config.vocab_size}; pass data of the model's vocabulary")
+    own = trained_on is None or tdata.same_data(trained_on, corpus.identity())
+    if not own and data_path is None:
+        raise tdata.DataError(f"{checkpoint} was trained on {trained_on['source']}, not on the "
+                              "default corpus; score its own held-out split with --data "
+                              "pointing at that data, or other data with --data PATH")
     corpus.check_seq_len(seq_len)
     limit = config.eval_batches if batches is None else (batches or None)
     windows = list(tdata.eval_batches(corpus.val, config.batch_size, seq_len, limit))
@@ -292,8 +307,9 @@ def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
     val = tdata.bits_per_byte(run_evaluate(model, windows), per_byte)
     bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size, per_byte)
     n = sum(x.size for x, _ in windows)
-    click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source} | "
-               f"bigram baseline {bigram:.4f} {unit}")
+    other = "" if own else f" (not its training data, {trained_on['source']})"
+    click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source}"
+               f"{other} | bigram baseline {bigram:.4f} {unit}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -390,3 +390,88 @@ def test_schedule_clip_and_recompute_flags_reach_the_run_config(files):
     fails(files, train_args(files, files / "bad", "--grad-clip-units", 200),
           r"config field grad_clip_units = 200 is out of range: expected 0 <= grad_clip_units "
           r"<= 127")
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: one run at a time, the data recognised by what was read, eval on the run's data.
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_runs_lock_does_not_block(files):
+    out = files / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRITNET_DEVICE="cpu")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "train", "--config", str(files / "small.json"),
+         "--data", str(files / "code.txt"), "--out", str(out), "--steps", "100000",
+         "--save-every", "1", "--eval-every", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "ckpt.h5").exists() and time.monotonic() < deadline \
+                and child.poll() is None:
+            time.sleep(0.05)
+        assert (out / "ckpt.h5").exists(), child.communicate(timeout=30)
+        fails(files, train_args(files, out, "--resume"),
+              rf"run folder {out} is in use by another run \(pid {child.pid}\); wait for it to "
+              r"end, or choose another --out")
+        fails(files, train_args(files, out, "--overwrite"), r"is in use by another run")
+        child.kill()   # SIGKILL: its lock file stays behind, unlocked
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+    assert (out / ".lock").exists()
+    step = load_checkpoint(out / "ckpt.h5").step
+    res = cli(*train_args(files, out, "--resume", "--steps", step + 1))
+    assert res.exit_code == 0, res.output
+    assert not (out / ".lock").exists()
+
+
+def test_resume_recognises_the_data_by_its_contents(run, files, monkeypatch):
+    elsewhere = files / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "renamed.txt").write_text(TEXT)
+    monkeypatch.chdir(files)
+    res = cli("train", "--out", "run", "--resume", "--steps", 5, "--data", "./code.txt")
+    assert res.exit_code == 0, res.output
+    res = cli("train", "--out", run, "--resume", "--steps", 6, "--data",
+              elsewhere / "renamed.txt")
+    assert res.exit_code == 0, res.output
+    (elsewhere / "edited.txt").write_text(TEXT.replace("return", "retrun", 1))
+    fails(files, ["train", "--out", run, "--resume", "--steps", 8, "--data",
+                  elsewhere / "edited.txt"],
+          rf"resume: .*ckpt.h5 was trained on other data \({elsewhere}/renamed.txt: 12,\d+ \+ "
+          r"\d+ tokens, "
+          r"sha256 [0-9a-f]{12}\.\.\.\); pass the run's --data")
+
+
+def test_eval_scores_the_runs_data_or_says_how(run, files):
+    fails(files, ["eval", run / "ckpt.h5"],
+          rf"ckpt.h5 was trained on {files}/code.txt, not on the default corpus; score its "
+          r"own held-out split with --data")
+    (files / "other.txt").write_text(TEXT.upper())
+    res = cli("eval", run / "ckpt.h5", "--data", files / "other.txt")
+    assert res.exit_code == 0, res.output
+    assert f"of {files}/other.txt (not its training data, {files}/code.txt)" in res.stdout
+    res = cli("eval", run / "ckpt.h5", "--data", files / "code.txt")
+    assert res.exit_code == 0 and "not its training data" not in res.stdout, res.output
+
+
+def test_eval_refuses_tokens_above_the_vocabulary(run, files):
+    (files / "tokens.bin").write_bytes(np.arange(2000, dtype=np.uint16).tobytes())
+    fails(files, ["eval", run / "ckpt.h5", "--data", files / "tokens.bin", "--dtype",
+                  "uint16"],
+          r"tokens.bin has vocabulary 2000, the model 256: it cannot score tokens >= 256")
+
+
+def test_extending_a_finished_run_evaluates_its_new_last_step(files):
+    out = files / "run"
+    assert cli(*train_args(files, out, "--eval-every", 0, "--steps", 2)).exit_code == 0
+    old = load_checkpoint(out / "ckpt.h5").metrics["val_bpb"]
+    res = cli(*train_args(files, out, "--resume", "--eval-every", 0, "--steps", 4))
+    assert res.exit_code == 0, res.output
+    new = load_checkpoint(out / "ckpt.h5").metrics["val_bpb"]
+    assert new != old and f"done: step 4, held-out {new:.4f} bpb" in res.stdout
+    score = cli("eval", out / "ckpt.h5", "--data", files / "code.txt")
+    assert f"held-out {new:.4f} bpb" in score.stdout, score.output

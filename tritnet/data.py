@@ -77,15 +77,16 @@ class Corpus:
             _check_length(name, self.split(name), seq_len, self.source)
 
     def identity(self) -> dict:
-        """What a checkpoint records of the data it was trained on: the source (for messages),
-        the splits' lengths, the vocabulary and a sha256 of the tokens read (train, then
-        held-out), so the same data is recognised however it is named."""
+        """What a checkpoint records of the data it was trained on: the source (for messages;
+        a path made absolute), the splits' lengths, the vocabulary and a sha256 of the tokens
+        read (train, then held-out), so the same data is recognised however it is named."""
         digest = hashlib.sha256()
         for split in (self.train, self.val):
             digest.update(np.dtype(split.dtype).str.encode() + len(split).to_bytes(8, "little"))
             for i in range(0, len(split), 1 << 24):   # a large memmap in pieces
                 digest.update(np.ascontiguousarray(split[i:i + (1 << 24)]))
-        return {"source": self.source, "train_tokens": len(self.train),
+        source = os.path.abspath(self.source) if os.path.exists(self.source) else self.source
+        return {"source": source, "train_tokens": len(self.train),
                 "val_tokens": len(self.val), "vocab_size": int(self.vocab_size),
                 "sha256": digest.hexdigest()}
 

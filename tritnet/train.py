@@ -33,6 +33,7 @@ hold identical state.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import math
@@ -210,6 +211,55 @@ def _append_metrics(path, row, ckpt_path):
                          f"{row['step']}, and {kept}") from None
 
 
+class _RunLock:
+    """The lock of a run folder: `.lock` in it, held (flock) while a run uses the folder.
+
+    The kernel drops the lock when its process ends, however it ends, so the file a killed run
+    leaves behind never blocks the next one; it holds the holder's pid, for the message. A
+    folder the lock created is removed again if the run leaves nothing else in it."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, ".lock")
+
+    def __enter__(self):
+        self.created = not os.path.isdir(self.out_dir)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                    os.close(fd)
+                    raise TrainError(f"run folder {self.out_dir} is in use by another run (pid "
+                                     f"{holder}); wait for it to end, or choose another "
+                                     "--out") from None
+                try:   # the holder that just let go may have removed the file: lock the new one
+                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+        except OSError as e:
+            raise TrainError(f"cannot lock the run folder {self.out_dir} ({e.strerror}); "
+                             "choose another --out") from None
+        with contextlib.suppress(OSError):   # only for the message; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.out_dir)   # only if empty: a run that failed at its start
+        return False
+
+
 def _duration(seconds) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -289,6 +339,14 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     DistributedError with a message that says how to fix the problem, and KeyboardInterrupt
     after saving on Ctrl-C.
     """
+    with contextlib.ExitStack() as held:   # the run folder's lock, however the run ends
+        return _train(config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                      device=device, tokens=tokens, log=log, progress=progress, dtype=dtype,
+                      gpus=gpus, group=group, held=held)
+
+
+def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, progress, dtype,
+           gpus, group, held) -> dict:
     out_dir = os.fspath(out_dir)
     config = config.validate()
     if gpus is not None and (not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1):
@@ -325,6 +383,8 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
                          f"in {out_dir}, --overwrite starts a new one there")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TrainError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if is_main:
+        held.enter_context(_RunLock(out_dir))
     existing = _existing_run(out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.h5")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -379,7 +439,8 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
         batches.load_state_dict(ckpt.train_state["data"])
         step = int(ckpt.step)
         elapsed_before = float(ckpt.train_state.get("elapsed", 0.0))
-        summary = dict(ckpt.metrics or {})
+        # its held-out score is the old step's: the run evaluates again before it reports one
+        summary = {k: v for k, v in (ckpt.metrics or {}).items() if k != "val_bpb"}
         if is_main:
             _trim_metrics(metrics_path, step)
         log(f"resumed from {ckpt_path} at step {step}")
