@@ -1,13 +1,16 @@
 """`tritnet`: the click application behind the console script.
 
-Commands parse options and call the library (tritnet.train, tritnet.sample, ...). A user error
-(bad data, a bad checkpoint, an invalid config value, no GPU, a refused run folder, a NaN loss)
-prints one line, `tritnet: error: ...`, on stderr and exits 1, without a traceback unless
---debug; click's own usage errors exit 2; Ctrl-C exits 130.
+Commands parse options and call the library (tritnet.train, tritnet.sample, ...). Every error
+prints one line on stderr, `tritnet: error: ...`, without a traceback (unless --debug), and
+exits 2 when the command line itself is wrong (an unknown command or option, a missing
+argument, a value of the wrong type, options that exclude each other), 1 for everything else
+(bad data, a bad checkpoint, an invalid config value, no GPU, a refused run folder, a NaN
+loss, a full disk); Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,7 +34,42 @@ class DeviceChoice(click.Choice):
         super().__init__(["auto", "cpu", "cuda"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineError(click.ClickException):
+    """A click error shown as every tritnet error is: one line, `tritnet: error: ...`."""
+
+    def __init__(self, error: click.ClickException):
+        ctx = getattr(error, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        super().__init__(error.format_message() + hint)
+        self.exit_code = error.exit_code
+
+    def show(self, file=None):
+        click.echo("tritnet: error: " + " ".join(self.format_message().split()), err=True)
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    try:
+        yield
+    except _OneLineError:
+        raise
+    except click.ClickException as e:
+        raise _OneLineError(e) from None
+
+
+class _Tritnet(click.Group):
+    """The command group: click's own errors (parsing, usage) become one line too."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Tritnet, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(tritnet.__version__, prog_name="tritnet")
 def main():
     """tritnet: train true-ternary neural networks (packed trits, integer state, no float weights)."""

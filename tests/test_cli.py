@@ -475,3 +475,52 @@ def test_extending_a_finished_run_evaluates_its_new_last_step(files):
     assert new != old and f"done: step 4, held-out {new:.4f} bpb" in res.stdout
     score = cli("eval", out / "ckpt.h5", "--data", files / "code.txt")
     assert f"held-out {new:.4f} bpb" in score.stdout, score.output
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs that are not what they should be, and the one rule for errors.
+
+
+def test_data_that_is_not_a_regular_file(run, files):
+    os.mkfifo(files / "pipe")   # reading it would wait for a writer forever
+    fails(files, train_args(files, files / "r") + ["--data", files / "pipe"],
+          r"data path .*pipe is not a regular file \(a FIFO, socket or device\)")
+    fails(files, ["eval", run / "ckpt.h5", "--data", files / "pipe"], r"is not a regular file")
+    fails(files, ["eval", run / "ckpt.h5", "--data", "/dev/zero"], r"is not a regular file")
+
+
+def test_config_files_of_the_wrong_types_or_encoding(files):
+    (files / "list.json").write_text(json.dumps({"preset": [1]}))
+    fails(files, ["train", "--config", files / "list.json", "--out", files / "r"],
+          r"config file .*list.json: unknown preset \[1\]: expected one of tiny, small")
+    (files / "latin1.toml").write_bytes("# réglages\nsteps = 3\n".encode("latin-1"))
+    fails(files, ["train", "--config", files / "latin1.toml", "--out", files / "r"],
+          r"config file .*latin1.toml is not UTF-8 text \(byte 3 is 0xe9\); save it as UTF-8")
+    (files / "types.toml").write_text('steps = "many"\n')
+    fails(files, ["train", "--config", files / "types.toml", "--out", files / "r"],
+          r"config file .*types.toml: config field steps = 'many': expected int")
+    os.mkfifo(files / "config.json")
+    fails(files, ["train", "--config", files / "config.json", "--out", files / "r"],
+          r"config file .*config.json is not a regular file")
+    fails(files, ["trace", "--config", files / "list.json"], r"unknown preset \[1\]")
+    assert not (files / "r").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--bogus"], r"No such option '--bogus'.* \(see `\S+ train --help`\)"),
+    (["train", "--steps", "many"], r"Invalid value for '--steps': 'many' is not a valid "
+                                   r"integer"),
+    (["train", "--steps", 2, "--tokens", 64], r"give --steps or --tokens, not both"),
+    (["train", "--resume", "--overwrite"], r"give one of them"),
+    (["eval"], r"Missing argument 'CHECKPOINT'"),
+    (["sample", "x.h5", "--temperature", -1], r"Invalid value for '--temperature'"),
+    (["bogus"], r"No such command 'bogus'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(files, args, match):
+    fails(files, args, match, code=2)
+
+
+def test_help_and_version_still_exit_0():
+    assert cli("--help").exit_code == 0 and "inspect" in cli("--help").stdout
+    assert cli("train", "--help").exit_code == 0
+    assert cli("--version").exit_code == 0

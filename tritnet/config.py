@@ -243,7 +243,7 @@ PRESETS = {
 
 
 def preset(name: str) -> Config:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
     return Config(**PRESETS[name]).validate()
 
@@ -252,9 +252,17 @@ def load_config(path, base: Config | None = None) -> Config:
     """Fields from a JSON or TOML file over `base` (default: the tiny preset), validated."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if not path.is_file() and path.exists():
+            raise ConfigError(f"config file {path} is not a regular file; give a .json or "
+                              ".toml file")
+        blob = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot be read ({e.strerror})") from None
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start} is "
+                          f"{blob[e.start]:#04x}); save it as UTF-8") from None
     try:
         if path.suffix == ".toml":
             import tomllib  # Python ≥ 3.11
@@ -269,9 +277,9 @@ def load_config(path, base: Config | None = None) -> Config:
                           f" ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: expected a table of field = value")
-    if "preset" in values:
-        base = preset(values.pop("preset"))
     try:
+        if "preset" in values:
+            base = preset(values.pop("preset"))
         return (base or Config()).override(**values)
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None

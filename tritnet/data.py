@@ -281,6 +281,9 @@ def load_corpus(path=None, *, dtype=None) -> Corpus:
         if dtype is not None:
             raise DataError(f"--dtype applies to .bin token files; {path} is a folder of text")
         return _text_directory(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data path {path} is not a regular file (a FIFO, socket or device); "
+                        "give a text file, a folder of text files or a .bin of tokens")
     if path.endswith(".bin"):
         return _token_file(path, dtype)
     if dtype is not None:
