@@ -275,6 +275,24 @@ def inspect(checkpoint, as_json, no_verify):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Where to write the format-2 copy (default: NAME.v2.h5 beside it).")
+@user_errors_are_one_line
+def upgrade(checkpoint, out_path):
+    """Convert a format-1 checkpoint into format 2: a checked copy; the original stays.
+
+    Format 1 has no checksum over its root attributes (config, train_state, ...), so their
+    edits cannot be detected: upgrade only files you trust. To resume a run from the copy,
+    put it in the run folder as ckpt.h5."""
+    from tritnet.checkpoint import upgrade_checkpoint
+    out, lost = upgrade_checkpoint(checkpoint, out_path)
+    note = ("; the data identity was dropped (format 1 kept no hash of the data), so a resume "
+            "from it cannot check --data") if lost else ""
+    click.echo(f"wrote {out} (format 2) from {checkpoint}, which is unchanged{note}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
 @click.option("--prompt", default="", help="Text to continue (UTF-8 bytes; default: a newline).")
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=200, show_default=True,
               help="Tokens to generate.")

@@ -524,3 +524,54 @@ def test_help_and_version_still_exit_0():
     assert cli("--help").exit_code == 0 and "inspect" in cli("--help").stdout
     assert cli("train", "--help").exit_code == 0
     assert cli("--version").exit_code == 0
+
+
+def _as_format_1(path):
+    """What format 1 wrote: no root crc32, no valid_range, a data_id without a hash."""
+    with h5py.File(path, "r+") as f:
+        del f.attrs["crc32"]
+        f.attrs["format_version"] = np.int64(1)
+        state = json.loads(f.attrs["train_state"])
+        del state["data_id"]["sha256"]
+        f.attrs["train_state"] = json.dumps(state)
+
+        def strip(name, obj):
+            if "valid_range" in obj.attrs:
+                del obj.attrs["valid_range"]
+        f.visititems(strip)
+
+
+def test_a_format_1_checkpoint_is_refused_and_upgraded(run, files):
+    original = load_checkpoint(run / "ckpt.h5")
+    _as_format_1(run / "ckpt.h5")
+    before = checkpoints(files)
+    fails(files, ["sample", run / "ckpt.h5"],
+          rf"has format 1, whose root attributes .* carry no checksum.*convert it once with "
+          rf"`tritnet upgrade {run}/ckpt.h5`")
+    res = cli("upgrade", run / "ckpt.h5")
+    assert res.exit_code == 0, res.output
+    assert f"wrote {run}/ckpt.v2.h5 (format 2)" in res.stdout and "data identity" in res.stdout
+    assert checkpoints(files).items() >= before.items()   # the original is unchanged
+    copy = load_checkpoint(run / "ckpt.v2.h5")
+    assert copy.format_version == 2 and copy.step == original.step
+    assert copy.config == original.config and copy.metrics == original.metrics
+    for k in original.arrays:
+        np.testing.assert_array_equal(copy.arrays[k], original.arrays[k], err_msg=k)
+    assert {k: v for k, v in copy.train_state.items() if k != "data_id"} == \
+        {k: v for k, v in original.train_state.items() if k != "data_id"}
+    fails(files, ["upgrade", run / "ckpt.h5"], r"ckpt.v2.h5 exists; give the copy another path")
+    fails(files, ["upgrade", run / "ckpt.v2.h5", "--out", files / "x.h5"],
+          r"has format 2, not 1: there is nothing to upgrade")
+    os.replace(run / "ckpt.v2.h5", run / "ckpt.h5")   # the run goes on from the copy
+    res = cli(*train_args(files, run, "--resume", "--steps", 6))
+    assert res.exit_code == 0, res.output
+
+
+def test_upgrade_checks_what_format_1_holds(run, files):
+    _as_format_1(run / "ckpt.h5")
+    with h5py.File(run / "ckpt.h5", "r+") as f:
+        edges = f["blocks/0/moe/graph/edge_index"]
+        edges[1, 0] = 5000
+        edges.attrs["crc32"] = np.uint32(zlib.crc32(edges[()].tobytes()))
+    fails(files, ["upgrade", run / "ckpt.h5"], r"edge_index` holds 5000, outside its range")
+    assert not (run / "ckpt.v2.h5").exists()

@@ -545,7 +545,9 @@ def _attr(path, obj, name, where, kind):
     return int(value)
 
 
-def _root_attrs(path, f) -> dict:
+def _root_attrs(path, f, format1=False) -> dict:
+    """The root attributes, as text (format_version an int). format1: of a format-1 file,
+    which has no root crc32 (for upgrade_checkpoint)."""
     names = set(f.attrs.keys())
     fmt = _attr(path, f, "format", "root", "text") if "format" in names else None
     if fmt != FORMAT_NAME:
@@ -558,20 +560,27 @@ def _root_attrs(path, f) -> dict:
         raise CheckpointError(f"checkpoint {path} was written by a newer tritnet? format "
                               f"{version} > {FORMAT_VERSION} (this is tritnet {__version__}); "
                               "upgrade tritnet to load it")
-    if version < FORMAT_VERSION:
+    if format1 and version != 1:
+        raise CheckpointError(f"checkpoint {path} has format {version}, not 1: there is nothing "
+                              "to upgrade")
+    if version < FORMAT_VERSION and not format1:
         raise CheckpointError(
             f"checkpoint {path} has format {version}, whose root attributes (config, "
             f"train_state, ...) carry no checksum, so this tritnet (format {FORMAT_VERSION}) "
             f"cannot tell whether they were changed; convert it once with `tritnet upgrade "
-            f"{path}` (it checks everything else and writes a format-{FORMAT_VERSION} copy)")
-    unknown = sorted(names - set(_ROOT_ATTRS))
+            f"{path}` (it checks everything else and writes a format-{FORMAT_VERSION} copy "
+            "beside it)")
+    known = [k for k in _ROOT_ATTRS if k != "crc32" or not format1]
+    unknown = sorted(names - set(known))
     if unknown:
         raise _damaged(path, f"unexpected root attribute(s) {', '.join(unknown)}")
-    missing = [k for k in _ROOT_ATTRS if k not in names and k != "metrics"]
+    missing = [k for k in known if k not in names and k != "metrics"]
     if missing:
         raise _damaged(path, f"root attribute(s) {', '.join(missing)} missing")
     attrs = {k: _attr(path, f, k, "root", "text") for k in _TEXT_ATTRS if k in names}
     attrs["format_version"] = version
+    if format1:
+        return attrs
     stored, crc = _attr(path, f, "crc32", "root", "uint32"), root_crc32(attrs)
     if stored != crc:
         raise CheckpointError(f"checkpoint {path}: its root attributes are corrupted: their "
@@ -667,9 +676,11 @@ _SCHEMAS = {"config": _Object({}, (), _ANY), "train_state": _TRAIN_STATE,
             "module_state": _Object({}, (), _Object({}, (), _SCALAR)), "metrics": _METRICS}
 
 
-def _header(path, f) -> dict:
-    """The root attributes, checked: exact set, types, format, version, crc32, JSON, schema."""
-    attrs = _root_attrs(path, f)
+def _header(path, f, format1=False) -> dict:
+    """The root attributes, checked: exact set, types, format, version, crc32, JSON, schema.
+    format1: of a format-1 file (no crc32; a data_id without sha256 is dropped, and listed
+    under "dropped")."""
+    attrs = _root_attrs(path, f, format1)
     header = {k: attrs[k] for k in ("format", "format_version", "tritnet_version",
                                     "packing_scheme", "scale_function", "module")}
     for key in _JSON_ATTRS:
@@ -681,6 +692,11 @@ def _header(path, f) -> dict:
         except (ValueError, RecursionError) as e:
             raise _damaged(path, f"root attribute `{key}` is not valid JSON "
                                  f"({type(e).__name__}: {str(e)[:80]})") from None
+        if format1 and key == "train_state" and isinstance(header[key], dict) and \
+                isinstance(header[key].get("data_id"), dict) and \
+                "sha256" not in header[key]["data_id"]:
+            del header[key]["data_id"]   # format 1 named the data without a hash of it
+            header["dropped"] = ["data_id"]
         try:
             _check_schema(key, header[key], _SCHEMAS[key])
         except _SchemaError as e:
@@ -781,7 +797,7 @@ def _where(path, key):
     return f"checkpoint {path}: dataset `{key}`"
 
 
-def _walk(path, f, groups, tensors) -> "OrderedDict[str, _Plan]":
+def _walk(path, f, groups, tensors, format1=False) -> "OrderedDict[str, _Plan]":
     """Every node of the file, checked against the expected groups (path -> class) and
     tensors (slash path -> _Tensor), or, where those are None, against the file's own
     declarations. Links are listed, never followed; nothing but hard links to groups and
@@ -811,7 +827,8 @@ def _walk(path, f, groups, tensors) -> "OrderedDict[str, _Plan]":
             elif isinstance(obj, h5py.Dataset):
                 if tensors is not None and key not in tensors:
                     raise _damaged(path, f"unexpected dataset `{key}`" + _hint(key, tensors))
-                plans[key] = _plan(path, key, obj, tensors[key] if tensors is not None else None)
+                plans[key] = _plan(path, key, obj, tensors[key] if tensors is not None else None,
+                                   format1)
             else:
                 raise _damaged(path, f"`{key}` is a {type(obj).__name__}, not a group or dataset")
 
@@ -862,8 +879,9 @@ def _check_storage(path, key, ds):
                              f"{ds.size * ds.dtype.itemsize}")
 
 
-def _plan(path, key, ds, t: _Tensor | None) -> _Plan:
-    """Check one dataset's structure (no data read): storage, dtype, shape, attributes."""
+def _plan(path, key, ds, t: _Tensor | None, format1=False) -> _Plan:
+    """Check one dataset's structure (no data read): storage, dtype, shape, attributes (in
+    format 1, valid_range may be absent)."""
     _check_storage(path, key, ds)
     if t is not None:
         shape, dtype = _disk_shape(t)
@@ -877,6 +895,8 @@ def _plan(path, key, ds, t: _Tensor | None) -> _Plan:
                                   f"{shape} ({what}); is it a checkpoint of another config "
                                   "(--preset, --config)?")
         expected = _disk_attrs(t)
+        if format1 and "valid_range" not in ds.attrs:
+            expected.pop("valid_range", None)
         _check_attr_names(path, ds, f"dataset `{key}`", {"crc32", *expected})
         for name, value in expected.items():
             kind = "text" if isinstance(value, str) else "int" if name != "valid_range" else "range"
@@ -988,9 +1008,9 @@ def _read_dataset(path, key, plan: _Plan, keep: bool):
     return out
 
 
-def _verify(path, f, model, keep):
+def _verify(path, f, model, keep, format1=False):
     """(header, plans, arrays) of the open file, all checked; arrays empty unless keep."""
-    header = _header(path, f)
+    header = _header(path, f, format1)
     if model is None:
         model = _model_for(path, header)
     groups = tensors = None
@@ -999,7 +1019,7 @@ def _verify(path, f, model, keep):
         expected = _tensors(model)
         groups = _groups(model, expected)
         tensors = OrderedDict((k.replace(".", "/"), t) for k, t in expected.items())
-    plans = _walk(path, f, groups, tensors)
+    plans = _walk(path, f, groups, tensors, format1)
     arrays = OrderedDict()
     for key in (tensors or plans):   # the model's order where there is one
         array = _read_dataset(path, key, plans[key], keep)
@@ -1059,6 +1079,48 @@ def load_checkpoint(path, model=None, optimizer=None, *, restore_rng: bool = Fal
     ckpt = verify_checkpoint(path, model)
     ckpt.load_into(model, optimizer, restore_rng=restore_rng)
     return ckpt
+
+
+def upgrade_checkpoint(path, out=None) -> tuple:
+    """Convert a format-1 checkpoint of CodeMemoryLM into format 2; returns (the path
+    written, what could not be carried over).
+
+    Everything format 1 holds is checked as verify_checkpoint checks it, except the root
+    attributes' checksum, which format 1 lacks (so edits to them cannot be detected: upgrade
+    only files you trust). The copy is written to `out` (default: NAME.v2.h5 beside the
+    file) and verified; the original is never changed. Format 1's data identity had no hash
+    of the data: it is dropped, and a resume of the copy cannot check its --data.
+    """
+    path = os.fspath(path)
+    out = os.fspath(out) if out is not None else os.path.splitext(path)[0] + ".v2.h5"
+    if os.path.exists(out):
+        raise CheckpointError(f"upgrade_checkpoint: {out} exists; give the copy another path "
+                              "(--out)")
+
+    def read(path, f):
+        header = _header(path, f, format1=True)
+        if header["module"] != "CodeMemoryLM":
+            raise CheckpointError(f"checkpoint {path} holds a {header['module']}; upgrade "
+                                  "knows CodeMemoryLM checkpoints")
+        _, _, arrays = _verify(path, f, None, keep=True, format1=True)
+        return header, arrays, header.get("dropped", [])
+
+    header, arrays, lost = _opened(path, read)
+    from .models import CodeMemoryLM
+    state = dict(header["train_state"])
+    rng = trandom.get_state()   # building draws seeds; the save writes the generator's state
+    try:
+        model = CodeMemoryLM(_config_of(path, header), device="cpu")
+        Checkpoint(path, 1, header["tritnet_version"], header["config"], state,
+                   header["metrics"], arrays, header["module_state"],
+                   header["module"]).load_into(model)
+        trandom.set_state(state.pop("tritnet_rng"))
+        save_checkpoint(out, model, config=header["config"], train_state=state,
+                        metrics_summary=header["metrics"])
+    finally:
+        trandom.set_state(rng)
+    verify_checkpoint(out)
+    return out, lost
 
 
 # --------------------------------------------------------------------------------------------
