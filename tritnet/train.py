@@ -10,6 +10,7 @@ A run folder (`out_dir`) holds one run:
     ckpt.h5            the latest checkpoint (tritnet/checkpoint.py: atomic, HDF5), written
                        every `save_every` steps, at the end, on Ctrl-C and on a non-finite loss
     previous-<time>/   an earlier run's files, moved aside (never deleted) by overwrite=True
+    .lock              held (flock) while a run uses the folder: a second run is refused
 
 A folder that already holds a run is refused unless `resume` (continue it from ckpt.h5) or
 `overwrite` (move its files to previous-<time>/ once the new run is ready to start, so no
