@@ -570,6 +570,20 @@ def test_bad_json_and_missing_attributes(saved):
     _load_fails(path, r"root attribute\(s\) config missing")
 
 
+def test_deeply_nested_groups(saved):
+    path, _, _ = saved
+
+    def nest(f):
+        g = f["blocks"]
+        for i in range(40):
+            g = g.create_group(f"n{i}")
+            g.attrs["module"] = "Nested"
+    _tamper(path, nest)
+    with pytest.raises(CheckpointError, match="groups nest deeper than 32 levels"):
+        load_checkpoint(path)   # no model: the file is walked as it declares itself
+    _load_fails(path, r"unexpected group `blocks/n0`")
+
+
 def test_declared_value_range(tmp_path):
     class Signs(Module):
         def __init__(self):

@@ -718,13 +718,21 @@ def _config_of(path, header):
                               "is damaged or was written by a newer tritnet") from None
 
 
-def _model_for(path, header):
+def _model_for(path, header, f):
     """The model a checkpoint of tritnet's own model class (CodeMemoryLM) describes, built on
     the meta device (shapes and dtypes, nothing allocated); None for other classes."""
     if header["module"] != "CodeMemoryLM":
         return None
     from .models import CodeMemoryLM
     config = _config_of(path, header)
+    # Building costs time with the number of modules: a forged config (1024 blocks of 4096
+    # experts) must not stall the check. Each expert alone holds 8 datasets.
+    datasets = _count_datasets(f)
+    if 8 * config.n_layers * config.n_experts > 2 * datasets + 1024:
+        raise CheckpointError(f"checkpoint {path}: its config describes {config.n_layers} "
+                              f"blocks of {config.n_experts} experts, far more than its "
+                              f"{datasets} datasets can hold; the file is damaged or forged, "
+                              "use an earlier checkpoint")
     rng = trandom.get_state()   # building draws seeds; a check must not move the generator
     try:
         return CodeMemoryLM(config, device=backend.META)
@@ -734,14 +742,24 @@ def _model_for(path, header):
         trandom.set_state(rng)
 
 
-def _check_model_state(path, header, model):
+def _count_datasets(f) -> int:
+    """Datasets reachable by hard links (H5Ovisit follows no other link)."""
+    count = [0]
+
+    def visit(name, info):
+        count[0] += info.type == h5py.h5o.TYPE_DATASET
+    h5py.h5o.visit(f.id, visit, info=True)
+    return count[0]
+
+
+def _check_model_state(path, header, model, f):
     """The header against the model: its class, its config, its modules' extra state."""
     if header["module"] != type(model).__name__:
         raise CheckpointError(f"checkpoint {path} holds a model of class {header['module']}, not "
                               f"{type(model).__name__}; load it into the model it was saved from")
     from .config import Config
     if isinstance(getattr(model, "config", None), Config):   # the file's config must fit too
-        described = _model_for(path, header)
+        described = _model_for(path, header, f)
         ours, theirs = _signature(model), _signature(described) if described else {}
         if ours != theirs:
             key = next((k for k in ours if ours[k] != theirs.get(k)),
@@ -807,6 +825,8 @@ def _walk(path, f, groups, tensors, format1=False) -> "OrderedDict[str, _Plan]":
         raise _damaged(path, "the root group is linked from inside the file")
 
     def visit(group, prefix):
+        if prefix.count("/") > 32:
+            raise _damaged(path, f"groups nest deeper than 32 levels (`{prefix}`)")
         for name in group.keys():
             key = prefix + name
             link = group.get(name, getlink=True)
@@ -1012,10 +1032,10 @@ def _verify(path, f, model, keep, format1=False):
     """(header, plans, arrays) of the open file, all checked; arrays empty unless keep."""
     header = _header(path, f, format1)
     if model is None:
-        model = _model_for(path, header)
+        model = _model_for(path, header, f)
     groups = tensors = None
     if model is not None:
-        _check_model_state(path, header, model)
+        _check_model_state(path, header, model, f)
         expected = _tensors(model)
         groups = _groups(model, expected)
         tensors = OrderedDict((k.replace(".", "/"), t) for k, t in expected.items())
@@ -1172,6 +1192,9 @@ def _unverified(path, f):
     plans, modules = OrderedDict(), OrderedDict()
 
     def visit(group, prefix):
+        if prefix.count("/") > 32:
+            problems.append(f"groups nest deeper than 32 levels (`{prefix}`): not shown")
+            return
         for name in group.keys():
             key = prefix + name
             try:
