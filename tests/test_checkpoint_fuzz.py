@@ -345,7 +345,8 @@ CASES = {
     "config_wrong_type": (json_attr("config", with_item("d_model", "32")),
                           r"config field d_model = '32': expected int"),
     "config_other_shape": (json_attr("config", with_item("shared_vq_size", 65)),
-                           r"describes another model|has shape|shared_vq_size = 64 \(checkpoint: 65\)"),
+                           r"describes another model|has shape|"
+                           r"shared_vq_size = 64 \(checkpoint: 65\)"),
     "config_huge_model": (json_attr("config", lambda d: dict(d, n_layers=1024,
                                                              n_experts=4096)),
                           r"its config describes 1024 blocks of 4096 experts, far more than "

@@ -506,7 +506,7 @@ def _opened(path, read):
             return read(path, f)
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
         # h5py reports truncation and damaged metadata as OSError (sometimes KeyError).
         cause = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}: "
@@ -514,6 +514,10 @@ def _opened(path, read):
 
 
 # --- attributes -------------------------------------------------------------------------------
+
+
+_ATTR_KINDS = {"text": "text", "int": "an integer", "uint32": "a uint32",
+               "range": "two int64"}
 
 
 def _attr(path, obj, name, where, kind):
@@ -531,7 +535,7 @@ def _attr(path, obj, name, where, kind):
         ok = dt == np.int64 and shape == (2,)
     if not ok:
         raise _damaged(path, f"{where} attribute `{name}` has type {dt} and shape {shape}, "
-                             f"expected {dict(text='text', int='an integer', uint32='uint32', range='two int64')[kind]}")
+                             f"expected {_ATTR_KINDS[kind]}")
     value = obj.attrs[name]
     if kind == "text":
         if isinstance(value, bytes):
@@ -760,7 +764,8 @@ def _check_model_state(path, header, model, f):
     from .config import Config
     if isinstance(getattr(model, "config", None), Config):   # the file's config must fit too
         described = _model_for(path, header, f)
-        ours, theirs = _signature(model), _signature(described) if described else {}
+        ours = _signature(model)
+        theirs = _signature(described) if described is not None else {}
         if ours != theirs:
             key = next((k for k in ours if ours[k] != theirs.get(k)),
                        next(iter(set(theirs) - set(ours)), None))

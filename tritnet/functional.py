@@ -987,11 +987,11 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=No
     """Attention over (..., T, D) tensors: q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv).
 
     scale defaults to 1/sqrt(D). causal=True masks future keys (bottom-right aligned, needs
-    Tq <= Tk; so does ALiBi). block_size: query rows per block, memory (a (..., rows, Tk) score tile) against
+    Tq <= Tk). block_size: query rows per block, memory (a (..., rows, Tk) score tile) against
     launches per block; None (the default) takes as many rows as fit
     ScaledDotProductAttention.TILE_ELEMENTS scores. alibi_slopes: None, or slopes
     broadcastable to the batch dims q.shape[:-2] (e.g. (H,) for (B, H, T, D)) that add
-    -slope · |i - j| to the scores.
+    -slope · |i - j| to the scores (i, j aligned as the mask is; needs Tq <= Tk too).
     """
     op = "scaled_dot_product_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
