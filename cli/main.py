@@ -1,13 +1,16 @@
 """`tritnet`: the click application behind the console script.
 
-Commands parse options and call the library (tritnet.train, tritnet.sample, ...). A user error
-(bad data, a bad checkpoint, an invalid config value, no GPU, a refused run folder, a NaN loss)
-prints one line, `tritnet: error: ...`, on stderr and exits 1, without a traceback unless
---debug; click's own usage errors exit 2; Ctrl-C exits 130.
+Commands parse options and call the library (tritnet.train, tritnet.sample, ...). Every error
+prints one line on stderr, `tritnet: error: ...`, without a traceback (unless --debug), and
+exits 2 when the command line itself is wrong (an unknown command or option, a missing
+argument, a value of the wrong type, options that exclude each other), 1 for everything else
+(bad data, a bad checkpoint, an invalid config value, no GPU, a refused run folder, a NaN
+loss, a full disk); Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,7 +34,42 @@ class DeviceChoice(click.Choice):
         super().__init__(["auto", "cpu", "cuda"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineError(click.ClickException):
+    """A click error shown as every tritnet error is: one line, `tritnet: error: ...`."""
+
+    def __init__(self, error: click.ClickException):
+        ctx = getattr(error, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        super().__init__(error.format_message() + hint)
+        self.exit_code = error.exit_code
+
+    def show(self, file=None):
+        click.echo("tritnet: error: " + " ".join(self.format_message().split()), err=True)
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    try:
+        yield
+    except _OneLineError:
+        raise
+    except click.ClickException as e:
+        raise _OneLineError(e) from None
+
+
+class _Tritnet(click.Group):
+    """The command group: click's own errors (parsing, usage) become one line too."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Tritnet, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(tritnet.__version__, prog_name="tritnet")
 def main():
     """tritnet: train true-ternary neural networks (packed trits, integer state, no float weights)."""
@@ -218,12 +256,43 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@click.option("--no-verify", "no_verify", is_flag=True,
+              help="Show what can be read without checking the file first (marked NOT "
+              "VERIFIED, with what could not be read; exit 1 only when nothing can be read).")
 @user_errors_are_one_line
-def inspect(checkpoint, as_json):
-    """Show what a checkpoint holds: module tree, shapes, dtypes, trits, bytes, config, step."""
-    from tritnet.checkpoint import inspect_checkpoint, render_inspection
-    info = inspect_checkpoint(checkpoint)
+def inspect(checkpoint, as_json, no_verify):
+    """Show what a checkpoint holds: module tree, shapes, dtypes, trits, bytes, config, step.
+
+    The whole file is verified first, as a load would: any damage prints one error line and
+    exits 1."""
+    from tritnet.checkpoint import CheckpointError, inspect_checkpoint, read_header, \
+        render_inspection
+    if not no_verify:
+        module = read_header(checkpoint)["module"]
+        if module != "CodeMemoryLM":
+            raise CheckpointError(f"checkpoint {checkpoint} holds a {module}, which tritnet "
+                                  "inspect cannot check against its model (it knows "
+                                  "CodeMemoryLM); --no-verify shows it unchecked")
+    info = inspect_checkpoint(checkpoint, verify=not no_verify)
     click.echo(json.dumps(info) if as_json else render_inspection(info))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Where to write the format-2 copy (default: NAME.v2.h5 beside it).")
+@user_errors_are_one_line
+def upgrade(checkpoint, out_path):
+    """Convert a format-1 checkpoint into format 2: a checked copy; the original stays.
+
+    Format 1 has no checksum over its root attributes (config, train_state, ...), so their
+    edits cannot be detected: upgrade only files you trust. To resume a run from the copy,
+    put it in the run folder as ckpt.h5."""
+    from tritnet.checkpoint import upgrade_checkpoint
+    out, lost = upgrade_checkpoint(checkpoint, out_path)
+    note = ("; the data identity was dropped (format 1 kept no hash of the data), so a resume "
+            "from it cannot check --data") if lost else ""
+    click.echo(f"wrote {out} (format 2) from {checkpoint}, which is unchanged{note}")
 
 
 @main.command()
@@ -279,7 +348,8 @@ def sample(checkpoint, prompt, n_tokens, num_samples, temperature, top_k, top_p,
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--data", "data_path", type=click.Path(),
-              help="Data whose held-out split to score (default: the default corpus).")
+              help="Data whose held-out split to score (default: the default corpus, if the "
+              "run was trained on it).")
 @click.option("--dtype", type=click.Choice(["uint8", "uint16"]), help="Token dtype of a .bin.")
 @click.option("--batches", type=click.IntRange(min=0), default=None,
               help="Held-out batches to score (default: the config's eval_batches; 0: all).")
@@ -289,17 +359,31 @@ def sample(checkpoint, prompt, n_tokens, num_samples, temperature, top_k, top_p,
 @click.option("--device", type=DeviceChoice(), default=None, help="auto, cpu or cuda.")
 @user_errors_are_one_line
 def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
-    """Held-out bits per byte of a checkpoint's model, beside the bigram baseline."""
+    """Held-out bits per byte of a checkpoint's model, beside the bigram baseline.
+
+    Without --data it scores the default corpus's held-out split, and refuses a checkpoint
+    trained on other data (it names that data: pass it, or any data, with --data)."""
     from tritnet import data as tdata
+    from tritnet.checkpoint import read_header
+    from tritnet.config import ConfigError
     from tritnet.sample import load_model
     from tritnet.train import evaluate as run_evaluate
     model, config = load_model(checkpoint, device=device)
-    from tritnet.config import ConfigError
+    trained_on = read_header(checkpoint)["train_state"].get("data_id")
     seq_len = config.seq_len if seq_len is None else seq_len
     if seq_len > config.context:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context = {config.context}; "
                           f"score windows of at most {config.context} tokens")
     corpus = tdata.load_corpus(data_path, dtype=dtype)
+    if corpus.vocab_size > config.vocab_size:
+        raise tdata.DataError(f"{corpus.source} has vocabulary {corpus.vocab_size}, the model "
+                              f"{config.vocab_size}: it cannot score tokens >= "
+                              f"{config.vocab_size}; pass data of the model's vocabulary")
+    own = trained_on is None or tdata.same_data(trained_on, corpus.identity())
+    if not own and data_path is None:
+        raise tdata.DataError(f"{checkpoint} was trained on {trained_on['source']}, not on the "
+                              "default corpus; score its own held-out split with --data "
+                              "pointing at that data, or other data with --data PATH")
     corpus.check_seq_len(seq_len)
     limit = config.eval_batches if batches is None else (batches or None)
     windows = list(tdata.eval_batches(corpus.val, config.batch_size, seq_len, limit))
@@ -308,8 +392,9 @@ def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
     val = tdata.bits_per_byte(run_evaluate(model, windows), per_byte)
     bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size, per_byte)
     n = sum(x.size for x, _ in windows)
-    click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source} | "
-               f"bigram baseline {bigram:.4f} {unit}")
+    other = "" if own else f" (not its training data, {trained_on['source']})"
+    click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source}"
+               f"{other} | bigram baseline {bigram:.4f} {unit}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import h5py
 import numpy as np
@@ -73,6 +74,9 @@ def sha(path):
         return hashlib.sha256(fh.read()).hexdigest()
 
 
+DATA_RNG = np.random.default_rng(0).bit_generator.state
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     trandom.manual_seed(1234)
@@ -87,7 +91,7 @@ def saved(tmp_path):
     opt.step_count = 7
     path = tmp_path / "run" / "ckpt.h5"
     save_checkpoint(path, model, optimizer=opt, config={"preset": "tiny", "d": 37},
-                    train_state={"step": 7, "data": {"batches_drawn": 7}},
+                    train_state={"step": 7, "data": {"rng": DATA_RNG, "batches_drawn": 7}},
                     metrics_summary={"val_bpb": 3.25})
     return path, model, opt
 
@@ -137,7 +141,7 @@ def test_load_without_model_returns_memory_form(saved):
     path, model, _ = saved
     ckpt = load_checkpoint(path)
     assert_same_state(state(model), dict(ckpt.arrays))
-    assert ckpt.format_version == 1 and ckpt.tritnet_version == tritnet.__version__
+    assert ckpt.format_version == 2 and ckpt.tritnet_version == tritnet.__version__
 
 
 def _train(model, opt, batches, steps):
@@ -196,7 +200,7 @@ def test_layout_mirrors_the_module_tree(saved):
     path, model, _ = saved
     with h5py.File(path, "r") as f:
         assert f.attrs["format"] == "tritnet-checkpoint"
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
         assert f.attrs["tritnet_version"] == tritnet.__version__
         assert "base3-5" in f.attrs["packing_scheme"] and "bitplane32" in f.attrs["packing_scheme"]
         assert f.attrs["scale_function"] == "s = 2 ** (E / 8), E int8 per row"
@@ -397,9 +401,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint_valid(tmp_path):
 # Bad files: each fails with one clear CheckpointError, and leaves the model untouched.
 
 
-def _load_fails(path, match, model_seed=4):
+def _load_fails(path, match, model_seed=4, model=TinyLM):
     trandom.manual_seed(model_seed)
-    model = TinyLM()
+    model = model()
     opt = TritFlip(model)
     before = state(model)
     with pytest.raises(CheckpointError, match=match) as err:
@@ -447,6 +451,10 @@ def _tamper(path, fn):
         fn(f)
 
 
+def _forge_crc(ds):
+    ds.attrs["crc32"] = np.uint32(zlib.crc32(np.ascontiguousarray(ds[()]).tobytes()))
+
+
 def _replace(f, name, array, copy_attrs=True):
     attrs = dict(f[name].attrs) if copy_attrs else {}
     del f[name]
@@ -458,7 +466,7 @@ def _replace(f, name, array, copy_attrs=True):
 def test_newer_format_version(saved):
     path, _, _ = saved
     _tamper(path, lambda f: f.attrs.__setitem__("format_version", 3))
-    _load_fails(path, r"written by a newer tritnet\? format 3 > 1 .*upgrade tritnet")
+    _load_fails(path, r"written by a newer tritnet\? format 3 > 2 .*upgrade tritnet")
 
 
 def test_tampered_dtype(saved):
@@ -490,8 +498,11 @@ def test_missing_and_unexpected_datasets(saved):
     _tamper(path, lambda f: f.__delitem__("blocks/0/E_accum"))
     _load_fails(path, r"missing dataset\(s\) blocks/0/E_accum")
     _tamper(path, lambda f: f.__setitem__("blocks/0/E_accum", np.zeros(33, np.int8)))
+    _load_fails(path, r"dataset `blocks/0/E_accum` has no crc32")   # a missing crc is damage
+    _tamper(path, lambda f: f["blocks/0/E_accum"].attrs.__setitem__(
+        "crc32", np.uint32(zlib.crc32(np.zeros(33, np.int8).tobytes()))))
     _tamper(path, lambda f: f.__setitem__("blocks/0/extra", np.zeros(3, np.int8)))
-    _load_fails(path, r"unexpected dataset\(s\) blocks/0/extra")
+    _load_fails(path, r"unexpected dataset `blocks/0/extra`")
 
 
 def test_trit_code_out_of_range(saved):
@@ -500,11 +511,16 @@ def test_trit_code_out_of_range(saved):
     def poke(f):
         ds = f["emb/T_packed"]
         ds[5, 2] = 250
+        _forge_crc(ds)   # a forged checksum: the codes themselves are checked
     _tamper(path, poke)
     _load_fails(path, r"`emb/T_packed`: byte \[5, 2\] = 250 is not a trit code .*<= 242")
     with pytest.raises(CheckpointError, match="byte \\[5, 2\\] = 250"):
         load_checkpoint(path)
-    assert inspect_checkpoint(path)["tensors"]["emb/T_packed"]["invalid_codes"] == 1
+    with pytest.raises(CheckpointError, match="byte \\[5, 2\\] = 250"):
+        inspect_checkpoint(path)
+    info = inspect_checkpoint(path, verify=False)   # shows what can be read, marked as such
+    assert info["verified"] is False and info["tensors"]["emb/T_packed"]["invalid_codes"] == 1
+    assert render_inspection(info).startswith("NOT VERIFIED")
 
 
 def test_nonzero_padding_trits(saved):
@@ -513,6 +529,7 @@ def test_nonzero_padding_trits(saved):
     def poke(f):
         ds = f["blocks/1/T_packed"]   # 33 columns: the last byte holds 3 trits + 2 padding
         ds[3, 6] = 0                   # all five digits 0: trits -1, padding -1
+        _forge_crc(ds)
     _tamper(path, poke)
     _load_fails(path, r"`blocks/1/T_packed`: byte \[3, 6\] = 0 encodes nonzero padding trits")
 
@@ -528,12 +545,43 @@ def test_flipped_byte_is_caught_by_crc(saved):
                       r"says 0x[0-9a-f]{8}")
 
 
+def _forge(f):
+    """Recompute the root's crc32 after an edit: what a forger (or a careless tool) does."""
+    attrs = {k: (int(v) if k == "format_version" else v) for k, v in f.attrs.items()
+             if k != "crc32"}
+    f.attrs["crc32"] = np.uint32(ck.root_crc32(attrs))
+
+
+def test_root_attributes_carry_a_checksum(saved):
+    path, _, _ = saved
+    _tamper(path, lambda f: f.attrs.__setitem__(
+        "train_state", f.attrs["train_state"].replace('"step": 7', '"step": 9')))
+    _load_fails(path, r"its root attributes are corrupted: their crc32 is 0x[0-9a-f]{8}, the "
+                      r"file says 0x[0-9a-f]{8}")
+    _tamper(path, lambda f: f.attrs.__delitem__("crc32"))
+    _load_fails(path, r"root attribute\(s\) crc32 missing")
+
+
 def test_bad_json_and_missing_attributes(saved):
     path, _, _ = saved
-    _tamper(path, lambda f: f.attrs.__setitem__("config", "{not json"))
+    _tamper(path, lambda f: (f.attrs.__setitem__("config", "{not json"), _forge(f)))
     _load_fails(path, r"root attribute `config` is not valid JSON")
-    _tamper(path, lambda f: f.attrs.__delitem__("config"))
-    _load_fails(path, r"root attribute `config` is missing")
+    _tamper(path, lambda f: (f.attrs.__delitem__("config"), _forge(f)))
+    _load_fails(path, r"root attribute\(s\) config missing")
+
+
+def test_deeply_nested_groups(saved):
+    path, _, _ = saved
+
+    def nest(f):
+        g = f["blocks"]
+        for i in range(40):
+            g = g.create_group(f"n{i}")
+            g.attrs["module"] = "Nested"
+    _tamper(path, nest)
+    with pytest.raises(CheckpointError, match="groups nest deeper than 32 levels"):
+        load_checkpoint(path)   # no model: the file is walked as it declares itself
+    _load_fails(path, r"unexpected group `blocks/n0`")
 
 
 def test_declared_value_range(tmp_path):
@@ -549,8 +597,9 @@ def test_declared_value_range(tmp_path):
     save_checkpoint(tmp_path / "s.h5", model, config={}, train_state={})
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert list(f["edge_attr"].attrs["valid_range"]) == [-1, 1]
-    _tamper(tmp_path / "s.h5", lambda f: f["edge_attr"].__setitem__(2, 5))
-    with pytest.raises(CheckpointError, match=r"`edge_attr` holds 5, outside its declared range "
+    _tamper(tmp_path / "s.h5", lambda f: (f["edge_attr"].__setitem__(2, 5),
+                                          _forge_crc(f["edge_attr"])))
+    with pytest.raises(CheckpointError, match=r"`edge_attr` holds 5, outside its range "
                                               r"\[-1, 1\]"):
         load_checkpoint(tmp_path / "s.h5", Signs())
 
@@ -563,8 +612,10 @@ def test_checkpoint_of_another_config(saved):
             super().__init__()
             self.emb = TernaryEmbeddingTable(64, 40)
 
-    with pytest.raises(CheckpointError, match="does not match the model"):
+    with pytest.raises(CheckpointError, match="holds a model of class TinyLM, not Other"):
         load_checkpoint(path, Other())
+    _load_fails(path, r"dataset `emb/T_packed` has shape \(64, 8\), expected \(32, 8\)",
+                model=lambda: TinyLM(vocab=32))
 
 
 def test_optimizer_state_required_when_asked(tmp_path):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import h5py
 import numpy as np
@@ -358,8 +359,10 @@ def _replace(f, name, array):
 
 
 def _poke(name, index, value):
+    """Set one element, with a forged crc32: the content itself must be refused."""
     def fn(f):
         f[name][index] = value
+        f[name].attrs["crc32"] = np.uint32(zlib.crc32(f[name][()].tobytes()))
     return fn
 
 
@@ -369,7 +372,7 @@ BAD_CHECKPOINTS = {
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
                   r"is truncated or corrupted .*use an earlier checkpoint"),
     "newer_format": (lambda p: _tamper(p, lambda f: f.attrs.__setitem__("format_version", 3)),
-                     r"written by a newer tritnet\? format 3 > 1 .*upgrade tritnet"),
+                     r"written by a newer tritnet\? format 3 > 2 .*upgrade tritnet"),
     "tampered_dtype": (lambda p: _tamper(p, lambda f: _replace(
         f, "embed/T_packed", f["embed/T_packed"][()].astype(np.float32))),
         r"dataset `embed/T_packed` has dtype float32, expected uint8"),
@@ -388,8 +391,7 @@ def test_bad_checkpoints(run, files, kind):
     fails(files, train_args(files, run, "--resume", "--steps", 6), match)
     fails(files, ["eval", run / "ckpt.h5", "--data", files / "code.txt"], match)
     fails(files, ["sample", run / "ckpt.h5", "--tokens", 3], match)
-    if kind in ("not_hdf5", "truncated", "newer_format"):
-        fails(files, ["inspect", run / "ckpt.h5"], match)
+    fails(files, ["inspect", run / "ckpt.h5"], match)
     assert [p.name for p in run.iterdir() if p.name.endswith(".h5")] == ["ckpt.h5"]
 
 
@@ -480,3 +482,188 @@ def test_schedule_clip_and_recompute_flags_reach_the_run_config(files):
     fails(files, train_args(files, files / "bad", "--grad-clip-units", 200),
           r"config field grad_clip_units = 200 is out of range: expected 0 <= grad_clip_units "
           r"<= 127")
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: one run at a time, the data recognised by what was read, eval on the run's data.
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_runs_lock_does_not_block(files):
+    out = files / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRITNET_DEVICE="cpu")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "train", "--config", str(files / "small.json"),
+         "--data", str(files / "code.txt"), "--out", str(out), "--steps", "100000",
+         "--save-every", "1", "--eval-every", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "ckpt.h5").exists() and time.monotonic() < deadline \
+                and child.poll() is None:
+            time.sleep(0.05)
+        assert (out / "ckpt.h5").exists(), child.communicate(timeout=30)
+        fails(files, train_args(files, out, "--resume"),
+              rf"run folder {out} is in use by another run \(pid {child.pid}\); wait for it to "
+              r"end, or choose another --out")
+        fails(files, train_args(files, out, "--overwrite"), r"is in use by another run")
+        child.kill()   # SIGKILL: its lock file stays behind, unlocked
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+    assert (out / ".lock").exists()
+    step = load_checkpoint(out / "ckpt.h5").step
+    res = cli(*train_args(files, out, "--resume", "--steps", step + 1))
+    assert res.exit_code == 0, res.output
+    assert not (out / ".lock").exists()
+
+
+def test_resume_recognises_the_data_by_its_contents(run, files, monkeypatch):
+    elsewhere = files / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "renamed.txt").write_text(TEXT)
+    monkeypatch.chdir(files)
+    res = cli("train", "--out", "run", "--resume", "--steps", 5, "--data", "./code.txt")
+    assert res.exit_code == 0, res.output
+    res = cli("train", "--out", run, "--resume", "--steps", 6, "--data",
+              elsewhere / "renamed.txt")
+    assert res.exit_code == 0, res.output
+    (elsewhere / "edited.txt").write_text(TEXT.replace("return", "retrun", 1))
+    fails(files, ["train", "--out", run, "--resume", "--steps", 8, "--data",
+                  elsewhere / "edited.txt"],
+          rf"resume: .*ckpt.h5 was trained on other data \({elsewhere}/renamed.txt: 12,\d+ \+ "
+          r"\d+ tokens, "
+          r"sha256 [0-9a-f]{12}\.\.\.\); pass the run's --data")
+
+
+def test_eval_scores_the_runs_data_or_says_how(run, files):
+    fails(files, ["eval", run / "ckpt.h5"],
+          rf"ckpt.h5 was trained on {files}/code.txt, not on the default corpus; score its "
+          r"own held-out split with --data")
+    (files / "other.txt").write_text(TEXT.upper())
+    res = cli("eval", run / "ckpt.h5", "--data", files / "other.txt")
+    assert res.exit_code == 0, res.output
+    assert f"of {files}/other.txt (not its training data, {files}/code.txt)" in res.stdout
+    res = cli("eval", run / "ckpt.h5", "--data", files / "code.txt")
+    assert res.exit_code == 0 and "not its training data" not in res.stdout, res.output
+
+
+def test_eval_refuses_tokens_above_the_vocabulary(run, files):
+    (files / "tokens.bin").write_bytes(np.arange(2000, dtype=np.uint16).tobytes())
+    fails(files, ["eval", run / "ckpt.h5", "--data", files / "tokens.bin", "--dtype",
+                  "uint16"],
+          r"tokens.bin has vocabulary 2000, the model 256: it cannot score tokens >= 256")
+
+
+def test_extending_a_finished_run_evaluates_its_new_last_step(files):
+    out = files / "run"
+    assert cli(*train_args(files, out, "--eval-every", 0, "--steps", 2)).exit_code == 0
+    old = load_checkpoint(out / "ckpt.h5").metrics["val_bpb"]
+    res = cli(*train_args(files, out, "--resume", "--eval-every", 0, "--steps", 4))
+    assert res.exit_code == 0, res.output
+    new = load_checkpoint(out / "ckpt.h5").metrics["val_bpb"]
+    assert new != old and f"done: step 4, held-out {new:.4f} bpb" in res.stdout
+    score = cli("eval", out / "ckpt.h5", "--data", files / "code.txt")
+    assert f"held-out {new:.4f} bpb" in score.stdout, score.output
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs that are not what they should be, and the one rule for errors.
+
+
+def test_data_that_is_not_a_regular_file(run, files):
+    os.mkfifo(files / "pipe")   # reading it would wait for a writer forever
+    fails(files, train_args(files, files / "r") + ["--data", files / "pipe"],
+          r"data path .*pipe is not a regular file \(a FIFO, socket or device\)")
+    fails(files, ["eval", run / "ckpt.h5", "--data", files / "pipe"], r"is not a regular file")
+    fails(files, ["eval", run / "ckpt.h5", "--data", "/dev/zero"], r"is not a regular file")
+
+
+def test_config_files_of_the_wrong_types_or_encoding(files):
+    (files / "list.json").write_text(json.dumps({"preset": [1]}))
+    fails(files, ["train", "--config", files / "list.json", "--out", files / "r"],
+          r"config file .*list.json: unknown preset \[1\]: expected one of tiny, small")
+    (files / "latin1.toml").write_bytes("# réglages\nsteps = 3\n".encode("latin-1"))
+    fails(files, ["train", "--config", files / "latin1.toml", "--out", files / "r"],
+          r"config file .*latin1.toml is not UTF-8 text \(byte 3 is 0xe9\); save it as UTF-8")
+    (files / "types.toml").write_text('steps = "many"\n')
+    fails(files, ["train", "--config", files / "types.toml", "--out", files / "r"],
+          r"config file .*types.toml: config field steps = 'many': expected int")
+    os.mkfifo(files / "config.json")
+    fails(files, ["train", "--config", files / "config.json", "--out", files / "r"],
+          r"config file .*config.json is not a regular file")
+    fails(files, ["trace", "--config", files / "list.json"], r"unknown preset \[1\]")
+    assert not (files / "r").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--bogus"], r"No such option '--bogus'.* \(see `\S+ train --help`\)"),
+    (["train", "--steps", "many"], r"Invalid value for '--steps': 'many' is not a valid "
+                                   r"integer"),
+    (["train", "--steps", 2, "--tokens", 64], r"give --steps or --tokens, not both"),
+    (["train", "--resume", "--overwrite"], r"give one of them"),
+    (["eval"], r"Missing argument 'CHECKPOINT'"),
+    (["sample", "x.h5", "--tokens", "many"], r"Invalid value for '--tokens'"),
+    (["bogus"], r"No such command 'bogus'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(files, args, match):
+    fails(files, args, match, code=2)
+
+
+def test_help_and_version_still_exit_0():
+    assert cli("--help").exit_code == 0 and "inspect" in cli("--help").stdout
+    assert cli("train", "--help").exit_code == 0
+    assert cli("--version").exit_code == 0
+
+
+def _as_format_1(path):
+    """What format 1 wrote: no root crc32, no valid_range, a data_id without a hash."""
+    with h5py.File(path, "r+") as f:
+        del f.attrs["crc32"]
+        f.attrs["format_version"] = np.int64(1)
+        state = json.loads(f.attrs["train_state"])
+        del state["data_id"]["sha256"]
+        f.attrs["train_state"] = json.dumps(state)
+
+        def strip(name, obj):
+            if "valid_range" in obj.attrs:
+                del obj.attrs["valid_range"]
+        f.visititems(strip)
+
+
+def test_a_format_1_checkpoint_is_refused_and_upgraded(run, files):
+    original = load_checkpoint(run / "ckpt.h5")
+    _as_format_1(run / "ckpt.h5")
+    before = checkpoints(files)
+    fails(files, ["sample", run / "ckpt.h5"],
+          rf"has format 1, whose root attributes .* carry no checksum.*convert it once with "
+          rf"`tritnet upgrade {run}/ckpt.h5`")
+    res = cli("upgrade", run / "ckpt.h5")
+    assert res.exit_code == 0, res.output
+    assert f"wrote {run}/ckpt.v2.h5 (format 2)" in res.stdout and "data identity" in res.stdout
+    assert checkpoints(files).items() >= before.items()   # the original is unchanged
+    copy = load_checkpoint(run / "ckpt.v2.h5")
+    assert copy.format_version == 2 and copy.step == original.step
+    assert copy.config == original.config and copy.metrics == original.metrics
+    for k in original.arrays:
+        np.testing.assert_array_equal(copy.arrays[k], original.arrays[k], err_msg=k)
+    assert {k: v for k, v in copy.train_state.items() if k != "data_id"} == \
+        {k: v for k, v in original.train_state.items() if k != "data_id"}
+    fails(files, ["upgrade", run / "ckpt.h5"], r"ckpt.v2.h5 exists; give the copy another path")
+    fails(files, ["upgrade", run / "ckpt.v2.h5", "--out", files / "x.h5"],
+          r"has format 2, not 1: there is nothing to upgrade")
+    os.replace(run / "ckpt.v2.h5", run / "ckpt.h5")   # the run goes on from the copy
+    res = cli(*train_args(files, run, "--resume", "--steps", 6))
+    assert res.exit_code == 0, res.output
+
+
+def test_upgrade_checks_what_format_1_holds(run, files):
+    _as_format_1(run / "ckpt.h5")
+    with h5py.File(run / "ckpt.h5", "r+") as f:
+        edges = f["blocks/0/moe/graph/edge_index"]
+        edges[1, 0] = 5000
+        edges.attrs["crc32"] = np.uint32(zlib.crc32(edges[()].tobytes()))
+    fails(files, ["upgrade", run / "ckpt.h5"], r"edge_index` holds 5000, outside its range")
+    assert not (run / "ckpt.v2.h5").exists()

@@ -210,6 +210,9 @@ CASES = [
          lambda q, k, v: sdpa(q, k, v, causal=False, block_size=2, alibi_slopes=[0.5, 0.25]),
          [(2, 3, 4), (2, 6, 4), (2, 6, 4)],
          lambda q, k, v: attention_ref(q, k, v, False, slopes=[0.5, 0.25])),
+    Case("attention-full-more-queries",
+         lambda q, k, v: sdpa(q, k, v, causal=False, block_size=2),
+         [(2, 7, 4), (2, 3, 4), (2, 3, 5)], lambda q, k, v: attention_ref(q, k, v, False)),
 ]
 CASE_IDS = [c.id for c in CASES]
 
@@ -314,6 +317,22 @@ def test_attention_block_size_does_not_change_the_result():
                                    one, rtol=1e-12, atol=1e-12)
 
 
+def test_pow_gradients_at_zero(device):
+    """x ** e at x = 0: d/dx is 0 for e = 0 (x**0 is constant) and e = 2; d/de is 0 for
+    e >= 0 (the convention of other frameworks' autograd), never NaN or -inf."""
+    x = tn.tensor(backend.to_device(np.array([0.0, 0.0, 2.0]), device), requires_grad=True)
+    (x ** 0).sum().backward()
+    np.testing.assert_array_equal(backend.to_numpy(x.grad), [0.0, 0.0, 0.0])
+    x.grad = None
+    (x ** 2).sum().backward()
+    np.testing.assert_array_equal(backend.to_numpy(x.grad), [0.0, 0.0, 4.0])
+    e = tn.tensor(backend.to_device(np.array([2.0, 0.0, 3.0]), device), requires_grad=True)
+    x.grad = None
+    (x ** e).sum().backward()
+    np.testing.assert_array_equal(backend.to_numpy(x.grad), [0.0, 0.0, 12.0])
+    np.testing.assert_allclose(backend.to_numpy(e.grad), [0.0, 0.0, 8 * math.log(2)])
+
+
 def test_cast_to_float32_and_to_integer():
     x = tn.tensor(np.array([1.5, -2.25]), requires_grad=True)
     y = F.cast(x, np.float32)
@@ -402,6 +421,9 @@ BAD_INPUT = [
      r"scaled_dot_product_attention: batch dimensions differ"),
     (lambda: sdpa(t(6, 4), t(5, 4), t(5, 4)), ValueError,
      r"scaled_dot_product_attention: causal attention with more queries than keys \(q \(6, 4\)"),
+    (lambda: sdpa(t(2, 6, 4), t(2, 5, 4), t(2, 5, 4), causal=False, alibi_slopes=[1.0, 2.0]),
+     ValueError, r"scaled_dot_product_attention: ALiBi with more queries than keys \(q \(2, 6, "
+                 r"4\).*expected Tq <= Tk"),
     (lambda: sdpa(t(5, 4), t(5, 4), t(5, 4, dtype=np.float64)), TypeError,
      r"scaled_dot_product_attention: dtypes differ \(q float32, k float32, v float64\)"),
     (lambda: sdpa(t(2, 5, 4), t(2, 5, 4), t(2, 5, 4), alibi_slopes=[1.0, 2.0, 3.0]), ValueError,

@@ -12,8 +12,10 @@ under a second.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -161,13 +163,21 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path) -> None:
-        """Write JSON (.json) or TOML (.toml), chosen by the suffix."""
+        """Write JSON (.json) or TOML (.toml), chosen by the suffix; atomically (a temporary
+        file renamed onto `path`), so a failed write leaves the file there as it was."""
         path = Path(path)
         if path.suffix == ".toml":
-            lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_dict().items()]
-            path.write_text("\n".join(lines) + "\n")
+            text = "\n".join(f"{k} = {_toml_value(v)}" for k, v in self.to_dict().items())
         else:
-            path.write_text(self.to_json() + "\n")
+            text = self.to_json()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def override(self, **values) -> "Config":
         """A validated copy with `values` replacing fields (None values are ignored)."""
@@ -237,7 +247,7 @@ PRESETS = {
 
 
 def preset(name: str) -> Config:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
     return Config(**PRESETS[name]).validate()
 
@@ -246,9 +256,17 @@ def load_config(path, base: Config | None = None) -> Config:
     """Fields from a JSON or TOML file over `base` (default: the tiny preset), validated."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if not path.is_file() and path.exists():
+            raise ConfigError(f"config file {path} is not a regular file; give a .json or "
+                              ".toml file")
+        blob = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"config file {path}: cannot be read ({e.strerror})") from None
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start} is "
+                          f"{blob[e.start]:#04x}); save it as UTF-8") from None
     try:
         if path.suffix == ".toml":
             import tomllib  # Python ≥ 3.11
@@ -263,9 +281,9 @@ def load_config(path, base: Config | None = None) -> Config:
                           f" ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: expected a table of field = value")
-    if "preset" in values:
-        base = preset(values.pop("preset"))
     try:
+        if "preset" in values:
+            base = preset(values.pop("preset"))
         return (base or Config()).override(**values)
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None

@@ -33,6 +33,7 @@ plus the batch count for humans) and a resumed run draws exactly the same batche
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -75,10 +76,31 @@ class Corpus:
         for name in ("train", "val"):
             _check_length(name, self.split(name), seq_len, self.source)
 
+    def identity(self) -> dict:
+        """What a checkpoint records of the data it was trained on: the source (for messages;
+        a path made absolute), the splits' lengths, the vocabulary and a sha256 of the tokens
+        read (train, then held-out), so the same data is recognised however it is named."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.val):
+            digest.update(np.dtype(split.dtype).str.encode() + len(split).to_bytes(8, "little"))
+            for i in range(0, len(split), 1 << 24):   # a large memmap in pieces
+                digest.update(np.ascontiguousarray(split[i:i + (1 << 24)]))
+        source = os.path.abspath(self.source) if os.path.exists(self.source) else self.source
+        return {"source": source, "train_tokens": len(self.train),
+                "val_tokens": len(self.val), "vocab_size": int(self.vocab_size),
+                "sha256": digest.hexdigest()}
+
     def describe(self) -> str:
         skipped = f", {len(self.skipped_files)} non-UTF-8 files skipped" if self.skipped_files else ""
         return (f"{self.source}: {self.n_files} file(s){skipped}, {len(self.train):,} train + "
                 f"{len(self.val):,} held-out tokens, vocab {self.vocab_size} ({self.split_rule})")
+
+
+def same_data(recorded: dict, read: dict) -> bool:
+    """Whether two Corpus.identity() describe the same tokens and vocabulary (the source, a
+    name, may differ)."""
+    return all(recorded.get(k) == read.get(k)
+               for k in ("train_tokens", "val_tokens", "vocab_size", "sha256"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +281,9 @@ def load_corpus(path=None, *, dtype=None) -> Corpus:
         if dtype is not None:
             raise DataError(f"--dtype applies to .bin token files; {path} is a folder of text")
         return _text_directory(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data path {path} is not a regular file (a FIFO, socket or device); "
+                        "give a text file, a folder of text files or a .bin of tokens")
     if path.endswith(".bin"):
         return _token_file(path, dtype)
     if dtype is not None:

@@ -196,9 +196,19 @@ class Pow(Function):
         xp = _xp(g)
         nx, ne = self.needs_input_grad
         x, e = self.x, self.e
-        # d/de x**e = x**e log x: only computed when the exponent itself wants a gradient.
-        return (unbroadcast(g * e * x ** (e - 1), x.shape) if nx else None,
-                unbroadcast(g * x ** e * xp.log(x), e.shape) if ne else None)
+        dx = de = None
+        if nx:
+            # e · x**(e-1); where e = 0, x**0 is constant: 0 (also at x = 0, not 0 · inf)
+            live = e != 0
+            e1 = xp.where(live, e, xp.ones_like(e))
+            dx = unbroadcast(g * (e1 * x ** (e1 - 1)) * live, x.shape)
+        if ne:
+            # x**e · log x, only when the exponent wants a gradient; at x = 0 with e >= 0 it is
+            # 0 (x**e there is 0, or 1 at e = 0, from the right), not 0 · -inf
+            at0 = (x == 0) & (e >= 0)
+            safe = xp.where(at0, xp.ones_like(x), x)
+            de = unbroadcast(g * (safe ** e * xp.log(safe)), e.shape)
+        return dx, de
 
 
 def add(a, b): return _binary(Add, "add", a, b)
@@ -883,11 +893,15 @@ class ScaledDotProductAttention(Function):
             1, n_batch * Tk))
         self.slopes = _device_slopes(xp, alibi_slopes, batch, q.dtype)
         outs, lses = [], []
+        # Query row i sits at key position i + offset: the causal mask and ALiBi's distances
+        # use it. Without either it does not matter, and it is 0 (the kernels take offsets
+        # >= 0; with more queries than keys, Tk - Tq is negative).
+        self.offset = Tk - Tq if causal or alibi_slopes is not None else 0
         for q0, q1, ke in self._blocks(Tq, Tk):
             s = _scores(xp, q[..., q0:q1, :], k[..., :ke, :])
             lse = xp.empty(batch + (q1 - q0,), q.dtype)
             kattention.attention_softmax(s.reshape(-1, ke), lse.reshape(-1), self.slopes,
-                                         scale, q0 + Tk - Tq, causal)  # s now holds p
+                                         scale, q0 + self.offset, causal)  # s now holds p
             outs.append(kgemm.matmul(s, v[..., :ke, :]))
             lses.append(lse)
         out = _join(xp, outs, -2, q.shape[:-1] + v.shape[-1:], q.dtype)
@@ -911,7 +925,7 @@ class ScaledDotProductAttention(Function):
                 xp.ascontiguousarray(self.lse[..., q0:q1]).reshape(-1),
                 xp.ascontiguousarray(g_rows).reshape(-1, g.shape[-1]),
                 xp.ascontiguousarray(self.out[..., q0:q1, :]).reshape(-1, g.shape[-1]),
-                self.slopes, self.scale, q0 + Tk - Tq, self.causal)  # s: p, dp: d(q·kᵀ)
+                self.slopes, self.scale, q0 + self.offset, self.causal)  # s: p, dp: d(q·kᵀ)
             dq.append(kgemm.matmul(dp, k[..., :ke, :]))
             dk_rows = kgemm.matmul(xp.swapaxes(dp, -1, -2), q_rows)
             dv_rows = kgemm.matmul(xp.swapaxes(s, -1, -2), g_rows)
@@ -977,7 +991,7 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=No
     launches per block; None (the default) takes as many rows as fit
     ScaledDotProductAttention.TILE_ELEMENTS scores. alibi_slopes: None, or slopes
     broadcastable to the batch dims q.shape[:-2] (e.g. (H,) for (B, H, T, D)) that add
-    -slope · |i - j| to the scores.
+    -slope · |i - j| to the scores (i, j aligned as the mask is; needs Tq <= Tk too).
     """
     op = "scaled_dot_product_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -996,6 +1010,9 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, block_size=No
     if causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(f"{op}: causal attention with more queries than keys ({shapes}); "
                          "expected Tq <= Tk (the mask is bottom-right aligned)")
+    if alibi_slopes is not None and q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"{op}: ALiBi with more queries than keys ({shapes}) would place the "
+                         "first queries before the first key; expected Tq <= Tk")
     if q.shape[-2] and not k.shape[-2]:
         raise ValueError(f"{op}: no keys to attend to ({shapes}); expected Tk >= 1")
     if block_size is not None and (not isinstance(block_size, (int, np.integer))

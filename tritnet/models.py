@@ -135,6 +135,15 @@ class CodeGraph(Module):
             self.register_buffer("active_edge_score", score)
         self.observed = []   # this step's (src codes, dst codes, signs), in order
 
+    def value_ranges(self) -> dict:
+        """The values each edge buffer may hold (a checkpoint's loader checks them): codes
+        within the code book or -1 (an empty slot), ternary signs, scores 0..SCORE_MAX."""
+        codes, signs, scores = (-1, self.codebook_size - 1), (-1, 1), (0, kgraph.SCORE_MAX)
+        if self.dense:
+            return {"edge_index": codes, "edge_attr": signs, "edge_score": scores}
+        return {"edge_index": codes, "active_edge_src": codes, "active_edge_dst": codes,
+                "active_edge_attr": signs, "active_edge_score": scores}
+
     def edges(self):
         """(src, dst, attr, score) arrays of the edge table, in either mode."""
         if self.dense:

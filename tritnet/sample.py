@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import backend
-from .checkpoint import CheckpointError, load_checkpoint, read_header
+from .checkpoint import CheckpointError, read_header, verify_checkpoint
 from .config import Config, ConfigError
 from .models import CodeMemoryLM
 
@@ -27,11 +27,18 @@ def read_config(path) -> Config:
 
 
 def load_model(path, device=None):
-    """(model in eval mode, its Config) from a checkpoint; the config is the file's own."""
-    config = read_config(path)
+    """(model in eval mode, its Config) from a checkpoint; the config is the file's own. The
+    file is verified whole (against the model its config describes, built on the meta device)
+    before the model is built."""
+    ckpt = verify_checkpoint(path)
+    if ckpt.module != "CodeMemoryLM":
+        raise CheckpointError(f"checkpoint {os.fspath(path)} holds a {ckpt.module}, not "
+                              "tritnet's language model (CodeMemoryLM); load it with "
+                              "tritnet.checkpoint.load_checkpoint and your model")
+    config = Config().override(**ckpt.config)   # verified: a valid Config
     backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
     model = CodeMemoryLM(config)
-    load_checkpoint(path, model)
+    ckpt.load_into(model)
     model.eval()
     return model, config
 

@@ -10,6 +10,7 @@ A run folder (`out_dir`) holds one run:
     ckpt.h5            the latest checkpoint (tritnet/checkpoint.py: atomic, HDF5), written
                        every `save_every` steps, at the end, on Ctrl-C and on a non-finite loss
     previous-<time>/   an earlier run's files, moved aside (never deleted) by overwrite=True
+    .lock              held (flock) while a run uses the folder: a second run is refused
 
 A folder that already holds a run is refused unless `resume` (continue it from ckpt.h5) or
 `overwrite` (move its files to previous-<time>/ once the new run is ready to start, so no
@@ -33,6 +34,7 @@ hold identical state.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import math
@@ -172,13 +174,91 @@ def _trim_metrics(path, last_step):
         except (ValueError, KeyError, TypeError):
             return False
 
-    with open(path) as fh:
-        lines = fh.readlines()
-    keep = [line for line in lines if kept(line)]
-    if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as fh:
-            fh.writelines(keep)
-        os.replace(path + ".tmp", path)
+    tmp = path + ".tmp"
+    try:
+        with open(path) as fh:
+            lines = fh.readlines()
+        keep = [line for line in lines if kept(line)]
+        if len(keep) != len(lines):
+            with open(tmp, "w") as fh:
+                fh.writelines(keep)
+            os.replace(tmp, path)
+    except (OSError, UnicodeDecodeError) as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise TrainError(f"resume: cannot rewrite {path} without the rows after the "
+                         f"checkpoint's step {last_step} ({getattr(e, 'strerror', None) or e}); "
+                         "it is as it was. Free disk space (or make the folder writable), then "
+                         "--resume again") from None
+
+
+def _append_metrics(path, row, ckpt_path):
+    """Add one row to metrics.jsonl, whole or not at all."""
+    line, end = (json.dumps(row) + "\n").encode(), None
+    try:
+        with open(path, "ab", buffering=0) as fh:
+            end = fh.seek(0, os.SEEK_END)
+            done = 0
+            while done < len(line):
+                done += fh.write(line[done:])
+    except OSError as e:
+        if end is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(path, end)
+        kept = (f"the steps since its last checkpoint ({ckpt_path}) are lost; free disk "
+                "space, then --resume") if os.path.exists(ckpt_path) else \
+            "it had saved no checkpoint yet; free disk space and start it again (--overwrite)"
+        raise TrainError(f"cannot write {path} ({e.strerror}): the run stopped at step "
+                         f"{row['step']}, and {kept}") from None
+
+
+class _RunLock:
+    """The lock of a run folder: `.lock` in it, held (flock) while a run uses the folder.
+
+    The kernel drops the lock when its process ends, however it ends, so the file a killed run
+    leaves behind never blocks the next one; it holds the holder's pid, for the message. A
+    folder the lock created is removed again if the run leaves nothing else in it."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, ".lock")
+
+    def __enter__(self):
+        self.created = not os.path.isdir(self.out_dir)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                    os.close(fd)
+                    raise TrainError(f"run folder {self.out_dir} is in use by another run (pid "
+                                     f"{holder}); wait for it to end, or choose another "
+                                     "--out") from None
+                try:   # the holder that just let go may have removed the file: lock the new one
+                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+        except OSError as e:
+            raise TrainError(f"cannot lock the run folder {self.out_dir} ({e.strerror}); "
+                             "choose another --out") from None
+        with contextlib.suppress(OSError):   # only for the message; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.out_dir)   # only if empty: a run that failed at its start
+        return False
 
 
 def _duration(seconds) -> str:
@@ -260,6 +340,14 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     DistributedError with a message that says how to fix the problem, and KeyboardInterrupt
     after saving on Ctrl-C.
     """
+    with contextlib.ExitStack() as held:   # the run folder's lock, however the run ends
+        return _train(config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                      device=device, tokens=tokens, log=log, progress=progress, dtype=dtype,
+                      gpus=gpus, group=group, held=held)
+
+
+def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, progress, dtype,
+           gpus, group, held) -> dict:
     out_dir = os.fspath(out_dir)
     config = config.validate()
     if gpus is not None and (not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1):
@@ -296,6 +384,8 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
                          f"in {out_dir}, --overwrite starts a new one there")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TrainError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if is_main:
+        held.enter_context(_RunLock(out_dir))
     existing = _existing_run(out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.h5")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -331,8 +421,7 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     # Fixed held-out windows: every evaluation scores the same text, so numbers compare.
     val_batches = list(tdata.eval_batches(corpus.val, config.batch_size, config.seq_len,
                                           config.eval_batches))
-    data_id = {"source": corpus.source, "train_tokens": len(corpus.train),
-               "val_tokens": len(corpus.val), "vocab_size": corpus.vocab_size}
+    data_id = corpus.identity()
 
     # Model and optimiser, then the run's starting point.
     model, optimizer = build(config)
@@ -342,13 +431,17 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     step, elapsed_before, summary = 0, 0.0, {}
     if resume:
         ckpt = load_checkpoint(ckpt_path, model, optimizer, restore_rng=True)
-        if ckpt.train_state.get("data_id", data_id) != data_id:
+        saved_id = ckpt.train_state.get("data_id")
+        if saved_id is not None and not tdata.same_data(saved_id, data_id):
             raise TrainError(f"resume: {ckpt_path} was trained on other data "
-                             f"({ckpt.train_state['data_id']['source']}); pass the run's --data")
+                             f"({saved_id['source']}: {saved_id['train_tokens']:,} + "
+                             f"{saved_id['val_tokens']:,} tokens, sha256 "
+                             f"{saved_id['sha256'][:12]}...); pass the run's --data")
         batches.load_state_dict(ckpt.train_state["data"])
         step = int(ckpt.step)
         elapsed_before = float(ckpt.train_state.get("elapsed", 0.0))
-        summary = dict(ckpt.metrics or {})
+        # its held-out score is the old step's: the run evaluates again before it reports one
+        summary = {k: v for k, v in (ckpt.metrics or {}).items() if k != "val_bpb"}
         if is_main:
             _trim_metrics(metrics_path, step)
         log(f"resumed from {ckpt_path} at step {step}")
@@ -360,8 +453,8 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
             os.makedirs(out_dir, exist_ok=True)
             config.save(os.path.join(out_dir, "config.json"))
         except OSError as e:
-            raise TrainError(f"cannot write the run folder {out_dir} ({e.strerror}); choose "
-                             "another --out") from None
+            raise TrainError(f"cannot write {os.path.join(out_dir, 'config.json')} "
+                             f"({e.strerror}); free disk space or choose another --out") from None
     shards = config.micro_batches
     local_shards, shard_rows = shards // group.size, config.batch_size // shards
     reducer = distributed.StepReducer(model, group, shards) if shards > 1 else None
@@ -398,8 +491,7 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
 
     def record(row):
         if is_main:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            _append_metrics(metrics_path, row, ckpt_path)
 
     # A step's row is written once its update's statistics are known: they come back with
     # the next step's loss (one host sync a step, as before), or are read at once before

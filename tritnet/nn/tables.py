@@ -214,6 +214,10 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         return f"size={self.size}, dim={self.dim}, search={self.search_mode!r}"
 
     # --- checkpoint hooks: counters outside the buffers that decide future steps ----------
+    def value_ranges(self) -> dict:
+        """`usage` counts (saturating int16) are never negative; a checkpoint's loader checks."""
+        return {"usage": (0, np.iinfo(np.int16).max)}
+
     def get_extra_state(self) -> dict:
         """Counters that time dead-code restarts and index refreshes, so a resumed run restarts
         codes on the same steps. The routed index itself is not saved: it is rebuilt from the
