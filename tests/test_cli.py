@@ -423,23 +423,32 @@ def test_debug_shows_the_traceback(files):
     assert isinstance(res.exception, tdata.DataError)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(files):
-    """SIGINT to a real `tritnet train` after its first checkpoint: exit 130, a checkpoint of
-    a whole step that loads, and metrics up to that step."""
-    out = files / "run"
+def training_child(files, out, stdout):
+    """A `tritnet train` process on `out` (many steps, a checkpoint every step), returned once
+    its first checkpoint exists."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TRITNET_DEVICE="cpu")
     child = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "train", "--config", str(files / "small.json"),
          "--data", str(files / "code.txt"), "--out", str(out), "--steps", "100000",
          "--save-every", "1", "--eval-every", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "ckpt.h5").exists() and time.monotonic() < deadline \
+            and child.poll() is None:
+        time.sleep(0.05)
+    if not (out / "ckpt.h5").exists():
+        child.kill()
+        raise AssertionError(child.communicate(timeout=30))
+    return child
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(files):
+    """SIGINT to a real `tritnet train` after its first checkpoint: exit 130, a checkpoint of
+    a whole step that loads, and metrics up to that step."""
+    out = files / "run"
+    child = training_child(files, out, subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "ckpt.h5").exists() and time.monotonic() < deadline \
-                and child.poll() is None:
-            time.sleep(0.05)
-        assert (out / "ckpt.h5").exists(), child.communicate(timeout=30)
         child.send_signal(signal.SIGINT)
         stdout, stderr = child.communicate(timeout=60)
     finally:
@@ -490,19 +499,8 @@ def test_schedule_clip_and_recompute_flags_reach_the_run_config(files):
 
 def test_a_run_folder_in_use_is_refused_and_a_dead_runs_lock_does_not_block(files):
     out = files / "run"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TRITNET_DEVICE="cpu")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "train", "--config", str(files / "small.json"),
-         "--data", str(files / "code.txt"), "--out", str(out), "--steps", "100000",
-         "--save-every", "1", "--eval-every", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    child = training_child(files, out, subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "ckpt.h5").exists() and time.monotonic() < deadline \
-                and child.poll() is None:
-            time.sleep(0.05)
-        assert (out / "ckpt.h5").exists(), child.communicate(timeout=30)
         fails(files, train_args(files, out, "--resume"),
               rf"run folder {out} is in use by another run \(pid {child.pid}\); wait for it to "
               r"end, or choose another --out")

@@ -898,15 +898,8 @@ def test_cuda_ternary_update_matches_cpu_twin(rows, cols):
 
 @pytest.mark.cuda
 def test_cuda_carry_spread_and_saturation_match_the_cpu():
-    rng = np.random.default_rng(12)
     rows, cols = 300, 777
-    T = rng.integers(-1, 2, size=(rows, cols))
-    s = dict(T_packed=P.pack_trits_reference(T),
-             T_accum=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
-             grad_q=rng.integers(-128, 128, size=(rows, cols), dtype=np.int8),
-             E=rng.integers(-128, 128, size=rows, dtype=np.int8),
-             E_accum=rng.integers(-128, 128, size=rows, dtype=np.int8),
-             grad_E_q=rng.integers(-128, 128, size=rows, dtype=np.int8))
+    s = random_state(np.random.default_rng(12), rows, cols)
     dev = {k: cupy.asarray(v) for k, v in s.items()}
     want = U.ternary_update(**s, cols=cols, **HYPER, flip_carry=True)
     got = U.ternary_update(**dev, cols=cols, **HYPER, flip_carry=True)

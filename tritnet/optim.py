@@ -140,7 +140,7 @@ class TritFlip:
         self.clock = self._gains = self.stats = None
         if not backend.is_meta(like):
             # per module, what the last step did: [trits flipped, exponents stepped,
-            # accumulators at ±127] (observe() reads it)
+            # accumulators at ±127 (dense layers)] (observe() reads it)
             self.stats = backend.get_array_module(like).zeros((len(self.modules), 3), np.int64)
             xp = backend.get_array_module(like)
             # the gain of every step, from the host's formula: the device looks it up
@@ -196,7 +196,7 @@ class TritFlip:
             counts = None if self.stats is None else self.stats[i, :2]
             flips.append(m.apply_update(self.flip_threshold, self.scale_threshold,
                                         self.decay_shift, self.flip_carry, counts))
-            if self.stats is not None:
+            if self.stats is not None and not m.sparse:   # a table's step stays sparse
                 kupdate.count_saturated(m.T_accum, self.stats[i], 2)
         for m in self.observers:
             m.apply_observations()
@@ -206,8 +206,9 @@ class TritFlip:
 
     def observe(self, stats=None) -> dict:
         """The optimiser's view of its last step, per group of modules: the share of trits
-        flipped (`flip`), of accumulators at saturation (`sat`) and of row exponents stepped
-        (`scale`). Groups are `groups` ({name: modules}, e.g. a model's components());
+        flipped (`flip`), of accumulators at saturation (`sat`, counted on dense layers only:
+        counting a table's would read all its rows, and a table's step reads only those it
+        touched) and of row exponents stepped (`scale`). Groups are `groups` ({name: modules}, e.g. a model's components());
         without them, one group "all". `stats`: a host copy of `self.stats` read earlier
         (so the caller chooses when to sync), else it is read now."""
         if self.stats is None:
@@ -216,10 +217,14 @@ class TritFlip:
         view = {}
         for name, indices in self._groups.items():
             trits = sum(self.modules[i].logical_trits() for i in indices)
+            dense = sum(self.modules[i].logical_trits() for i in indices
+                        if not self.modules[i].sparse)
             rows = sum(self.modules[i].trit_shape[0] for i in indices)
             flips, steps, saturated = stats[indices].sum(axis=0).tolist()
-            view[name] = {k: float(f"{v:.4g}") for k, v in (
-                ("flip", flips / trits), ("sat", saturated / trits), ("scale", steps / rows))}
+            shares = [("flip", flips / trits), ("scale", steps / rows)]
+            if dense:
+                shares.insert(1, ("sat", saturated / dense))
+            view[name] = {k: float(f"{v:.4g}") for k, v in shares}
         return view
 
     def set_groups(self, groups: dict) -> None:

@@ -82,6 +82,8 @@ class TernaryEmbeddingTable(TernaryModule):
     applies and drops them.
     """
 
+    sparse = True   # a step reads and writes only the rows it touched
+
     def __init__(self, rows: int, dim: int, device: str | None = None,
                  exponent: int = UNIT_RMS_EXPONENT):
         super().__init__()

@@ -245,6 +245,8 @@ class TernaryModule(Module):
     contributions within a shard so that every quantisation draws fresh random bits.
     """
 
+    sparse = False   # a step updates every row (tables: only the rows a step touched)
+
     def __init__(self):
         super().__init__()
         self.grad_rms_units = DEFAULT_GRAD_RMS_UNITS
