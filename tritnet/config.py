@@ -217,10 +217,10 @@ _RANGES = {
 
 # Presets: named overrides of the defaults above (the `tiny` model).
 PRESETS = {
-    # trains on a two-core CPU: `tritnet train` with no options, ~5 minutes. 1,000 steps of
-    # 32 x 32 tokens learn far better than 500 of 64 x 32 (the same tokens): 2.64 against
-    # 2.78 held-out bpb on Python 3.11's library (two seeds: 2.637, 2.645); the quiet memory
-    # takes it to 2.55 (benchmarks/results/learning/).
+    # trains on a two-core CPU: `tritnet train` with no options, 4 minutes. 1,000 steps of
+    # 32 x 32 tokens learn far better than 500 of 64 x 32 (the same tokens): 2.68 against
+    # 2.76 held-out bpb on Python 3.11's library (every held-out window); with the quiet
+    # memory 2.59 (benchmarks/results/learning/).
     "tiny": dict(batch_size=32, seq_len=32, steps=1000, eval_every=200, save_every=200,
                  eval_batches=16, position="alibi", quiet_memory=True),
     # The comparison preset: 18.3M logical trits outside the code memory's tables. 5M tokens
