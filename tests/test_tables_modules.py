@@ -120,10 +120,10 @@ def test_million_entry_book_is_integer_and_updates_in_batch_time():
     t_big = _sparse_step_time(big, x)
     assert float_arrays(big) == []
     assert big.usage.dtype == np.int16 and big.usage.sum() > 0
-    # 100x the rows: a pass over the whole table (64 MB of accumulators) would take 10-20x
-    # the small book's step here; scattered rows' cache misses alone measured 2-3x on two
-    # loaded cores
-    assert t_big <= 4 * t_small, (t_big, t_small)
+    # 100x the rows: a pass over the whole table (64 MB of accumulators) took 14x the small
+    # book's step on two cores; the sparse step itself, on rows scattered over 100x the
+    # memory, measured 2-5x there (its kernel alone on the same rows: 1.2x)
+    assert t_big <= 8 * t_small, (t_big, t_small)
 
 
 def test_building_ten_million_rows_is_packed_first():
