@@ -83,9 +83,10 @@ def _user_errors():
     from tritnet.data import DataError
     from tritnet.distributed import DistributedError
     from tritnet.models import GenerationError
+    from tritnet.plot import PlotError
     from tritnet.train import TrainError
     return (ConfigError, DataError, CheckpointError, DeviceError, TrainError, DistributedError,
-            GenerationError)
+            GenerationError, PlotError)
 
 
 def _fail(message: str, code: int = 1):
@@ -395,6 +396,29 @@ def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
     other = "" if own else f" (not its training data, {trained_on['source']})"
     click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source}"
                f"{other} | bigram baseline {bigram:.4f} {unit}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", "out_path", default="plot.png", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="The image to write (replaced if it exists): .png, .svg or .pdf.")
+@click.option("--x", "x_axis", type=click.Choice(["tokens", "time"]), default="tokens",
+              show_default=True, help="What the runs are drawn against: tokens seen, or wall "
+              "time.")
+@user_errors_are_one_line
+def plot(runs, out_path, x_axis):
+    """Draw runs' held-out and training bpb, the bigram baseline and tokens/s into one image.
+
+    Each RUN is a run folder (its metrics.jsonl) or a metrics file (.jsonl or .jsonl.gz);
+    several are overlaid, one colour each. Needs matplotlib: pip install "tritnet[plot]"."""
+    from tritnet.plot import FORMATS, plot_runs, read_metrics
+    if os.path.splitext(out_path)[1].lower() not in FORMATS:
+        raise click.BadParameter(f"{out_path}: the image format comes from the name; end it "
+                                 f"in {', '.join(FORMATS)}", param_hint="-o")
+    metrics = [read_metrics(run) for run in runs]
+    plot_runs(metrics, out_path, x=x_axis)
+    click.echo(f"wrote {out_path}: {len(metrics)} run(s) against {x_axis}")
 
 
 if __name__ == "__main__":  # pragma: no cover
