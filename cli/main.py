@@ -84,9 +84,10 @@ def _user_errors():
     from tritnet.distributed import DistributedError
     from tritnet.models import GenerationError
     from tritnet.plot import PlotError
+    from tritnet.tokenizer import TokenizerError
     from tritnet.train import TrainError
     return (ConfigError, DataError, CheckpointError, DeviceError, TrainError, DistributedError,
-            GenerationError, PlotError)
+            GenerationError, PlotError, TokenizerError)
 
 
 def _fail(message: str, code: int = 1):
@@ -111,6 +112,18 @@ def user_errors_are_one_line(command):
             if debug:
                 raise
             _fail(e)
+    return wrapper
+
+
+def says_when_compiling(command):
+    """Say on stderr when the command's first kernel starts compiling (a first run's silent
+    minute otherwise; backend.announce_compilation)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from tritnet.backend import announce_compilation
+        with announce_compilation(lambda line: click.echo(line, err=True)):
+            return command(*args, **kwargs)
     return wrapper
 
 
@@ -165,6 +178,9 @@ def trace(preset_name, config_path, as_json):
               help="A text file, a folder of text files, or a .bin of tokens "
                    "(default: the Python standard library's source files).")
 @click.option("--dtype", type=click.Choice(["uint8", "uint16"]), help="Token dtype of a .bin.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False),
+              help="Train on the subword tokens of this tokenizer.json (tritnet tokenizer "
+              "train); the model's vocab_size follows it. A resumed run keeps its own.")
 @click.option("--steps", type=int, help="Training steps.")
 @click.option("--tokens", type=int, help="Train on this many tokens instead: "
               "steps = ceil(tokens / (batch size x seq len)).")
@@ -218,13 +234,14 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
           flip_threshold, scale_threshold, decay_shift, grad_rms_units, grad_clip_units,
           schedule, final_grad_rms_units, eval_every, save_every, out_dir, resume, overwrite,
           seed, device, gpus, micro_batches, recompute, recompute_keep, expert_capacity,
-          cuda_graph):
+          cuda_graph, tokenizer_path):
     """Train a model; with no options, the tiny preset on the default corpus.
 
     The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
     """
     from tritnet.backend import announce_compilation
     from tritnet.config import Config, load_config, preset
+    from tritnet.tokenizer import load_tokenizer
     from tritnet.train import train as run_train
     if steps is not None and tokens is not None:
         raise click.UsageError("give --steps or --tokens, not both")
@@ -248,10 +265,14 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
                              micro_batches=micro_batches, recompute=recompute,
                              recompute_keep=recompute_keep, expert_capacity=expert_capacity,
                              cuda_graph=cuda_graph)
+    tokenizer = None
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer(tokenizer_path)
+        config = config.override(vocab_size=tokenizer.vocab_size)
     with announce_compilation(lambda line: click.echo(line)):
         run_train(config, data=data_path, dtype=dtype, out_dir=out_dir, resume=resume,
                   overwrite=overwrite, device=device, tokens=tokens, gpus=gpus,
-                  log=lambda line: click.echo(line))
+                  log=lambda line: click.echo(line), tokenizer=tokenizer)
 
 
 @main.command()
@@ -327,20 +348,31 @@ def sample(checkpoint, prompt, n_tokens, num_samples, temperature, top_k, top_p,
     from tritnet.backend import announce_compilation
     from tritnet.models import generation_request
     from tritnet.sample import load_model, read_config
+    from tritnet.tokenizer import checkpoint_tokenizer
     config = read_config(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint)   # None: the model reads bytes
     if temperature != 0:   # the sampling defaults; at temperature 0 both must be left out
         top_k = 40 if top_k is None else (top_k or None)
-    prompts = [list(prompt.encode("utf-8"))] * num_samples
+    if tokenizer is not None:
+        prompts = [[int(t) for t in tokenizer.encode(prompt)]] * num_samples
+        stop_ids = [[int(t) for t in tokenizer.encode(s)] for s in stop]
+    else:
+        prompts, stop_ids = [list(prompt.encode("utf-8"))] * num_samples, stop
     # every option is checked before the model loads: a bad one costs no loading time
-    generation_request(config, prompts, n_tokens, temperature, top_k, top_p, stop)
+    generation_request(config, prompts, n_tokens, temperature, top_k, top_p, stop_ids)
     with announce_compilation(lambda line: click.echo(line, err=True)):
         model, config = load_model(checkpoint, device=device)
         outs = model.generate(prompts, n_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, stop=stop)
+                              top_p=top_p, seed=seed, stop=stop_ids)
     for i, out in enumerate(outs):
         if num_samples > 1:
             click.echo(f"--- sample {i + 1} of {num_samples} ---")
-        if config.vocab_size <= 256:   # byte tokens
+        if tokenizer is not None:
+            text = tokenizer.decode(out)
+            # the model may write a stop string with other tokens than its encoding's
+            ends = [text.find(s) for s in stop if s in text]
+            click.echo(prompt + (text[:min(ends)] if ends else text))
+        elif config.vocab_size <= 256:   # byte tokens
             click.echo(prompt + bytes(out).decode("utf-8", errors="replace"))
         else:
             click.echo(" ".join(str(t) for t in out))
@@ -359,23 +391,30 @@ def sample(checkpoint, prompt, n_tokens, num_samples, temperature, top_k, top_p,
               "model's context). Each window is scored from its own first token.")
 @click.option("--device", type=DeviceChoice(), default=None, help="auto, cpu or cuda.")
 @user_errors_are_one_line
+@says_when_compiling
 def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
     """Held-out bits per byte of a checkpoint's model, beside the bigram baseline.
 
     Without --data it scores the default corpus's held-out split, and refuses a checkpoint
     trained on other data (it names that data: pass it, or any data, with --data)."""
+    import numpy as np
+
     from tritnet import data as tdata
     from tritnet.checkpoint import read_header
     from tritnet.config import ConfigError
     from tritnet.sample import load_model
+    from tritnet.tokenizer import checkpoint_tokenizer
     from tritnet.train import evaluate as run_evaluate
     model, config = load_model(checkpoint, device=device)
+    tokenizer = checkpoint_tokenizer(checkpoint)
     trained_on = read_header(checkpoint)["train_state"].get("data_id")
     seq_len = config.seq_len if seq_len is None else seq_len
     if seq_len > config.context:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context = {config.context}; "
                           f"score windows of at most {config.context} tokens")
     corpus = tdata.load_corpus(data_path, dtype=dtype)
+    if tokenizer is not None:   # the text as the model's tokens; scores stay per byte
+        corpus = tokenizer.encode_corpus(corpus)
     if corpus.vocab_size > config.vocab_size:
         raise tdata.DataError(f"{corpus.source} has vocabulary {corpus.vocab_size}, the model "
                               f"{config.vocab_size}: it cannot score tokens >= "
@@ -388,10 +427,11 @@ def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
     corpus.check_seq_len(seq_len)
     limit = config.eval_batches if batches is None else (batches or None)
     windows = list(tdata.eval_batches(corpus.val, config.batch_size, seq_len, limit))
-    per_byte = corpus.tokens_per_byte or 1.0
+    per_byte = corpus.tokens_per_byte_of(np.concatenate([y for _, y in windows]))
     unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
     val = tdata.bits_per_byte(run_evaluate(model, windows), per_byte)
-    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size, per_byte)
+    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size,
+                              corpus.tokens_per_byte_of(corpus.val[1:]))
     n = sum(x.size for x, _ in windows)
     other = "" if own else f" (not its training data, {trained_on['source']})"
     click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source}"
@@ -419,6 +459,38 @@ def plot(runs, out_path, x_axis):
     metrics = [read_metrics(run) for run in runs]
     plot_runs(metrics, out_path, x=x_axis)
     click.echo(f"wrote {out_path}: {len(metrics)} run(s) against {x_axis}")
+
+
+@main.group()
+def tokenizer():
+    """Subword tokenizers: byte-level BPE through Hugging Face's tokenizers library."""
+
+
+@tokenizer.command("train")
+@click.option("--data", "data_path", type=click.Path(),
+              help="Text to learn from: a text file or a folder of text files (default: the "
+              "Python standard library's source files). Only its train split is read.")
+@click.option("--vocab-size", type=click.IntRange(257, 65536), default=4096, show_default=True,
+              help="Tokens: the 256 bytes and the merges learned (small data may give fewer).")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The tokenizer.json to write; an existing file is never replaced.")
+@user_errors_are_one_line
+def tokenizer_train(data_path, vocab_size, out_path):
+    """Learn a byte-level BPE tokenizer from text, for `tritnet train --tokenizer FILE`.
+
+    It is learned from the data's train split only (the held-out files stay unseen), so a run
+    on the same data scores text its tokenizer never saw."""
+    from tritnet import data as tdata
+    from tritnet.tokenizer import TokenizerError, save_tokenizer, train_tokenizer
+    if os.path.exists(out_path):
+        raise TokenizerError(f"{out_path} exists; runs may have been trained with it, so it is "
+                             "not replaced: choose another -o, or remove it first")
+    corpus = tdata.load_corpus(data_path)
+    tok = train_tokenizer(corpus, vocab_size)
+    save_tokenizer(tok, out_path)
+    held_out = len(corpus.val) / max(len(tok.encode(corpus.val.tobytes())), 1)
+    click.echo(f"wrote {out_path}: {tok.describe()}, learned from {len(corpus.train):,} bytes of "
+               f"{corpus.source}; {held_out:.2f} bytes a token on its held-out split")
 
 
 if __name__ == "__main__":  # pragma: no cover

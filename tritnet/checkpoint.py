@@ -5,7 +5,8 @@ Layout of a file (read it with `tritnet inspect`, plain h5py, or `h5ls -r` / `h5
     /                               attributes: format = "tritnet-checkpoint", format_version,
                                     tritnet_version, packing_scheme, scale_function, module
                                     (the model's class), config, train_state, module_state,
-                                    metrics (JSON text; metrics optional), crc32
+                                    metrics (JSON text; metrics optional), tokenizer (only for
+                                    subword tokens: the tokenizer's JSON), crc32
     /blocks/3/attn/q                a group per module (attribute `module`: its class name),
     /blocks/3/attn/q/T_packed       mirroring state_dict's dotted names
     /blocks/3/attn/q/E ...          datasets keep their dtypes (int8 E, T_accum, E_accum, ...)
@@ -71,7 +72,8 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _CHUNK_BYTES = 1 << 24
 _MIN_COMPRESS_BYTES = 1 << 16
 _TEXT_ATTRS = ("format", "tritnet_version", "packing_scheme", "scale_function", "module",
-               "config", "train_state", "module_state", "metrics")
+               "config", "train_state", "module_state", "metrics", "tokenizer")
+_OPTIONAL_ATTRS = ("metrics", "tokenizer")
 _JSON_ATTRS = ("config", "train_state", "module_state", "metrics")
 _ROOT_ATTRS = _TEXT_ATTRS + ("format_version", "crc32")
 
@@ -361,13 +363,15 @@ def _write_tensor(f, t: _Tensor, compression):
 
 
 def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: dict,
-                    metrics_summary: dict | None = None, compression: str | None = None) -> str:
+                    metrics_summary: dict | None = None, compression: str | None = None,
+                    tokenizer: str | None = None) -> str:
     """Write `model` (any tritnet.nn.Module tree) and the training state to `path`, atomically.
 
     config: the run's configuration (JSON-able). train_state: step, data position, RNG states,
     anything the loop needs to resume; `optimizer` (TritFlip.state_dict()) and `tritnet_rng`
     (tritnet.random's state) are added. metrics_summary: optional, shown by inspect.
-    compression: None (default: fastest) or "gzip". Returns the path written.
+    compression: None (default: fastest) or "gzip". tokenizer: the JSON text of the subword
+    tokenizer the model reads (tritnet.tokenizer), None for bytes. Returns the path written.
 
     A failure (a full or read-only disk, ...) raises CheckpointError naming the path and the
     cause; the temporary file is removed and the previous checkpoint at `path` is untouched.
@@ -398,6 +402,11 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
     }
     if metrics_summary is not None:
         attrs["metrics"] = _to_json("metrics_summary", metrics_summary)
+    if tokenizer is not None:
+        if not isinstance(tokenizer, str):
+            raise CheckpointError(f"save_checkpoint: tokenizer must be JSON text, got a "
+                                  f"{type(tokenizer).__name__}")
+        attrs["tokenizer"] = tokenizer
     for key in _JSON_ATTRS:   # what the loader would refuse is never written
         if key in attrs:
             try:
@@ -578,7 +587,7 @@ def _root_attrs(path, f, format1=False) -> dict:
     unknown = sorted(names - set(known))
     if unknown:
         raise _damaged(path, f"unexpected root attribute(s) {', '.join(unknown)}")
-    missing = [k for k in known if k not in names and k != "metrics"]
+    missing = [k for k in known if k not in names and k not in _OPTIONAL_ATTRS]
     if missing:
         raise _damaged(path, f"root attribute(s) {', '.join(missing)} missing")
     attrs = {k: _attr(path, f, k, "root", "text") for k in _TEXT_ATTRS if k in names}
@@ -687,6 +696,7 @@ def _header(path, f, format1=False) -> dict:
     attrs = _root_attrs(path, f, format1)
     header = {k: attrs[k] for k in ("format", "format_version", "tritnet_version",
                                     "packing_scheme", "scale_function", "module")}
+    header["tokenizer"] = attrs.get("tokenizer")   # text, parsed where it is used
     for key in _JSON_ATTRS:
         if key not in attrs:
             header[key] = None
@@ -1270,6 +1280,7 @@ def inspect_checkpoint(path, *, verify: bool = True) -> dict:
         "step": train_state.get("step"),
         "config": header["config"],
         "metrics": header["metrics"],
+        "tokenizer": _tokenizer_summary(header.get("tokenizer")),
         "file_bytes": file_bytes,
         "logical_trits": total_trits,
         "packed_trit_bytes": trit_bytes,
@@ -1281,6 +1292,18 @@ def inspect_checkpoint(path, *, verify: bool = True) -> dict:
     if not verify:
         info["problems"] = problems
     return info
+
+
+def _tokenizer_summary(text):
+    """What inspect shows of a subword tokenizer: its kind and size (its JSON is long)."""
+    if text is None:
+        return None
+    try:
+        spec = json.loads(text)
+        size = len(spec["model"]["vocab"]) + len(spec.get("added_tokens") or [])
+        return {"type": str(spec["model"]["type"]), "vocab_size": size, "json_bytes": len(text)}
+    except (ValueError, KeyError, TypeError):
+        return {"type": "unreadable", "vocab_size": None, "json_bytes": len(text)}
 
 
 def _group_paths(plans):
@@ -1338,4 +1361,8 @@ def render_inspection(info: dict) -> str:
     lines.append("config: " + json.dumps(info["config"], sort_keys=True))
     if info["metrics"] is not None:
         lines.append("metrics: " + json.dumps(info["metrics"], sort_keys=True))
+    if info.get("tokenizer") is not None:
+        t = info["tokenizer"]
+        lines.append(f"tokenizer: {t['type']}, {t['vocab_size']} tokens ({_human(t['json_bytes'])}"
+                     " of JSON)")
     return "\n".join(lines)

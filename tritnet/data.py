@@ -65,11 +65,22 @@ class Corpus:
     skipped_files: list = field(default_factory=list)   # non-UTF-8 files left out
     split_rule: str = ""
     tokens_per_byte: float | None = 1.0   # None: tokens are not bytes (bpb unknown)
+    token_bytes: np.ndarray | None = None   # subword tokens (tritnet.tokenizer): how many
+                                            # bytes each token id stands for
 
     def split(self, name: str) -> np.ndarray:
         if name not in ("train", "val"):
             raise DataError(f"unknown split {name!r}: expected 'train' or 'val'")
         return self.train if name == "train" else self.val
+
+    def tokens_per_byte_of(self, targets) -> float:
+        """Tokens per byte of the text that `targets` (token ids, any shape) stand for. With
+        subword tokens it is their count over their bytes, so that bits per token times it is
+        bits per byte of exactly that text; otherwise the corpus's fixed ratio (1 for bytes)."""
+        if self.token_bytes is None:
+            return self.tokens_per_byte or 1.0
+        ids = np.asarray(targets).reshape(-1)
+        return ids.size / max(int(self.token_bytes[ids].sum()), 1)
 
     def check_seq_len(self, seq_len: int) -> None:
         """Fail now, not mid-run, when a split is too short for one sequence."""

@@ -5,6 +5,7 @@
 A run folder (`out_dir`) holds one run:
 
     config.json        the run's Config, written when the run starts (and on resume)
+    tokenizer.json     the subword tokenizer of a run on BPE tokens (also in every checkpoint)
     metrics.jsonl      one JSON object per step: step, tokens, loss, train_bpb, tokens_per_s,
                        elapsed; at evaluation points also val_bpb and bigram_bpb
     ckpt.h5            the latest checkpoint (tritnet/checkpoint.py: atomic, HDF5), written
@@ -55,7 +56,7 @@ from .models import CodeMemoryLM
 from .nn.ternary import TernaryModule
 from .optim import TritFlip
 
-RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl")
+RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl", "tokenizer.json")
 # Fields that may change when a run is resumed: the run's length, logging, the optimiser's
 # "learning rate" and how activations are kept. Every other field shapes the model, and must
 # match the checkpoint's.
@@ -327,9 +328,12 @@ class _StopOnSigint:
 
 
 def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, device=None,
-          tokens=None, log=print, progress=True, dtype=None, gpus=None, group=None) -> dict:
+          tokens=None, log=print, progress=True, dtype=None, gpus=None, group=None,
+          tokenizer=None) -> dict:
     """Train `config` on `data` (a Corpus, a path for load_corpus with `dtype` for a .bin, or
     None for the default corpus), keeping the run in `out_dir`; `tokens` sets the steps.
+    `tokenizer` (tritnet.tokenizer.Tokenizer): train on its subword tokens of the text, with
+    config.vocab_size its size; a resumed run takes its checkpoint's.
 
     `gpus=N` (N > 1) trains data-parallel on N GPUs of this host, one process each; a process
     started by a launcher finds its rank in the environment (tritnet/distributed.py); `group`
@@ -343,11 +347,11 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     with contextlib.ExitStack() as held:   # the run folder's lock, however the run ends
         return _train(config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
                       device=device, tokens=tokens, log=log, progress=progress, dtype=dtype,
-                      gpus=gpus, group=group, held=held)
+                      gpus=gpus, group=group, held=held, tokenizer=tokenizer)
 
 
 def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, progress, dtype,
-           gpus, group, held) -> dict:
+           gpus, group, held, tokenizer) -> dict:
     out_dir = os.fspath(out_dir)
     config = config.validate()
     if gpus is not None and (not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1):
@@ -358,7 +362,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
                              "rank (WORLD_SIZE is set): drop --gpus under a launcher")
         return distributed.launch(gpus, dict(
             config=config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
-            device=device, tokens=tokens, progress=progress, dtype=dtype))
+            device=device, tokens=tokens, progress=progress, dtype=dtype, tokenizer=tokenizer))
     group = group if group is not None else distributed.group_from_env()
     is_main = group.rank == 0
     if not is_main:
@@ -397,7 +401,13 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
                          "continue it with --resume, start over with --overwrite (its files "
                          "move to previous-<time>/), or choose another --out")
     if resume:
-        _check_resumable(read_header(ckpt_path)["config"], config, ckpt_path)
+        header = read_header(ckpt_path)
+        tokenizer = _resumed_tokenizer(header["tokenizer"], tokenizer, ckpt_path)
+        _check_resumable(header["config"], config, ckpt_path)
+    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+        raise ConfigError(f"config field vocab_size = {config.vocab_size}, but the tokenizer "
+                          f"has {tokenizer.vocab_size} tokens; the model's vocabulary follows "
+                          f"the tokenizer: set vocab_size = {tokenizer.vocab_size}")
     group.barrier()   # every rank has looked at the folder before rank 0 changes it
 
     # Device and seeds first: the model's initial trits come from tritnet.random.
@@ -409,18 +419,21 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         corpus = tdata.load_corpus(data, dtype=dtype)
     else:
         corpus = data
+    if tokenizer is not None:
+        corpus = tokenizer.encode_corpus(corpus)
     corpus.check_seq_len(config.seq_len)
     _check_vocab(corpus, config)
     unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
-    tokens_per_byte = corpus.tokens_per_byte or 1.0
     log(f"data: {corpus.describe()}")
-    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size, tokens_per_byte)
+    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size,
+                              corpus.tokens_per_byte_of(corpus.val[1:]))
     log(f"bigram baseline: {bigram:.4f} held-out {unit} (add-one bigram fitted on train)")
     batches = tdata.Batches(corpus, config.batch_size, config.seq_len,
                             seed=trandom.mix_seed(config.seed, 1))
     # Fixed held-out windows: every evaluation scores the same text, so numbers compare.
     val_batches = list(tdata.eval_batches(corpus.val, config.batch_size, config.seq_len,
                                           config.eval_batches))
+    val_tokens_per_byte = corpus.tokens_per_byte_of(np.concatenate([y for _, y in val_batches]))
     data_id = corpus.identity()
 
     # Model and optimiser, then the run's starting point.
@@ -455,6 +468,9 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         except OSError as e:
             raise TrainError(f"cannot write {os.path.join(out_dir, 'config.json')} "
                              f"({e.strerror}); free disk space or choose another --out") from None
+        if tokenizer is not None:
+            from .tokenizer import save_tokenizer
+            save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer.json"))
     shards = config.micro_batches
     local_shards, shard_rows = shards // group.size, config.batch_size // shards
     reducer = distributed.StepReducer(model, group, shards) if shards > 1 else None
@@ -481,7 +497,8 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         state = {"step": step, "data": batches.state_dict(), "data_id": data_id,
                  "tokens": step * tokens_per_step, "elapsed": elapsed()}
         save_checkpoint(ckpt_path, model, optimizer=optimizer, config=config.to_dict(),
-                        train_state=state, metrics_summary=summary)
+                        train_state=state, metrics_summary=summary,
+                        tokenizer=None if tokenizer is None else tokenizer.to_json())
 
     bar = _Progress(progress and is_main)
 
@@ -508,7 +525,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
     def estimate_loss(status=""):
         if not is_main:   # rank 0 evaluates; evaluation changes no state
             return None
-        val = tdata.bits_per_byte(evaluate(model, val_batches), tokens_per_byte)
+        val = tdata.bits_per_byte(evaluate(model, val_batches), val_tokens_per_byte)
         summary["val_bpb"] = val
         say(f"step {step}/{config.steps}{status} | held-out {val:.4f} {unit} | bigram "
             f"baseline {bigram:.4f} {unit}")
@@ -578,7 +595,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
             dt = time.perf_counter() - t0
             step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
             row = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value,
-                   "train_bpb": tdata.bits_per_byte(ce_value, tokens_per_byte),
+                   "train_bpb": tdata.bits_per_byte(ce_value, corpus.tokens_per_byte_of(y)),
                    "tokens_per_s": tokens_per_step / dt, "elapsed": elapsed()}
             summary.update(step=step, tokens=row["tokens"], loss=loss_value,
                            elapsed=row["elapsed"])
@@ -602,10 +619,28 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
     if not is_main:
         return dict(summary, unit=unit, out_dir=out_dir)
     val = summary["val_bpb"]
+    this_run = _duration(time.perf_counter() - start)
+    took = (f"this run {this_run}, run total {_duration(elapsed())}" if resume else
+            f"run time {this_run}")
     log(f"done: step {step}, held-out {val:.4f} {unit} vs bigram {bigram:.4f} {unit} "
-        f"({'below' if val < bigram else 'NOT below'} the baseline), "
-        f"{_duration(elapsed())}, checkpoint {ckpt_path}")
+        f"({'below' if val < bigram else 'NOT below'} the baseline), {took}, checkpoint "
+        f"{ckpt_path}")
     return dict(summary, unit=unit, out_dir=out_dir)
+
+
+def _resumed_tokenizer(saved, given, path):
+    """The tokenizer a resumed run goes on with: its checkpoint's; a --tokenizer must be it."""
+    from .tokenizer import Tokenizer
+    if given is None:
+        return None if saved is None else Tokenizer(saved, source=f"the tokenizer of {path}")
+    if saved is None:
+        raise TrainError(f"resume: {path} was trained on bytes, not on subword tokens; drop "
+                         "--tokenizer to go on with bytes")
+    if given.to_json() != saved:
+        raise TrainError(f"resume: {path} was trained with another tokenizer than "
+                         f"{given.source}; drop --tokenizer to go on with the run's own "
+                         "(tokenizer.json in its folder)")
+    return given
 
 
 def _check_resumable(saved: dict, config: Config, path):
