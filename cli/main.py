@@ -82,12 +82,13 @@ def _user_errors():
     from tritnet.config import ConfigError
     from tritnet.data import DataError
     from tritnet.distributed import DistributedError
+    from tritnet.export import ExportError
     from tritnet.models import GenerationError
     from tritnet.plot import PlotError
     from tritnet.tokenizer import TokenizerError
     from tritnet.train import TrainError
     return (ConfigError, DataError, CheckpointError, DeviceError, TrainError, DistributedError,
-            GenerationError, PlotError, TokenizerError)
+            GenerationError, PlotError, TokenizerError, ExportError)
 
 
 def _fail(message: str, code: int = 1):
@@ -491,6 +492,28 @@ def tokenizer_train(data_path, vocab_size, out_path):
     held_out = len(corpus.val) / max(len(tok.encode(corpus.val.tobytes())), 1)
     click.echo(f"wrote {out_path}: {tok.describe()}, learned from {len(corpus.train):,} bytes of "
                f"{corpus.source}; {held_out:.2f} bytes a token on its held-out split")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The .safetensors file to write (replaced if it exists).")
+@user_errors_are_one_line
+@says_when_compiling
+def export(checkpoint, out_path):
+    """Write a checkpoint's inference state to one safetensors file: packed trits, int8 scales,
+    the code memory's tables and edges, the config and tokenizer as metadata.
+
+    No optimiser state: a fraction of the checkpoint. examples/numpy_inference.py runs it
+    with NumPy alone. Needs safetensors: pip install "tritnet[export]"."""
+    from tritnet.export import export_checkpoint
+    if not out_path.endswith(".safetensors"):
+        raise click.BadParameter(f"{out_path}: an export is a .safetensors file; end the name "
+                                 "in .safetensors", param_hint="-o")
+    sizes = export_checkpoint(checkpoint, out_path)
+    click.echo(f"wrote {out_path}: {sizes['tensors']} tensors, {sizes['export_bytes']:,} bytes "
+               f"({sizes['export_bytes'] / sizes['checkpoint_bytes']:.1%} of the checkpoint's "
+               f"{sizes['checkpoint_bytes']:,})")
 
 
 if __name__ == "__main__":  # pragma: no cover
