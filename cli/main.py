@@ -116,6 +116,12 @@ def user_errors_are_one_line(command):
     return wrapper
 
 
+def echo_json(value):
+    """JSON on stdout: one line for a script that reads it, indented for a person (stdout is a
+    terminal; inspect's object is 30 KB on one line otherwise)."""
+    click.echo(json.dumps(value, indent=2 if sys.stdout.isatty() else None))
+
+
 def says_when_compiling(command):
     """Say on stderr when the command's first kernel starts compiling (a first run's silent
     minute otherwise; backend.announce_compilation)."""
@@ -131,7 +137,8 @@ def says_when_compiling(command):
 @main.command()
 @click.option("--device", type=DeviceChoice(), default=None,
               help="Device to report on (default: TRITNET_DEVICE or the best available).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (one line for scripts, indented on "
+              "a terminal).")
 def info(device, as_json):
     """Print the backend, the device and library versions."""
     from tritnet import backend
@@ -142,7 +149,7 @@ def info(device, as_json):
     except backend.DeviceError as e:
         raise click.ClickException(str(e))
     if as_json:
-        click.echo(json.dumps(facts))
+        echo_json(facts)
     else:
         for k, v in facts.items():
             click.echo(f"{k:>12}: {v}")
@@ -153,7 +160,8 @@ def info(device, as_json):
               help="Preset to trace: tiny, small or default.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="A JSON or TOML config file (overrides the preset).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (one line for scripts, indented on "
+              "a terminal).")
 def trace(preset_name, config_path, as_json):
     """Count the logical trits of a model per component, allocating nothing."""
     from tritnet.config import ConfigError, load_config, preset, trace as run_trace
@@ -165,8 +173,8 @@ def trace(preset_name, config_path, as_json):
         raise click.ClickException(str(e))
     report = run_trace(config)
     if as_json:
-        click.echo(json.dumps({"components": report.components, "total": report.total,
-                               "state_bytes": report.state_bytes, "seconds": report.seconds}))
+        echo_json({"components": report.components, "total": report.total,
+                   "state_bytes": report.state_bytes, "seconds": report.seconds})
     else:
         click.echo(report.format())
 
@@ -278,11 +286,13 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (one line for scripts, indented on "
+              "a terminal).")
 @click.option("--no-verify", "no_verify", is_flag=True,
               help="Show what can be read without checking the file first (marked NOT "
               "VERIFIED, with what could not be read; exit 1 only when nothing can be read).")
 @user_errors_are_one_line
+@says_when_compiling
 def inspect(checkpoint, as_json, no_verify):
     """Show what a checkpoint holds: module tree, shapes, dtypes, trits, bytes, config, step.
 
@@ -297,7 +307,10 @@ def inspect(checkpoint, as_json, no_verify):
                                   "inspect cannot check against its model (it knows "
                                   "CodeMemoryLM); --no-verify shows it unchecked")
     info = inspect_checkpoint(checkpoint, verify=not no_verify)
-    click.echo(json.dumps(info) if as_json else render_inspection(info))
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(render_inspection(info))
 
 
 @main.command()
@@ -305,6 +318,7 @@ def inspect(checkpoint, as_json, no_verify):
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Where to write the format-2 copy (default: NAME.v2.h5 beside it).")
 @user_errors_are_one_line
+@says_when_compiling
 def upgrade(checkpoint, out_path):
     """Convert a format-1 checkpoint into format 2: a checked copy; the original stays.
 

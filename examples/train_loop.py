@@ -1,10 +1,13 @@
 """The training loop through the Python API: the tiny preset on the default corpus.
 
 What `tritnet train` does, without the run folder, progress line and fault handling
-(tritnet/train.py has those). Run:  python examples/train_loop.py  [--steps 200]
+(tritnet/train.py has those). Run:  python examples/train_loop.py  [--steps 200] [--out FILE]
+The checkpoint goes to --out, or to a new temporary folder (it says where).
 """
 
 import argparse
+import os
+import tempfile
 import time
 
 import tritnet
@@ -16,7 +19,8 @@ from tritnet.optim import TritFlip
 from tritnet.train import evaluate
 
 
-def main(steps=20, eval_every=10, out="train_loop.h5", seed=0):
+def main(steps=20, eval_every=10, out=None, seed=0):
+    out = out or os.path.join(tempfile.mkdtemp(prefix="tritnet-train-loop-"), "train_loop.h5")
     config = preset("tiny").override(steps=steps, seed=seed)
     trandom.manual_seed(config.seed)                       # initial trits come from here
     corpus = data.default_corpus()                         # the stdlib's *.py files, as bytes
@@ -49,7 +53,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--out", default="train_loop.h5")
+    p.add_argument("--out", help="the checkpoint to write (default: train_loop.h5 in a new "
+                   "temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     main(a.steps, a.eval_every, a.out, a.seed)

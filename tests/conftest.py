@@ -43,3 +43,33 @@ def _full_precision_products():
     backend.set_matmul_precision("fp32")
     yield
     backend.set_matmul_precision("fp32")
+
+
+# Why tests were skipped, in one line at the end of the run: on a CPU machine most skips are
+# the GPU variants and the simulator's tests (run by tests/test_cudasim.py in a child
+# process), and pytest alone shows only their count.
+_SKIP_KINDS = (
+    ("needs NUMBA_ENABLE_CUDASIM", "run in the CUDA simulator pass instead (tests/test_cudasim.py "
+     "starts it in a child process)"),
+    ("CPU test: run without NUMBA_ENABLE_CUDASIM", "are CPU tests (this is the simulator pass)"),
+    ("no usable GPU", "need a usable GPU ({reason})"),
+)
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    counts, examples = {}, {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else \
+            str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        kind = next((k for k, _ in _SKIP_KINDS if reason.startswith(k)), None)
+        counts[kind] = counts.get(kind, 0) + 1
+        examples.setdefault(kind, reason)
+    parts = [f"{counts[k]} {text.format(reason=examples[k])}" for k, text in _SKIP_KINDS
+             if k in counts]
+    if None in counts:
+        parts.append(f"{counts[None]} for reasons of their own (-rs lists them)")
+    terminalreporter.write_line(f"skipped {len(skipped)}: " + "; ".join(parts))

@@ -21,7 +21,11 @@ def run_example(name, *args, cwd):
 def test_train_loop(tmp_path):
     out = run_example("train_loop.py", "--steps", 2, "--eval-every", 2, cwd=tmp_path)
     assert "held-out" in out and "bigram" in out
-    assert (tmp_path / "train_loop.h5").exists()
+    assert not list(tmp_path.iterdir())   # nothing lands where it is run from
+    saved = out.split("saved ")[1].split(" on ")[0]
+    assert os.path.isfile(saved) and os.path.basename(saved) == "train_loop.h5"
+    os.remove(saved)
+    os.rmdir(os.path.dirname(saved))
 
 
 def test_own_text(tmp_path):
