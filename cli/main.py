@@ -137,8 +137,8 @@ def says_when_compiling(command):
 @main.command()
 @click.option("--device", type=DeviceChoice(), default=None,
               help="Device to report on (default: TRITNET_DEVICE or the best available).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (one line for scripts, indented on "
-              "a terminal).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (one line for scripts, indented on a terminal).")
 def info(device, as_json):
     """Print the backend, the device and library versions."""
     from tritnet import backend
@@ -160,8 +160,8 @@ def info(device, as_json):
               help="Preset to trace: tiny, small or default.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="A JSON or TOML config file (overrides the preset).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (one line for scripts, indented on "
-              "a terminal).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (one line for scripts, indented on a terminal).")
 def trace(preset_name, config_path, as_json):
     """Count the logical trits of a model per component, allocating nothing."""
     from tritnet.config import ConfigError, load_config, preset, trace as run_trace
@@ -286,8 +286,8 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (one line for scripts, indented on "
-              "a terminal).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (one line for scripts, indented on a terminal).")
 @click.option("--no-verify", "no_verify", is_flag=True,
               help="Show what can be read without checking the file first (marked NOT "
               "VERIFIED, with what could not be read; exit 1 only when nothing can be read).")

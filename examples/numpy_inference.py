@@ -105,7 +105,7 @@ class Model:
         h = self.c["n_heads"]
         q, k, v = (self.linear(f"{p}.{n}", x).reshape(B, T, h, d // h).transpose(0, 2, 1, 3)
                    for n in "qkv")
-        s = q @ k.transpose(0, 1, 3, 2) / np.float32(np.sqrt(d // h))
+        s = q @ k.transpose(0, 1, 3, 2) * np.float32(1 / np.sqrt(d // h))
         dist = np.arange(T)[:, None] - np.arange(T)[None, :]
         if self.c["position"] == "alibi":
             slopes = 2.0 ** (-8.0 * np.arange(1, h + 1) / h)
@@ -127,7 +127,7 @@ class Model:
     def moe(self, p, x):                                  # MoEGraph
         B, T, d = x.shape
         h = x.reshape(B * T, d)
-        probs = softmax(h @ self.w[f"{p}.router"].T / np.float32(np.sqrt(d)))
+        probs = softmax(h @ self.w[f"{p}.router"].T * np.float32(1 / np.sqrt(d)))
         choice = np.argsort(-probs, axis=1, kind="stable")[:, :self.c["top_k"]]
         gates = np.take_along_axis(probs, choice, axis=1)
         gates = gates / gates.sum(axis=1, keepdims=True)

@@ -79,6 +79,8 @@ def test_a_bpe_run_end_to_end(files, tok_file):
     assert json.loads((run / "config.json").read_text())["vocab_size"] == 300
     assert (run / "tokenizer.json").read_text() == tok.to_json()
     assert read_header(run / "ckpt.h5")["tokenizer"] == tok.to_json()
+    shown = cli("inspect", run / "ckpt.h5")
+    assert shown.exit_code == 0 and "\ntokenizer: BPE, 300 tokens (" in shown.stdout
 
     # held-out bits are counted against the bytes the scored tokens stand for
     model, config = load_model(run / "ckpt.h5")

@@ -102,8 +102,7 @@ def read_metrics(path, name: str | None = None) -> RunMetrics:
     bigrams = [r["bigram_bpb"] for r in rows if _number(r.get("bigram_bpb"))]
 
     def column(rs, key):
-        return np.array([float(r.get(key, np.nan)) if _number(r.get(key)) else np.nan
-                         for r in rs])
+        return np.array([float(r[key]) if _number(r.get(key)) else np.nan for r in rs])
 
     return RunMetrics(name or run_name(path), column(train, "tokens"), column(train, "elapsed"),
                       column(train, "train_bpb"), column(train, "tokens_per_s"),
