@@ -1,4 +1,4 @@
-"""VQ search, gather/scatter and sparse-update benchmark on a GPU (issue 4, DESIGN §7).
+"""VQ search, gather/scatter and sparse-update benchmark on a GPU (docs/contributing.md#benchmarks).
 
     PYTHONPATH=. python3 benchmarks/bench_vq.py [--rows 10000000] [--queries 4096] [--out DIR]
 
@@ -26,7 +26,7 @@ Floors (H100 SXM, 132 SMs, ~1.75-1.98 GHz):
   (filter compare + branch): 8.2e10 thread-instr / (132 * 128 * 1.75e9 /s) = 2.8 ms. Floor
   ~5-8 ms -> 500-800k queries/s.
 - gather / scatter / update of 64K x 64: 16-32 MB each, tens of microseconds at 3 TB/s; launch
-  cost (Numba dispatch 20-100 us, DESIGN §3) decides these.
+  cost (Numba dispatch 20-100 us, docs/kernels.md#launching) decides these.
 
 Writes <out>/vq-<device>.json (device, versions, commit, date, all numbers) and prints a short
 table last.

@@ -254,7 +254,7 @@ def test_eval_matches_the_runs_last_evaluation(run, files):
 
 
 # --------------------------------------------------------------------------------------------
-# Bad input and faults (issue 6).
+# Bad input and faults.
 
 
 def test_missing_data(run, files):

@@ -263,7 +263,7 @@ def test_gpus_without_a_gpu_is_one_clear_line(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# NCCL on the lent GPU(s).
+# NCCL on real GPUs.
 
 
 @pytest.mark.cuda

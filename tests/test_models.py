@@ -369,7 +369,8 @@ def test_trace_command():
 
 
 def test_default_preset_persistent_state_fits_the_memory_plan():
-    """Issue 7's memory plan: persistent training state <= 1.3 bytes per logical trit
+    """The memory plan (docs/design.md#state-bytes): persistent training state <= 1.3 bytes
+    per logical trit
     (2-bit packed trits + int8 accumulators + small per-row and graph state)."""
     report = trace(preset("default"))
     assert sum(report.state_bytes.values()) <= 1.3 * report.total, report.format()
@@ -440,7 +441,7 @@ def test_recompute_searches_the_code_book_once_per_step(monkeypatch):
 
 
 def test_recompute_keeps_a_fraction_of_the_activations():
-    """Issue 7's memory plan: with recompute, a training forward keeps one input per block
+    """The memory plan: with recompute, a training forward keeps one input per block
     instead of every block's intermediates, and recompute_keep = 2 of 4 blocks keeps about
     half of them (traced on the CPU: NumPy reports its allocations to tracemalloc)."""
     kept = {}
@@ -467,7 +468,7 @@ def test_recompute_keeps_a_fraction_of_the_activations():
 
 
 def test_presets_recompute_their_blocks_for_issue_7s_budgets():
-    """Issue 7's budgets hold only with recomputation: the default preset at 4 x 512 needs
+    """The memory budgets hold only with recomputation: the default preset at 4 x 512 needs
     17.0 GB without, 15.70 GB recomputing 3 of its 24 blocks (16 GB budget); the small at
     32 x 256 2.96 GB without, 0.86 GB recomputing all (1 GB budget); H100 and H200,
     benchmarks/results/step-*.json."""

@@ -27,7 +27,7 @@ HAVE_GPU = backend.gpu_usable()[0]
 
 
 
-# --- independent bitplane32 helpers (the layout of notes/common.md, written out again) ---
+# --- independent bitplane32 helpers (docs/kernels.md#bitplane32, written out again) ---
 
 
 def pack(T):
@@ -125,7 +125,8 @@ _BUILD_SCRIPT = textwrap.dedent("""
 
 
 def test_building_10M_by_64_is_packed_first():
-    """DESIGN §1.4 / issue 4: peak extra host memory <= 1.25x the final integer state, <= 60 s.
+    """Packed-first (docs/design.md#packed-first): peak extra host memory <= 1.25x the final
+    integer state, <= 60 s.
 
     Measured in a fresh process through /proc/self/status (VmHWM counts every page, Numba's
     allocations included; tracemalloc and ru_maxrss of this process would not).

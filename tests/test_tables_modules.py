@@ -127,7 +127,8 @@ def test_million_entry_book_is_integer_and_updates_in_batch_time():
 
 
 def test_building_ten_million_rows_is_packed_first():
-    """DESIGN §1.4: peak extra host memory ≤ 1.25× the table's integer state, time ≤ 60 s."""
+    """Packed-first (docs/design.md#packed-first): peak extra host memory ≤ 1.25× the table's
+    integer state, time ≤ 60 s."""
     code = textwrap.dedent("""
         import time
         def hwm():

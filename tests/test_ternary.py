@@ -155,7 +155,7 @@ def test_expert_matmul_bad_input():
 
 @pytest.mark.parametrize("phase", ["forward", "backward", "step"])
 def test_no_float_state_survives(phase):
-    """DESIGN §1.1–1.3: no float array on the layer or the optimiser at any phase."""
+    """No float array on the layer or the optimiser at any phase (docs/design.md#invariants)."""
     model = TernaryLinear(33, 5)
     opt = TritFlip(model)
     x = tritnet.tensor(np.ones((2, 33), np.float32))

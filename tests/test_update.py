@@ -18,7 +18,7 @@ HAVE_GPU = backend.gpu_usable()[0]
 
 
 
-# --- independent bitplane32 helpers (the layout of notes/common.md, written out again here) ---
+# --- independent bitplane32 helpers (docs/kernels.md#bitplane32, written out again here) ---
 
 
 def pack(T):

@@ -1,6 +1,6 @@
 """Device choice: one place that knows whether arrays are CuPy or NumPy.
 
-Devices (DESIGN §3):
+Devices (docs/design.md#backend):
 - "cuda":    CuPy arrays, Numba CUDA kernels on CuPy's current stream; chosen automatically
              when a GPU is usable.
 - "cpu":     NumPy arrays, Numba njit twins. Chosen when no GPU is usable.

@@ -1,4 +1,5 @@
-"""HDF5 checkpoints (DESIGN §8): one self-describing file per checkpoint, no pickle.
+"""HDF5 checkpoints: one self-describing file per checkpoint, no pickle
+(docs/checkpoint-format.md).
 
 Layout of a file (read it with `tritnet inspect`, plain h5py, or `h5ls -r` / `h5dump -A`):
 

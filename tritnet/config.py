@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    # --- model: a byte-level decoder with a ternary code memory (DESIGN §6b) -------------
+    # --- model: a byte-level decoder with a ternary code memory (docs/model.md) ----------
     vocab_size: int = 256          # bytes
     d_model: int = 128
     n_layers: int = 2
@@ -35,7 +35,7 @@ class Config:
     context: int = 256             # longest sequence the model is built for
     position: str = "nope"         # attention positions: "nope" (none: the causal mask alone),
                                    # or "alibi" (a fixed per-head recency bias); the presets
-                                   # choose; "nope" is what configs written before it meant
+                                   # choose; a config that does not name it gets "nope"
     n_experts: int = 4             # MoEGraph partitions: routing centroids and ternary experts
     expert_hidden: int = 256
     top_k: int = 2                 # experts per token

@@ -1,6 +1,6 @@
 """CodeMemoryLM: a byte-level ternary language model with a huge ternary code memory.
 
-One reading of the seed (DESIGN §6b), in the family of large sparse memory layers:
+In the family of large sparse memory layers (docs/model.md):
 
     x      = embed[token]                              TernaryEmbeddingTable(vocab, d)
     block: x += Attention(rms_norm(x))                 ternary q, k, v, o; causal, ALiBi

@@ -1,4 +1,4 @@
-"""TritFlip: the integer optimiser of ternary weights (DESIGN §5).
+"""TritFlip: the integer optimiser of ternary weights (docs/update-rule.md).
 
 In the family of latent-free binary optimisers (Bop): the only memory is an int8 accumulator
 per trit (and per row scale), not a float latent weight. One step, for each ternary tensor:
@@ -60,7 +60,7 @@ The step and the gain reach the kernels through `clock`, an int64 [step, gain in
 2**-32] array on the model's device that `step()` advances there (the gain from a table of
 the schedule, made on the host): a training step captured as a CUDA graph
 (tritnet/graphs.py) replays with the right step's random bits and gain, without a
-host-to-device copy. (Integers: no float state on any module, DESIGN §1.)
+host-to-device copy. (Integers: no float state on any module, docs/design.md#integer-dtypes.)
 """
 
 from __future__ import annotations

@@ -125,9 +125,9 @@ def frozen_heap():
 
     What exists when a loop starts -- the model, imported libraries, compiled kernels: ~500k
     objects -- outlives the loop. Frozen, it leaves the cyclic collector's generations, so
-    the collector's full passes stop rescanning it every few steps: they cost 16 ms a step on
-    the small preset and 42 ms on the default before (H200; 10 ms on the small after). Garbage
-    cycles from before are collected first, not frozen, and a process that goes on after the
+    the collector's full passes stop rescanning it every few steps: unfrozen, they cost 16 ms
+    a step on the small preset and 42 ms on the default (H200); frozen, 10 ms on the small.
+    Garbage cycles from before are collected first, not frozen, and a process that goes on after the
     loop (a notebook, a sweep) gets the usual collector back.
     """
     gc.collect()

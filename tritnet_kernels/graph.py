@@ -1,5 +1,5 @@
 """The code graph of MoEGraph: a bounded, bucketed edge table learned from code transitions
-(DESIGN §6, §6b; issue 5).
+(docs/model.md#code-graph).
 
 Edge state
 ----------

@@ -1,7 +1,8 @@
 """Packed-trit matmul: y = x · (diag(s)·T)ᵀ and its input gradient gx = gy · diag(s)·T.
 
 T is bitplane32 (see packing.py), s = 2 ** (E / 8) per row with E int8, computed on the fly
-as exp2(E * 0.125) in float32. No float copy of the weights outlives a call (DESIGN §1.2):
+as exp2(E * 0.125) in float32. No float copy of the weights outlives a call
+(docs/design.md#no-float-weights):
 the paths below widen trits in registers, in a small reusable scratch (CPU), or into a
 transient workspace freed before the call returns (GPU, large M).
 
@@ -16,8 +17,8 @@ GPU, M <= 16 (decode / small batch): tensor-core GEMV. Each warp decodes its 16x
     adds the fp32 partial sums in a fixed order (deterministic; no float atomics).
     Weights are read once, 8 bytes per 32 trits; x is staged through shared memory.
 GPU, M > 16: widen W = diag(s)·T to x's dtype in a transient (N, K) workspace and call
-    cuBLAS through cupy.matmul (tensor cores for fp16). Numba has no tensor-core matmul of
-    its own, so an on-chip tiled kernel would run on the fp32 pipes at a fraction of
+    cuBLAS through tritnet_kernels.gemm (tensor cores for fp16). Numba has no tensor-core
+    matmul of its own, so an on-chip tiled kernel would run on the fp32 pipes at a fraction of
     cuBLAS's rate; the widening pass costs one write and one read of the fp16 matrix.
 GPU without mma.sync (compute capability < 8.0): the generic kernels below (one thread per
     output, the CUDA twins of the CPU code) for M <= 16, widen + cuBLAS above.
@@ -898,7 +899,7 @@ def ternary_matmul(x, T_packed, E, cols, out=None, *, validate=False):
         return y
     W = _widen(T_packed, E, cols, x.dtype, xp)
     kgemm.matmul(x, W.T, out=y)
-    del W  # the widened weights live only inside this call (DESIGN §1.2)
+    del W  # the widened weights live only inside this call (docs/design.md#no-float-weights)
     return y
 
 
@@ -906,8 +907,8 @@ def widen(T_packed, E, cols, out):
     """out[...] = diag(s)·T, s = 2 ** (E / 8): the weight as float, for a product the caller
     runs itself (a grouped one: tritnet.nn.ternary.ExpertMatmul). out (rows, cols) float32
     (the kernels) or float64 (the NumPy reference: gradient checks), C-contiguous, on
-    T_packed's device. A transient: the caller frees it when its product is done (DESIGN
-    §1.2: no float copy of a weight outlives the op that made it)."""
+    T_packed's device. A transient: the caller frees it when its product is done (no float
+    copy of a weight outlives the op that made it: docs/design.md#no-float-weights)."""
     op = "widen"
     _check_array(op, "out", out, (np.float32, np.float64), 2)
     _check_array(op, "T_packed", T_packed, (np.uint32,), 2)

@@ -1,4 +1,4 @@
-"""Sparse row access to a large ternary table (DESIGN §1.4, §6; issue 4).
+"""Sparse row access to a large ternary table (docs/update-rule.md#sparse-tables).
 
 A table of `rows` ternary rows of width `cols` is the integer state
     T_packed uint32 (rows, 2G) bitplane32, G = ceil(cols/32)   s_r = 2 ** (E[r] / 8)
@@ -194,8 +194,9 @@ def _random_table_cuda(T_packed, cols, key):
 def random_table(T_packed, cols, seed, *, E=None, exponent=0):
     """Fill T_packed (rows, 2*ceil(cols/32)) uint32 in place with uniform random trits.
 
-    Packed-first (DESIGN §1.4): no array of the table's trit shape is ever made, only the
-    packed words are written, so a 10M x 64 table costs its 160 MB of words and nothing else.
+    Packed-first (docs/design.md#packed-first): no array of the table's trit shape is ever
+    made, only the packed words are written, so a 10M x 64 table costs its 160 MB of words
+    and nothing else.
     With `E` (int8 (rows,)), also sets E[:] = exponent. Returns T_packed.
     {doc}
     The CPU twin runs in parallel over rows; the CUDA kernel a thread per (row, group).

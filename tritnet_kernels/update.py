@@ -1,4 +1,4 @@
-"""Integer kernels behind the ternary optimiser (DESIGN §5).
+"""Integer kernels behind the ternary optimiser (docs/update-rule.md#one-step).
 
 A ternary weight W = diag(s)·T trains without any float copy: its float gradient is
 quantised to int8 (`quantize_grad`), added with saturation to the int8 accumulator beside

@@ -1,7 +1,8 @@
-"""Nearest-code search over a ternary codebook, and the small kernels around it (issue 4).
+"""Nearest-code search over a ternary codebook, and the small kernels around it.
 
 A codebook of K ternary codes of width `dim` is T_packed uint32 (K, 2G), G = ceil(dim/32),
-bitplane32 (notes/common.md), with int8 exponents E beside it that the search ignores.
+bitplane32 (docs/kernels.md#bitplane32), with int8 exponents E beside it that the search
+ignores.
 
 The distance (exact, integer, identical on every device)
 --------------------------------------------------------

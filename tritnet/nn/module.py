@@ -3,7 +3,8 @@
 A Module registers what is assigned to it by type: a `Parameter` (a float Tensor trained by
 gradient) goes to its parameters, a `Module` to its children; arrays registered with
 `register_buffer` are its buffers. Ternary modules keep all their state as integer buffers
-(packed trits, int8 scales and accumulators) and no Parameters at all (DESIGN §1).
+(packed trits, int8 scales and accumulators) and no Parameters at all
+(docs/design.md#integer-dtypes).
 `state_dict()` maps dotted names to the underlying arrays; `load_state_dict` checks names,
 shapes and dtypes before copying anything, so a bad dict changes nothing.
 """

@@ -5,7 +5,7 @@ row r = 2 ** (E[r] / 8) · T[r], T packed in bitplane32 words. Tables are read s
 
 - construction is packed-first: random trits are written straight into the packed words by
   a kernel, and the int8 accumulators start as calloc'd zeros, so no array of the table's
-  trit shape exists other than its final integer state (DESIGN §1.4);
+  trit shape exists other than its final integer state (docs/design.md#packed-first);
 - forward gathers the rows it needs, widened to float only for those rows;
 - backward sums the gradient of repeated indices (deterministically), quantises it to int8
   for the touched rows only, and the optimiser updates only those rows: a step costs
@@ -175,7 +175,8 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     `index_refresh` training steps, as codes move. `routed_recall()` measures recall@1 of the
     routed search against exact on given queries.
 
-    Dead codes (DESIGN §6): `usage` (int16, saturating) counts how often each code was chosen.
+    Dead codes (docs/model.md#dead-codes): `usage` (int16, saturating) counts how often each
+    code was chosen.
     Every `restart_every` training steps, each code with usage 0 is restarted from a random
     row of the step's queries (its ternarised pattern, with the least-squares scale for it),
     its accumulators cleared; then all counts are halved, so a code must keep being chosen to

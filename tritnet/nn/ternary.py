@@ -9,9 +9,9 @@ so one step of E changes a row's scale by 2**(1/8) ≈ 9%, and the int8 range co
 
 Training state beside the weight: `T_accum` (int8, one per trit) and `E_accum` (int8, one per
 row). The op that uses the weight computes the input gradient as usual and hands the weight
-gradient straight to integer state (DESIGN §1.3, §4): G = gyᵀ·x exists only as a transient
-inside backward, where it is quantised to int8 (`grad_q`, weight-shaped) and the scale
-gradient to int8 (`grad_E_q`, one per row). The optimiser (`tritnet.optim.TritFlip`) consumes
+gradient straight to integer state (docs/design.md#integer-gradients): G = gyᵀ·x exists only
+as a transient inside backward, where it is quantised to int8 (`grad_q`, weight-shaped) and the
+scale gradient to int8 (`grad_E_q`, one per row). The optimiser (`tritnet.optim.TritFlip`) consumes
 and frees both.
 
 Gradient quantisation: q = stochastic_round(G · grad_rms_units / rms(G)), clipped to
@@ -142,7 +142,7 @@ class ExpertMatmul(Function):
         x = xp.ascontiguousarray(x)
         W = self._weights(x.dtype, xp)
         y = kgemm.matmul_gathered(self._tiled(x), W.transpose(0, 2, 1), self.tiles, tile_expert)
-        del W  # the widened weights live only inside this call (DESIGN §1.2)
+        del W  # the widened weights live only inside this call (docs/design.md#no-float-weights)
         self.updates_state = first.training and is_grad_enabled()
         if self.updates_state:
             self.x = x
@@ -260,7 +260,8 @@ class TernaryModule(Module):
 
     def _init_ternary_state(self, rows: int, cols: int, exponent: int, device: str | None):
         """Packed-first initial state: uniform random trits (2/3 nonzero) written straight
-        into the packed words by a kernel, E = exponent, zero accumulators (DESIGN §1.4).
+        into the packed words by a kernel, E = exponent, zero accumulators
+        (docs/design.md#packed-first).
         On the "meta" device only shapes and dtypes are recorded (the constructor trace)."""
         self.trit_shape = (rows, cols)
         T_packed = backend.empty((rows, 2 * kpacking.n_groups(cols)), np.uint32, device)
