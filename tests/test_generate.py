@@ -24,6 +24,7 @@ CONFIGS = {
                                      vq_search="routed"),
     "small-no-shared-vq": dict(SMALL, position="alibi", use_shared_vq=False),
     "small-memory-values": dict(SMALL, position="alibi", memory_values=True),
+    "small-ngram-memory": dict(SMALL, position="alibi", ngram_memory=4, ngram_rows=97),
 }
 
 

@@ -60,6 +60,10 @@ class Config:
                                    # loss, one per code) beside the code itself
     quiet_memory: bool = False     # the code memory's readouts start at 1/8 of unit scale, so
                                    # the untrained memory adds little noise to the stream
+    ngram_memory: int = 0          # the longest n-gram the n-gram memory reads (0: none): each
+                                   # token's embedding gains one table row per n = 2 … this,
+                                   # chosen by a hash of the token and the n - 1 before it
+    ngram_rows: int = 65536        # rows of the n-gram memory's table (all orders share it)
     recompute: bool = False        # keep one block's activations, recompute each in backward:
                                    # bit-identical training, far less memory, a second forward
     recompute_keep: int = 0        # with recompute: the last this-many blocks keep their
@@ -138,6 +142,9 @@ class Config:
         if 0 < self.expert_capacity < 1:
             raise ConfigError(f"config field expert_capacity = {self.expert_capacity} is below "
                               "one fair share: expected 0 (no dropping) or at least 1")
+        if self.ngram_memory == 1:
+            raise ConfigError("config field ngram_memory = 1: the token's own row is the "
+                              "embedding; expected 0 (off) or the longest n-gram, 2 or more")
         if self.recompute_keep > self.n_layers:
             raise ConfigError(f"config field recompute_keep = {self.recompute_keep} exceeds "
                               f"n_layers = {self.n_layers}")
@@ -205,7 +212,7 @@ _RANGES = {
     "n_heads": (1, 1024), "context": (2, 1 << 20), "n_experts": (1, 4096),
     "expert_hidden": (1, 1 << 20), "top_k": (1, 64), "codebook_dim": (1, 4096),
     "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
-    "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
+    "graph_slots": (1, 64), "ngram_memory": (0, 16), "ngram_rows": (1, 1 << 31), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
     "expert_capacity": (0.0, 4096.0), "recompute_keep": (0, 1024),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
     "decay_shift": (0, 7), "grad_rms_units": (1, 127), "grad_clip_units": (0, 127),

@@ -451,6 +451,67 @@ class CompositeHead(Module):
         return self.lm_head(F.rms_norm(h))
 
 
+_U64 = np.uint64
+_NGRAM_PRIME = _U64(0x100000001B3)          # FNV-1a's 64-bit prime: one token into the hash
+_NGRAM_ORDER = _U64(0x9E3779B97F4A7C15)     # separates the orders' hashes
+
+
+def _mix64(z):
+    """splitmix64's finaliser on uint64 arrays (wrapping products): every input bit moves
+    every output bit, so a hash's low bits (the row) depend on the whole n-gram."""
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def ngram_rows(tokens, previous, orders: int, rows: int):
+    """Row ids (B, T, orders - 1) int64 of the n-grams ending at each token, n = 2 … orders:
+    row = mix(hash(n, the token and the n - 1 before it)) mod rows. `previous` (B, orders - 1)
+    holds the tokens before the window (the pad id, vocab_size, where a stream has none: a
+    window's first tokens hash their missing history as padding, in training and decoding
+    alike)."""
+    xp = backend.get_array_module(tokens)
+    B, T = tokens.shape
+    seq = xp.concatenate([previous, tokens], axis=1).astype(_U64) + _U64(1)
+    h = xp.zeros((B, T), _U64)
+    ids = xp.empty((B, T, orders - 1), np.int64)
+    with np.errstate(over="ignore"):   # the hash wraps by design
+        for back in range(orders):          # the token `back` places before position t
+            h = (h ^ seq[:, orders - 1 - back:orders - 1 - back + T]) * _NGRAM_PRIME
+            if back:
+                n = _U64(back + 1)
+                ids[:, :, back - 1] = (_mix64(h ^ (n * _NGRAM_ORDER)) % _U64(rows)).astype(
+                    np.int64)
+    return ids
+
+
+class NgramMemory(Module):
+    """Hashed n-gram embeddings: a ternary table read by the recent tokens themselves.
+
+    Each position adds, to its token's embedding, one row per n = 2 … `orders`, the row a hash
+    of the n-gram ending there picks (`ngram_rows`). The table is a sparse ternary table
+    (trained like the embedding: a step reads and updates only the rows it used), so it can
+    be far larger than the dense model for the cost of a gather: a memory of which contexts
+    predict what, that the blocks no longer have to build from single bytes. Rows start at
+    1/8 of unit scale (the quiet start of the code memory's readouts)."""
+
+    def __init__(self, rows: int, dim: int, orders: int, pad: int, device=None):
+        super().__init__()
+        self.orders, self.pad = orders, pad
+        self.table = TernaryEmbeddingTable(rows, dim, device, exponent=VALUE_EXPONENT)
+
+    def history(self, batch: int, xp):
+        """The `previous` of a stream with no tokens yet: all padding."""
+        return xp.full((batch, self.orders - 1), self.pad, np.int64)
+
+    def forward(self, tokens, previous=None) -> Tensor:
+        xp = backend.get_array_module(tokens)
+        if previous is None:
+            previous = self.history(tokens.shape[0], xp)
+        ids = ngram_rows(tokens, previous, self.orders, self.table.rows)
+        return self.table(ids, check=False).sum(axis=2)
+
+
 class CodeMemoryLM(Module):
     """The assembled model; `forward(tokens)` -> (logits, auxiliary loss)."""
 
@@ -481,6 +542,9 @@ class CodeMemoryLM(Module):
             # values add little noise to what the code itself reads
             self.memory_values = TernaryEmbeddingTable(c.shared_vq_size, c.codebook_dim, device,
                                                        exponent=VALUE_EXPONENT)
+        if c.ngram_memory:
+            self.ngram = NgramMemory(c.ngram_rows, c.d_model, c.ngram_memory, c.vocab_size,
+                                     device)
 
     def components(self) -> dict:
         """Named groups of modules, for the trace and per-component reports."""
@@ -498,6 +562,7 @@ class CodeMemoryLM(Module):
             "kgvq": self.kgvq,
             "head": self.head,
             **({"memory_values": self.memory_values} if self.config.memory_values else {}),
+            **({"ngram_memory": self.ngram} if self.config.ngram_memory else {}),
         }
 
     def forward(self, tokens, *, check=True):
@@ -513,6 +578,8 @@ class CodeMemoryLM(Module):
         memory = self.shared_vq if c.use_shared_vq else None
         values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=check)
+        if c.ngram_memory:
+            x = x + self.ngram(backend.get_array_module(self.embed.T_packed).asarray(tokens))
         aux = None
         for block in self.blocks:
             x, a = block(x, memory, values)
@@ -592,6 +659,12 @@ class CodeMemoryLM(Module):
         memory = self.shared_vq if c.use_shared_vq else None
         memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=False)
+        if c.ngram_memory:
+            if cache.recent is None:
+                cache.recent = self.ngram.history(B, xp)
+            x = x + self.ngram(tokens, cache.recent)
+            cache.recent = xp.concatenate([cache.recent, tokens.astype(np.int64)],
+                                          axis=1)[:, -(c.ngram_memory - 1):]
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
             x = block.decode(x, memory, keys, values, start, memory_values)
         code = relation = graph = None
@@ -691,6 +764,7 @@ class KVCache:
         self.batch, self.capacity = batch, capacity
         self.length = 0
         self.code = None
+        self.recent = None   # the n-gram memory's: each stream's last tokens (B, n - 1)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys + self.values)
@@ -703,12 +777,15 @@ class KVCache:
         self.values = [v[index] for v in self.values]
         if self.code is not None:
             self.code = self.code[index]
+        if self.recent is not None:
+            self.recent = self.recent[index]
         self.batch = len(streams)
 
     def reset(self) -> None:
         """Empty every stream (the arrays are kept and overwritten)."""
         self.length = 0
         self.code = None
+        self.recent = None
 
 
 class GenerationError(ValueError):
