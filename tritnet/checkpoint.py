@@ -54,6 +54,7 @@ import h5py
 import numpy as np
 
 from . import __version__, backend
+from .errors import TritnetError
 from . import random as trandom
 from tritnet_kernels import packing as kpacking
 
@@ -76,7 +77,7 @@ _JSON_ATTRS = ("config", "train_state", "module_state", "metrics")
 _ROOT_ATTRS = _TEXT_ATTRS + ("format_version", "crc32")
 
 
-class CheckpointError(Exception):
+class CheckpointError(TritnetError):
     """A checkpoint cannot be written or read; the message says what, where, and what to do."""
 
 

@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .errors import TritnetError
 
-class ConfigError(ValueError):
+
+class ConfigError(TritnetError, ValueError):
     """A config value is out of range, of the wrong type, or unknown."""
 
 

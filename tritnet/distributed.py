@@ -47,6 +47,7 @@ import numpy as np
 
 from . import backend
 from . import random as trandom
+from .errors import TritnetError
 from tritnet_kernels import packing as kpacking
 from tritnet_kernels import tables as ktables
 from tritnet_kernels import update as kupdate
@@ -55,7 +56,7 @@ COMBINE_STREAM = 0x434F4D42  # mixed into the seeds of the shard-mean rounding
 DENSE_BUCKET = 1 << 26       # int32 elements all-reduced in one NCCL group (256 MiB)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(TritnetError, RuntimeError):
     """Ranks cannot be started or cannot talk; the message says what to fix."""
 
 
@@ -234,17 +235,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _user_errors():
-    """Exception classes whose message is the whole story (re-raised as they are)."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import LossNotFinite, TrainError
-    return {c.__name__: c for c in (CheckpointError, ConfigError, DataError, TrainError,
-                                    LossNotFinite, DistributedError, ReplicaDivergence,
-                                    backend.DeviceError)}
-
-
 def _rank_main(rank, size, port, train_kwargs, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -254,10 +244,13 @@ def _rank_main(rank, size, port, train_kwargs, results):
     except KeyboardInterrupt:
         results.put((rank, "KeyboardInterrupt", ""))
         sys.exit(130)
+    except TritnetError as e:
+        results.put((rank, "error", e))   # the launcher raises it as it was raised here
+        sys.exit(1)
     except Exception as e:
-        if type(e).__name__ not in _user_errors():
-            traceback.print_exc()   # a bug, not a user error: show where
-        results.put((rank, type(e).__name__, str(e)))
+        traceback.print_exc()   # a bug, not a user error: show where
+        results.put((rank, "error", DistributedError(f"rank {rank} failed: "
+                                                     f"{type(e).__name__}: {e}")))
         sys.exit(1)
 
 
@@ -302,8 +295,9 @@ def launch(gpus: int, train_kwargs: dict) -> dict:
                     and int(p.name.rsplit("-", 1)[1]) not in outcome]
             if dead and failed_at is None:
                 failed_at = time.monotonic()
-                outcome[int(dead[0].name.rsplit("-", 1)[1])] = (
-                    "DistributedError", f"exited with code {dead[0].exitcode}")
+                rank = int(dead[0].name.rsplit("-", 1)[1])
+                outcome[rank] = ("error", DistributedError(
+                    f"rank {rank} failed: exited with code {dead[0].exitcode}"))
             # ranks blocked in a collective with a failed peer never return: stop them
             if failed_at is not None and time.monotonic() - failed_at > 10:
                 break
@@ -313,14 +307,9 @@ def launch(gpus: int, train_kwargs: dict) -> dict:
                 p.terminate()
         for p in procs:
             p.join()
-    errors = sorted((r, kind, msg) for r, (kind, msg) in outcome.items()
-                    if kind not in ("ok", "KeyboardInterrupt"))
+    errors = sorted((r, e) for r, (kind, e) in outcome.items() if kind == "error")
     if errors:
-        rank, kind, msg = errors[0]
-        cls = _user_errors().get(kind)
-        if cls is not None:
-            raise cls(msg)
-        raise DistributedError(f"rank {rank} failed: {kind}: {msg}")
+        raise errors[0][1]
     if interrupted or any(kind == "KeyboardInterrupt" for kind, _ in outcome.values()):
         raise KeyboardInterrupt
     return outcome[0][1]

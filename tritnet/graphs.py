@@ -45,10 +45,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .errors import TritnetError
 from .nn.tables import TernaryVQCodebook
 
 
-class CaptureError(RuntimeError):
+class CaptureError(TritnetError, RuntimeError):
     """A training step cannot be captured as a CUDA graph here; the message says why."""
 
 

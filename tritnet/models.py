@@ -27,6 +27,7 @@ from . import backend
 from . import functional as F
 from .autograd import Tensor, is_grad_enabled, no_grad, recompute
 from .config import Config
+from .errors import TritnetError
 from .nn import Module, ModuleList
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
 from .nn.ternary import TernaryLinear, expert_matmul
@@ -711,7 +712,7 @@ class KVCache:
         self.code = None
 
 
-class GenerationError(ValueError):
+class GenerationError(TritnetError, ValueError):
     """A generation request the model cannot serve: the prompt or a sampling option."""
 
 

@@ -50,6 +50,7 @@ from . import random as trandom
 from .autograd import no_grad
 from .checkpoint import load_checkpoint, read_header, save_checkpoint
 from .config import Config, ConfigError
+from .errors import TritnetError
 from .graphs import CapturedStep
 from .models import CodeMemoryLM
 from .nn.ternary import TernaryModule
@@ -65,7 +66,7 @@ RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_
                     "seed", "recompute", "cuda_graph", "flip_carry", "grad_norm", "accum_init")
 
 
-class TrainError(Exception):
+class TrainError(TritnetError):
     """The run cannot start or go on; the message says what and how to fix it."""
 
 
