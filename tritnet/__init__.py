@@ -10,5 +10,5 @@ from . import backend
 from .autograd import Function, Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from .errors import TritnetError
 
-__all__ = ["Function", "Tensor", "TritnetError", "backend", "enable_grad", "is_grad_enabled", "no_grad", "tensor",
-           "__version__"]
+__all__ = ["Function", "Tensor", "TritnetError", "backend", "enable_grad", "is_grad_enabled",
+           "no_grad", "tensor", "__version__"]
