@@ -74,8 +74,8 @@ def test_code_graph_checks_codes_from_callers_and_trusts_its_own(monkeypatch):
     assert all((a == b).all() for a, (_, b) in zip(before, g.named_buffers()))  # untouched
 
     checked = []
-    check_indices = kgraph._check_indices
-    monkeypatch.setattr(kgraph, "_check_indices", lambda *a, **k: checked.append(a[4])
+    check_indices = kgraph.check_indices
+    monkeypatch.setattr(kgraph, "check_indices", lambda *a, **k: checked.append(a[4])
                         or check_indices(*a, **k))
     trandom.manual_seed(0)
     model, opt = build(preset("tiny").override(batch_size=2, seq_len=8, n_layers=1))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tritnet import backend
+from tritnet_kernels import _common
 from tritnet_kernels import tables as tb
 from tritnet_kernels import update as U
 
@@ -425,7 +426,7 @@ def test_sim_random_table_and_gather(rows, cols):
     T_packed = np.empty((rows, 2 * -(-cols // 32)), dtype=np.uint32)
     tb.random_table(T_packed, cols, 77)
     expected = np.empty_like(T_packed)
-    tb._random_table_cpu(expected, np.int64(cols), U._stream_key(77))
+    tb._random_table_cpu(expected, np.int64(cols), _common.stream_key(77))
     np.testing.assert_array_equal(T_packed, expected)
     E = np.array([-128, 0, 127, 5, -9][:rows], dtype=np.int8)
     idx = np.array([rows - 1, 0, rows - 1], dtype=np.int32)

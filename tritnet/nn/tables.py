@@ -27,7 +27,9 @@ from ..autograd import Function, Tensor, is_grad_enabled, once_per_recompute
 from .ternary import SCALE_EXPONENT_STEP, TernaryModule
 from tritnet_kernels import packing as kpacking
 from tritnet_kernels import tables as ktables
-from tritnet_kernels import vq as kvq
+from tritnet_kernels import vq_route as kvq_route
+from tritnet_kernels import vq_search as kvq_search
+from tritnet_kernels import vq_usage as kvq_usage
 
 # Rows of uniform random trits (2/3 nonzero) at scale 2**(2/8) ≈ 1.19 ≈ sqrt(3/2) have unit RMS.
 UNIT_RMS_EXPONENT = 2
@@ -243,7 +245,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         picks = xp.asarray(np.linspace(0, K - 1, P).astype(np.int64))
         centroids = xp.ascontiguousarray(self.T_packed[picks])
         for it in range(iterations + 1):
-            assign = kvq.nearest_code(self.T_packed, centroids, self.dim)
+            assign = kvq_search.nearest_code(self.T_packed, centroids, self.dim)
             if it == iterations:
                 break
             sums = xp.zeros((P, self.dim), dtype=np.float32)
@@ -254,7 +256,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
                 sums += ktables.segment_sum_rows(trits, assign[start:start + chunk], P,
                                                  check=False)
             empty = xp.abs(sums).sum(1) == 0  # keep the old centroid of an empty partition
-            fresh = kvq.ternarize_queries(xp.ascontiguousarray(sums))
+            fresh = kvq_search.ternarize_queries(xp.ascontiguousarray(sums))
             centroids = xp.where(empty[:, None], centroids, fresh)
         order = xp.argsort(assign, kind="stable").astype(np.int32)
         counts = xp.bincount(assign, minlength=P)
@@ -267,17 +269,17 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         """Nearest code (int32 (n,)) of each ternarised query (bitplanes (n, 2G))."""
         mode = mode or self.search_mode
         if mode == "exact":
-            return kvq.nearest_code(queries, self.T_packed, self.dim)
+            return kvq_search.nearest_code(queries, self.T_packed, self.dim)
         if self.index is None:
             self.build_index()
         centroids, offsets, codes = self.index
-        probe = kvq.top_codes(queries, centroids, self.dim, self.nprobe)
-        return kvq.nearest_code_in_partitions(queries, self.T_packed, self.dim, offsets, codes,
+        probe = kvq_route.top_codes(queries, centroids, self.dim, self.nprobe)
+        return kvq_route.nearest_code_in_partitions(queries, self.T_packed, self.dim, offsets, codes,
                                               probe, check=False)
 
     def routed_recall(self, x) -> float:
         """recall@1 of the routed search against exact on float queries x (n, dim)."""
-        q = kvq.ternarize_queries(self._queries(x))
+        q = kvq_search.ternarize_queries(self._queries(x))
         exact, routed = self.search(q, "exact"), self.search(q, "routed")
         return float((exact == routed).mean())
 
@@ -295,7 +297,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         if backend.is_cupy(flat) != backend.is_cupy(self.T_packed):
             raise TypeError(f"{type(self).__name__}: queries are on {x.device} but the "
                             f"codebook is on {backend.array_device(self.T_packed)}")
-        queries = kvq.ternarize_queries(flat)
+        queries = kvq_search.ternarize_queries(flat)
         indices = once_per_recompute(lambda: self.search(queries))  # one search a step
         codes = RowGather.apply(table=self, indices=indices).reshape(*x.shape)
         if codes.dtype != x.dtype:
@@ -326,7 +328,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         if not self.observed:
             return
         xp = backend.get_array_module(self.T_packed)
-        kvq.count_usage(backend.concatenate(self.observed), self.usage, check=False)
+        kvq_usage.count_usage(backend.concatenate(self.observed), self.usage, check=False)
         self.tick()
         if self.restart_every and self.steps_since_restart >= self.restart_every:
             if self.restart_queries:
@@ -363,7 +365,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         class doc; returns the number restarted."""
         xp = backend.get_array_module(self.T_packed)
         if queries is None:
-            queries = kvq.ternarize_queries(flat)
+            queries = kvq_search.ternarize_queries(flat)
         dead = xp.nonzero(self.usage == 0)[0]
         n = min(int(dead.shape[0]), flat.shape[0])
         if n:
