@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import cupy  # noqa: E402
 from numba.cuda.core import config as numba_cuda_config  # noqa: E402
 
-from tritnet_kernels import tables as tb  # noqa: E402
+from tritnet_kernels import sparse_rows as tb  # noqa: E402
 from tritnet_kernels import update as U  # noqa: E402
 from tritnet_kernels import _vq_rules  # noqa: E402
 from tritnet_kernels import vq_route  # noqa: E402

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import tritnet
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
 from tritnet.optim import TritFlip
-from tritnet_kernels import packing, tables, update
+from tritnet_kernels import packing, sparse_rows, update
 
 
 @pytest.fixture(autouse=True)

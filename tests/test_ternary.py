@@ -9,7 +9,7 @@ import pytest
 import tritnet
 import tritnet.functional as F
 from tritnet import backend
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.gradcheck import check_backward
 from tritnet.nn import Module
 from tritnet.nn.ternary import (TernaryLinear, expert_matmul, initial_exponent,

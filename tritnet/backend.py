@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from .errors import TritnetError
-from tritnet_kernels import gemm as kgemm
+from tritnet_kernels import float_gemm as kgemm
 
 try:  # CuPy is an optional extra ([cuda12] / [cuda13]); without it we run on the CPU.
     import cupy

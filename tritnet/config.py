@@ -70,7 +70,7 @@ class Config:
     matmul_precision: str = "tf32" # float32 products on the GPU: "tf32" (tensor cores) or
                                    # "fp32" (backend.set_matmul_precision); the CPU is fp32
     cuda_graph: bool = True        # on a GPU, replay each training step from CUDA graphs
-                                   # (tritnet/graphs.py) when the run allows (one rank, one
+                                   # (tritnet/capture.py) when the run allows (one rank, one
                                    # micro-batch); else, and on the CPU, steps run eagerly
     # --- optimiser: TritFlip (tritnet/optim.py explains each) ------------------------------
     flip_threshold: int = 64

@@ -46,10 +46,10 @@ import zlib
 import numpy as np
 
 from . import backend
-from . import random as trandom
+from . import rng as trandom
 from .errors import TritnetError
 from tritnet_kernels import packing as kpacking
-from tritnet_kernels import tables as ktables
+from tritnet_kernels import sparse_rows as ksparse
 from tritnet_kernels import update as kupdate
 
 COMBINE_STREAM = 0x434F4D42  # mixed into the seeds of the shard-mean rounding
@@ -459,12 +459,12 @@ class StepReducer:
                 continue
             # the entries' padding rows (-1, zero gradients) sort last, as one row kept at -1
             keys = xp.where(rows < 0, np.iinfo(np.int64).max, rows)
-            unique, inverse, order, offsets, _ = ktables.unique_rows(keys)
+            unique, inverse, order, offsets, _ = ksparse.unique_rows(keys)
             unique = xp.where(unique == np.iinfo(np.int64).max, -1, unique)
             u = unique.shape[0]
-            G = ktables.segment_sum_rows(gq.astype(np.float32), inverse, u,
+            G = ksparse.segment_sum_rows(gq.astype(np.float32), inverse, u,
                                          segments=(order, offsets), check=False)
-            GE = ktables.segment_sum_rows(gE.astype(np.float32).reshape(-1, 1), inverse, u,
+            GE = ksparse.segment_sum_rows(gE.astype(np.float32).reshape(-1, 1), inverse, u,
                                           segments=(order, offsets), check=False).reshape(-1)
             seed = trandom.mix_seed(m.grad_seed, m.grad_step, COMBINE_STREAM)
             m.pending = [(unique, _round_mean(G, self.shards, trandom.mix_seed(seed, 0)),

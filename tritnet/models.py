@@ -31,7 +31,7 @@ from .errors import TritnetError
 from .nn import Module, ModuleList
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
 from .nn.ternary import TernaryLinear, expert_matmul
-from tritnet_kernels import graph as kgraph
+from tritnet_kernels import code_graph as kgraph
 
 
 class Attention(Module):
@@ -103,7 +103,7 @@ class CodeGraph(Module):
     keep a bounded active edge set in a hashed table of `capacity` slots — `active_edge_src`,
     `active_edge_dst` (int32), `active_edge_attr` (int8 ternary sign), `active_edge_score`
     (int8 residual score) — and an empty `edge_index` of shape (2, 0). The admission and
-    eviction rule, and the hash, are in tritnet_kernels/graph.py; no float state either way.
+    eviction rule, and the hash, are in tritnet_kernels/code_graph.py; no float state either way.
 
     A training forward only `record`s its transitions; the optimiser's step applies them
     (`apply_observations`, in the order recorded), so a forward never reads edges learned

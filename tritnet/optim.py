@@ -59,7 +59,7 @@ launch for its trits and one for its row scales.
 The step and the gain reach the kernels through `clock`, an int64 [step, gain in units of
 2**-32] array on the model's device that `step()` advances there (the gain from a table of
 the schedule, made on the host): a training step captured as a CUDA graph
-(tritnet/graphs.py) replays with the right step's random bits and gain, without a
+(tritnet/capture.py) replays with the right step's random bits and gain, without a
 host-to-device copy. (Integers: no float state on any module, DESIGN §1.)
 """
 
@@ -70,7 +70,7 @@ import math
 import numpy as np
 
 from . import backend
-from . import random as trandom
+from . import rng as trandom
 from .nn.module import Module
 from .nn.ternary import GRAD_NORMS, TernaryModule
 from tritnet_kernels import update as kupdate
@@ -241,7 +241,7 @@ class TritFlip:
     def count_step(self) -> None:
         """The host's half of a step: its count, and the modules' view of it (the device's
         half advanced the clock). A replayed CUDA graph of step() leaves this to the host
-        (tritnet/graphs.py)."""
+        (tritnet/capture.py)."""
         self.step_count += 1
         self._sync_modules()
 

@@ -46,12 +46,12 @@ import time
 import numpy as np
 
 from . import backend, data as tdata, distributed
-from . import random as trandom
+from . import rng as trandom
 from .autograd import no_grad
 from .checkpoint import load_checkpoint, read_header, save_checkpoint
 from .config import Config, ConfigError
 from .errors import TritnetError
-from .graphs import CapturedStep
+from .capture import CapturedStep
 from .models import CodeMemoryLM
 from .nn.ternary import TernaryModule
 from .optim import TritFlip
@@ -401,7 +401,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         _check_resumable(read_header(ckpt_path)["config"], config, ckpt_path)
     group.barrier()   # every rank has looked at the folder before rank 0 changes it
 
-    # Device and seeds first: the model's initial trits come from tritnet.random.
+    # Device and seeds first: the model's initial trits come from tritnet.rng.
     backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
     trandom.manual_seed(config.seed)
 

@@ -1,5 +1,5 @@
 """The update rule of one trit and one row exponent: the one definition that the dense update
-(update.py) and the sparse table update (tables.py) both run, on every device.
+(update.py) and the sparse table update (sparse_rows.py) both run, on every device.
 
 An int8 accumulator beside each value sums its int8 gradients with saturation; the value moves
 one step when the accumulator crosses a threshold (tritnet/optim.py states the rule).

@@ -58,7 +58,7 @@ from numba import cuda
 
 from . import _launch, _ptx
 from ._common import check_array
-from . import gemm as kgemm
+from . import float_gemm as kgemm
 from ._launch import is_cupy, launch, on_device, simulator, target, xp_of
 from .packing import n_groups, unpack_trits_reference, validate_packed
 

@@ -630,7 +630,7 @@ def exponent_grad_and_scales(G, T_packed, E, cols, grad_gain, *, rows=None, cloc
 
     rows: None, or an int64 (1,) array on G's device holding u: only the first u rows count
     in both mean squares (the rest are zero padding, as for the rows of
-    tritnet_kernels.tables' unique_rows). clock: None, or the optimiser's int64 (2,) [step,
+    tritnet_kernels.sparse_rows' unique_rows). clock: None, or the optimiser's int64 (2,) [step,
     gain / 2**-32] on G's device: the gain is then read there (grad_gain is ignored), as a
     replayed CUDA graph needs.
 
@@ -728,7 +728,7 @@ def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, f
     flips = 0
     steps = 0
     for r in numba.prange(T_accum.shape[0]):
-        # Per-row counts added at the top level of the loop body, as in tables.py's sparse
+        # Per-row counts added at the top level of the loop body, as in sparse_rows.py's sparse
         # twin (numba 0.68 loses some reductions made inside nested loops).
         row_flips = 0
         for g in range((cols + 31) // 32):

@@ -10,7 +10,7 @@ row r = 2 ** (E[r] / 8) · T[r], T packed in bitplane32 words. Tables are read s
 - backward sums the gradient of repeated indices (deterministically), quantises it to int8
   for the touched rows only, and the optimiser updates only those rows: a step costs
   O(batch · dim) whatever the table's size. The touched rows are padded to one per index
-  read (tritnet_kernels.tables.unique_rows), so backward needs no host sync and has the same
+  read (tritnet_kernels.sparse_rows.unique_rows), so backward needs no host sync and has the same
   shapes every step.
 """
 
@@ -22,11 +22,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
-from .. import random as trandom
+from .. import rng as trandom
 from ..autograd import Function, Tensor, is_grad_enabled, once_per_recompute
 from .ternary import SCALE_EXPONENT_STEP, TernaryModule
 from tritnet_kernels import packing as kpacking
-from tritnet_kernels import tables as ktables
+from tritnet_kernels import sparse_rows as ksparse
 from tritnet_kernels import vq_route as kvq_route
 from tritnet_kernels import vq_search as kvq_search
 from tritnet_kernels import vq_usage as kvq_usage
@@ -67,7 +67,7 @@ class RowGather(Function):
     def forward(self, *, table, indices, increasing=False):
         self.table, self.indices, self.increasing = table, indices, increasing
         self.updates_state = table.training and is_grad_enabled()
-        return ktables.gather_rows(table.T_packed, table.E, indices, table.dim, check=False)
+        return ksparse.gather_rows(table.T_packed, table.E, indices, table.dim, check=False)
 
     def backward(self, grad):
         self.table.accumulate_row_grad(self.indices, grad, increasing=self.increasing)
@@ -129,8 +129,8 @@ class TernaryEmbeddingTable(TernaryModule):
         if increasing:
             rows, G, count = indices.astype(np.int64, copy=False), grad, None
         else:
-            rows, inverse, order, offsets, count = ktables.unique_rows(indices)
-            G = ktables.segment_sum_rows(grad, inverse, rows.shape[0],
+            rows, inverse, order, offsets, count = ksparse.unique_rows(indices)
+            G = ksparse.segment_sum_rows(grad, inverse, rows.shape[0],
                                          segments=(order, offsets), check=False)
         # padding rows (-1) read the last row: their G is 0, so their gradients are 0 too
         grad_q, grad_E_q = self.quantize_grads(G, self.T_packed[rows], self.E[rows], rows=count)
@@ -139,7 +139,7 @@ class TernaryEmbeddingTable(TernaryModule):
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int,
                      flip_carry: bool = False, counts=None):
         for rows, grad_q, grad_E_q in self.pending:
-            counts = ktables.sparse_ternary_update(
+            counts = ksparse.sparse_ternary_update(
                 self.T_packed, self.T_accum, self.E, self.E_accum, rows, grad_q, grad_E_q,
                 flip_threshold=flip_threshold, flip_decay_shift=decay_shift,
                 scale_threshold=scale_threshold, scale_decay_shift=decay_shift,
@@ -253,7 +253,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
             for start in range(0, K, chunk):
                 idx = xp.arange(start, min(K, start + chunk), dtype=np.int64)
                 trits = kpacking.unpack_trits(self.T_packed[idx], self.dim).astype(np.float32)
-                sums += ktables.segment_sum_rows(trits, assign[start:start + chunk], P,
+                sums += ksparse.segment_sum_rows(trits, assign[start:start + chunk], P,
                                                  check=False)
             empty = xp.abs(sums).sum(1) == 0  # keep the old centroid of an empty partition
             fresh = kvq_search.ternarize_queries(xp.ascontiguousarray(sums))
@@ -345,7 +345,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     def tick(self) -> None:
         """The host's count of one more training step (restart and index-refresh clocks):
         what apply_observations counts, and all a replayed CUDA graph of a step leaves to
-        the host (tritnet/graphs.py; such a step has no host work, see host_work_due)."""
+        the host (tritnet/capture.py; such a step has no host work, see host_work_due)."""
         self.steps_since_restart += 1
         self.steps_since_index += 1
 

@@ -27,13 +27,13 @@ import math
 import numpy as np
 
 from .. import backend
-from .. import random as trandom
+from .. import rng as trandom
 from ..autograd import Function, is_grad_enabled
 from .module import Module
 from tritnet_kernels import matmul as kmatmul
-from tritnet_kernels import gemm as kgemm
+from tritnet_kernels import float_gemm as kgemm
 from tritnet_kernels import packing as kpacking
-from tritnet_kernels import tables as ktables
+from tritnet_kernels import sparse_rows as ksparse
 from tritnet_kernels import update as kupdate
 
 SCALE_EXPONENT_STEP = 0.125  # s = 2 ** (E * SCALE_EXPONENT_STEP)
@@ -267,7 +267,7 @@ class TernaryModule(Module):
         E = backend.empty(rows, np.int8, device)
         if not backend.is_meta(T_packed):
             seed = int(trandom.generator().integers(0, 2**63))
-            ktables.random_table(T_packed, cols, seed, E=E, exponent=exponent)
+            ksparse.random_table(T_packed, cols, seed, E=E, exponent=exponent)
         self.register_buffer("T_packed", T_packed)
         self.register_buffer("E", E)
         # zeros() maps zero pages lazily (calloc): building never holds a second copy.

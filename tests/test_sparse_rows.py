@@ -1,4 +1,4 @@
-"""tritnet_kernels.tables: packed-first init, gather, segment sums, sparse updates.
+"""tritnet_kernels.sparse_rows: packed-first init, gather, segment sums, sparse updates.
 
 CPU twin against the NumPy reference (bit-exact), the CUDA kernels against the CPU twin under
 the simulator (tiny shapes) and on a GPU (CuPy), bad input, and the 10M-row build's memory.
@@ -17,7 +17,7 @@ import pytest
 
 from tritnet import backend
 from tritnet_kernels import _common
-from tritnet_kernels import tables as tb
+from tritnet_kernels import sparse_rows as tb
 from tritnet_kernels import update as U
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
@@ -103,7 +103,7 @@ def test_random_table_rejects_bad_input():
 _BUILD_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import numpy as np
-    from tritnet_kernels.tables import random_table
+    from tritnet_kernels.sparse_rows import random_table
 
     def vm(key):
         for line in open("/proc/self/status"):

@@ -1,4 +1,4 @@
-"""tritnet.graphs.CapturedStep: training steps replayed from CUDA graphs are the eager steps,
+"""tritnet.capture.CapturedStep: training steps replayed from CUDA graphs are the eager steps,
 bit for bit, including the steps that must run eagerly (code restarts, index rebuilds)."""
 
 import gc
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tritnet import backend, data as tdata
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.config import preset
-from tritnet.graphs import CapturedStep, CaptureError
+from tritnet.capture import CapturedStep, CaptureError
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.train import build, train
 

@@ -8,12 +8,12 @@ the same arrays every time; the framework's step is built that way:
 
 - no host syncs: MoE experts run on a fixed count of row tiles whose owners stay on the
   device (models.expert_tiles, gemm.matmul_gathered), table gradients on rows
-  padded to a fixed count (tritnet_kernels.tables.unique_rows), the VQ search and routing
+  padded to a fixed count (tritnet_kernels.sparse_rows.unique_rows), the VQ search and routing
   without sorts or counts on the host, token ids checked on the host before their copy;
 - the per-step numbers, the step (random bits of the stochastic rounding) and the gain
   (schedule), are read on the device from the optimiser's clock (optim.TritFlip.clock),
   which the step advances there;
-- every float product goes through tritnet_kernels.gemm (CuPy's cuBLAS calls refuse capture);
+- every float product goes through tritnet_kernels.float_gemm (CuPy's cuBLAS calls refuse capture);
 - constants a step would copy from the host (ALiBi slopes) are copied once and kept.
 
 Two graphs: the forward and backward, then the optimiser's update. Between them the loop reads
