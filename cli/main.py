@@ -131,7 +131,8 @@ def info(device, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
 def trace(preset_name, config_path, as_json):
     """Count the logical trits of a model per component, allocating nothing."""
-    from tritnet.config import ConfigError, load_config, preset, trace as run_trace
+    from tritnet.config import ConfigError, load_config, preset
+    from tritnet.models import trace as run_trace
     try:
         config = preset(preset_name)
         if config_path:

@@ -76,10 +76,9 @@ def test_launcher_returns_a_ranks_error_as_raised(monkeypatch, tmp_path):
 
     for error, expected in ((LossNotFinite("step 3: the loss is nan"), LossNotFinite),
                             (KeyError("a bug"), distributed.DistributedError)):
-        monkeypatch.setattr("tritnet.train.train", fails(error))
         results = queue.Queue()
         with pytest.raises(SystemExit):
-            distributed._rank_main(0, 1, 0, {}, results)
+            distributed._rank_main(0, 1, 0, fails(error), {}, results)
         rank, kind, raised = results.get_nowait()
         assert (rank, kind, type(raised)) == (0, "error", expected)
         if expected is distributed.DistributedError:

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 import tritnet
 from tritnet import backend
 from tritnet import rng as trandom
-from tritnet.config import Config, ConfigError, load_config, preset, trace
+from tritnet.config import Config, ConfigError, load_config, preset
 from tritnet.autograd import Tensor
-from tritnet.models import CodeMemoryLM, MoEGraph, expert_tiles, top_k
+from tritnet.models import CodeMemoryLM, MoEGraph, expert_tiles, top_k, trace
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.optim import TritFlip
 from tritnet.train import build

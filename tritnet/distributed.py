@@ -235,12 +235,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank, size, port, train_kwargs, results):
+def _rank_main(rank, size, port, run, kwargs, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from .train import train
     try:
-        results.put((rank, "ok", train(**train_kwargs)))
+        results.put((rank, "ok", run(**kwargs)))
     except KeyboardInterrupt:
         results.put((rank, "KeyboardInterrupt", ""))
         sys.exit(130)
@@ -254,9 +253,11 @@ def _rank_main(rank, size, port, train_kwargs, results):
         sys.exit(1)
 
 
-def launch(gpus: int, train_kwargs: dict) -> dict:
-    """Run tritnet.train.train(**train_kwargs) in one process per GPU (ranks 0..gpus-1 on
-    GPUs 0..gpus-1, "spawn"ed, rendezvous on a free local port); returns rank 0's result.
+def launch(gpus: int, run, kwargs: dict) -> dict:
+    """Run run(**kwargs) in one process per GPU (ranks 0..gpus-1 on GPUs 0..gpus-1, "spawn"ed,
+    rendezvous on a free local port); returns rank 0's result. `run` is a module-level function
+    (spawned processes import it by name): tritnet.train.train, which finds its rank in the
+    environment.
 
     A rank that fails stops the others; its error is raised here as it was raised there. A
     Ctrl-C reaches every rank (they agree on the step to stop at and rank 0 saves), and this
@@ -273,7 +274,7 @@ def launch(gpus: int, train_kwargs: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")   # CUDA does not survive fork
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, gpus, port, train_kwargs, results),
+    procs = [ctx.Process(target=_rank_main, args=(r, gpus, port, run, kwargs, results),
                          name=f"tritnet-rank-{r}") for r in range(gpus)]
     for p in procs:
         p.start()

@@ -20,6 +20,8 @@ learned, no float state (or, with position = "nope", from the causal mask alone)
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from .config import Config
 from .errors import TritnetError
 from .nn import Module, ModuleList
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
-from .nn.ternary import TernaryLinear, expert_matmul
+from .nn.ternary import TernaryLinear, TernaryModule, expert_matmul
 from tritnet_kernels import code_graph as kgraph
 
 
@@ -795,3 +797,48 @@ def next_tokens(logits, temperature: float, top_k: int | None, top_p: float | No
     pick = (cdf < (draws * cdf[:, -1])[:, None]).sum(axis=-1)
     pick = np.minimum(pick, logits.shape[-1] - 1)
     return order[np.arange(len(order)), pick]
+
+
+# --------------------------------------------------------------------------------------------
+# The trace: a config's trits per component, counted on a model built with shapes only.
+
+
+@dataclass
+class TraceReport:
+    """Logical ternary counts per component of a model built with shapes only."""
+    components: dict = field(default_factory=dict)   # component -> logical trits
+    state_bytes: dict = field(default_factory=dict)  # component -> bytes of integer state
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def format(self) -> str:
+        width = max(len(k) for k in self.components) if self.components else 10
+        lines = [f"{'component':<{width}}  {'logical trits':>16}  {'share':>6}  "
+                 f"{'state bytes/trit':>16}"]
+        for name, n in self.components.items():
+            per = self.state_bytes[name] / n if n else 0.0
+            lines.append(f"{name:<{width}}  {n:>16,}  {n / self.total:>6.1%}  {per:>16.3f}")
+        lines.append(f"{'total':<{width}}  {self.total:>16,}  {1:>6.0%}  "
+                     f"{sum(self.state_bytes.values()) / max(self.total, 1):>16.3f}")
+        lines.append(f"(traced in {self.seconds * 1000:.0f} ms, nothing allocated)")
+        return "\n".join(lines)
+
+
+def trace(config: Config) -> TraceReport:
+    """Build the model on the "meta" device and count logical trits per component."""
+    start = time.perf_counter()
+    model = CodeMemoryLM(config, device="meta")
+    report = TraceReport()
+    for component, module in model.components().items():
+        trits = state = 0
+        for m in module.modules():
+            if isinstance(m, TernaryModule):
+                trits += m.logical_trits()
+            state += sum(b.nbytes for b in m._buffers.values() if b is not None)
+        report.components[component] = trits
+        report.state_bytes[component] = state
+    report.seconds = time.perf_counter() - start
+    return report

@@ -357,7 +357,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         if distributed.group_from_env_size() > 1:
             raise TrainError("--gpus starts its own ranks, but this process was started as a "
                              "rank (WORLD_SIZE is set): drop --gpus under a launcher")
-        return distributed.launch(gpus, dict(
+        return distributed.launch(gpus, train, dict(
             config=config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
             device=device, tokens=tokens, progress=progress, dtype=dtype))
     group = group if group is not None else distributed.group_from_env()
