@@ -201,7 +201,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
             raise ValueError(f"{name}: beta must be >= 0, got {beta}")
         self.size, self.beta, self.search_mode = self.rows, float(beta), search
         self.n_partitions = n_partitions or max(1, min(size, int(round(math.sqrt(size)))))
-        # 48 of sqrt(K) partitions measured recall@1 0.98 on a 1M book (tests/test_tables_modules)
+        # 48 of sqrt(K) partitions measured recall@1 0.98 on a 1M book (tests/nn/test_tables.py)
         nprobe = min(48, self.n_partitions) if nprobe is None else nprobe
         if not 1 <= nprobe <= min(64, self.n_partitions):
             raise ValueError(f"{name}: nprobe must be in [1, {min(64, self.n_partitions)}], "

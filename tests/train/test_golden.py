@@ -7,7 +7,7 @@ micro-batches combined by the reducer with the optimiser's other rules and the m
 options. A change that alters a single trit, accumulator, RNG draw or loss digit changes a
 hash here. If a change is *meant* to alter training, regenerate with
 
-    TRITNET_GOLDEN_PRINT=1 python -m pytest -q tests/test_golden.py -s
+    TRITNET_GOLDEN_PRINT=1 python -m pytest -q tests/train/test_golden.py -s
 
 and commit the printed values with the change that explains them.
 """

@@ -5,7 +5,7 @@ except autograd and functional (autograd looks up its operators in functional la
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = ("tritnet_kernels", "tritnet", "cli")
 
 # Lowest first. A module belongs to the layer of its longest listed prefix; a tritnet module

@@ -26,7 +26,7 @@ from tritnet.nn.tables import TernaryEmbeddingTable, TernaryVQCodebook
 from tritnet.optim import TritFlip
 from tritnet_kernels import packing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class TinyLM(Module):

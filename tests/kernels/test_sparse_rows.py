@@ -133,7 +133,7 @@ def test_building_10M_by_64_is_packed_first():
     """
     env = dict(os.environ, NUMBA_NUM_THREADS="2")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, "10000000", "64"], env=env,
                           capture_output=True, text=True, timeout=300, cwd=root)
