@@ -168,9 +168,7 @@ class CapturedStep:
         and `failed` says why; nothing ran on the device)."""
         cupy = backend.cupy
         owners = [self.optimizer, *self.model.modules()]
-        # attributes as they were (lists copied: a forward appends to them in place)
-        saved = [{k: list(v) if isinstance(v, list) else v for k, v in vars(o).items()}
-                 for o in owners]
+        saved = [o.step_state() for o in owners]   # the host state a step changes
         # The default pool's idle blocks (the eager steps' working set) go back to the device
         # first, or the capture would fill the graphs' pool beside them: two working sets.
         cupy.get_default_memory_pool().free_all_blocks()
@@ -183,9 +181,8 @@ class CapturedStep:
                     graph = self.stream.end_capture()
             return graph
         except Exception as e:   # whatever refused capture: train on, eagerly
-            for owner, attributes in zip(owners, saved):
-                vars(owner).clear()
-                vars(owner).update(attributes)
+            for owner, state in zip(owners, saved):
+                owner.load_step_state(state)
             self.graphs = None
             self.failed = f"{type(e).__name__}: {e}"
             if self.log is not None:

@@ -48,7 +48,8 @@ import numpy as np
 from . import backend
 from . import rng as trandom
 from .errors import TritnetError
-from tritnet_kernels import packing as kpacking
+from .nn.module import Observer
+from .nn.ternary import TernaryModule
 from tritnet_kernels import sparse_rows as ksparse
 from tritnet_kernels import update as kupdate
 
@@ -364,10 +365,10 @@ class StepReducer:
         self.group, self.shards = group, shards
         self.local_shards = shards // group.size
         modules = list(model.modules())
-        self.dense = [m for m in modules if hasattr(m, "grad_q")]
-        self.tables = [m for m in modules if hasattr(m, "pending")]
-        self.books = [m for m in modules if hasattr(m, "restart_queries")]
-        self.graphs = [m for m in modules if hasattr(m, "record")]
+        ternary = [m for m in modules if isinstance(m, TernaryModule)]
+        self.dense = [m for m in ternary if not m.sparse]     # their grad_q, grad_E_q
+        self.tables = [m for m in ternary if m.sparse]        # their pending rows
+        self.observers = [m for m in modules if isinstance(m, Observer)]
         self.clear()
 
     def clear(self):
@@ -430,8 +431,8 @@ class StepReducer:
                     flat[at + nq:at + nq + nE] = totals[1]
                 at += nq + nE
             self.group.all_reduce_sum([flat])
-            seed = trandom.mix_seed(modules[0].grad_seed, modules[0].grad_step, COMBINE_STREAM,
-                                    number)
+            seed = trandom.mix_seed(modules[0].grad_seed, modules[0].quantizer.step,
+                                    COMBINE_STREAM, number)
             mean = _round_mean(flat, self.shards, seed)
             at = 0
             for m, (nq, nE) in zip(modules, sizes):
@@ -467,7 +468,7 @@ class StepReducer:
                                          segments=(order, offsets), check=False)
             GE = ksparse.segment_sum_rows(gE.astype(np.float32).reshape(-1, 1), inverse, u,
                                           segments=(order, offsets), check=False).reshape(-1)
-            seed = trandom.mix_seed(m.grad_seed, m.grad_step, COMBINE_STREAM)
+            seed = trandom.mix_seed(m.grad_seed, m.quantizer.step, COMBINE_STREAM)
             m.pending = [(unique, _round_mean(G, self.shards, trandom.mix_seed(seed, 0)),
                           _round_mean(GE, self.shards, trandom.mix_seed(seed, 1)))]
 
@@ -475,39 +476,12 @@ class StepReducer:
         if self.group.size == 1:
             return  # one rank's lists already hold every local shard, in order
         items, like = [], []
-        for m in self.books:
-            xp = backend.get_array_module(m.T_packed)
-            idx = xp.concatenate(m.observed) if m.observed else xp.zeros(0, np.int32)
-            items.append((idx,))
-            like.append([(np.int32, ())])
-            if m.restart_queries:
-                flat = xp.concatenate([f for f, _ in m.restart_queries])
-                q = xp.concatenate([q for _, q in m.restart_queries])
-            else:
-                flat = xp.zeros((0, m.dim), np.float32)
-                q = xp.zeros((0, 2 * kpacking.n_groups(m.dim)), np.uint32)
-            items.append((flat, q))
-            like.append([(np.float32, (m.dim,)), (np.uint32, (q.shape[1],))])
-        for g in self.graphs:
-            xp = backend.get_array_module(g.edges()[0])
-            if g.observed:
-                a, b, s = (xp.concatenate(parts) for parts in list(zip(*g.observed))[:3])
-            else:
-                a, b, s = xp.zeros(0, np.int32), xp.zeros(0, np.int32), xp.zeros(0, np.int8)
-            items.append((a, b, s))
-            like.append([(np.int32, ()), (np.int32, ()), (np.int8, ())])
+        for m in self.observers:
+            items += m.take_observations()
+            like += m.observation_columns()
         gathered = iter(self._gather(items, like))
-        for m in self.books:
-            (idx,) = next(gathered)
-            m.observed = [idx] if idx.shape[0] else []
-            flat, q = next(gathered)
-            m.restart_queries = [(flat, q)] if flat.shape[0] else []
-        for g in self.graphs:
-            # every rank records through the same code, so this rank's check flag (see
-            # CodeGraph.record) holds for the gathered transitions too
-            check = any(o[3] for o in g.observed)
-            a, b, s = next(gathered)
-            g.observed = [(a, b, s, check)] if a.shape[0] else []
+        for m in self.observers:
+            m.put_observations([next(gathered) for _ in m.observation_columns()])
 
     def _gather(self, items, like):
         """All-gather variable-length row sets: items[i] = columns with equal first dimension;

@@ -31,6 +31,7 @@ from .autograd import Tensor, is_grad_enabled, no_grad, recompute
 from .config import Config
 from .errors import TritnetError
 from .nn import Module, ModuleList
+from .nn.module import Observer
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
 from .nn.ternary import TernaryLinear, TernaryModule, expert_matmul
 from tritnet_kernels import code_graph as kgraph
@@ -97,7 +98,7 @@ class Expert(Module):
         return self.down(F.silu(self.up(x)))
 
 
-class CodeGraph(Module):
+class CodeGraph(Module, Observer):
     """Edges between codes of the shared memory, learned online from code transitions.
 
     Small books keep dense edges: every code owns `slots` out-edges, exposed as `edge_index`
@@ -111,6 +112,8 @@ class CodeGraph(Module):
     (`apply_observations`, in the order recorded), so a forward never reads edges learned
     from its own batch — the transition t -> t+1 would tell position t its next token.
     """
+
+    step_attributes = ("observed",)
 
     def __init__(self, codebook_size: int, slots: int, capacity: int = 0, device=None):
         super().__init__()
@@ -180,6 +183,23 @@ class CodeGraph(Module):
 
     def clear_observations(self) -> None:
         self.observed = []
+
+    def observation_columns(self) -> list:
+        """Transitions: source codes, destination codes, signs."""
+        return [[(np.int32, ()), (np.int32, ()), (np.int8, ())]]
+
+    def take_observations(self) -> list:
+        xp = backend.get_array_module(self.edges()[0])
+        if self.observed:
+            return [tuple(xp.concatenate(parts) for parts in list(zip(*self.observed))[:3])]
+        return [(xp.zeros(0, np.int32), xp.zeros(0, np.int32), xp.zeros(0, np.int8))]
+
+    def put_observations(self, groups: list) -> None:
+        # every rank records through the same code, so this rank's check flag (see record)
+        # holds for every rank's transitions too
+        check = any(o[3] for o in self.observed)
+        (a, b, s), = groups
+        self.observed = [(a, b, s, check)] if a.shape[0] else []
 
     @staticmethod
     def _transitions(codes, signs):

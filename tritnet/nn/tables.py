@@ -24,6 +24,7 @@ import numpy as np
 from .. import backend
 from .. import rng as trandom
 from ..autograd import Function, Tensor, is_grad_enabled, once_per_recompute
+from .module import Observer
 from .ternary import SCALE_EXPONENT_STEP, TernaryModule
 from tritnet_kernels import packing as kpacking
 from tritnet_kernels import sparse_rows as ksparse
@@ -85,6 +86,7 @@ class TernaryEmbeddingTable(TernaryModule):
     """
 
     sparse = True   # a step reads and writes only the rows it touched
+    step_attributes = TernaryModule.step_attributes + ("pending",)
 
     def __init__(self, rows: int, dim: int, device: str | None = None,
                  exponent: int = UNIT_RMS_EXPONENT):
@@ -158,7 +160,7 @@ class VQOutput(NamedTuple):
     loss: Tensor        # codebook loss + beta · commitment loss, a float scalar
 
 
-class TernaryVQCodebook(TernaryEmbeddingTable):
+class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
     """Vector quantisation onto `size` ternary codewords of width `dim`.
 
     Distance: queries are ternarised (sign of the entries above half the row's mean |x|) and
@@ -189,6 +191,9 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     sees the same codes, a failed step (a NaN loss) leaves no trace, and data-parallel ranks
     can gather each other's observations and apply the same ones (tritnet/distributed.py).
     """
+
+    step_attributes = TernaryEmbeddingTable.step_attributes + (
+        "observed", "restart_queries", "steps_since_restart", "steps_since_index", "index")
 
     def __init__(self, size: int, dim: int = 64, *, beta: float = 0.25, search: str = "exact",
                  n_partitions: int | None = None, nprobe: int | None = None, index_refresh: int = 1000,
@@ -360,6 +365,27 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     def clear_observations(self) -> None:
         self.observed, self.restart_queries = [], []
 
+    def observation_columns(self) -> list:
+        """Chosen codes; and the restart step's float and ternarised queries."""
+        return [[(np.int32, ())],
+                [(np.float32, (self.dim,)), (np.uint32, (2 * kpacking.n_groups(self.dim),))]]
+
+    def take_observations(self) -> list:
+        xp = backend.get_array_module(self.T_packed)
+        idx = xp.concatenate(self.observed) if self.observed else xp.zeros(0, np.int32)
+        if self.restart_queries:
+            flat = xp.concatenate([f for f, _ in self.restart_queries])
+            q = xp.concatenate([q for _, q in self.restart_queries])
+        else:
+            flat = xp.zeros((0, self.dim), np.float32)
+            q = xp.zeros((0, 2 * kpacking.n_groups(self.dim)), np.uint32)
+        return [(idx,), (flat, q)]
+
+    def put_observations(self, groups: list) -> None:
+        (idx,), (flat, q) = groups
+        self.observed = [idx] if idx.shape[0] else []
+        self.restart_queries = [(flat, q)] if flat.shape[0] else []
+
     def restart_dead_codes(self, flat, queries=None) -> int:
         """Restart unused codes from rows of `flat` (float queries (n, dim)), the rule in the
         class doc; returns the number restarted."""
@@ -370,7 +396,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         n = min(int(dead.shape[0]), flat.shape[0])
         if n:
             # counter-based: the same draws on every rank, and after a resume
-            rng = np.random.default_rng(trandom.mix_seed(self.grad_seed, self.grad_step,
+            rng = np.random.default_rng(trandom.mix_seed(self.grad_seed, self.quantizer.step,
                                                          RESTART_STREAM))
             dead = dead[xp.asarray(rng.choice(int(dead.shape[0]), n, replace=False))]
             src = xp.asarray(rng.choice(flat.shape[0], n, replace=False))
