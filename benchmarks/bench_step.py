@@ -162,10 +162,10 @@ def main():
     peak = track_peak_memory()
     launches = count_launches()
     from tritnet import backend, data as tdata
-    from tritnet import random as trandom
+    from tritnet import rng as trandom
     from tritnet.config import preset
     from tritnet.nn.ternary import TernaryModule
-    from tritnet.graphs import CapturedStep
+    from tritnet.capture import CapturedStep
     from tritnet.train import build, frozen_heap
 
     backend.set_device("cuda")

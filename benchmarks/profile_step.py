@@ -117,7 +117,7 @@ def main():
     torch.cuda.init()
     import cupy
     from tritnet import backend, data as tdata
-    from tritnet import random as trandom
+    from tritnet import rng as trandom
     from tritnet.config import preset
     from tritnet.train import build, frozen_heap
 

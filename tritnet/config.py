@@ -3,11 +3,8 @@
 `Config` is a flat dataclass (nanoGPT-style: every knob in one place, readable top to
 bottom). Presets are named overrides of the defaults; a JSON or TOML file and CLI flags
 override further. Every field is checked by `validate()`, which names the field, the value and
-the allowed range.
-
-`trace(config)` builds the model tree on the "meta" device — shapes and dtypes only, nothing
-allocated — and reports the logical trits per component: the default preset's 3.0B in well
-under a second.
+the allowed range. (`tritnet.models.trace(config)` counts a config's trits without building
+it.)
 """
 
 from __future__ import annotations
@@ -16,12 +13,13 @@ import contextlib
 import dataclasses
 import json
 import os
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .errors import TritnetError
 
-class ConfigError(ValueError):
+
+class ConfigError(TritnetError, ValueError):
     """A config value is out of range, of the wrong type, or unknown."""
 
 
@@ -72,7 +70,7 @@ class Config:
     matmul_precision: str = "tf32" # float32 products on the GPU: "tf32" (tensor cores) or
                                    # "fp32" (backend.set_matmul_precision); the CPU is fp32
     cuda_graph: bool = True        # on a GPU, replay each training step from CUDA graphs
-                                   # (tritnet/graphs.py) when the run allows (one rank, one
+                                   # (tritnet/capture.py) when the run allows (one rank, one
                                    # micro-batch); else, and on the CPU, steps run eagerly
     # --- optimiser: TritFlip (tritnet/optim.py explains each) ------------------------------
     flip_threshold: int = 64
@@ -293,47 +291,3 @@ def load_config(path, base: Config | None = None) -> Config:
         return (base or Config()).override(**values)
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-
-
-@dataclass
-class TraceReport:
-    """Logical ternary counts per component of a model built with shapes only."""
-    components: dict = field(default_factory=dict)   # component -> logical trits
-    state_bytes: dict = field(default_factory=dict)  # component -> bytes of integer state
-    seconds: float = 0.0
-
-    @property
-    def total(self) -> int:
-        return sum(self.components.values())
-
-    def format(self) -> str:
-        width = max(len(k) for k in self.components) if self.components else 10
-        lines = [f"{'component':<{width}}  {'logical trits':>16}  {'share':>6}  "
-                 f"{'state bytes/trit':>16}"]
-        for name, n in self.components.items():
-            per = self.state_bytes[name] / n if n else 0.0
-            lines.append(f"{name:<{width}}  {n:>16,}  {n / self.total:>6.1%}  {per:>16.3f}")
-        lines.append(f"{'total':<{width}}  {self.total:>16,}  {1:>6.0%}  "
-                     f"{sum(self.state_bytes.values()) / max(self.total, 1):>16.3f}")
-        lines.append(f"(traced in {self.seconds * 1000:.0f} ms, nothing allocated)")
-        return "\n".join(lines)
-
-
-def trace(config: Config) -> TraceReport:
-    """Build the model on the "meta" device and count logical trits per component."""
-    from .models import CodeMemoryLM
-    from .nn.ternary import TernaryModule
-
-    start = time.perf_counter()
-    model = CodeMemoryLM(config, device="meta")
-    report = TraceReport()
-    for component, module in model.components().items():
-        trits = state = 0
-        for m in module.modules():
-            if isinstance(m, TernaryModule):
-                trits += m.logical_trits()
-            state += sum(b.nbytes for b in m._buffers.values() if b is not None)
-        report.components[component] = trits
-        report.state_bytes[component] = state
-    report.seconds = time.perf_counter() - start
-    return report

@@ -25,7 +25,7 @@ import numpy as np
 from . import backend
 from .autograd import Function, Tensor
 from tritnet_kernels import attention as kattention
-from tritnet_kernels import gemm as kgemm
+from tritnet_kernels import float_gemm as kgemm
 
 _xp = backend.get_array_module
 _SCALARS = (bool, int, float, np.generic)

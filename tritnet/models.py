@@ -20,6 +20,8 @@ learned, no float state (or, with position = "nope", from the causal mask alone)
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,10 +29,12 @@ from . import backend
 from . import functional as F
 from .autograd import Tensor, is_grad_enabled, no_grad, recompute
 from .config import Config
+from .errors import TritnetError
 from .nn import Module, ModuleList
+from .nn.module import Observer
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
-from .nn.ternary import TernaryLinear, expert_matmul
-from tritnet_kernels import graph as kgraph
+from .nn.ternary import TernaryLinear, TernaryModule, expert_matmul
+from tritnet_kernels import code_graph as kgraph
 
 
 class Attention(Module):
@@ -94,7 +98,7 @@ class Expert(Module):
         return self.down(F.silu(self.up(x)))
 
 
-class CodeGraph(Module):
+class CodeGraph(Module, Observer):
     """Edges between codes of the shared memory, learned online from code transitions.
 
     Small books keep dense edges: every code owns `slots` out-edges, exposed as `edge_index`
@@ -102,12 +106,14 @@ class CodeGraph(Module):
     keep a bounded active edge set in a hashed table of `capacity` slots — `active_edge_src`,
     `active_edge_dst` (int32), `active_edge_attr` (int8 ternary sign), `active_edge_score`
     (int8 residual score) — and an empty `edge_index` of shape (2, 0). The admission and
-    eviction rule, and the hash, are in tritnet_kernels/graph.py; no float state either way.
+    eviction rule, and the hash, are in tritnet_kernels/code_graph.py; no float state either way.
 
     A training forward only `record`s its transitions; the optimiser's step applies them
     (`apply_observations`, in the order recorded), so a forward never reads edges learned
     from its own batch — the transition t -> t+1 would tell position t its next token.
     """
+
+    step_attributes = ("observed",)
 
     def __init__(self, codebook_size: int, slots: int, capacity: int = 0, device=None):
         super().__init__()
@@ -177,6 +183,23 @@ class CodeGraph(Module):
 
     def clear_observations(self) -> None:
         self.observed = []
+
+    def observation_columns(self) -> list:
+        """Transitions: source codes, destination codes, signs."""
+        return [[(np.int32, ()), (np.int32, ()), (np.int8, ())]]
+
+    def take_observations(self) -> list:
+        xp = backend.get_array_module(self.edges()[0])
+        if self.observed:
+            return [tuple(xp.concatenate(parts) for parts in list(zip(*self.observed))[:3])]
+        return [(xp.zeros(0, np.int32), xp.zeros(0, np.int32), xp.zeros(0, np.int8))]
+
+    def put_observations(self, groups: list) -> None:
+        # every rank records through the same code, so this rank's check flag (see record)
+        # holds for every rank's transitions too
+        check = any(o[3] for o in self.observed)
+        (a, b, s), = groups
+        self.observed = [(a, b, s, check)] if a.shape[0] else []
 
     @staticmethod
     def _transitions(codes, signs):
@@ -788,7 +811,7 @@ class KVCache:
         self.recent = None
 
 
-class GenerationError(ValueError):
+class GenerationError(TritnetError, ValueError):
     """A generation request the model cannot serve: the prompt or a sampling option."""
 
 
@@ -871,3 +894,48 @@ def next_tokens(logits, temperature: float, top_k: int | None, top_p: float | No
     pick = (cdf < (draws * cdf[:, -1])[:, None]).sum(axis=-1)
     pick = np.minimum(pick, logits.shape[-1] - 1)
     return order[np.arange(len(order)), pick]
+
+
+# --------------------------------------------------------------------------------------------
+# The trace: a config's trits per component, counted on a model built with shapes only.
+
+
+@dataclass
+class TraceReport:
+    """Logical ternary counts per component of a model built with shapes only."""
+    components: dict = field(default_factory=dict)   # component -> logical trits
+    state_bytes: dict = field(default_factory=dict)  # component -> bytes of integer state
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def format(self) -> str:
+        width = max(len(k) for k in self.components) if self.components else 10
+        lines = [f"{'component':<{width}}  {'logical trits':>16}  {'share':>6}  "
+                 f"{'state bytes/trit':>16}"]
+        for name, n in self.components.items():
+            per = self.state_bytes[name] / n if n else 0.0
+            lines.append(f"{name:<{width}}  {n:>16,}  {n / self.total:>6.1%}  {per:>16.3f}")
+        lines.append(f"{'total':<{width}}  {self.total:>16,}  {1:>6.0%}  "
+                     f"{sum(self.state_bytes.values()) / max(self.total, 1):>16.3f}")
+        lines.append(f"(traced in {self.seconds * 1000:.0f} ms, nothing allocated)")
+        return "\n".join(lines)
+
+
+def trace(config: Config) -> TraceReport:
+    """Build the model on the "meta" device and count logical trits per component."""
+    start = time.perf_counter()
+    model = CodeMemoryLM(config, device="meta")
+    report = TraceReport()
+    for component, module in model.components().items():
+        trits = state = 0
+        for m in module.modules():
+            if isinstance(m, TernaryModule):
+                trits += m.logical_trits()
+            state += sum(b.nbytes for b in m._buffers.values() if b is not None)
+        report.components[component] = trits
+        report.state_bytes[component] = state
+    report.seconds = time.perf_counter() - start
+    return report

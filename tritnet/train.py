@@ -46,11 +46,12 @@ import time
 import numpy as np
 
 from . import backend, data as tdata, distributed
-from . import random as trandom
+from . import rng as trandom
 from .autograd import no_grad
 from .checkpoint import load_checkpoint, read_header, save_checkpoint
 from .config import Config, ConfigError
-from .graphs import CapturedStep
+from .errors import TritnetError
+from .capture import CapturedStep
 from .models import CodeMemoryLM
 from .nn.ternary import TernaryModule
 from .optim import TritFlip
@@ -65,7 +66,7 @@ RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_
                     "seed", "recompute", "cuda_graph", "flip_carry", "grad_norm", "accum_init")
 
 
-class TrainError(Exception):
+class TrainError(TritnetError):
     """The run cannot start or go on; the message says what and how to fix it."""
 
 
@@ -356,7 +357,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         if distributed.group_from_env_size() > 1:
             raise TrainError("--gpus starts its own ranks, but this process was started as a "
                              "rank (WORLD_SIZE is set): drop --gpus under a launcher")
-        return distributed.launch(gpus, dict(
+        return distributed.launch(gpus, train, dict(
             config=config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
             device=device, tokens=tokens, progress=progress, dtype=dtype))
     group = group if group is not None else distributed.group_from_env()
@@ -400,7 +401,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         _check_resumable(read_header(ckpt_path)["config"], config, ckpt_path)
     group.barrier()   # every rank has looked at the folder before rank 0 changes it
 
-    # Device and seeds first: the model's initial trits come from tritnet.random.
+    # Device and seeds first: the model's initial trits come from tritnet.rng.
     backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
     trandom.manual_seed(config.seed)
 

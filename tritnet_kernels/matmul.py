@@ -58,7 +58,8 @@ import numpy as np
 from numba import cuda
 
 from . import _launch, _ptx
-from . import gemm as kgemm
+from ._common import check_array
+from . import float_gemm as kgemm
 from ._launch import is_cupy, launch, on_device, simulator, target, xp_of
 from .packing import n_groups, unpack_trits_reference, validate_packed
 
@@ -693,21 +694,6 @@ def ternary_matmul_t_reference(gy, T_packed, E, cols):
 # Validation: everything is checked before any allocation or launch.
 
 
-def _check_array(op, name, a, dtypes, ndim):
-    if not (hasattr(a, "dtype") and hasattr(a, "shape") and hasattr(a, "flags")):
-        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if a.dtype not in dtypes:
-        want = " or ".join(np.dtype(d).name for d in dtypes)
-        raise TypeError(f"{op}: {name} has dtype {a.dtype}, expected {want}")
-    if a.ndim != ndim:
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {ndim} dimensions")
-    if not a.flags.c_contiguous:
-        # An error rather than a silent copy: a copy would hide a full-size allocation and an
-        # extra pass on the hot path, and the caller usually can produce contiguous data.
-        raise ValueError(f"{op}: {name} is not C-contiguous (strides {a.strides}); the kernel "
-                         f"reads it as a dense row-major matrix: pass xp.ascontiguousarray({name})")
-
-
 def _check_call(op, a, aname, T_packed, E, cols, inner, out, validate):
     if isinstance(cols, (bool, np.bool_)) or not isinstance(cols, (int, np.integer)):
         raise TypeError(f"{op}: cols must be an integer >= 1, got {cols!r}")
@@ -715,9 +701,9 @@ def _check_call(op, a, aname, T_packed, E, cols, inner, out, validate):
         raise ValueError(f"{op}: cols = {cols}, expected >= 1")
     cols = int(cols)
     float_types = (np.float32, np.float16) if is_cupy(a) else (np.float32,)
-    _check_array(op, aname, a, float_types, 2)
-    _check_array(op, "T_packed", T_packed, (np.uint32,), 2)
-    _check_array(op, "E", E, (np.int8,), 1)
+    check_array(op, aname, a, float_types, 2)
+    check_array(op, "T_packed", T_packed, (np.uint32,), 2)
+    check_array(op, "E", E, (np.int8,), 1)
     rows = T_packed.shape[0]
     if T_packed.shape[1] != 2 * n_groups(cols) or rows < 1:
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected (rows >= 1, "
@@ -731,7 +717,7 @@ def _check_call(op, a, aname, T_packed, E, cols, inner, out, validate):
                          f"match T_packed's {n_inner} {'columns' if inner == 'cols' else 'rows'}")
     n_out = rows if inner == "cols" else cols
     if out is not None:
-        _check_array(op, "out", out, (a.dtype,), 2)
+        check_array(op, "out", out, (a.dtype,), 2)
         if tuple(out.shape) != (a.shape[0], n_out):
             raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected "
                              f"{(a.shape[0], n_out)}")
@@ -910,9 +896,9 @@ def widen(T_packed, E, cols, out):
     T_packed's device. A transient: the caller frees it when its product is done (no float
     copy of a weight outlives the op that made it: docs/design.md#no-float-weights)."""
     op = "widen"
-    _check_array(op, "out", out, (np.float32, np.float64), 2)
-    _check_array(op, "T_packed", T_packed, (np.uint32,), 2)
-    _check_array(op, "E", E, (np.int8,), 1)
+    check_array(op, "out", out, (np.float32, np.float64), 2)
+    check_array(op, "T_packed", T_packed, (np.uint32,), 2)
+    check_array(op, "E", E, (np.int8,), 1)
     rows = T_packed.shape[0]
     if T_packed.shape[1] != 2 * n_groups(cols) or E.shape != (rows,) or out.shape != (rows, cols):
         raise ValueError(f"{op}: T_packed {tuple(T_packed.shape)}, E {tuple(E.shape)} and out "

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tritnet import backend
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.config import Config, ConfigError
 from tritnet.models import CodeMemoryLM, NgramMemory, ngram_rows
 from tritnet.train import build

@@ -23,7 +23,7 @@ from tritnet import data as tdata
 from tritnet.checkpoint import load_checkpoint
 from tritnet.models import CodeMemoryLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
              top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
              graph_slots=4, batch_size=2, seq_len=16, steps=4, eval_every=2, eval_batches=2,

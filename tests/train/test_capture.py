@@ -1,4 +1,4 @@
-"""tritnet.graphs.CapturedStep: training steps replayed from CUDA graphs are the eager steps,
+"""tritnet.capture.CapturedStep: training steps replayed from CUDA graphs are the eager steps,
 bit for bit, including the steps that must run eagerly (code restarts, index rebuilds)."""
 
 import gc
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tritnet import backend, data as tdata
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.config import preset
-from tritnet.graphs import CapturedStep, CaptureError
+from tritnet.capture import CapturedStep, CaptureError
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.train import build, train
 
@@ -19,6 +19,48 @@ def test_a_cpu_model_is_refused_with_the_reason():
     model, optimizer = build(preset("tiny").override(d_model=32, n_heads=2, n_layers=1))
     with pytest.raises(CaptureError, match="not on a CUDA device .* train it eagerly"):
         CapturedStep(model, optimizer)
+
+
+def test_declared_step_state_is_all_a_step_changes_on_the_host():
+    """A failed capture puts back `step_state()` of the optimiser and of every module: that
+    must be every plain attribute a step's forward, backward and update change on the host
+    (the optimiser's count and shared quantizer, int8 gradients, pending table rows, recorded
+    observations, use counts, code-book clocks)."""
+    backend.set_device("cpu")
+    trandom.manual_seed(0)
+    model, optimizer = build(preset("tiny").override(
+        d_model=32, n_layers=1, n_heads=2, context=16, n_experts=2, expert_hidden=32,
+        codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32, batch_size=2,
+        seq_len=8, memory_values=True))
+    owners = [optimizer, *model.modules()]
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 9))
+
+    def host_state():
+        state = [{k: list(v) if isinstance(v, list) else v for k, v in vars(o).items()}
+                 for o in owners]
+        return state + [dict(vars(optimizer.quantizer))]
+
+    def same(a, b):
+        if isinstance(a, list):
+            return isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))
+        return a is b or (type(a) is type(b) and not hasattr(a, "shape") and a == b)
+
+    def forward_backward():
+        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+
+    for work in (forward_backward, optimizer.step):
+        if work is optimizer.step:
+            forward_backward()
+        before, saved = host_state(), [o.step_state() for o in owners]
+        work()
+        for owner, state in zip(owners, saved):
+            owner.load_step_state(state)
+        after = host_state()
+        changed = [f"{type(owners[i]).__name__ if i < len(owners) else 'quantizer'}.{k}"
+                   for i, (a, b) in enumerate(zip(before, after)) for k in a.keys() | b.keys()
+                   if not same(a.get(k), b.get(k))]
+        assert not changed, f"{work.__name__} changes undeclared host state: {changed}"
 
 
 def _config(search):

@@ -1,4 +1,4 @@
-"""tritnet_kernels.graph: the bucketed edge table of MoEGraph's code graph.
+"""tritnet_kernels.code_graph: the bucketed edge table of MoEGraph's code graph.
 
 The rule by hand, the CPU twin against the sequential NumPy reference (bit-exact) in dense and
 active mode, the fixed capacity under a long stream, the one-hop read, the CUDA kernels against
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tritnet import backend
-from tritnet_kernels import graph as g
+from tritnet_kernels import code_graph as g
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 

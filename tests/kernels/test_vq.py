@@ -1,5 +1,5 @@
-"""tritnet_kernels.vq: query ternarisation, exact nearest code, top-k routing, partition search,
-usage counts. CPU twin against the independent NumPy reference (identical argmins), tie rules,
+"""tritnet_kernels' VQ kernels (vq_search, vq_route, vq_usage): query ternarisation, exact
+nearest code, top-k routing, partition search, usage counts. CPU twin against the independent NumPy reference (identical argmins), tie rules,
 the CUDA kernels against the CPU twin under the simulator and on a GPU, and bad input."""
 
 import numba
@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from tritnet import backend
-from tritnet_kernels import vq
+from tritnet_kernels import _vq_rules
+from tritnet_kernels import vq_route
+from tritnet_kernels import vq_search
+from tritnet_kernels import vq_usage
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 
@@ -35,14 +38,14 @@ def book(K, dim, seed, density=2 / 3):
 
 def queries(n, dim, seed):
     x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return vq.ternarize_queries(x)
+    return vq_search.ternarize_queries(x)
 
 
 def near_book_queries(T_packed, dim, n, seed, flips=6):
     """Queries that are noisy copies of random codes: realistic, tie-light search."""
     rng = np.random.default_rng(seed)
     src = rng.integers(0, T_packed.shape[0], n)
-    T = vq._unpack_bits(T_packed[src], dim)
+    T = _vq_rules.unpack_bits(T_packed[src], dim)
     for row in T:
         j = rng.choice(dim, min(flips, dim), replace=False)
         row[j] = rng.integers(-1, 2, len(j))
@@ -63,17 +66,17 @@ def test_ternarize_matches_reference(dim):
     x[0] = 0  # all-zero row
     x[1, 0] = np.nan  # a NaN poisons its row: all zero
     x[2] = 1.0  # every |x| equals the mean: 2*dim*|x| > sum fails only by rounding, not here
-    q = vq.ternarize_queries(x)
+    q = vq_search.ternarize_queries(x)
     assert q.dtype == np.uint32 and q.shape == (50, 2 * -(-dim // 32))
-    ref = vq.ternarize_queries_reference(x)
-    np.testing.assert_array_equal(vq._unpack_bits(q, dim), ref)
+    ref = vq_search.ternarize_queries_reference(x)
+    np.testing.assert_array_equal(_vq_rules.unpack_bits(q, dim), ref)
     np.testing.assert_array_equal(pack(ref.astype(np.int64)), q)  # padding bits stay zero
     assert not ref[0].any() and not ref[1].any()
     assert (ref[2] == 1).all()
 
 
 def test_ternarize_keeps_about_two_thirds_of_a_gaussian():
-    q = vq.ternarize_queries_reference(np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32))
+    q = vq_search.ternarize_queries_reference(np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32))
     assert 0.62 < (q != 0).mean() < 0.72
 
 
@@ -87,8 +90,8 @@ def test_nearest_matches_reference(dim, K, n):
     T_packed = book(K, dim, K + dim)
     q = queries(n, dim, dim)
     dot = np.full(n, 12345, dtype=np.int32)
-    idx = vq.nearest_code(q, T_packed, dim, out_dot=dot)
-    ref_idx, ref_dot = vq.nearest_code_reference(q, T_packed, dim)
+    idx = vq_search.nearest_code(q, T_packed, dim, out_dot=dot)
+    ref_idx, ref_dot = vq_search.nearest_code_reference(q, T_packed, dim)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(dot, ref_dot)
 
@@ -98,17 +101,17 @@ def test_nearest_over_several_cpu_chunks_and_sparse_codes():
     T_packed = book(70_000, dim, 3, density=0.2)  # > 65536 codes: the CPU twin chunks the book
     T_packed[5] = 0  # an all-zero code scores 0
     q = near_book_queries(T_packed, dim, 24, 4)
-    idx = vq.nearest_code(q, T_packed, dim)
-    np.testing.assert_array_equal(idx, vq.nearest_code_reference(q, T_packed, dim)[0])
+    idx = vq_search.nearest_code(q, T_packed, dim)
+    np.testing.assert_array_equal(idx, vq_search.nearest_code_reference(q, T_packed, dim)[0])
 
 
 def test_ties_go_to_the_lowest_index():
     dim = 40
     base = book(6, dim, 9)
     T_packed = np.concatenate([base[[3]], base, base, base[[3]]])  # duplicates everywhere
-    q = np.concatenate([base, pack(-vq._unpack_bits(base, dim))])  # each code and its negative
-    idx = vq.nearest_code(q, T_packed, dim)
-    ref = vq.nearest_code_reference(q, T_packed, dim)[0]
+    q = np.concatenate([base, pack(-_vq_rules.unpack_bits(base, dim))])  # each code and its negative
+    idx = vq_search.nearest_code(q, T_packed, dim)
+    ref = vq_search.nearest_code_reference(q, T_packed, dim)[0]
     np.testing.assert_array_equal(idx, ref)
     assert idx[3] == 0  # base[3] sits at 0, 4, 10 and 13
     assert all(idx[k] == (0 if k == 3 else k + 1) for k in range(6))
@@ -118,11 +121,11 @@ def test_ties_go_to_the_lowest_index():
                         [1, 0, 0, 0, 0, 0, 0, 0, 0],
                         [1, 1, 1, -1, -1, -1, 1, 1, 1]]))
     q2 = pack(np.ones((1, 9), dtype=np.int64))
-    np.testing.assert_array_equal(vq.code_scores_reference(q2, T2, 9)[1], [[1.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(vq_search.code_scores_reference(q2, T2, 9)[1], [[1.0, 1.0, 1.0]])
     for order in ([0, 1, 2], [1, 2, 0], [2, 0, 1]):
-        assert vq.nearest_code(q2, T2[order], 9)[0] == 0
+        assert vq_search.nearest_code(q2, T2[order], 9)[0] == 0
     # a zero query ties with every code: the first one wins
-    assert vq.nearest_code(np.zeros((1, 2), np.uint32), T2, 9)[0] == 0
+    assert vq_search.nearest_code(np.zeros((1, 2), np.uint32), T2, 9)[0] == 0
 
 
 def test_negative_best_and_zero_code():
@@ -130,9 +133,9 @@ def test_negative_best_and_zero_code():
     # (score 0) beats them all
     T = pack(np.array([[-1, -1, 0], [-1, 0, 0], [-1, -1, -1], [0, 0, 0]]))
     q = pack(np.array([[1, 1, 1]]))
-    assert vq.nearest_code(q, T, 3)[0] == 3
-    np.testing.assert_array_equal(vq.nearest_code(q, T[:3], 3), vq.nearest_code_reference(q, T[:3], 3)[0])
-    assert vq.nearest_code(q, T[:3], 3)[0] == 1  # -1/1 > -4/2 > -9/3
+    assert vq_search.nearest_code(q, T, 3)[0] == 3
+    np.testing.assert_array_equal(vq_search.nearest_code(q, T[:3], 3), vq_search.nearest_code_reference(q, T[:3], 3)[0])
+    assert vq_search.nearest_code(q, T[:3], 3)[0] == 1  # -1/1 > -4/2 > -9/3
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,11 +147,11 @@ def test_top_codes_match_reference(dim, K, k):
     T_packed = book(K, dim, k)
     q = queries(23, dim, K)
     dot = np.empty((23, k), np.int32)
-    idx = vq.top_codes(q, T_packed, dim, k, out_dot=dot)
-    ref_idx, ref_dot = vq.top_codes_reference(q, T_packed, dim, k)
+    idx = vq_route.top_codes(q, T_packed, dim, k, out_dot=dot)
+    ref_idx, ref_dot = vq_route.top_codes_reference(q, T_packed, dim, k)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(dot, ref_dot)
-    np.testing.assert_array_equal(idx[:, 0], vq.nearest_code(q, T_packed, dim))
+    np.testing.assert_array_equal(idx[:, 0], vq_search.nearest_code(q, T_packed, dim))
     if k > K:
         assert (idx[:, K:] == -1).all()
 
@@ -162,11 +165,11 @@ def test_top_codes_slices_merge_in_order():
     q = queries(n, dim, 8)
     S, slice_len = 13, 7
     part = [np.empty((S, n, k), np.int32) for _ in range(3)]
-    vq._top_codes_partial_cpu(q, T_packed, np.int64(slice_len), *part)
+    vq_route._top_codes_partial_cpu(q, T_packed, np.int64(slice_len), *part)
     idx = np.empty((n, k), np.int32)
     dot = np.empty((n, k), np.int32)
-    vq._top_codes_merge_cpu(*part, idx, dot)
-    ref_idx, ref_dot = vq.top_codes_reference(q, T_packed, dim, k)
+    vq_route._top_codes_merge_cpu(*part, idx, dot)
+    ref_idx, ref_dot = vq_route.top_codes_reference(q, T_packed, dim, k)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(dot, ref_dot)
 
@@ -190,15 +193,15 @@ def test_partition_search_matches_reference(dim, K, P):
     probe = np.random.default_rng(K).integers(0, P, (31, 3)).astype(np.int32)
     probe[0] = probe[0, 0]  # one partition probed three times
     dot = np.empty(31, np.int32)
-    idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
-    ref_idx, ref_dot = vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes, probe)
+    idx = vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
+    ref_idx, ref_dot = vq_route.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes, probe)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(dot, ref_dot)
     # probing every partition is the exact search
     everything = np.tile(np.arange(P, dtype=np.int32), (31, 1))
     np.testing.assert_array_equal(
-        vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, everything),
-        vq.nearest_code(q, T_packed, dim))
+        vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, everything),
+        vq_search.nearest_code(q, T_packed, dim))
 
 
 def test_partition_search_empty_partitions_give_minus_one():
@@ -207,10 +210,10 @@ def test_partition_search_empty_partitions_give_minus_one():
     codes = np.arange(10, dtype=np.int32)
     q = queries(2, 64, 2)
     dot = np.empty(2, np.int32)
-    idx = vq.nearest_code_in_partitions(q, T_packed, 64, offsets, codes,
+    idx = vq_route.nearest_code_in_partitions(q, T_packed, 64, offsets, codes,
                                         np.array([[1, 2], [2, 0]], np.int32), out_dot=dot)
     assert idx[0] == -1 and dot[0] == 0
-    assert idx[1] == vq.nearest_code(q[1:], T_packed, 64)[0]
+    assert idx[1] == vq_search.nearest_code(q[1:], T_packed, 64)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,13 +229,13 @@ def test_count_usage_saturates(K, index_dtype):
     usage[-1] = 32766
     indices = np.concatenate([rng.integers(0, K, 300), np.zeros(20, int), np.full(5, K - 1)])
     indices = indices.astype(index_dtype)
-    ref = vq.count_usage_reference(indices, usage)
-    assert vq.count_usage(indices, usage) is usage
+    ref = vq_usage.count_usage_reference(indices, usage)
+    assert vq_usage.count_usage(indices, usage) is usage
     np.testing.assert_array_equal(usage, ref)
     assert usage[0] == 32767 and usage[-1] == 32767
     big = np.zeros(K + 1, np.int16)  # a view at an odd offset works too (no word access)
-    vq.count_usage(indices, big[1:])
-    np.testing.assert_array_equal(big[1:], vq.count_usage_reference(indices, np.zeros(K, np.int16)))
+    vq_usage.count_usage(indices, big[1:])
+    np.testing.assert_array_equal(big[1:], vq_usage.count_usage_reference(indices, np.zeros(K, np.int16)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,23 +246,23 @@ def test_bad_queries_and_books():
     T_packed = book(10, 64, 0)
     q = queries(3, 64, 0)
     with pytest.raises(ValueError, match=r"nearest_code: queries has shape \(3, 2\), expected \(n, 4\) for dim=64"):
-        vq.nearest_code(q[:, :2].copy(), T_packed, 64)
+        vq_search.nearest_code(q[:, :2].copy(), T_packed, 64)
     with pytest.raises(TypeError, match=r"nearest_code: queries has dtype float32, expected uint32 bitplanes \(ternarise"):
-        vq.nearest_code(np.zeros((3, 64), np.float32), T_packed, 64)
+        vq_search.nearest_code(np.zeros((3, 64), np.float32), T_packed, 64)
     with pytest.raises(ValueError, match=r"nearest_code: T_packed has shape \(10, 4\), expected \(K, 6\) for dim=70"):
-        vq.nearest_code(queries(3, 70, 0), T_packed, 70)
+        vq_search.nearest_code(queries(3, 70, 0), T_packed, 70)
     with pytest.raises(ValueError, match=r"nearest_code: T_packed has 0 codes"):
-        vq.nearest_code(q, T_packed[:0], 64)
+        vq_search.nearest_code(q, T_packed[:0], 64)
     with pytest.raises(ValueError, match=r"nearest_code: queries is not C-contiguous"):
-        vq.nearest_code(np.asfortranarray(q), T_packed, 64)
+        vq_search.nearest_code(np.asfortranarray(q), T_packed, 64)
     with pytest.raises(ValueError, match=r"nearest_code: out_index has shape \(2,\), expected \(3,\)"):
-        vq.nearest_code(q, T_packed, 64, out_index=np.empty(2, np.int32))
+        vq_search.nearest_code(q, T_packed, 64, out_index=np.empty(2, np.int32))
     with pytest.raises(ValueError, match=r"nearest_code: method 'mma' needs a GPU"):
-        vq.nearest_code(q, T_packed, 64, method="mma")
+        vq_search.nearest_code(q, T_packed, 64, method="mma")
     with pytest.raises(ValueError, match=r"top_codes: k = 65 is out of range, expected 1..64"):
-        vq.top_codes(q, T_packed, 64, 65)
+        vq_route.top_codes(q, T_packed, 64, 65)
     with pytest.raises(TypeError, match=r"ternarize_queries: x has dtype float64, expected float32"):
-        vq.ternarize_queries(np.zeros((2, 64)))
+        vq_search.ternarize_queries(np.zeros((2, 64)))
 
 
 def test_bad_partitions():
@@ -268,7 +271,7 @@ def test_bad_partitions():
     codes = np.arange(10, dtype=np.int32)
     offsets = np.array([0, 4, 10], np.int64)
     probe = np.zeros((2, 1), np.int32)
-    call = vq.nearest_code_in_partitions
+    call = vq_route.nearest_code_in_partitions
     with pytest.raises(ValueError, match=r"probe holds 2, expected partition indices in \[0, 2\)"):
         call(q, T_packed, 64, offsets, codes, np.array([[0], [2]], np.int32))
     with pytest.raises(ValueError, match=r"probe holds -1"):
@@ -292,13 +295,13 @@ def test_bad_usage_calls_change_nothing():
     usage = np.arange(8, dtype=np.int16)
     before = usage.copy()
     with pytest.raises(ValueError, match=r"count_usage: indices\[2\] = 8 is out of range; expected code indices in \[0, 8\)"):
-        vq.count_usage(np.array([0, 1, 8]), usage)
+        vq_usage.count_usage(np.array([0, 1, 8]), usage)
     with pytest.raises(ValueError, match=r"count_usage: indices\[0\] = -1 is out of range"):
-        vq.count_usage(np.array([-1, 1], np.int32), usage)
+        vq_usage.count_usage(np.array([-1, 1], np.int32), usage)
     with pytest.raises(TypeError, match=r"count_usage: indices has dtype float64, expected int32 or int64"):
-        vq.count_usage(np.array([1.0]), usage)
+        vq_usage.count_usage(np.array([1.0]), usage)
     with pytest.raises(TypeError, match=r"count_usage: usage has dtype int32, expected int16"):
-        vq.count_usage(np.array([1]), usage.astype(np.int32))
+        vq_usage.count_usage(np.array([1]), usage.astype(np.int32))
     np.testing.assert_array_equal(usage, before)
 
 
@@ -310,16 +313,16 @@ def test_bad_usage_calls_change_nothing():
 @pytest.mark.parametrize("dim,K,n", [(64, 45, 20), (20, 30, 70), (70, 20, 5)])
 def test_sim_ternarize_and_nearest(dim, K, n):
     x = np.random.default_rng(dim).standard_normal((n, dim)).astype(np.float32)
-    q = vq.ternarize_queries(x)
+    q = vq_search.ternarize_queries(x)
     expected = np.empty_like(q)
-    vq._ternarize_queries_cpu(x, expected)
+    vq_search._ternarize_queries_cpu(x, expected)
     np.testing.assert_array_equal(q, expected)
     T_packed = book(K, dim, n)
     T_packed[K // 2:] = T_packed[: K - K // 2]  # ties across chunks
-    ref = vq.nearest_code_reference(q, T_packed, dim)
+    ref = vq_search.nearest_code_reference(q, T_packed, dim)
     for method in (["mma", "scan"] if dim <= 64 else ["scan"]):
         dot = np.empty(n, np.int32)
-        idx = vq.nearest_code(q, T_packed, dim, out_dot=dot, method=method)
+        idx = vq_search.nearest_code(q, T_packed, dim, out_dot=dot, method=method)
         np.testing.assert_array_equal(idx, ref[0], err_msg=method)
         np.testing.assert_array_equal(dot, ref[1], err_msg=method)
 
@@ -329,19 +332,19 @@ def test_sim_top_codes_partitions_and_usage():
     dim, K, P = 37, 24, 5
     T_packed = book(K, dim, 1)
     q = queries(9, dim, 2)
-    np.testing.assert_array_equal(vq.top_codes(q, T_packed, dim, 4),
-                                  vq.top_codes_reference(q, T_packed, dim, 4)[0])
+    np.testing.assert_array_equal(vq_route.top_codes(q, T_packed, dim, 4),
+                                  vq_route.top_codes_reference(q, T_packed, dim, 4)[0])
     offsets, codes = _partitions(K, P, 3)
     probe = np.random.default_rng(4).integers(0, P, (9, 2)).astype(np.int32)
     for method in ("mma", "scan"):
         np.testing.assert_array_equal(
-            vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, method=method),
-            vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes, probe)[0],
+            vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, method=method),
+            vq_route.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes, probe)[0],
             err_msg=method)
     usage = np.array([32766, 0, 5, 32767, 9], np.int16)
     indices = np.array([0, 0, 0, 1, 4, 4, 3, 2], np.int64)
-    ref = vq.count_usage_reference(indices, usage)
-    np.testing.assert_array_equal(vq.count_usage(indices, usage), ref)
+    ref = vq_usage.count_usage_reference(indices, usage)
+    np.testing.assert_array_equal(vq_usage.count_usage(indices, usage), ref)
 
 
 @pytest.mark.cudasim
@@ -352,14 +355,14 @@ def test_sim_top_codes_tiles_keep_the_best_so_far():
     T_packed = book(K, dim, 11)
     T_packed[350:] = T_packed[:50]  # ties across the passes
     q = queries(2, dim, 12)
-    idx = vq.top_codes(q, T_packed, dim, 3)
-    np.testing.assert_array_equal(idx, vq.top_codes_reference(q, T_packed, dim, 3)[0])
+    idx = vq_route.top_codes(q, T_packed, dim, 3)
+    np.testing.assert_array_equal(idx, vq_route.top_codes_reference(q, T_packed, dim, 3)[0])
     # a narrow book: few distinct scores, so ties everywhere, settled by the lower index
     T_packed = book(300, 5, 13)
     q = queries(3, 5, 14)
     dot = np.empty((3, 12), np.int32)
-    idx = vq.top_codes(q, T_packed, 5, 12, out_dot=dot)
-    ref_idx, ref_dot = vq.top_codes_reference(q, T_packed, 5, 12)
+    idx = vq_route.top_codes(q, T_packed, 5, 12, out_dot=dot)
+    ref_idx, ref_dot = vq_route.top_codes_reference(q, T_packed, 5, 12)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(dot, ref_dot)
 
@@ -370,7 +373,7 @@ def test_sim_top_codes_refuses_dims_its_key_cannot_rank():
     T_packed, q = np.zeros((2, words), np.uint32), np.zeros((1, words), np.uint32)
     with pytest.raises(ValueError, match=r"top_codes: dim = 131072: the GPU kernel ranks codes "
                                          r"by a float64 key, exact for dim < 131072"):
-        vq.top_codes(q, T_packed, 1 << 17, 1)
+        vq_route.top_codes(q, T_packed, 1 << 17, 1)
 
 
 @pytest.mark.cudasim
@@ -383,11 +386,11 @@ def test_sim_partition_search_many_queries_a_partition(dim):
     offsets, codes = _partitions(K, P, 14)
     q = queries(40, dim, 15)
     probe = np.random.default_rng(16).integers(0, 2, (40, 2)).astype(np.int32)
-    ref_idx, ref_dot = vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes,
+    ref_idx, ref_dot = vq_route.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes,
                                                                probe)
     for method in (["mma", "scan"] if dim <= 64 else ["scan"]):
         dot = np.empty(40, np.int32)
-        idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot,
+        idx = vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot,
                                             method=method)
         np.testing.assert_array_equal(idx, ref_idx, err_msg=method)
         np.testing.assert_array_equal(dot, ref_dot, err_msg=method)
@@ -408,9 +411,9 @@ def test_sim_partition_search_mma_ties_in_list_order():
     probe[:, 1] = 2
     probe[16] = 1      # only the empty partition: -1
     dot = np.empty(17, np.int32)
-    idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot,
+    idx = vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot,
                                         method="mma")
-    ref_idx, ref_dot = vq.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes,
+    ref_idx, ref_dot = vq_route.nearest_code_in_partitions_reference(q, T_packed, dim, offsets, codes,
                                                                probe)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(dot, ref_dot)
@@ -428,16 +431,16 @@ def test_cuda_nearest_matches_cpu(dim, K, n):
     T_packed = book(K, dim, K)
     T_packed[K // 2: K // 2 + 50] = T_packed[:50]  # exact duplicates: ties across chunks
     x = np.random.default_rng(n).standard_normal((n, dim)).astype(np.float32)
-    q_cpu = vq.ternarize_queries(x)
-    q_gpu = vq.ternarize_queries(cupy.asarray(x))
+    q_cpu = vq_search.ternarize_queries(x)
+    q_gpu = vq_search.ternarize_queries(cupy.asarray(x))
     np.testing.assert_array_equal(q_gpu.get(), q_cpu)
     q_near = near_book_queries(T_packed, dim, n, 5)
     for q in (q_cpu, q_near):
         dot = np.empty(n, np.int32)
-        idx = vq.nearest_code(q, T_packed, dim, out_dot=dot)
+        idx = vq_search.nearest_code(q, T_packed, dim, out_dot=dot)
         for method in (["auto", "mma", "scan"] if dim <= 64 else ["auto"]):
             g_dot = cupy.empty(n, cupy.int32)
-            g_idx = vq.nearest_code(cupy.asarray(q), cupy.asarray(T_packed), dim, out_dot=g_dot,
+            g_idx = vq_search.nearest_code(cupy.asarray(q), cupy.asarray(T_packed), dim, out_dot=g_dot,
                                     method=method)
             np.testing.assert_array_equal(g_idx.get(), idx, err_msg=method)
             np.testing.assert_array_equal(g_dot.get(), dot, err_msg=method)
@@ -447,8 +450,8 @@ def test_cuda_nearest_matches_cpu(dim, K, n):
 def test_cuda_nearest_matches_reference_on_a_subset():
     T_packed = book(20_000, 64, 1)
     q = queries(64, 64, 1)
-    idx = vq.nearest_code(cupy.asarray(q), cupy.asarray(T_packed), 64)
-    np.testing.assert_array_equal(idx.get(), vq.nearest_code_reference(q, T_packed, 64)[0])
+    idx = vq_search.nearest_code(cupy.asarray(q), cupy.asarray(T_packed), 64)
+    np.testing.assert_array_equal(idx.get(), vq_search.nearest_code_reference(q, T_packed, 64)[0])
 
 
 @pytest.mark.cuda
@@ -457,20 +460,20 @@ def test_cuda_top_codes_partitions_and_usage():
     T_packed = book(K, dim, 3)
     q = queries(500, dim, 4)
     T_g, q_g = cupy.asarray(T_packed), cupy.asarray(q)
-    np.testing.assert_array_equal(vq.top_codes(q_g, T_g, dim, 8).get(), vq.top_codes(q, T_packed, dim, 8))
+    np.testing.assert_array_equal(vq_route.top_codes(q_g, T_g, dim, 8).get(), vq_route.top_codes(q, T_packed, dim, 8))
     offsets, codes = _partitions(K, P, 5)
-    probe = vq.top_codes(q, book(P, dim, 6), dim, 4)
+    probe = vq_route.top_codes(q, book(P, dim, 6), dim, 4)
     np.testing.assert_array_equal(
-        vq.nearest_code_in_partitions(q_g, T_g, dim, cupy.asarray(offsets), cupy.asarray(codes),
+        vq_route.nearest_code_in_partitions(q_g, T_g, dim, cupy.asarray(offsets), cupy.asarray(codes),
                                       cupy.asarray(probe)).get(),
-        vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe))
+        vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe))
     usage = np.random.default_rng(7).integers(32000, 32767, 1001).astype(np.int16)
     indices = np.random.default_rng(8).integers(0, 1001, 100_000).astype(np.int32)
     indices[:5000] = 1000  # one counter, heavily contended
     indices[5000:9000] = 999  # its neighbour in the same 32-bit word
     g_usage = cupy.asarray(usage)
-    vq.count_usage(cupy.asarray(indices), g_usage)
-    np.testing.assert_array_equal(g_usage.get(), vq.count_usage_reference(indices, usage))
+    vq_usage.count_usage(cupy.asarray(indices), g_usage)
+    np.testing.assert_array_equal(g_usage.get(), vq_usage.count_usage_reference(indices, usage))
 
 
 @pytest.mark.cuda
@@ -483,19 +486,19 @@ def test_cuda_routed_search_at_training_shapes(dim, n, P, k):
     centroids[P // 2:P // 2 + 40] = centroids[:40]  # ties across tiles and slices
     q = queries(n, dim, 22)
     dot = np.empty((n, k), np.int32)
-    probe = vq.top_codes(q, centroids, dim, k, out_dot=dot)
+    probe = vq_route.top_codes(q, centroids, dim, k, out_dot=dot)
     g_dot = cupy.empty((n, k), cupy.int32)
-    g_probe = vq.top_codes(cupy.asarray(q), cupy.asarray(centroids), dim, k, out_dot=g_dot)
+    g_probe = vq_route.top_codes(cupy.asarray(q), cupy.asarray(centroids), dim, k, out_dot=g_dot)
     np.testing.assert_array_equal(g_probe.get(), probe)
     np.testing.assert_array_equal(g_dot.get(), dot)
     T_packed = book(K, dim, 23)
     T_packed[K // 2:K // 2 + 100] = T_packed[:100]
     offsets, codes = _partitions(K, P, 24)
     dot = np.empty(n, np.int32)
-    idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
+    idx = vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
     for method in (["auto", "mma", "scan"] if dim <= 64 else ["auto"]):
         g_dot = cupy.empty(n, cupy.int32)
-        g_idx = vq.nearest_code_in_partitions(cupy.asarray(q), cupy.asarray(T_packed), dim,
+        g_idx = vq_route.nearest_code_in_partitions(cupy.asarray(q), cupy.asarray(T_packed), dim,
                                               cupy.asarray(offsets), cupy.asarray(codes),
                                               g_probe, out_dot=g_dot, method=method)
         np.testing.assert_array_equal(g_idx.get(), idx, err_msg=method)
@@ -515,10 +518,10 @@ def test_cuda_partition_search_skewed_probes():
                      rng.integers(0, P, (n, 8))).astype(np.int32)
     for q in (queries(n, dim, 44), near_book_queries(T_packed, dim, n, 45)):
         dot = np.empty(n, np.int32)
-        idx = vq.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
+        idx = vq_route.nearest_code_in_partitions(q, T_packed, dim, offsets, codes, probe, out_dot=dot)
         for method in ("mma", "scan"):
             g_dot = cupy.empty(n, cupy.int32)
-            g_idx = vq.nearest_code_in_partitions(
+            g_idx = vq_route.nearest_code_in_partitions(
                 cupy.asarray(q), cupy.asarray(T_packed), dim, cupy.asarray(offsets),
                 cupy.asarray(codes), cupy.asarray(probe), out_dot=g_dot, method=method)
             np.testing.assert_array_equal(g_idx.get(), idx, err_msg=method)
@@ -529,7 +532,7 @@ def test_cuda_partition_search_skewed_probes():
 def test_cuda_bad_input_raises_before_launch():
     usage = cupy.zeros(10, cupy.int16)
     with pytest.raises(ValueError, match=r"count_usage: indices\[1\] = 10 is out of range"):
-        vq.count_usage(cupy.asarray([1, 10]), usage)
+        vq_usage.count_usage(cupy.asarray([1, 10]), usage)
     assert int(usage.sum()) == 0
     with pytest.raises(ValueError, match=r"nearest_code: queries has shape \(2, 2\), expected \(n, 4\)"):
-        vq.nearest_code(cupy.zeros((2, 2), cupy.uint32), cupy.zeros((5, 4), cupy.uint32), 64)
+        vq_search.nearest_code(cupy.zeros((2, 2), cupy.uint32), cupy.zeros((5, 4), cupy.uint32), 64)

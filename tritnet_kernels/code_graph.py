@@ -74,8 +74,8 @@ import numpy as np
 from numba import cuda
 
 from ._launch import launch, on_device, target, xp_of
-from .tables import _blocks, _check_indices
-from .update import _check_array, _check_distinct, _check_int, _mix64
+from ._common import (blocks, check_array, check_distinct, check_indices, check_int, mix64,
+                      mix64_reference)
 
 __all__ = [
     "SCORE_MAX",
@@ -101,9 +101,6 @@ MAX_CODES = 2**31 - 1
 
 _THREADS = 256
 
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
 
 # --------------------------------------------------------------------------------------------
 # Validation shared by the wrappers: everything is raised before any allocation or launch, so
@@ -111,9 +108,9 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 def _check_geometry(op, n_buckets, slots, K):
-    K = _check_int(op, "K", K, 1, MAX_CODES)
-    n_buckets = _check_int(op, "n_buckets", n_buckets, 1, K)
-    slots = _check_int(op, "slots", slots, 1, MAX_SLOTS)
+    K = check_int(op, "K", K, 1, MAX_CODES)
+    n_buckets = check_int(op, "n_buckets", n_buckets, 1, K)
+    slots = check_int(op, "slots", slots, 1, MAX_SLOTS)
     return n_buckets, slots, K
 
 
@@ -122,7 +119,7 @@ def _check_edges(op, edge_src, edge_dst, edge_attr, edge_score, n_buckets, slots
     for name, a, dtype in (("edge_src", edge_src, np.int32), ("edge_dst", edge_dst, np.int32),
                            ("edge_attr", edge_attr, np.int8),
                            ("edge_score", edge_score, np.int8)):
-        _check_array(op, name, a, dtype, ndim=1, writeable=writeable)
+        check_array(op, name, a, dtype, ndim=1, writeable=writeable)
         if a.shape[0] != capacity:
             raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected ({capacity},) "
                              f"= n_buckets * slots = {n_buckets} * {slots} (the edge table's "
@@ -130,11 +127,11 @@ def _check_edges(op, edge_src, edge_dst, edge_attr, edge_score, n_buckets, slots
 
 
 def _check_codes(op, name, codes, K, check):
-    _check_indices(op, name, codes, K, check, what="codes")
+    check_indices(op, name, codes, K, check, what="codes")
 
 
 def _check_signs(op, name, signs, n):
-    _check_array(op, name, signs, np.int8, shape=(n,))
+    check_array(op, name, signs, np.int8, shape=(n,))
     if n == 0:
         return
     xp = xp_of(signs)
@@ -154,8 +151,8 @@ def empty_edges(n_buckets, slots, xp=np):
     """(edge_src, edge_dst, edge_attr, edge_score) of an empty table of n_buckets * slots slots,
     on xp's device (numpy or cupy): -1, -1, 0, 0 everywhere."""
     op = "empty_edges"
-    n_buckets = _check_int(op, "n_buckets", n_buckets, 1, MAX_CODES)
-    slots = _check_int(op, "slots", slots, 1, MAX_SLOTS)
+    n_buckets = check_int(op, "n_buckets", n_buckets, 1, MAX_CODES)
+    slots = check_int(op, "slots", slots, 1, MAX_SLOTS)
     capacity = n_buckets * slots
     return (xp.full(capacity, -1, dtype=np.int32), xp.full(capacity, -1, dtype=np.int32),
             xp.zeros(capacity, dtype=np.int8), xp.zeros(capacity, dtype=np.int8))
@@ -169,7 +166,7 @@ def empty_edges(n_buckets, slots, xp=np):
 def _bucket_of(code, n_buckets, K):
     if n_buckets == K:
         return np.int64(code)
-    return np.int64(_mix64(np.uint64(code)) % np.uint64(n_buckets))
+    return np.int64(mix64(np.uint64(code)) % np.uint64(n_buckets))
 
 
 @numba.njit(parallel=True, cache=True)
@@ -189,7 +186,7 @@ def _launch_edge_bucket(dev, codes, n_buckets, K, out):
     if dev == "cpu":
         _edge_bucket_cpu(*args)
     else:
-        launch(_edge_bucket_cuda, _blocks(codes.shape[0], _THREADS), _THREADS, *args)
+        launch(_edge_bucket_cuda, blocks(codes.shape[0], _THREADS), _THREADS, *args)
 
 
 def edge_bucket(codes, n_buckets, K, *, check=True):
@@ -201,8 +198,8 @@ def edge_bucket(codes, n_buckets, K, *, check=True):
     """
     op = "edge_bucket"
     dev = target(codes, op=op)
-    K = _check_int(op, "K", K, 1, MAX_CODES)
-    n_buckets = _check_int(op, "n_buckets", n_buckets, 1, K)
+    K = check_int(op, "K", K, 1, MAX_CODES)
+    n_buckets = check_int(op, "n_buckets", n_buckets, 1, K)
     _check_codes(op, "codes", codes, K, check)
     out = xp_of(codes).empty(codes.shape[0], dtype=np.int64)
     if codes.shape[0]:
@@ -214,10 +211,7 @@ def edge_bucket_reference(codes, n_buckets, K):
     codes = np.asarray(codes)
     if n_buckets == K:
         return codes.astype(np.int64)
-    z = codes.astype(np.uint64)
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
+    z = mix64_reference(codes.astype(np.uint64))
     return (z % np.uint64(n_buckets)).astype(np.int64)
 
 
@@ -399,10 +393,10 @@ def _observe_edges_cuda(edge_src, edge_dst, edge_attr, edge_score, obs_bucket, o
 def _check_not_sharing(op, writes, reads):
     """The kernel writes `writes` while reading `reads`; reads may share memory with each other
     (obs_src = seq[:-1], obs_dst = seq[1:] is the usual call)."""
-    _check_distinct(op, **writes)
+    check_distinct(op, **writes)
     for read_name, r in reads.items():
         for write_name, w in writes.items():
-            _check_distinct(op, **{write_name: w, read_name: r})
+            check_distinct(op, **{write_name: w, read_name: r})
 
 
 def observe_edges(edge_src, edge_dst, edge_attr, edge_score, obs_src, obs_dst, obs_attr,
@@ -439,9 +433,9 @@ def observe_edges(edge_src, edge_dst, edge_attr, edge_score, obs_src, obs_dst, o
     if obs_dst.shape[0] != n:
         raise ValueError(f"{op}: obs_dst has shape {tuple(obs_dst.shape)}, expected ({n},) to "
                          f"match obs_src (one destination per transition)")
-    _check_array(op, "obs_attr", obs_attr, np.int8, shape=(n,))
+    check_array(op, "obs_attr", obs_attr, np.int8, shape=(n,))
     if counts is not None:
-        _check_array(op, "counts", counts, np.int64, shape=(4,), writeable=True)
+        check_array(op, "counts", counts, np.int64, shape=(4,), writeable=True)
     _check_not_sharing(op, dict(edge_src=edge_src, edge_dst=edge_dst, edge_attr=edge_attr,
                                 edge_score=edge_score, counts=counts),
                        dict(obs_src=obs_src, obs_dst=obs_dst, obs_attr=obs_attr))
@@ -573,12 +567,12 @@ def edge_neighbors(edge_src, edge_dst, edge_attr, edge_score, codes, n_buckets, 
     if out_dst is None:
         out_dst = xp.empty((n, slots), dtype=np.int32)
     else:
-        _check_array(op, "out_dst", out_dst, np.int32, shape=(n, slots), writeable=True)
+        check_array(op, "out_dst", out_dst, np.int32, shape=(n, slots), writeable=True)
     if out_weight is None:
         out_weight = xp.empty((n, slots), dtype=np.float32)
     else:
-        _check_array(op, "out_weight", out_weight, np.float32, shape=(n, slots), writeable=True)
-    _check_distinct(op, out_dst=out_dst, out_weight=out_weight)
+        check_array(op, "out_weight", out_weight, np.float32, shape=(n, slots), writeable=True)
+    check_distinct(op, out_dst=out_dst, out_weight=out_weight)
     _check_codes(op, "codes", codes, K, check)
     if n == 0:
         return out_dst, out_weight
@@ -587,7 +581,7 @@ def edge_neighbors(edge_src, edge_dst, edge_attr, edge_score, codes, n_buckets, 
     if dev == "cpu":
         _edge_neighbors_cpu(*args)
     else:
-        launch(_edge_neighbors_cuda, _blocks(n * slots, _THREADS), _THREADS, *args)
+        launch(_edge_neighbors_cuda, blocks(n * slots, _THREADS), _THREADS, *args)
     return out_dst, out_weight
 
 
@@ -616,8 +610,8 @@ def decay_scores(edge_score, shift):
     the job is one line on either device).
     """
     op = "decay_scores"
-    _check_array(op, "edge_score", edge_score, np.int8, ndim=1, writeable=True)
-    shift = _check_int(op, "shift", shift, 1, 7)
+    check_array(op, "edge_score", edge_score, np.int8, ndim=1, writeable=True)
+    shift = check_int(op, "shift", shift, 1, 7)
     edge_score -= edge_score >> shift
     return edge_score
 

@@ -8,12 +8,12 @@ the same arrays every time; the framework's step is built that way:
 
 - no host syncs: MoE experts run on a fixed count of row tiles whose owners stay on the
   device (models.expert_tiles, gemm.matmul_gathered), table gradients on rows
-  padded to a fixed count (tritnet_kernels.tables.unique_rows), the VQ search and routing
+  padded to a fixed count (tritnet_kernels.sparse_rows.unique_rows), the VQ search and routing
   without sorts or counts on the host, token ids checked on the host before their copy;
 - the per-step numbers, the step (random bits of the stochastic rounding) and the gain
   (schedule), are read on the device from the optimiser's clock (optim.TritFlip.clock),
   which the step advances there;
-- every float product goes through tritnet_kernels.gemm (CuPy's cuBLAS calls refuse capture);
+- every float product goes through tritnet_kernels.float_gemm (CuPy's cuBLAS calls refuse capture);
 - constants a step would copy from the host (ALiBi slopes) are copied once and kept.
 
 Two graphs: the forward and backward, then the optimiser's update. Between them the loop reads
@@ -45,10 +45,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .errors import TritnetError
 from .nn.tables import TernaryVQCodebook
 
 
-class CaptureError(RuntimeError):
+class CaptureError(TritnetError, RuntimeError):
     """A training step cannot be captured as a CUDA graph here; the message says why."""
 
 
@@ -167,9 +168,7 @@ class CapturedStep:
         and `failed` says why; nothing ran on the device)."""
         cupy = backend.cupy
         owners = [self.optimizer, *self.model.modules()]
-        # attributes as they were (lists copied: a forward appends to them in place)
-        saved = [{k: list(v) if isinstance(v, list) else v for k, v in vars(o).items()}
-                 for o in owners]
+        saved = [o.step_state() for o in owners]   # the host state a step changes
         # The default pool's idle blocks (the eager steps' working set) go back to the device
         # first, or the capture would fill the graphs' pool beside them: two working sets.
         cupy.get_default_memory_pool().free_all_blocks()
@@ -182,9 +181,8 @@ class CapturedStep:
                     graph = self.stream.end_capture()
             return graph
         except Exception as e:   # whatever refused capture: train on, eagerly
-            for owner, attributes in zip(owners, saved):
-                vars(owner).clear()
-                vars(owner).update(attributes)
+            for owner, state in zip(owners, saved):
+                owner.load_step_state(state)
             self.graphs = None
             self.failed = f"{type(e).__name__}: {e}"
             if self.log is not None:

@@ -204,7 +204,7 @@ def test_cosine_schedule_changes_training_and_recompute_does_not(tmp_path, corpu
         values = dict(values, micro_batches=micro_batches)
         # without the shared VQ no table is read twice a step: recompute is then exact (a
         # table read by several blocks quantises each read with the seed of its place in
-        # backward's order, which recompute changes; tests/test_models.py)
+        # backward's order, which recompute changes; tests/models/test_models.py)
         train(small(steps=4, eval_every=0, n_layers=2, use_shared_vq=False, **values),
               data=corpus, out_dir=tmp_path / name, log=quiet)
         runs[name] = ternary_state(tmp_path / name / "ckpt.h5")

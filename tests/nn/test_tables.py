@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import tritnet
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
 from tritnet.optim import TritFlip
-from tritnet_kernels import packing, tables, update
+from tritnet_kernels import packing, sparse_rows, update
 
 
 @pytest.fixture(autouse=True)
@@ -56,12 +56,14 @@ def test_embedding_backward_and_update_touch_only_used_rows():
     expected = np.zeros((6, 70), np.int8)
     scale = update.exponent_grad_and_scales(G, table.T_packed[[2, 5, 9, 39, 39, 39]],
                                             table.E[[2, 5, 9, 39, 39, 39]], 70,
-                                            table.grad_rms_units, rows=np.array([3]))[0][:1]
+                                            table.quantizer.rms_units, rows=np.array([3]))[0][:1]
     # the rms is over the three touched rows, not the padding
-    np.testing.assert_allclose(scale, update.grad_inv_scale_reference(G[:3], table.grad_rms_units),
+    rms_units = table.quantizer.rms_units
+    np.testing.assert_allclose(scale, update.grad_inv_scale_reference(G[:3], rms_units),
                                rtol=1e-6)
     # the optimiser's clock adds the step (0) to the seed, on the device
-    update.quantize_grad_reference(G, scale, seed, expected, clip=table.grad_clip_units, step=0)
+    update.quantize_grad_reference(G, scale, seed, expected, clip=table.quantizer.clip_units,
+                                   step=0)
     np.testing.assert_array_equal(grad_q, expected)
     assert not grad_q[3:].any() and not grad_E_q[3:].any()
     assert grad_q.dtype == np.int8 and grad_E_q.dtype == np.int8 and grad_E_q.shape == (6,)

@@ -1,4 +1,4 @@
-"""tritnet_kernels.tables: packed-first init, gather, segment sums, sparse updates.
+"""tritnet_kernels.sparse_rows: packed-first init, gather, segment sums, sparse updates.
 
 CPU twin against the NumPy reference (bit-exact), the CUDA kernels against the CPU twin under
 the simulator (tiny shapes) and on a GPU (CuPy), bad input, and the 10M-row build's memory.
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tritnet import backend
-from tritnet_kernels import tables as tb
+from tritnet_kernels import _common
+from tritnet_kernels import sparse_rows as tb
 from tritnet_kernels import update as U
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
@@ -102,7 +103,7 @@ def test_random_table_rejects_bad_input():
 _BUILD_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import numpy as np
-    from tritnet_kernels.tables import random_table
+    from tritnet_kernels.sparse_rows import random_table
 
     def vm(key):
         for line in open("/proc/self/status"):
@@ -133,7 +134,7 @@ def test_building_10M_by_64_is_packed_first():
     """
     env = dict(os.environ, NUMBA_NUM_THREADS="2")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, "10000000", "64"], env=env,
                           capture_output=True, text=True, timeout=300, cwd=root)
@@ -426,7 +427,7 @@ def test_sim_random_table_and_gather(rows, cols):
     T_packed = np.empty((rows, 2 * -(-cols // 32)), dtype=np.uint32)
     tb.random_table(T_packed, cols, 77)
     expected = np.empty_like(T_packed)
-    tb._random_table_cpu(expected, np.int64(cols), U._stream_key(77))
+    tb._random_table_cpu(expected, np.int64(cols), _common.stream_key(77))
     np.testing.assert_array_equal(T_packed, expected)
     E = np.array([-128, 0, 127, 5, -9][:rows], dtype=np.int8)
     idx = np.array([rows - 1, 0, rows - 1], dtype=np.int32)

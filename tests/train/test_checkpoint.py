@@ -18,7 +18,7 @@ import tritnet
 from tritnet import backend
 from tritnet import checkpoint as ck
 from tritnet import data
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.checkpoint import (Checkpoint, CheckpointError, inspect_checkpoint, load_checkpoint,
                                 render_inspection, save_checkpoint)
 from tritnet.nn import Module, Sequential, TernaryLinear
@@ -26,7 +26,7 @@ from tritnet.nn.tables import TernaryEmbeddingTable, TernaryVQCodebook
 from tritnet.optim import TritFlip
 from tritnet_kernels import packing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class TinyLM(Module):

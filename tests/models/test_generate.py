@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tritnet import backend
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.autograd import no_grad
 from tritnet.config import preset
 from tritnet.models import GenerationError, generation_request, next_tokens

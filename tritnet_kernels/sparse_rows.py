@@ -32,26 +32,13 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import launch, simulator, target, xp_of
+from ._common import (GOLDEN, blocks, check_array, check_distinct, check_indices, check_int,
+                      mix64, mix64_reference, stream_key)
+from ._launch import launch, target, xp_of
+from ._update_rules import (ACCUM_MAX, E_MAX, E_MIN, exponent_step, exponent_step_dev,
+                            rule_reference, trit_group_step, trit_group_step_dev)
 from .packing import pack_trits_reference, unpack_trits_reference
-from .update import (  # noqa: F401  (SCALE_OF_E: re-exported, the table of s = f(E))
-    ACCUM_MAX,
-    SCALE_OF_E,
-    _SCALE_OF_E,
-    E_MAX,
-    E_MIN,
-    _GOLDEN,
-    _check_array,
-    _check_distinct,
-    _check_int,
-    _exponent_step,  # the dense update's rules: one definition of trit flips and scale steps
-    _exponent_step_dev,
-    _mix64,
-    _rule_reference,
-    _stream_key,
-    _trit_group_step,
-    _trit_group_step_dev,
-)
+from .update import SCALE_OF_E  # re-exported: the table of s = f(E)
 
 __all__ = [
     "SCALE_OF_E",
@@ -70,41 +57,11 @@ __all__ = [
 
 _THREADS = 256
 _WARPS = _THREADS // 32
-_MAX_BLOCKS = 4096
 _M32 = np.uint64(0xFFFFFFFF)
-
-
-def _blocks(work_items, per_block):
-    # The simulator runs each thread as a Python thread: keep its grids tiny (every kernel here
-    # uses grid-stride loops, so any grid is correct).
-    cap = 2 if simulator() else _MAX_BLOCKS
-    return max(1, min(cap, -(-work_items // per_block)))
 
 
 # --------------------------------------------------------------------------------------------
 # Validation shared by the wrappers.
-
-
-def _check_indices(op, name, idx, limit, check, what="rows"):
-    """idx: int32/int64, 1-D, C-contiguous; with `check`, every value in [0, limit)."""
-    if not (hasattr(idx, "dtype") and hasattr(idx, "shape") and hasattr(idx, "flags")):
-        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array of int32 or int64, got "
-                        f"{type(idx).__name__}")
-    if idx.dtype not in (np.int32, np.int64):
-        raise TypeError(f"{op}: {name} has dtype {idx.dtype}, expected int32 or int64")
-    if idx.ndim != 1:
-        raise ValueError(f"{op}: {name} has shape {tuple(idx.shape)}, expected a 1-D array")
-    if not idx.flags.c_contiguous:
-        raise ValueError(f"{op}: {name} is not C-contiguous; pass xp.ascontiguousarray({name})")
-    if check and idx.size:
-        xp = xp_of(idx)
-        lo, hi = (int(v) for v in xp.stack([idx.min().astype(np.int64),
-                                            idx.max().astype(np.int64)]).tolist())
-        if lo < 0 or hi >= limit:
-            bad_value = lo if lo < 0 else hi
-            pos = int(xp.argmax(idx == bad_value))
-            raise ValueError(f"{op}: {name}[{pos}] = {bad_value} is out of range; expected "
-                             f"{what} in [0, {limit})")
 
 
 def _check_strictly_increasing(op, name, idx):
@@ -121,15 +78,15 @@ def _check_strictly_increasing(op, name, idx):
 
 
 def _check_table(op, T_packed, cols, E=None, writeable=False):
-    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=writeable)
-    cols = _check_int(op, "cols", cols, 1, 1 << 30)
+    check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=writeable)
+    cols = check_int(op, "cols", cols, 1, 1 << 30)
     groups = -(-cols // 32)
     if T_packed.shape[1] != 2 * groups:
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
                          f"(rows, {2 * groups}) for cols={cols} (bitplane32: a plus and a minus "
                          "word per 32 columns)")
     if E is not None:
-        _check_array(op, "E", E, np.int8, shape=(T_packed.shape[0],), writeable=writeable)
+        check_array(op, "E", E, np.int8, shape=(T_packed.shape[0],), writeable=writeable)
     return cols
 
 
@@ -153,7 +110,7 @@ _RANDOM_DOC = """
 @numba.njit(cache=True)
 def _random_group_masks(key, counter, nbits):
     """(plus, minus) masks of one 32-trit group from one 64-bit hash; see _RANDOM_DOC."""
-    h = _mix64(key + np.uint64(counter) * _GOLDEN)
+    h = mix64(key + np.uint64(counter) * GOLDEN)
     plus = np.uint64(0)
     minus = np.uint64(0)
     for b in range(nbits):
@@ -208,15 +165,15 @@ def random_table(T_packed, cols, seed, *, E=None, exponent=0):
         raise TypeError(f"{op}: seed must be an integer in [0, 2**64), got {seed!r}")
     if not 0 <= int(seed) < 1 << 64:
         raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
-    exponent = _check_int(op, "exponent", exponent, E_MIN, E_MAX)
+    exponent = check_int(op, "exponent", exponent, E_MIN, E_MAX)
     rows = T_packed.shape[0]
     if rows:
-        key = _stream_key(int(seed))
+        key = stream_key(int(seed))
         if dev == "cpu":
             _random_table_cpu(T_packed, np.int64(cols), key)
         else:
             tasks = rows * (T_packed.shape[1] // 2)
-            launch(_random_table_cuda, _blocks(tasks, _THREADS), _THREADS, T_packed,
+            launch(_random_table_cuda, blocks(tasks, _THREADS), _THREADS, T_packed,
                    np.int64(cols), key)
     if E is not None:
         E.fill(exponent)
@@ -226,19 +183,13 @@ def random_table(T_packed, cols, seed, *, E=None, exponent=0):
 random_table.__doc__ = random_table.__doc__.replace("{doc}", _RANDOM_DOC.strip("\n"))
 
 
-def _mix64_np(z):
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def random_table_reference(rows, cols, seed):
     """NumPy truth for `random_table`: the trits as int8 (rows, cols) (tests only: it makes
     the full trit array)."""
     groups = -(-cols // 32)
     counter = np.arange(rows * groups, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = _mix64_np(_stream_key(int(seed)) + counter * _GOLDEN)
+        h = mix64_reference(stream_key(int(seed)) + counter * GOLDEN)
         digits = np.empty((rows * groups, 32), dtype=np.int8)
         for b in range(32):
             lo = (h & _M32) * np.uint64(3)
@@ -257,7 +208,7 @@ def random_table_reference(rows, cols, seed):
 def _gather_rows_cpu(T_packed, E, indices, cols, out):
     for i in numba.prange(indices.shape[0]):
         r = indices[i]
-        s = _SCALE_OF_E[np.int64(E[r]) + 128]
+        s = SCALE_OF_E[np.int64(E[r]) + 128]
         for g in range((cols + 31) // 32):
             plus = np.int64(T_packed[r, 2 * g])
             minus = np.int64(T_packed[r, 2 * g + 1])
@@ -275,7 +226,7 @@ def _gather_rows_cuda(T_packed, E, indices, cols, out):
     stride = cuda.gridDim.x * (cuda.blockDim.x >> 5)
     while i < indices.shape[0]:
         r = indices[i]
-        s = _SCALE_OF_E[np.int64(E[r]) + 128]
+        s = SCALE_OF_E[np.int64(E[r]) + 128]
         j = lane
         while j < cols:
             g = j >> 5
@@ -305,18 +256,18 @@ def gather_rows(T_packed, E, indices, cols, out=None, dtype=np.float32, *, check
     if dtype == np.float16 and dev != "cuda":
         raise TypeError(f"{op}: float16 output is GPU-only (Numba's CPU target has no float16); "
                         "use dtype=float32")
-    _check_indices(op, "indices", indices, T_packed.shape[0], check)
+    check_indices(op, "indices", indices, T_packed.shape[0], check)
     n = indices.shape[0]
     if out is None:
         out = xp_of(T_packed).empty((n, cols), dtype=dtype)
     else:
-        _check_array(op, "out", out, dtype, shape=(n, cols), writeable=True)
+        check_array(op, "out", out, dtype, shape=(n, cols), writeable=True)
     if n == 0:
         return out
     if dev == "cpu":
         _gather_rows_cpu(T_packed, E, indices, np.int64(cols), out)
     else:
-        launch(_gather_rows_cuda, _blocks(n, _WARPS), _THREADS, T_packed, E, indices,
+        launch(_gather_rows_cuda, blocks(n, _WARPS), _THREADS, T_packed, E, indices,
                np.int64(cols), out)
     return out
 
@@ -351,7 +302,7 @@ def unique_rows(indices):
     segment_sum_rows for a deterministic sum.
     """
     op = "unique_rows"
-    _check_indices(op, "indices", indices, 0, check=False)
+    check_indices(op, "indices", indices, 0, check=False)
     xp = xp_of(indices)
     n = indices.shape[0]
     order = xp.argsort(indices, kind="stable") if xp is np else xp.argsort(indices)
@@ -500,18 +451,18 @@ def segment_sum_rows(grad, inverse, n_unique, *, segments=None, out=None, check=
     op = "segment_sum_rows"
     order, offsets = segments if segments is not None else (None, None)
     dev = target(grad, inverse, order, offsets, out, op=op)
-    _check_array(op, "grad", grad, np.float32, ndim=2)
+    check_array(op, "grad", grad, np.float32, ndim=2)
     n, cols = grad.shape
-    n_unique = _check_int(op, "n_unique", n_unique, 0, 1 << 62)
-    _check_indices(op, "inverse", inverse, n_unique, check, what="unique-row positions")
+    n_unique = check_int(op, "n_unique", n_unique, 0, 1 << 62)
+    check_indices(op, "inverse", inverse, n_unique, check, what="unique-row positions")
     if inverse.shape[0] != n:
         raise ValueError(f"{op}: inverse has {inverse.shape[0]} entries, expected {n} (one per "
                          "row of grad)")
     if segments is not None:
-        _check_array(op, "order", order, np.int64, shape=(n,))
-        _check_array(op, "offsets", offsets, np.int64, shape=(n_unique + 1,))
+        check_array(op, "order", order, np.int64, shape=(n,))
+        check_array(op, "offsets", offsets, np.int64, shape=(n_unique + 1,))
         if check:
-            _check_indices(op, "order", order, n, True, what="positions")
+            check_indices(op, "order", order, n, True, what="positions")
             xp = xp_of(offsets)
             ends = [int(v) for v in xp.stack([offsets[0], offsets[-1]]).tolist()]
             if ends != [0, n] or (n_unique and bool((offsets[1:] < offsets[:-1]).any())):
@@ -521,8 +472,8 @@ def segment_sum_rows(grad, inverse, n_unique, *, segments=None, out=None, check=
     if out is None:
         out = xp.empty((n_unique, cols), dtype=np.float32)
     else:
-        _check_array(op, "out", out, np.float32, shape=(n_unique, cols), writeable=True)
-        _check_distinct(op, grad=grad, out=out)
+        check_array(op, "out", out, np.float32, shape=(n_unique, cols), writeable=True)
+        check_distinct(op, grad=grad, out=out)
     if n_unique == 0 or cols == 0:
         return out
     if segments is not None:
@@ -537,8 +488,8 @@ def segment_sum_rows(grad, inverse, n_unique, *, segments=None, out=None, check=
         bound = n_unique + n // _SEGMENT_CHUNK   # >= sum of ceil(length / chunk) over rows
         partial = xp.empty((bound, cols), dtype=np.float32)
         args = (grad, order, offsets, chunk_start, partial, out)
-        launch(_segment_chunk_sums_cuda, _blocks(bound * cols, _THREADS), _THREADS, *args)
-        launch(_segment_chunk_totals_cuda, _blocks(n_unique * cols, _THREADS), _THREADS, *args)
+        launch(_segment_chunk_sums_cuda, blocks(bound * cols, _THREADS), _THREADS, *args)
+        launch(_segment_chunk_totals_cuda, blocks(n_unique * cols, _THREADS), _THREADS, *args)
         return out
     out.fill(0)
     if n == 0:
@@ -546,7 +497,7 @@ def segment_sum_rows(grad, inverse, n_unique, *, segments=None, out=None, check=
     if dev == "cpu":
         _segment_sum_rows_cpu(grad, inverse, out)
     else:
-        launch(_segment_sum_rows_cuda, _blocks(n, _WARPS), _THREADS, grad, inverse, out)
+        launch(_segment_sum_rows_cuda, blocks(n, _WARPS), _THREADS, grad, inverse, out)
     return out
 
 
@@ -603,10 +554,10 @@ def _sparse_ternary_update_cpu(T_packed, T_accum, E, E_accum, rows, grad_q_rows,
         if r < 0:   # padding (unique_rows)
             continue
         for g in range(groups):
-            row_flips += _trit_group_step(T_packed, T_accum, grad_q_rows, r, k, g, cols,
-                                          flip_threshold, flip_decay_shift, flip_carry)
-        row_steps = _exponent_step(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
-                                   scale_decay_shift)
+            row_flips += trit_group_step(T_packed, T_accum, grad_q_rows, r, k, g, cols,
+                                         flip_threshold, flip_decay_shift, flip_carry)
+        row_steps = exponent_step(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
+                                  scale_decay_shift)
         flips += row_flips
         steps += row_steps
     counts[0] += flips
@@ -635,11 +586,11 @@ def _sparse_ternary_update_cuda(T_packed, T_accum, E, E_accum, rows, grad_q_rows
         r = rows[k]
         if r < 0:   # padding (unique_rows)
             continue
-        flips += _trit_group_step_dev(T_packed, T_accum, grad_q_rows, r, k, g, cols,
-                                      flip_threshold, flip_decay_shift, flip_carry)
+        flips += trit_group_step_dev(T_packed, T_accum, grad_q_rows, r, k, g, cols,
+                                     flip_threshold, flip_decay_shift, flip_carry)
         if g == 0:
-            steps += _exponent_step_dev(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
-                                        scale_decay_shift)
+            steps += exponent_step_dev(E, E_accum, grad_E_q_rows, r, k, scale_threshold,
+                                       scale_decay_shift)
     if flips != 0:
         cuda.atomic.add(block_counts, 0, flips)
     if steps != 0:
@@ -673,20 +624,20 @@ def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad
     op = "sparse_ternary_update"
     dev = target(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad_E_q_rows, counts, op=op)
     R, cols = _check_trit_table(op, T_packed, T_accum)
-    _check_array(op, "E", E, np.int8, shape=(R,), writeable=True)
-    _check_array(op, "E_accum", E_accum, np.int8, shape=(R,), writeable=True)
-    _check_indices(op, "rows", rows, 0, check=False)
+    check_array(op, "E", E, np.int8, shape=(R,), writeable=True)
+    check_array(op, "E_accum", E_accum, np.int8, shape=(R,), writeable=True)
+    check_indices(op, "rows", rows, 0, check=False)
     u = rows.shape[0]
-    _check_array(op, "grad_q_rows", grad_q_rows, np.int8, shape=(u, cols))
-    _check_array(op, "grad_E_q_rows", grad_E_q_rows, np.int8, shape=(u,))
-    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
-    flip_decay_shift = _check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)
-    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
-    scale_decay_shift = _check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)
+    check_array(op, "grad_q_rows", grad_q_rows, np.int8, shape=(u, cols))
+    check_array(op, "grad_E_q_rows", grad_E_q_rows, np.int8, shape=(u,))
+    flip_threshold = check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
+    flip_decay_shift = check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)
+    scale_threshold = check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
+    scale_decay_shift = check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)
     if counts is not None:
-        _check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
-    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, E=E, E_accum=E_accum,
-                    counts=counts)
+        check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
+    check_distinct(op, T_packed=T_packed, T_accum=T_accum, E=E, E_accum=E_accum,
+                   counts=counts)
     if check:
         _check_padded_rows(op, "rows", rows, R)
     if counts is None:
@@ -700,7 +651,7 @@ def sparse_ternary_update(T_packed, T_accum, E, E_accum, rows, grad_q_rows, grad
         _sparse_ternary_update_cpu(*args)
     else:
         tasks = u * -(-cols // 32)
-        launch(_sparse_ternary_update_cuda, _blocks(tasks, _THREADS), _THREADS, *args)
+        launch(_sparse_ternary_update_cuda, blocks(tasks, _THREADS), _THREADS, *args)
     return counts
 
 
@@ -718,17 +669,17 @@ def _check_padded_rows(op, name, rows, R):
         raise ValueError(f"{op}: {name}[{k}] = {int(rows[k])} is out of place; expected rows "
                          f"in [0, {R}), strictly increasing, then only -1 (padding, as "
                          "unique_rows returns them)")
-    _check_indices(op, name, rows[:u], R, True)
+    check_indices(op, name, rows[:u], R, True)
     _check_strictly_increasing(op, name, rows[:u])
 
 
 def _check_trit_table(op, T_packed, T_accum):
-    _check_array(op, "T_accum", T_accum, np.int8, ndim=2, writeable=True)
+    check_array(op, "T_accum", T_accum, np.int8, ndim=2, writeable=True)
     R, cols = T_accum.shape
     if cols == 0:
         raise ValueError(f"{op}: T_accum has shape {tuple(T_accum.shape)}; a ternary table "
                          "needs at least one column")
-    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=True)
+    check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=True)
     if T_packed.shape != (R, 2 * -(-cols // 32)):
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
                          f"{(R, 2 * -(-cols // 32))} to match T_accum's {R} rows and {cols} "
@@ -754,18 +705,18 @@ def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_
     if T_packed is not None:
         cols = T_accum.shape[1]
         T = unpack_trits_reference(T_packed[rows], cols)
-        t, a = _rule_reference(T, T_accum[rows].astype(np.int64),
-                               np.asarray(grad_q_rows, dtype=np.int64), flip_threshold, -1, 1,
-                               flip_decay_shift, flip_carry)
+        t, a = rule_reference(T, T_accum[rows].astype(np.int64),
+                              np.asarray(grad_q_rows, dtype=np.int64), flip_threshold, -1, 1,
+                              flip_decay_shift, flip_carry)
         counts[0] = np.count_nonzero(t != T)
         T_packed_new = np.array(T_packed, copy=True)
         T_accum_new = np.array(T_accum, copy=True)
         T_packed_new[rows] = pack_trits_reference(t)
         T_accum_new[rows] = a.astype(np.int8)
     if E is not None:
-        e, a = _rule_reference(E[rows].astype(np.int64), E_accum[rows].astype(np.int64),
-                               np.asarray(grad_E_q_rows, dtype=np.int64), scale_threshold,
-                               E_MIN, E_MAX, scale_decay_shift)
+        e, a = rule_reference(E[rows].astype(np.int64), E_accum[rows].astype(np.int64),
+                              np.asarray(grad_E_q_rows, dtype=np.int64), scale_threshold,
+                              E_MIN, E_MAX, scale_decay_shift)
         counts[1] = np.count_nonzero(e != E[rows])
         E_new = np.array(E, copy=True)
         E_accum_new = np.array(E_accum, copy=True)

@@ -25,7 +25,7 @@ from tritnet.nn.tables import TernaryEmbeddingTable
 from tritnet.nn.ternary import TernaryLinear
 from tritnet.optim import TritFlip
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def small_config(**overrides):

@@ -12,14 +12,14 @@ from click.testing import CliRunner
 
 import tritnet
 from tritnet import backend
-from tritnet import random as trandom
-from tritnet.config import Config, ConfigError, load_config, preset, trace
+from tritnet import rng as trandom
+from tritnet.config import Config, ConfigError, load_config, preset
 from tritnet.autograd import Tensor
-from tritnet.models import CodeMemoryLM, MoEGraph, expert_tiles, top_k
+from tritnet.models import CodeMemoryLM, MoEGraph, expert_tiles, top_k, trace
 from tritnet.nn.tables import TernaryVQCodebook
 from tritnet.optim import TritFlip
 from tritnet.train import build
-from tritnet_kernels import graph as kgraph
+from tritnet_kernels import code_graph as kgraph
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +74,8 @@ def test_code_graph_checks_codes_from_callers_and_trusts_its_own(monkeypatch):
     assert all((a == b).all() for a, (_, b) in zip(before, g.named_buffers()))  # untouched
 
     checked = []
-    check_indices = kgraph._check_indices
-    monkeypatch.setattr(kgraph, "_check_indices", lambda *a, **k: checked.append(a[4])
+    check_indices = kgraph.check_indices
+    monkeypatch.setattr(kgraph, "check_indices", lambda *a, **k: checked.append(a[4])
                         or check_indices(*a, **k))
     trandom.manual_seed(0)
     model, opt = build(preset("tiny").override(batch_size=2, seq_len=8, n_layers=1))
@@ -186,7 +186,7 @@ def test_moe_forward_and_backward_ask_the_host_nothing(monkeypatch):
     told), and router, top-k, tiles and gathers take no range checks, sorts or bincounts. On the GPU each of
     those ends in a host sync (the GPU drains, then idles while the host catches up; 536 of
     them a default step before they went), and none may happen in a captured CUDA graph."""
-    from tritnet_kernels import tables as ktables
+    from tritnet_kernels import sparse_rows as ktables
     moe = MoEGraph(32, 64, n_experts=4, expert_hidden=16, top_k=2, code_dim=64, slots=4)
     x = tritnet.tensor(np.random.default_rng(2).standard_normal((2, 6, 32)).astype(np.float32),
                        requires_grad=True)
@@ -206,7 +206,7 @@ def test_increasing_rows_skip_the_grouping_and_give_the_same_int8_gradients(monk
     """The router reads its whole table (an arange): increasing=True skips unique_rows (a sort
     and a host sync on the GPU) and leaves the same pending rows and int8 gradients."""
     from tritnet.nn.tables import TernaryEmbeddingTable
-    from tritnet_kernels import tables as ktables
+    from tritnet_kernels import sparse_rows as ktables
     table = TernaryEmbeddingTable(8, 40)
     g = np.random.default_rng(4).standard_normal((8, 40)).astype(np.float32)
     results = []
@@ -309,7 +309,7 @@ def test_alibi_positions_make_attention_see_order():
     swapped = x[:, [1, 0, 2, 3, 4, 5]]   # same keys seen by the last query, order changed
     outputs = {}
     for position in ("alibi", "nope"):
-        tritnet.random.manual_seed(0)
+        tritnet.rng.manual_seed(0)
         attn = Attention(32, 4, position=position)
         with tritnet.no_grad():
             a, b = (attn(tritnet.tensor(v)).numpy()[0, -1] for v in (x, swapped))

@@ -50,7 +50,7 @@ def set_precision(mode: str) -> None:
     """"tf32" or "fp32": the compute type of float32 products on the GPU."""
     global _precision
     if mode not in ("fp32", "tf32"):
-        raise ValueError(f"gemm.set_precision: {mode!r}; expected 'fp32' or 'tf32'")
+        raise ValueError(f"float_gemm.set_precision: {mode!r}; expected 'fp32' or 'tf32'")
     _precision = mode
 
 

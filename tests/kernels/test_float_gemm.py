@@ -1,10 +1,11 @@
-"""tritnet_kernels.gemm: np.matmul's semantics, on a cuBLAS handle that stream capture accepts."""
+"""tritnet_kernels.float_gemm: np.matmul's semantics, on a cuBLAS handle that stream capture
+accepts."""
 
 import numpy as np
 import pytest
 
 from tritnet import backend
-from tritnet_kernels import gemm
+from tritnet_kernels import float_gemm
 
 cupy = backend.cupy   # None without CuPy: the `cuda` tests then skip (tests/conftest.py)
 
@@ -12,35 +13,36 @@ cupy = backend.cupy   # None without CuPy: the `cuda` tests then skip (tests/con
 def test_numpy_arrays_take_numpy_matmul():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 4, 5)), rng.standard_normal((5, 2))
-    np.testing.assert_array_equal(gemm.matmul(a, b), np.matmul(a, b))
+    np.testing.assert_array_equal(float_gemm.matmul(a, b), np.matmul(a, b))
     out = np.empty((3, 4, 2))
-    assert gemm.matmul(a, b, out=out) is out
+    assert float_gemm.matmul(a, b, out=out) is out
     np.testing.assert_array_equal(out, np.matmul(a, b))
     again = np.ones((3, 4, 2))
-    gemm.matmul(a, b, out=again, accumulate=True)
+    float_gemm.matmul(a, b, out=again, accumulate=True)
     np.testing.assert_allclose(again, 1 + np.matmul(a, b))
     with pytest.raises(ValueError, match=r"matmul: accumulate=True adds into out"):
-        gemm.matmul(a, b, accumulate=True)
+        float_gemm.matmul(a, b, accumulate=True)
 
 
 def test_gathered_products_on_numpy():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((3, 4, 5)), rng.standard_normal((2, 6, 5)).swapaxes(1, 2)
     ai, bi = np.array([2, 0, 2, 1]), np.array([1, 1, 0, 0])
-    got = gemm.matmul_gathered(a, b, ai, bi)
+    got = float_gemm.matmul_gathered(a, b, ai, bi)
     np.testing.assert_allclose(got, np.stack([a[i] @ b[j] for i, j in zip(ai, bi)]))
     with pytest.raises(ValueError, match=r"matmul_gathered: shapes \(3, 4, 5\) and \(2, 4, 6\) "
                                          r"do not fit"):
-        gemm.matmul_gathered(a, b.swapaxes(1, 2).swapaxes(1, 2)[:, :4], ai, bi)
+        float_gemm.matmul_gathered(a, b.swapaxes(1, 2).swapaxes(1, 2)[:, :4], ai, bi)
     with pytest.raises(ValueError, match=r"matmul_gathered: a_index \(4,\) and b_index \(3,\)"):
-        gemm.matmul_gathered(a, b, ai, bi[:3])
+        float_gemm.matmul_gathered(a, b, ai, bi[:3])
     with pytest.raises(TypeError, match=r"matmul_gathered: dtypes float64 and float32"):
-        gemm.matmul_gathered(a, b.astype(np.float32), ai, bi)
+        float_gemm.matmul_gathered(a, b.astype(np.float32), ai, bi)
 
 
 def test_precision_names_are_checked():
-    with pytest.raises(ValueError, match=r"gemm.set_precision: 'bf16'; expected 'fp32' or 'tf32'"):
-        gemm.set_precision("bf16")
+    with pytest.raises(ValueError,
+                       match=r"float_gemm.set_precision: 'bf16'; expected 'fp32' or 'tf32'"):
+        float_gemm.set_precision("bf16")
 
 
 def _layouts(rng, dtype):
@@ -70,10 +72,10 @@ def _layouts(rng, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cuda_matmul_matches_cupy_on_every_layout(dtype):
     rng = np.random.default_rng(1)
-    gemm.set_precision("fp32")
+    float_gemm.set_precision("fp32")
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for name, a, b in _layouts(rng, dtype):
-        got = gemm.matmul(a, b)
+        got = float_gemm.matmul(a, b)
         want = np.matmul(a.get().astype(np.float64), b.get().astype(np.float64))
         assert got.shape == want.shape and got.dtype == dtype, name
         assert got.flags.c_contiguous, name
@@ -87,25 +89,25 @@ def test_cuda_matmul_out_tf32_and_fallbacks():
     b = cupy.asarray(rng.standard_normal((96, 48)).astype(np.float32))
     want = np.matmul(a.get().astype(np.float64), b.get().astype(np.float64))
     out = cupy.empty((64, 48), np.float32)
-    assert gemm.matmul(a, b, out=out) is out
+    assert float_gemm.matmul(a, b, out=out) is out
     np.testing.assert_allclose(out.get(), want, rtol=1e-5, atol=1e-4)
     big = cupy.zeros((64, 60), np.float32)
     view = big[:, 5:53]                      # not C-contiguous: filled with a copy
-    assert gemm.matmul(a, b, out=view) is view
+    assert float_gemm.matmul(a, b, out=view) is view
     np.testing.assert_allclose(view.get(), want, rtol=1e-5, atol=1e-4)
     assert not big[:, :5].any() and not big[:, 53:].any()
     with pytest.raises(ValueError, match=r"matmul: out has shape \(64, 47\)"):
-        gemm.matmul(a, b, out=cupy.empty((64, 47), np.float32))
+        float_gemm.matmul(a, b, out=cupy.empty((64, 47), np.float32))
     with pytest.raises(ValueError, match=r"contracted dimensions are 96 and 95"):
-        gemm.matmul(a, b[:95])
+        float_gemm.matmul(a, b[:95])
     try:
-        gemm.set_precision("tf32")   # tensor cores: inputs rounded to 10-bit mantissas
-        tf32 = gemm.matmul(a, b).get()
+        float_gemm.set_precision("tf32")   # tensor cores: inputs rounded to 10-bit mantissas
+        tf32 = float_gemm.matmul(a, b).get()
     finally:
-        gemm.set_precision("fp32")
+        float_gemm.set_precision("fp32")
     np.testing.assert_allclose(tf32, want, rtol=0, atol=0.05)
     assert not np.array_equal(tf32, out.get())
-    half = gemm.matmul(a.astype(np.float16), b.astype(np.float16))   # cupy.matmul's
+    half = float_gemm.matmul(a.astype(np.float16), b.astype(np.float16))   # cupy.matmul's
     assert half.dtype == np.float16
 
 
@@ -114,18 +116,18 @@ def test_cuda_matmul_is_captured_in_a_graph_and_replays_on_new_inputs():
     rng = np.random.default_rng(3)
     a = cupy.asarray(rng.standard_normal((4, 32, 16)).astype(np.float32))
     b = cupy.asarray(rng.standard_normal((16, 8)).astype(np.float32))
-    gemm.matmul(a, b)   # first call outside: the handle, its workspace, the library
+    float_gemm.matmul(a, b)   # first call outside: the handle, its workspace, the library
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        out = gemm.matmul(a, b.T.copy().T)
+        out = float_gemm.matmul(a, b.T.copy().T)
         graph = stream.end_capture()
     a[...] = cupy.asarray(rng.standard_normal(a.shape).astype(np.float32))
     b[...] = cupy.asarray(rng.standard_normal(b.shape).astype(np.float32))
     graph.launch(stream)
     stream.synchronize()
     with stream:
-        eager = gemm.matmul(a, b)
+        eager = float_gemm.matmul(a, b)
     stream.synchronize()
     np.testing.assert_array_equal(out.get(), eager.get())   # same handle, same algorithm
 
@@ -140,17 +142,17 @@ def test_cuda_gathered_products_match_numpy_and_capture(dtype):
     want = np.stack([a[i].astype(np.float64) @ b[j] for i, j in zip(ai, bi)])
     ga, gb = cupy.asarray(a), cupy.asarray(b.swapaxes(1, 2)).swapaxes(1, 2)
     gai, gbi = cupy.asarray(ai), cupy.asarray(bi)
-    gemm.set_precision("fp32")
-    got = gemm.matmul_gathered(ga, gb, gai, gbi)
+    float_gemm.set_precision("fp32")
+    got = float_gemm.matmul_gathered(ga, gb, gai, gbi)
     np.testing.assert_allclose(got.get(), want, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-4 if dtype == np.float32 else 1e-12)
     # captured into a graph, it replays on new indices written into the same arrays
     out = cupy.empty_like(got)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        gemm.matmul_gathered(ga, gb, gai, gbi, out=out)   # warm: the handle and its workspace
+        float_gemm.matmul_gathered(ga, gb, gai, gbi, out=out)   # warm: the handle and its workspace
         stream.begin_capture()
-        gemm.matmul_gathered(ga, gb, gai, gbi, out=out)
+        float_gemm.matmul_gathered(ga, gb, gai, gbi, out=out)
         graph = stream.end_capture()
     gbi[...] = cupy.asarray(bi[::-1].copy())
     graph.launch(stream)
@@ -166,5 +168,5 @@ def test_cuda_matmul_accumulates_into_out():
     a, b = rng.standard_normal((6, 33, 17)), rng.standard_normal((17, 9))
     out = cupy.asarray(rng.standard_normal((6, 33, 9)))
     want = out.get() + a @ b
-    gemm.matmul(cupy.asarray(a), cupy.asarray(b), out=out, accumulate=True)
+    float_gemm.matmul(cupy.asarray(a), cupy.asarray(b), out=out, accumulate=True)
     np.testing.assert_allclose(out.get(), want, rtol=1e-12, atol=1e-12)

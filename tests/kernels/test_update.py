@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tritnet import backend
+from tritnet_kernels import _common
 from tritnet_kernels import packing as P
 from tritnet_kernels import update as U
 
@@ -695,32 +696,32 @@ def test_quantize_without_accumulating_overwrites_whatever_out_held(device):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("max_blocks", [U._MAX_BLOCKS, 1])
+@pytest.mark.parametrize("max_blocks", [_common.MAX_BLOCKS, 1])
 def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
     # 1: every thread strides the grid, four elements a pass and then the rest
-    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
+    monkeypatch.setattr(_common, "SIMULATOR_MAX_BLOCKS", max_blocks)
     rng = np.random.default_rng(6)
     G = (rng.standard_normal(1100) * 4).astype(np.float32)
     G[:3] = [np.nan, np.inf, -1e30]
     out = rng.integers(-127, 128, size=1100, dtype=np.int8)
     no_clock = np.zeros(0, np.int64)
     expected = out.copy()  # the CPU twin, called directly: the wrapper runs the simulator
-    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), _common.stream_key(77), np.float32(128),
                          np.int64(1), no_clock, expected)
     got = U.quantize_grad(G, 2.5, 77, out.copy())
     np.testing.assert_array_equal(got, expected)
     expected = out.copy()
-    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(6),
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), _common.stream_key(77), np.float32(6),
                          np.int64(1), no_clock, expected)
     np.testing.assert_array_equal(U.quantize_grad(G, 2.5, 77, out.copy(), clip=6), expected)
     expected = out.copy()
-    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(6),
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), _common.stream_key(77), np.float32(6),
                          np.int64(0), no_clock, expected)
     np.testing.assert_array_equal(
         U.quantize_grad(G, 2.5, 77, out.copy(), clip=6, accumulate=False), expected)
     clock = np.array([41, 3 << 32])   # the step's bits: the key mixed with step 41 in-kernel
     expected = out.copy()
-    U._quantize_grad_cpu(G, np.array([2.5], np.float32), U._stream_key(77), np.float32(128),
+    U._quantize_grad_cpu(G, np.array([2.5], np.float32), _common.stream_key(77), np.float32(128),
                          np.int64(1), clock, expected)
     np.testing.assert_array_equal(U.quantize_grad(G, 2.5, 77, out.copy(), clock=clock), expected)
 
@@ -731,7 +732,7 @@ def test_sim_quantize_matches_cpu_twin(monkeypatch, max_blocks):
                           (2, 300, 1), (3, 520, 4096)])   # rows of more than 8 groups
 @pytest.mark.parametrize("carry", [False, True])
 def test_sim_ternary_update_matches_cpu_twin(monkeypatch, rows, cols, max_blocks, carry):
-    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
+    monkeypatch.setattr(_common, "SIMULATOR_MAX_BLOCKS", max_blocks)
     _, s = _sim_inputs(rows * cols, rows, cols)
     cpu = copy_state(s)
     cpu_counts = np.zeros(2, np.int64)
@@ -773,9 +774,9 @@ def test_sim_zero_grad_false_and_counts_accumulate():
 @pytest.mark.cudasim
 @pytest.mark.parametrize("size,max_blocks", [(1, 4096), (1000, 4096), (3000, 1)])
 def test_sim_spread_and_count_saturated_match_cpu_twins(monkeypatch, size, max_blocks):
-    monkeypatch.setattr(U, "_MAX_BLOCKS", max_blocks)
+    monkeypatch.setattr(_common, "SIMULATOR_MAX_BLOCKS", max_blocks)
     cpu = np.zeros(size, np.int8)
-    U._spread_accumulators_cpu(cpu, U._stream_key(77), np.int64(127))
+    U._spread_accumulators_cpu(cpu, _common.stream_key(77), np.int64(127))
     sim = np.zeros(size, np.int8)
     U.spread_accumulators(sim, 77, 127)
     np.testing.assert_array_equal(sim, cpu)
@@ -789,7 +790,7 @@ def test_sim_spread_and_count_saturated_match_cpu_twins(monkeypatch, size, max_b
 def test_sim_exponents_stride_the_grid(monkeypatch):
     # One block of 8 warps for 300 rows of one group each: every warp strides the grid, and
     # each row's exponent is stepped once, by the warp that owns the row's group 0.
-    monkeypatch.setattr(U, "_MAX_BLOCKS", 1)
+    monkeypatch.setattr(_common, "SIMULATOR_MAX_BLOCKS", 1)
     _, s = _sim_inputs(10, 300, 1)
     cpu = copy_state(s)
     cpu_counts = np.zeros(2, np.int64)
@@ -810,7 +811,7 @@ def test_sim_exponents_stride_the_grid(monkeypatch):
 @pytest.mark.cuda
 def test_cuda_quantize_matches_cpu_twin():
     rng = np.random.default_rng(9)
-    n = 4_500_003  # over 4 · _MAX_BLOCKS · 256: the four-a-thread loop runs, then the rest
+    n = 4_500_003  # over 4 · MAX_BLOCKS · 256: the four-a-thread loop runs, then the rest
     G = (rng.standard_normal(n) * 3).astype(np.float32)
     G[:3] = [np.nan, np.inf, -np.inf]
     out = rng.integers(-127, 128, size=n, dtype=np.int8)

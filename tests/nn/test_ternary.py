@@ -9,7 +9,7 @@ import pytest
 import tritnet
 import tritnet.functional as F
 from tritnet import backend
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.gradcheck import check_backward
 from tritnet.nn import Module
 from tritnet.nn.ternary import (TernaryLinear, expert_matmul, initial_exponent,
@@ -80,15 +80,16 @@ def test_weight_gradient_is_int8_quantised_reference():
     assert layer.grad_E_q.dtype == np.int8 and layer.grad_E_q.shape == (7,)
     G = gy.T @ x
     expected = np.zeros((7, 40), np.int8)
-    update.quantize_grad_reference(G, update.grad_inv_scale_reference(G, layer.grad_rms_units),
-                                   seed_T, expected, clip=layer.grad_clip_units)
+    update.quantize_grad_reference(G, update.grad_inv_scale_reference(G, layer.quantizer.rms_units),
+                                   seed_T, expected, clip=layer.quantizer.clip_units)
     np.testing.assert_array_equal(layer.grad_q, expected)
     # the scale gradient: dL/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, quantised the same way
     gE = (G * layer.trits()).sum(1) * scale_from_exponent(layer.E) * math.log(2) / 8
     gE = gE.astype(np.float32)
     expected_E = np.zeros(7, np.int8)
-    update.quantize_grad_reference(gE, update.grad_inv_scale_reference(gE, layer.grad_rms_units),
-                                   seed_E, expected_E, clip=layer.grad_clip_units)
+    rms_units = layer.quantizer.rms_units
+    update.quantize_grad_reference(gE, update.grad_inv_scale_reference(gE, rms_units),
+                                   seed_E, expected_E, clip=layer.quantizer.clip_units)
     assert np.abs(layer.grad_E_q.astype(int) - expected_E).max() <= 1  # fp32 sum order
 
 
@@ -164,8 +165,12 @@ def test_no_float_state_survives(phase):
         (y * y).sum().backward()
         leftover = {n: (a.shape, a.dtype) for n, a in model.held_arrays()
                     if n.startswith("grad")}
-        assert leftover == {"grad_q": ((5, 33), np.int8), "grad_E_q": ((5,), np.int8),
-                            "grad_clock": ((2,), np.int64)}
+        assert leftover == {"grad_q": ((5, 33), np.int8), "grad_E_q": ((5,), np.int8)}
+    # the quantizer the optimiser shares with its modules holds one array: its clock
+    assert model.quantizer is opt.quantizer
+    held = {n: v for n, v in vars(opt.quantizer).items()
+            if isinstance(v, np.ndarray) or backend.is_cupy(v)}
+    assert held == {"clock": opt.clock} and opt.clock.dtype == np.int64
     if phase == "step":
         opt.step()
         assert model.grad_q is None and model.grad_E_q is None
@@ -266,9 +271,9 @@ def test_tritflip_cosine_gain_schedule():
     assert opt.gain(0) == 8.0 and opt.gain(10) == 1.0 and opt.gain(25) == 1.0
     assert opt.gain(5) == pytest.approx(4.5)
     assert all(opt.gain(s) > opt.gain(s + 1) for s in range(10))
-    assert layer.grad_rms_units == 8.0
+    assert layer.quantizer.rms_units == 8.0
     opt.step()
-    assert layer.grad_rms_units == pytest.approx(opt.gain(1))   # modules follow the step
+    assert layer.quantizer.rms_units == pytest.approx(opt.gain(1))   # modules follow the step
     constant = TritFlip([TernaryLinear(8, 4)], grad_rms_units=8)
     assert constant.gain(0) == constant.gain(10**6) == 8.0
 
@@ -282,7 +287,7 @@ def test_tritflip_clock_follows_the_steps_on_the_device():
     layer = TernaryLinear(8, 4)
     opt = TritFlip([layer], grad_rms_units=8, schedule="cosine", final_grad_rms_units=1.0,
                    total_steps=4)
-    assert layer.grad_clock is opt.clock
+    assert layer.quantizer.clock is opt.clock
     for step in range(7):
         assert opt.clock.tolist() == [step, round(opt.gain(step) * 2**32)], step
         layer(tritnet.tensor(np.ones((2, 8), np.float32))).sum().backward()
@@ -345,7 +350,7 @@ def test_grad_clip_units_bounds_what_one_step_adds(table):
     if added is not None:
         assert added == 32
     assert np.abs(layer.T_accum.astype(np.int64)).max() == 32
-    assert layer.grad_clip_units == 32
+    assert layer.quantizer.clip_units == 32
 
 
 def test_grad_clip_units_is_checked_and_saved():
