@@ -25,7 +25,7 @@ import numpy as np
 
 import tritnet
 from tritnet import backend
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.config import preset
 from tritnet.data import Batches, bigram_bpb, bits_per_byte, default_corpus, eval_batches
 from tritnet.models import CodeMemoryLM

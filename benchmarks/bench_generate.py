@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tritnet import backend  # noqa: E402
-from tritnet import random as trandom  # noqa: E402
+from tritnet import rng as trandom  # noqa: E402
 from tritnet.config import preset  # noqa: E402
 from tritnet.models import CodeMemoryLM  # noqa: E402
 from tritnet.nn.ternary import TernaryModule  # noqa: E402

@@ -1,6 +1,6 @@
 """One whole training step on the GPU: tokens/s, peak device memory, launches, time by component.
 
-    python benchmarks/bench_step.py --preset small --batch-size 32 --seq-len 256   # issue 7's shape
+    python benchmarks/bench_step.py --preset small --batch-size 32 --seq-len 256   # 1 GB budget
     python benchmarks/bench_step.py --preset default          # batch 4 x 512, ≈3.0B trits
 
 Two phases on the same model:
@@ -21,7 +21,7 @@ Two phases on the same model:
    shares, not the sum, are the point. These steps run eagerly, after the graphs' pool is
    given back (CapturedStep.release); their peak is reported apart (profile_steps_peak_bytes).
 
-Peer numbers (issue 7, BitNet-b1.58-style PyTorch, fp32 latents + AdamW, same H100): 3.2B
+Peer numbers (BitNet-b1.58-style PyTorch, fp32 latents + AdamW, on an H100): 3.2B
 parameters at 4 x 512: 62.5 GiB, 7,900 tokens/s; 27.7M at 32 x 256: 2.3 GiB, 180,000 tokens/s.
 Writes benchmarks/results/step-<preset>-<batch>[-recompute[-keepN]][-fp32][-graph][-capC]-<gpu>.json
 and prints a table.
@@ -162,10 +162,10 @@ def main():
     peak = track_peak_memory()
     launches = count_launches()
     from tritnet import backend, data as tdata
-    from tritnet import random as trandom
+    from tritnet import rng as trandom
     from tritnet.config import preset
     from tritnet.nn.ternary import TernaryModule
-    from tritnet.graphs import CapturedStep
+    from tritnet.capture import CapturedStep
     from tritnet.train import build, frozen_heap
 
     backend.set_device("cuda")

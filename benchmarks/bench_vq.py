@@ -1,10 +1,10 @@
-"""VQ search, gather/scatter and sparse-update benchmark on a GPU (issue 4, DESIGN §7).
+"""VQ search, gather/scatter and sparse-update benchmark on a GPU (docs/contributing.md#benchmarks).
 
     PYTHONPATH=. python3 benchmarks/bench_vq.py [--rows 10000000] [--queries 4096] [--out DIR]
 
 Runs, in one process on the same inputs:
 - exact nearest-code search of `--queries` ternarised queries over a rows x 64 ternary book
-  (tritnet_kernels.vq.nearest_code: int8 tensor cores, and the popcount scan for reference);
+  (tritnet_kernels.vq_search.nearest_code: int8 tensor cores, and the popcount scan for reference);
 - the natural peer: cuBLAS fp16 score GEMM (cupy.matmul) + argmax over the same codes widened
   to fp16 (each code scaled by 1/sqrt(nn), the same cosine score), 1M codes per chunk, the
   widened book built once outside the timing (the peer's best case: a float book kept in
@@ -26,7 +26,7 @@ Floors (H100 SXM, 132 SMs, ~1.75-1.98 GHz):
   (filter compare + branch): 8.2e10 thread-instr / (132 * 128 * 1.75e9 /s) = 2.8 ms. Floor
   ~5-8 ms -> 500-800k queries/s.
 - gather / scatter / update of 64K x 64: 16-32 MB each, tens of microseconds at 3 TB/s; launch
-  cost (Numba dispatch 20-100 us, DESIGN §3) decides these.
+  cost (Numba dispatch 20-100 us, docs/kernels.md#launching) decides these.
 
 Writes <out>/vq-<device>.json (device, versions, commit, date, all numbers) and prints a short
 table last.
@@ -49,9 +49,12 @@ sys.path.insert(0, str(ROOT))
 import cupy  # noqa: E402
 from numba.cuda.core import config as numba_cuda_config  # noqa: E402
 
-from tritnet_kernels import tables as tb  # noqa: E402
+from tritnet_kernels import sparse_rows as tb  # noqa: E402
 from tritnet_kernels import update as U  # noqa: E402
-from tritnet_kernels import vq  # noqa: E402
+from tritnet_kernels import _vq_rules  # noqa: E402
+from tritnet_kernels import vq_route  # noqa: E402
+from tritnet_kernels import vq_search  # noqa: E402
+from tritnet_kernels import vq_usage  # noqa: E402
 
 
 def timed(fn, reps=5, warmup=1):
@@ -141,7 +144,7 @@ def reference_subset(q_host, T_host, dim, chunk=1 << 20):
     best_score = np.full(len(q_host), -np.inf)
     best_idx = np.full(len(q_host), -1, dtype=np.int64)
     for c0 in range(0, len(T_host), chunk):
-        _, score = vq.code_scores_reference(q_host, T_host[c0:c0 + chunk], dim)
+        _, score = vq_search.code_scores_reference(q_host, T_host[c0:c0 + chunk], dim)
         i = np.argmax(score, axis=1)
         s = score[np.arange(len(i)), i]
         better = s > best_score  # strict: an equal score in a later chunk has a larger index
@@ -223,21 +226,21 @@ def main():
     def exact_search():
         T_packed = c["T_packed"]
         x = cupy.random.default_rng(3).standard_normal((n, dim), dtype=cupy.float32)
-        q = vq.ternarize_queries(x)
+        q = vq_search.ternarize_queries(x)
         idx = cupy.empty(n, dtype=cupy.int32)
         dot = cupy.empty(n, dtype=cupy.int32)
         t0 = time.perf_counter()
-        vq.nearest_code(q, T_packed, dim, idx, dot)
+        vq_search.nearest_code(q, T_packed, dim, idx, dot)
         cupy.cuda.Device().synchronize()
         res["search_first_call_s"] = time.perf_counter() - t0
-        ms, wall = timed(lambda: vq.nearest_code(q, T_packed, dim, idx, dot), reps=5)
+        ms, wall = timed(lambda: vq_search.nearest_code(q, T_packed, dim, idx, dot), reps=5)
         res["search_mma"] = dict(ms=ms, wall_ms=wall, queries_per_s=n / (ms * 1e-3))
         print(f"exact search (tensor cores): {ms:.2f} ms, {n / ms * 1e3:,.0f} q/s", flush=True)
         c.update(q=q, idx=idx, idx_host=idx.get(), q_host=q.get())
 
     def scan_search():
         idx_scan = cupy.empty(n, dtype=cupy.int32)
-        ms, _ = timed(lambda: vq.nearest_code(c["q"], c["T_packed"], dim, idx_scan,
+        ms, _ = timed(lambda: vq_search.nearest_code(c["q"], c["T_packed"], dim, idx_scan,
                                               method="scan"), reps=1, warmup=1)
         res["search_scan"] = dict(ms=ms, queries_per_s=n / (ms * 1e-3),
                                   identical_to_mma=bool((idx_scan.get() == c["idx_host"]).all()))
@@ -249,7 +252,7 @@ def main():
         c["T_host"] = T_host
         n_twin = min(n, 512)
         t0 = time.perf_counter()
-        twin = vq.nearest_code(q_host[:n_twin], T_host, dim)
+        twin = vq_search.nearest_code(q_host[:n_twin], T_host, dim)
         res["cpu_twin"] = dict(queries=n_twin, seconds=time.perf_counter() - t0,
                                identical=bool((twin == idx_host[:n_twin]).all()))
         n_ref = min(n, 32)
@@ -265,7 +268,7 @@ def main():
         W16 = cupy.empty((K, dim), dtype=cupy.float16)
         for c0 in range(0, K, chunk):
             W16[c0:c0 + chunk] = widen_fp16(T_packed, dim, c0, min(K, c0 + chunk))
-        Q16 = cupy.asarray(vq._unpack_bits(q_host, dim).astype(np.float16))
+        Q16 = cupy.asarray(_vq_rules.unpack_bits(q_host, dim).astype(np.float16))
         rows_n = cupy.arange(n)
 
         def search():
@@ -299,7 +302,7 @@ def main():
         rng = np.random.default_rng(5)
         centroids = T_packed[cupy.asarray(np.sort(rng.choice(K, P, replace=False)))]
         t0 = time.perf_counter()
-        assign = vq.nearest_code(T_packed, centroids, dim)  # each code to its nearest centroid
+        assign = vq_search.nearest_code(T_packed, centroids, dim)  # each code to its nearest centroid
         codes = cupy.argsort(assign).astype(cupy.int32)
         offsets = cupy.zeros(P + 1, dtype=cupy.int64)
         offsets[1:] = cupy.cumsum(cupy.bincount(assign, minlength=P))
@@ -307,12 +310,12 @@ def main():
         out = dict(partitions=P, build_s=time.perf_counter() - t0,
                    queries="book codes with 8 of 64 trits redrawn (held out: not in the book)")
         src = rng.integers(0, K, n)
-        T_src = vq._unpack_bits(T_host[src], dim).astype(np.int64)
+        T_src = _vq_rules.unpack_bits(T_host[src], dim).astype(np.int64)
         for row in T_src:
             j = rng.choice(dim, 8, replace=False)
             row[j] = rng.integers(-1, 2, 8)
         qn = cupy.asarray(_pack(T_src))
-        exact_host = vq.nearest_code(qn, T_packed, dim).get()
+        exact_host = vq_search.nearest_code(qn, T_packed, dim).get()
         out_r = cupy.empty(n, dtype=cupy.int32)
         out_p = cupy.empty(n, dtype=cupy.int32)
         T_perm = T_packed[codes]  # a module may keep its book sorted by partition
@@ -321,18 +324,18 @@ def main():
             probe = cupy.empty((n, nprobe), dtype=cupy.int32)
 
             def search():
-                vq.top_codes(qn, centroids, dim, nprobe, out_index=probe)
-                vq.nearest_code_in_partitions(qn, T_packed, dim, offsets, codes, probe, out_r,
+                vq_route.top_codes(qn, centroids, dim, nprobe, out_index=probe)
+                vq_route.nearest_code_in_partitions(qn, T_packed, dim, offsets, codes, probe, out_r,
                                               check=False)
 
             ms, wall = timed(search, reps=5)
-            ms_top, _ = timed(lambda: vq.top_codes(qn, centroids, dim, nprobe, out_index=probe),
+            ms_top, _ = timed(lambda: vq_route.top_codes(qn, centroids, dim, nprobe, out_index=probe),
                               reps=3)
             recall = float((out_r.get() == exact_host).mean())
 
             def search_contiguous():  # the book stored in partition order: no gather
-                vq.top_codes(qn, centroids, dim, nprobe, out_index=probe)
-                vq.nearest_code_in_partitions(qn, T_perm, dim, offsets, identity, probe, out_p,
+                vq_route.top_codes(qn, centroids, dim, nprobe, out_index=probe)
+                vq_route.nearest_code_in_partitions(qn, T_perm, dim, offsets, identity, probe, out_p,
                                               check=False)
 
             ms_c, _ = timed(search_contiguous, reps=5)
@@ -438,7 +441,7 @@ def main():
         numba_cuda_config.CUDA_ARRAY_INTERFACE_SYNC = 1
 
     def usage_counts():
-        ms, wall = timed(lambda: vq.count_usage(c["idx"], c["usage"], check=False), reps=10)
+        ms, wall = timed(lambda: vq_usage.count_usage(c["idx"], c["usage"], check=False), reps=10)
         r["count_usage_4096"] = dict(ms=ms, wall_ms=wall)
 
     for name, fn in (("copy_bandwidth", copy_bandwidth), ("build_book", build_book),

@@ -7,7 +7,7 @@ bench_step.py counts the Numba launches that go through tritnet_kernels._launch 
 components with synchronisations; it cannot see CuPy's element-wise kernels, CUB's sorts or
 cuBLAS's GEMMs, nor how long the GPU itself was busy. This script asks CUPTI, which sees
 every kernel in the process. CUPTI is reached through PyTorch's profiler (torch.profiler),
-so it needs PyTorch beside tritnet -- the lent GPU image has it; tritnet itself does not
+so it needs PyTorch beside tritnet (install it where you profile); tritnet itself does not
 depend on it. It reports, per training step:
 
 - GPU busy time: the union of all kernel and copy intervals. With host overhead removed
@@ -113,11 +113,11 @@ def main():
         from torch.profiler import ProfilerActivity, profile, record_function
     except ImportError:
         sys.exit("profile_step.py needs PyTorch for its profiler (CUPTI); tritnet does not. "
-                 "Run it where PyTorch is installed (the lent GPU image has it)")
+                 "Run it where PyTorch is installed")
     torch.cuda.init()
     import cupy
     from tritnet import backend, data as tdata
-    from tritnet import random as trandom
+    from tritnet import rng as trandom
     from tritnet.config import preset
     from tritnet.train import build, frozen_heap
 

@@ -27,6 +27,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click  # noqa: E402
 
 import tritnet  # noqa: E402
+from tritnet.errors import TritnetError  # noqa: E402
 
 
 class DeviceChoice(click.Choice):
@@ -76,28 +77,14 @@ def main():
     warnings.formatwarning = lambda message, *args, **kwargs: f"tritnet: warning: {message}\n"
 
 
-def _user_errors():
-    from tritnet.backend import DeviceError
-    from tritnet.checkpoint import CheckpointError
-    from tritnet.config import ConfigError
-    from tritnet.data import DataError
-    from tritnet.distributed import DistributedError
-    from tritnet.export import ExportError
-    from tritnet.models import GenerationError
-    from tritnet.plot import PlotError
-    from tritnet.tokenizer import TokenizerError
-    from tritnet.train import TrainError
-    return (ConfigError, DataError, CheckpointError, DeviceError, TrainError, DistributedError,
-            GenerationError, PlotError, TokenizerError, ExportError)
-
-
 def _fail(message: str, code: int = 1):
     click.echo("tritnet: error: " + " ".join(str(message).split()), err=True)
     sys.exit(code)
 
 
 def user_errors_are_one_line(command):
-    """Add --debug, and turn the library's user errors into one stderr line and exit 1."""
+    """Add --debug, and turn the library's user errors (TritnetError) into one stderr line
+    and exit 1."""
 
     @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
     @functools.wraps(command)
@@ -109,7 +96,7 @@ def user_errors_are_one_line(command):
                 raise
             click.echo("tritnet: interrupted", err=True)
             sys.exit(130)
-        except _user_errors() as e:
+        except TritnetError as e:
             if debug:
                 raise
             _fail(e)
@@ -164,7 +151,8 @@ def info(device, as_json):
               help="Print one JSON object (one line for scripts, indented on a terminal).")
 def trace(preset_name, config_path, as_json):
     """Count the logical trits of a model per component, allocating nothing."""
-    from tritnet.config import ConfigError, load_config, preset, trace as run_trace
+    from tritnet.config import ConfigError, load_config, preset
+    from tritnet.models import trace as run_trace
     try:
         config = preset(preset_name)
         if config_path:

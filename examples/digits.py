@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 
 import tritnet
 import tritnet.functional as F
-from tritnet import random as trandom
+from tritnet import rng as trandom
 from tritnet.nn import Module, TernaryLinear
 from tritnet.optim import TritFlip
 

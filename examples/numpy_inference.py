@@ -47,8 +47,13 @@ def softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
+NGRAM_PRIME = np.uint64(0x100000001B3)      # the n-gram hash: FNV-1a's prime, and a constant
+NGRAM_ORDER = np.uint64(0x9E3779B97F4A7C15)  # that separates the orders (tritnet/models.py)
+
+
 def mix64(z):
-    """splitmix64's finaliser: the bucket hash of a large code graph (tritnet_kernels/graph)."""
+    """splitmix64's finaliser: the bucket hash of a large code graph and the n-gram memory's
+    row hash (tritnet_kernels/code_graph.py, tritnet/models.py)."""
     with np.errstate(over="ignore"):
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -142,10 +147,29 @@ class Model:
             out = out + self.linear(f"{p}.code_out", self.memory_read(codes, f"{p}.graph"))
         return out.reshape(B, T, d)
 
-    def logits(self, tokens):                             # CodeMemoryLM.forward
-        """Logits (B, T, vocab) of tokens (B, T)."""
+    def ngram(self, tokens, previous):                    # NgramMemory
+        """One table row per n = 2 … ngram_memory, picked by a hash of the n-gram ending at
+        each token; `previous` (B, n - 1) are the tokens before the window (vocab_size: none)."""
+        orders, T = self.c["ngram_memory"], tokens.shape[1]
+        seq = np.concatenate([previous, tokens], axis=1).astype(np.uint64) + np.uint64(1)
+        h, rows = np.zeros(tokens.shape, np.uint64), []
+        with np.errstate(over="ignore"):
+            for back in range(orders):                    # the token `back` places before
+                h = (h ^ seq[:, orders - 1 - back:orders - 1 - back + T]) * NGRAM_PRIME
+                if back:
+                    row = mix64(h ^ (np.uint64(back + 1) * NGRAM_ORDER))
+                    rows.append((row % np.uint64(self.c["ngram_rows"])).astype(np.int64))
+        return self.w["ngram.table"][np.stack(rows, axis=2)].sum(axis=2)
+
+    def logits(self, tokens, previous=None):              # CodeMemoryLM.forward
+        """Logits (B, T, vocab) of tokens (B, T); `previous`: the n-gram memory's tokens
+        before them (default: none, the start of a stream)."""
         c = self.c
         x = self.w["embed"][tokens]
+        if c.get("ngram_memory"):
+            if previous is None:
+                previous = np.full((len(tokens), c["ngram_memory"] - 1), c["vocab_size"])
+            x = x + self.ngram(tokens, previous)
         for i in range(c["n_layers"]):
             x = x + self.attention(f"blocks.{i}.attn", rms_norm(x))
             x = x + self.moe(f"blocks.{i}.moe", rms_norm(x))
@@ -170,10 +194,15 @@ class Model:
 
 
 def generate(model, ids, n, temperature=0.8, seed=0):
-    """n new tokens after ids, each from the logits of the last `context` tokens."""
-    rng, ids = np.random.default_rng(seed), list(ids)
+    """n new tokens after ids, each from the logits of the last `context` tokens (and, for
+    the n-gram memory, the tokens just before them)."""
+    rng, ids, context = np.random.default_rng(seed), list(ids), model.c["context"]
+    before = max(model.c.get("ngram_memory", 0) - 1, 0)
     for _ in range(n):
-        last = model.logits(np.array([ids[-model.c["context"]:]]))[0, -1].astype(np.float64)
+        start = max(len(ids) - context, 0)
+        previous = [model.c["vocab_size"]] * before + ids[:start]
+        previous = np.array([previous[len(previous) - before:]]) if before else None
+        last = model.logits(np.array([ids[start:]]), previous)[0, -1].astype(np.float64)
         if temperature == 0:
             ids.append(int(last.argmax()))
         else:

@@ -16,15 +16,11 @@ import argparse
 import sys
 import warnings
 
-from tritnet.backend import DeviceError, announce_compilation
-from tritnet.checkpoint import CheckpointError
-from tritnet.config import ConfigError, preset
-from tritnet.data import DataError
-from tritnet.models import GenerationError
+from tritnet.backend import announce_compilation
+from tritnet.config import preset
+from tritnet.errors import TritnetError
 from tritnet.sample import load_model, sample
-from tritnet.train import TrainError, train
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError, TrainError, GenerationError)
+from tritnet.train import train
 
 
 def main(path, steps=150, out="runs/own_text", overwrite=False, resume=False, prompt="The ",
@@ -60,7 +56,7 @@ if __name__ == "__main__":
     try:
         with announce_compilation(print):   # a first run's minute of compiling, said
             main(a.path, a.steps, a.out, a.overwrite, a.resume, a.prompt, a.sample)
-    except USER_ERRORS as e:
+    except TritnetError as e:   # a user's error: its message is the whole story
         sys.exit("own_text.py: error: " + " ".join(str(e).split()))
     except KeyboardInterrupt:   # a run stopped by Ctrl-C has said where it saved
         sys.exit(130)

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 import tritnet
-from tritnet import data, random as trandom
+from tritnet import data, rng as trandom
 from tritnet.checkpoint import save_checkpoint
 from tritnet.config import preset
 from tritnet.models import CodeMemoryLM

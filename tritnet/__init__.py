@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from . import backend
 from .autograd import Function, Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from .errors import TritnetError
 
-__all__ = ["Function", "Tensor", "backend", "enable_grad", "is_grad_enabled", "no_grad", "tensor",
-           "__version__"]
+__all__ = ["Function", "Tensor", "TritnetError", "backend", "enable_grad", "is_grad_enabled",
+           "no_grad", "tensor", "__version__"]

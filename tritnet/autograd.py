@@ -13,9 +13,9 @@ node is released at once (its saved arrays and its links to inputs are dropped),
 intermediates are freed as soon as nothing needs them.
 
 Ternary weights never get a float `.grad`: the op that uses one writes the weight's int8
-gradient into the module's state during its backward (DESIGN §1.3, §4). Such an op sets
-`self.updates_state = True` in forward so that its node is recorded even when no input
-requires grad (the first layer of a network reads data that needs no gradient).
+gradient into the module's state during its backward (docs/design.md#integer-gradients).
+Such an op sets `self.updates_state = True` in forward so that its node is recorded even when
+no input requires grad (the first layer of a network reads data that needs no gradient).
 """
 
 from __future__ import annotations

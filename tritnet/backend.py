@@ -1,6 +1,6 @@
 """Device choice: one place that knows whether arrays are CuPy or NumPy.
 
-Devices (DESIGN §3):
+Devices (docs/design.md#backend):
 - "cuda":    CuPy arrays, Numba CUDA kernels on CuPy's current stream; chosen automatically
              when a GPU is usable.
 - "cpu":     NumPy arrays, Numba njit twins. Chosen when no GPU is usable.
@@ -19,7 +19,8 @@ import os
 
 import numpy as np
 
-from tritnet_kernels import gemm as kgemm
+from .errors import TritnetError
+from tritnet_kernels import float_gemm as kgemm
 
 try:  # CuPy is an optional extra ([cuda12] / [cuda13]); without it we run on the CPU.
     import cupy
@@ -31,7 +32,7 @@ META = "meta"  # construction only: modules built with shapes and dtypes, no mem
 _device: str | None = None
 
 
-class DeviceError(RuntimeError):
+class DeviceError(TritnetError, RuntimeError):
     """The requested device cannot be used on this machine."""
 
 

@@ -1,4 +1,5 @@
-"""HDF5 checkpoints (DESIGN §8): one self-describing file per checkpoint, no pickle.
+"""HDF5 checkpoints: one self-describing file per checkpoint, no pickle
+(docs/checkpoint-format.md).
 
 Layout of a file (read it with `tritnet inspect`, plain h5py, or `h5ls -r` / `h5dump -A`):
 
@@ -24,7 +25,7 @@ Layout of a file (read it with `tritnet inspect`, plain h5py, or `h5ls -r` / `h5
   json.dumps(attributes, sort_keys=True) in UTF-8, the attributes as a dict of name -> value
   (format_version an integer, the others text).
 - train_state holds what the loop passes (step, data position with its RNG state, ...), plus
-  `optimizer` (TritFlip.state_dict()) and `tritnet_rng` (tritnet.random's generator state),
+  `optimizer` (TritFlip.state_dict()) and `tritnet_rng` (tritnet.rng's generator state),
   which this module adds. module_state holds `get_extra_state()` of modules that define it
   (counters outside the buffers that decide future steps, such as dead-code restart timing).
 
@@ -55,7 +56,8 @@ import h5py
 import numpy as np
 
 from . import __version__, backend
-from . import random as trandom
+from .errors import TritnetError
+from . import rng as trandom
 from tritnet_kernels import packing as kpacking
 
 FORMAT_NAME = "tritnet-checkpoint"
@@ -78,7 +80,7 @@ _JSON_ATTRS = ("config", "train_state", "module_state", "metrics")
 _ROOT_ATTRS = _TEXT_ATTRS + ("format_version", "crc32")
 
 
-class CheckpointError(Exception):
+class CheckpointError(TritnetError):
     """A checkpoint cannot be written or read; the message says what, where, and what to do."""
 
 
@@ -102,7 +104,7 @@ class Checkpoint:
         return self.train_state.get("step")
 
     def restore_random_state(self) -> None:
-        """Set tritnet.random's generator to its state at save time (for exact resume)."""
+        """Set tritnet.rng's generator to its state at save time (for exact resume)."""
         if "tritnet_rng" in self.train_state:
             trandom.set_state(self.train_state["tritnet_rng"])
 
@@ -369,7 +371,7 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
 
     config: the run's configuration (JSON-able). train_state: step, data position, RNG states,
     anything the loop needs to resume; `optimizer` (TritFlip.state_dict()) and `tritnet_rng`
-    (tritnet.random's state) are added. metrics_summary: optional, shown by inspect.
+    (tritnet.rng's state) are added. metrics_summary: optional, shown by inspect.
     compression: None (default: fastest) or "gzip". tokenizer: the JSON text of the subword
     tokenizer the model reads (tritnet.tokenizer), None for bytes. Returns the path written.
 
@@ -1106,7 +1108,7 @@ def load_checkpoint(path, model=None, optimizer=None, *, restore_rng: bool = Fal
     and `optimizer`.
 
     A bad file raises CheckpointError and leaves the model and optimizer as they were.
-    restore_rng=True also sets tritnet.random's generator to its state at save time (what an
+    restore_rng=True also sets tritnet.rng's generator to its state at save time (what an
     exact resume needs; the data RNG is the loop's, in train_state). With an optimizer the
     file must hold a training state (step, optimizer). Returns a Checkpoint (config,
     train_state, metrics, arrays).

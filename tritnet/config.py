@@ -3,11 +3,8 @@
 `Config` is a flat dataclass (nanoGPT-style: every knob in one place, readable top to
 bottom). Presets are named overrides of the defaults; a JSON or TOML file and CLI flags
 override further. Every field is checked by `validate()`, which names the field, the value and
-the allowed range.
-
-`trace(config)` builds the model tree on the "meta" device — shapes and dtypes only, nothing
-allocated — and reports the logical trits per component: the default preset's 3.0B in well
-under a second.
+the allowed range. (`tritnet.models.trace(config)` counts a config's trits without building
+it.)
 """
 
 from __future__ import annotations
@@ -16,18 +13,19 @@ import contextlib
 import dataclasses
 import json
 import os
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .errors import TritnetError
 
-class ConfigError(ValueError):
+
+class ConfigError(TritnetError, ValueError):
     """A config value is out of range, of the wrong type, or unknown."""
 
 
 @dataclass
 class Config:
-    # --- model: a byte-level decoder with a ternary code memory (DESIGN §6b) -------------
+    # --- model: a byte-level decoder with a ternary code memory (docs/model.md) ----------
     vocab_size: int = 256          # bytes
     d_model: int = 128
     n_layers: int = 2
@@ -35,7 +33,7 @@ class Config:
     context: int = 256             # longest sequence the model is built for
     position: str = "nope"         # attention positions: "nope" (none: the causal mask alone),
                                    # or "alibi" (a fixed per-head recency bias); the presets
-                                   # choose; "nope" is what configs written before it meant
+                                   # choose; a config that does not name it gets "nope"
     n_experts: int = 4             # MoEGraph partitions: routing centroids and ternary experts
     expert_hidden: int = 256
     top_k: int = 2                 # experts per token
@@ -60,6 +58,10 @@ class Config:
                                    # loss, one per code) beside the code itself
     quiet_memory: bool = False     # the code memory's readouts start at 1/8 of unit scale, so
                                    # the untrained memory adds little noise to the stream
+    ngram_memory: int = 0          # the longest n-gram the n-gram memory reads (0: none): each
+                                   # token's embedding gains one table row per n = 2 … this,
+                                   # chosen by a hash of the token and the n - 1 before it
+    ngram_rows: int = 65536        # rows of the n-gram memory's table (all orders share it)
     recompute: bool = False        # keep one block's activations, recompute each in backward:
                                    # bit-identical training, far less memory, a second forward
     recompute_keep: int = 0        # with recompute: the last this-many blocks keep their
@@ -68,7 +70,7 @@ class Config:
     matmul_precision: str = "tf32" # float32 products on the GPU: "tf32" (tensor cores) or
                                    # "fp32" (backend.set_matmul_precision); the CPU is fp32
     cuda_graph: bool = True        # on a GPU, replay each training step from CUDA graphs
-                                   # (tritnet/graphs.py) when the run allows (one rank, one
+                                   # (tritnet/capture.py) when the run allows (one rank, one
                                    # micro-batch); else, and on the CPU, steps run eagerly
     # --- optimiser: TritFlip (tritnet/optim.py explains each) ------------------------------
     flip_threshold: int = 64
@@ -138,6 +140,9 @@ class Config:
         if 0 < self.expert_capacity < 1:
             raise ConfigError(f"config field expert_capacity = {self.expert_capacity} is below "
                               "one fair share: expected 0 (no dropping) or at least 1")
+        if self.ngram_memory == 1:
+            raise ConfigError("config field ngram_memory = 1: the token's own row is the "
+                              "embedding; expected 0 (off) or the longest n-gram, 2 or more")
         if self.recompute_keep > self.n_layers:
             raise ConfigError(f"config field recompute_keep = {self.recompute_keep} exceeds "
                               f"n_layers = {self.n_layers}")
@@ -205,7 +210,7 @@ _RANGES = {
     "n_heads": (1, 1024), "context": (2, 1 << 20), "n_experts": (1, 4096),
     "expert_hidden": (1, 1 << 20), "top_k": (1, 64), "codebook_dim": (1, 4096),
     "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
-    "graph_slots": (1, 64), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
+    "graph_slots": (1, 64), "ngram_memory": (0, 16), "ngram_rows": (1, 1 << 31), "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
     "expert_capacity": (0.0, 4096.0), "recompute_keep": (0, 1024),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
     "decay_shift": (0, 7), "grad_rms_units": (1, 127), "grad_clip_units": (0, 127),
@@ -286,47 +291,3 @@ def load_config(path, base: Config | None = None) -> Config:
         return (base or Config()).override(**values)
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-
-
-@dataclass
-class TraceReport:
-    """Logical ternary counts per component of a model built with shapes only."""
-    components: dict = field(default_factory=dict)   # component -> logical trits
-    state_bytes: dict = field(default_factory=dict)  # component -> bytes of integer state
-    seconds: float = 0.0
-
-    @property
-    def total(self) -> int:
-        return sum(self.components.values())
-
-    def format(self) -> str:
-        width = max(len(k) for k in self.components) if self.components else 10
-        lines = [f"{'component':<{width}}  {'logical trits':>16}  {'share':>6}  "
-                 f"{'state bytes/trit':>16}"]
-        for name, n in self.components.items():
-            per = self.state_bytes[name] / n if n else 0.0
-            lines.append(f"{name:<{width}}  {n:>16,}  {n / self.total:>6.1%}  {per:>16.3f}")
-        lines.append(f"{'total':<{width}}  {self.total:>16,}  {1:>6.0%}  "
-                     f"{sum(self.state_bytes.values()) / max(self.total, 1):>16.3f}")
-        lines.append(f"(traced in {self.seconds * 1000:.0f} ms, nothing allocated)")
-        return "\n".join(lines)
-
-
-def trace(config: Config) -> TraceReport:
-    """Build the model on the "meta" device and count logical trits per component."""
-    from .models import CodeMemoryLM
-    from .nn.ternary import TernaryModule
-
-    start = time.perf_counter()
-    model = CodeMemoryLM(config, device="meta")
-    report = TraceReport()
-    for component, module in model.components().items():
-        trits = state = 0
-        for m in module.modules():
-            if isinstance(m, TernaryModule):
-                trits += m.logical_trits()
-            state += sum(b.nbytes for b in m._buffers.values() if b is not None)
-        report.components[component] = trits
-        report.state_bytes[component] = state
-    report.seconds = time.perf_counter() - start
-    return report

@@ -43,13 +43,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import TritnetError
+
 HELD_OUT_EVERY = 20          # file i is held out when i % 20 == 0; single sources: last 1/20
 TEXT_VOCAB_SIZE = 256
 _BIN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 _NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
 
 
-class DataError(ValueError):
+class DataError(TritnetError, ValueError):
     """Data cannot be used; the message says what, where, and how to fix it."""
 
 

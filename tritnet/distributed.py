@@ -46,16 +46,18 @@ import zlib
 import numpy as np
 
 from . import backend
-from . import random as trandom
-from tritnet_kernels import packing as kpacking
-from tritnet_kernels import tables as ktables
+from . import rng as trandom
+from .errors import TritnetError
+from .nn.module import Observer
+from .nn.ternary import TernaryModule
+from tritnet_kernels import sparse_rows as ksparse
 from tritnet_kernels import update as kupdate
 
 COMBINE_STREAM = 0x434F4D42  # mixed into the seeds of the shard-mean rounding
 DENSE_BUCKET = 1 << 26       # int32 elements all-reduced in one NCCL group (256 MiB)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(TritnetError, RuntimeError):
     """Ranks cannot be started or cannot talk; the message says what to fix."""
 
 
@@ -234,36 +236,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _user_errors():
-    """Exception classes whose message is the whole story (re-raised as they are)."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import LossNotFinite, TrainError
-    return {c.__name__: c for c in (CheckpointError, ConfigError, DataError, TrainError,
-                                    LossNotFinite, DistributedError, ReplicaDivergence,
-                                    backend.DeviceError)}
-
-
-def _rank_main(rank, size, port, train_kwargs, results):
+def _rank_main(rank, size, port, run, kwargs, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from .train import train
     try:
-        results.put((rank, "ok", train(**train_kwargs)))
+        results.put((rank, "ok", run(**kwargs)))
     except KeyboardInterrupt:
         results.put((rank, "KeyboardInterrupt", ""))
         sys.exit(130)
+    except TritnetError as e:
+        results.put((rank, "error", e))   # the launcher raises it as it was raised here
+        sys.exit(1)
     except Exception as e:
-        if type(e).__name__ not in _user_errors():
-            traceback.print_exc()   # a bug, not a user error: show where
-        results.put((rank, type(e).__name__, str(e)))
+        traceback.print_exc()   # a bug, not a user error: show where
+        results.put((rank, "error", DistributedError(f"rank {rank} failed: "
+                                                     f"{type(e).__name__}: {e}")))
         sys.exit(1)
 
 
-def launch(gpus: int, train_kwargs: dict) -> dict:
-    """Run tritnet.train.train(**train_kwargs) in one process per GPU (ranks 0..gpus-1 on
-    GPUs 0..gpus-1, "spawn"ed, rendezvous on a free local port); returns rank 0's result.
+def launch(gpus: int, run, kwargs: dict) -> dict:
+    """Run run(**kwargs) in one process per GPU (ranks 0..gpus-1 on GPUs 0..gpus-1, "spawn"ed,
+    rendezvous on a free local port); returns rank 0's result. `run` is a module-level function
+    (spawned processes import it by name): tritnet.train.train, which finds its rank in the
+    environment.
 
     A rank that fails stops the others; its error is raised here as it was raised there. A
     Ctrl-C reaches every rank (they agree on the step to stop at and rank 0 saves), and this
@@ -280,7 +275,7 @@ def launch(gpus: int, train_kwargs: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")   # CUDA does not survive fork
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, gpus, port, train_kwargs, results),
+    procs = [ctx.Process(target=_rank_main, args=(r, gpus, port, run, kwargs, results),
                          name=f"tritnet-rank-{r}") for r in range(gpus)]
     for p in procs:
         p.start()
@@ -302,8 +297,9 @@ def launch(gpus: int, train_kwargs: dict) -> dict:
                     and int(p.name.rsplit("-", 1)[1]) not in outcome]
             if dead and failed_at is None:
                 failed_at = time.monotonic()
-                outcome[int(dead[0].name.rsplit("-", 1)[1])] = (
-                    "DistributedError", f"exited with code {dead[0].exitcode}")
+                rank = int(dead[0].name.rsplit("-", 1)[1])
+                outcome[rank] = ("error", DistributedError(
+                    f"rank {rank} failed: exited with code {dead[0].exitcode}"))
             # ranks blocked in a collective with a failed peer never return: stop them
             if failed_at is not None and time.monotonic() - failed_at > 10:
                 break
@@ -313,14 +309,9 @@ def launch(gpus: int, train_kwargs: dict) -> dict:
                 p.terminate()
         for p in procs:
             p.join()
-    errors = sorted((r, kind, msg) for r, (kind, msg) in outcome.items()
-                    if kind not in ("ok", "KeyboardInterrupt"))
+    errors = sorted((r, e) for r, (kind, e) in outcome.items() if kind == "error")
     if errors:
-        rank, kind, msg = errors[0]
-        cls = _user_errors().get(kind)
-        if cls is not None:
-            raise cls(msg)
-        raise DistributedError(f"rank {rank} failed: {kind}: {msg}")
+        raise errors[0][1]
     if interrupted or any(kind == "KeyboardInterrupt" for kind, _ in outcome.values()):
         raise KeyboardInterrupt
     return outcome[0][1]
@@ -374,10 +365,10 @@ class StepReducer:
         self.group, self.shards = group, shards
         self.local_shards = shards // group.size
         modules = list(model.modules())
-        self.dense = [m for m in modules if hasattr(m, "grad_q")]
-        self.tables = [m for m in modules if hasattr(m, "pending")]
-        self.books = [m for m in modules if hasattr(m, "restart_queries")]
-        self.graphs = [m for m in modules if hasattr(m, "record")]
+        ternary = [m for m in modules if isinstance(m, TernaryModule)]
+        self.dense = [m for m in ternary if not m.sparse]     # their grad_q, grad_E_q
+        self.tables = [m for m in ternary if m.sparse]        # their pending rows
+        self.observers = [m for m in modules if isinstance(m, Observer)]
         self.clear()
 
     def clear(self):
@@ -440,8 +431,8 @@ class StepReducer:
                     flat[at + nq:at + nq + nE] = totals[1]
                 at += nq + nE
             self.group.all_reduce_sum([flat])
-            seed = trandom.mix_seed(modules[0].grad_seed, modules[0].grad_step, COMBINE_STREAM,
-                                    number)
+            seed = trandom.mix_seed(modules[0].grad_seed, modules[0].quantizer.step,
+                                    COMBINE_STREAM, number)
             mean = _round_mean(flat, self.shards, seed)
             at = 0
             for m, (nq, nE) in zip(modules, sizes):
@@ -470,14 +461,14 @@ class StepReducer:
                 continue
             # the entries' padding rows (-1, zero gradients) sort last, as one row kept at -1
             keys = xp.where(rows < 0, np.iinfo(np.int64).max, rows)
-            unique, inverse, order, offsets, _ = ktables.unique_rows(keys)
+            unique, inverse, order, offsets, _ = ksparse.unique_rows(keys)
             unique = xp.where(unique == np.iinfo(np.int64).max, -1, unique)
             u = unique.shape[0]
-            G = ktables.segment_sum_rows(gq.astype(np.float32), inverse, u,
+            G = ksparse.segment_sum_rows(gq.astype(np.float32), inverse, u,
                                          segments=(order, offsets), check=False)
-            GE = ktables.segment_sum_rows(gE.astype(np.float32).reshape(-1, 1), inverse, u,
+            GE = ksparse.segment_sum_rows(gE.astype(np.float32).reshape(-1, 1), inverse, u,
                                           segments=(order, offsets), check=False).reshape(-1)
-            seed = trandom.mix_seed(m.grad_seed, m.grad_step, COMBINE_STREAM)
+            seed = trandom.mix_seed(m.grad_seed, m.quantizer.step, COMBINE_STREAM)
             m.pending = [(unique, _round_mean(G, self.shards, trandom.mix_seed(seed, 0)),
                           _round_mean(GE, self.shards, trandom.mix_seed(seed, 1)))]
 
@@ -485,39 +476,12 @@ class StepReducer:
         if self.group.size == 1:
             return  # one rank's lists already hold every local shard, in order
         items, like = [], []
-        for m in self.books:
-            xp = backend.get_array_module(m.T_packed)
-            idx = xp.concatenate(m.observed) if m.observed else xp.zeros(0, np.int32)
-            items.append((idx,))
-            like.append([(np.int32, ())])
-            if m.restart_queries:
-                flat = xp.concatenate([f for f, _ in m.restart_queries])
-                q = xp.concatenate([q for _, q in m.restart_queries])
-            else:
-                flat = xp.zeros((0, m.dim), np.float32)
-                q = xp.zeros((0, 2 * kpacking.n_groups(m.dim)), np.uint32)
-            items.append((flat, q))
-            like.append([(np.float32, (m.dim,)), (np.uint32, (q.shape[1],))])
-        for g in self.graphs:
-            xp = backend.get_array_module(g.edges()[0])
-            if g.observed:
-                a, b, s = (xp.concatenate(parts) for parts in list(zip(*g.observed))[:3])
-            else:
-                a, b, s = xp.zeros(0, np.int32), xp.zeros(0, np.int32), xp.zeros(0, np.int8)
-            items.append((a, b, s))
-            like.append([(np.int32, ()), (np.int32, ()), (np.int8, ())])
+        for m in self.observers:
+            items += m.take_observations()
+            like += m.observation_columns()
         gathered = iter(self._gather(items, like))
-        for m in self.books:
-            (idx,) = next(gathered)
-            m.observed = [idx] if idx.shape[0] else []
-            flat, q = next(gathered)
-            m.restart_queries = [(flat, q)] if flat.shape[0] else []
-        for g in self.graphs:
-            # every rank records through the same code, so this rank's check flag (see
-            # CodeGraph.record) holds for the gathered transitions too
-            check = any(o[3] for o in g.observed)
-            a, b, s = next(gathered)
-            g.observed = [(a, b, s, check)] if a.shape[0] else []
+        for m in self.observers:
+            m.put_observations([next(gathered) for _ in m.observation_columns()])
 
     def _gather(self, items, like):
         """All-gather variable-length row sets: items[i] = columns with equal first dimension;

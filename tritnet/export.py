@@ -36,6 +36,7 @@ import os
 import numpy as np
 
 from . import __version__, backend
+from .errors import TritnetError
 from .models import CodeGraph
 from .nn.ternary import TernaryModule
 from tritnet_kernels import packing as kpacking
@@ -47,7 +48,7 @@ PACKING = ("base3-5: uint8 (rows, ceil(cols/5)), byte k of a row = sum_{i<5} (t[
 SCALE = "w[r, c] = 2 ** (E[r] / 8) * t[r, c], E int8 per row"
 
 
-class ExportError(ValueError):
+class ExportError(TritnetError, ValueError):
     """A model that cannot be exported, or a file that cannot be written; says what to do."""
 
 

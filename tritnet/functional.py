@@ -25,7 +25,7 @@ import numpy as np
 from . import backend
 from .autograd import Function, Tensor
 from tritnet_kernels import attention as kattention
-from tritnet_kernels import gemm as kgemm
+from tritnet_kernels import float_gemm as kgemm
 
 _xp = backend.get_array_module
 _SCALARS = (bool, int, float, np.generic)
@@ -874,7 +874,8 @@ class ScaledDotProductAttention(Function):
     the largest transients are a block's (..., rows, keys) score tile (two of them in
     backward). By default a block holds as many rows as fit TILE_ELEMENTS scores -- the whole
     sequence at training sizes -- so forward is three launches and backward eight, whatever T
-    is: on the GPU, launches, not FLOPs, decide this op's time at these sizes (DESIGN §3).
+    is: on the GPU, launches, not FLOPs, decide this op's time at these sizes
+    (docs/design.md#launch-cost).
 
     The causal mask is aligned to the bottom right, as in FlashAttention-2: query i sees keys
     j <= i + (Tk - Tq), so queries at the end of a longer key sequence (decoding with a cache)

@@ -1,6 +1,6 @@
 """CodeMemoryLM: a byte-level ternary language model with a huge ternary code memory.
 
-One reading of the seed (DESIGN §6b), in the family of large sparse memory layers:
+In the family of large sparse memory layers (docs/model.md):
 
     x      = embed[token]                              TernaryEmbeddingTable(vocab, d)
     block: x += Attention(rms_norm(x))                 ternary q, k, v, o; causal, ALiBi
@@ -20,6 +20,8 @@ learned, no float state (or, with position = "nope", from the causal mask alone)
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,10 +29,12 @@ from . import backend
 from . import functional as F
 from .autograd import Tensor, is_grad_enabled, no_grad, recompute
 from .config import Config
+from .errors import TritnetError
 from .nn import Module, ModuleList
+from .nn.module import Observer
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
-from .nn.ternary import TernaryLinear, expert_matmul
-from tritnet_kernels import graph as kgraph
+from .nn.ternary import TernaryLinear, TernaryModule, expert_matmul
+from tritnet_kernels import code_graph as kgraph
 
 
 class Attention(Module):
@@ -94,7 +98,7 @@ class Expert(Module):
         return self.down(F.silu(self.up(x)))
 
 
-class CodeGraph(Module):
+class CodeGraph(Module, Observer):
     """Edges between codes of the shared memory, learned online from code transitions.
 
     Small books keep dense edges: every code owns `slots` out-edges, exposed as `edge_index`
@@ -102,12 +106,14 @@ class CodeGraph(Module):
     keep a bounded active edge set in a hashed table of `capacity` slots — `active_edge_src`,
     `active_edge_dst` (int32), `active_edge_attr` (int8 ternary sign), `active_edge_score`
     (int8 residual score) — and an empty `edge_index` of shape (2, 0). The admission and
-    eviction rule, and the hash, are in tritnet_kernels/graph.py; no float state either way.
+    eviction rule, and the hash, are in tritnet_kernels/code_graph.py; no float state either way.
 
     A training forward only `record`s its transitions; the optimiser's step applies them
     (`apply_observations`, in the order recorded), so a forward never reads edges learned
     from its own batch — the transition t -> t+1 would tell position t its next token.
     """
+
+    step_attributes = ("observed",)
 
     def __init__(self, codebook_size: int, slots: int, capacity: int = 0, device=None):
         super().__init__()
@@ -177,6 +183,23 @@ class CodeGraph(Module):
 
     def clear_observations(self) -> None:
         self.observed = []
+
+    def observation_columns(self) -> list:
+        """Transitions: source codes, destination codes, signs."""
+        return [[(np.int32, ()), (np.int32, ()), (np.int8, ())]]
+
+    def take_observations(self) -> list:
+        xp = backend.get_array_module(self.edges()[0])
+        if self.observed:
+            return [tuple(xp.concatenate(parts) for parts in list(zip(*self.observed))[:3])]
+        return [(xp.zeros(0, np.int32), xp.zeros(0, np.int32), xp.zeros(0, np.int8))]
+
+    def put_observations(self, groups: list) -> None:
+        # every rank records through the same code, so this rank's check flag (see record)
+        # holds for every rank's transitions too
+        check = any(o[3] for o in self.observed)
+        (a, b, s), = groups
+        self.observed = [(a, b, s, check)] if a.shape[0] else []
 
     @staticmethod
     def _transitions(codes, signs):
@@ -451,6 +474,67 @@ class CompositeHead(Module):
         return self.lm_head(F.rms_norm(h))
 
 
+_U64 = np.uint64
+_NGRAM_PRIME = _U64(0x100000001B3)          # FNV-1a's 64-bit prime: one token into the hash
+_NGRAM_ORDER = _U64(0x9E3779B97F4A7C15)     # separates the orders' hashes
+
+
+def _mix64(z):
+    """splitmix64's finaliser on uint64 arrays (wrapping products): every input bit moves
+    every output bit, so a hash's low bits (the row) depend on the whole n-gram."""
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def ngram_rows(tokens, previous, orders: int, rows: int):
+    """Row ids (B, T, orders - 1) int64 of the n-grams ending at each token, n = 2 … orders:
+    row = mix(hash(n, the token and the n - 1 before it)) mod rows. `previous` (B, orders - 1)
+    holds the tokens before the window (the pad id, vocab_size, where a stream has none: a
+    window's first tokens hash their missing history as padding, in training and decoding
+    alike)."""
+    xp = backend.get_array_module(tokens)
+    B, T = tokens.shape
+    seq = xp.concatenate([previous, tokens], axis=1).astype(_U64) + _U64(1)
+    h = xp.zeros((B, T), _U64)
+    ids = xp.empty((B, T, orders - 1), np.int64)
+    with np.errstate(over="ignore"):   # the hash wraps by design
+        for back in range(orders):          # the token `back` places before position t
+            h = (h ^ seq[:, orders - 1 - back:orders - 1 - back + T]) * _NGRAM_PRIME
+            if back:
+                n = _U64(back + 1)
+                ids[:, :, back - 1] = (_mix64(h ^ (n * _NGRAM_ORDER)) % _U64(rows)).astype(
+                    np.int64)
+    return ids
+
+
+class NgramMemory(Module):
+    """Hashed n-gram embeddings: a ternary table read by the recent tokens themselves.
+
+    Each position adds, to its token's embedding, one row per n = 2 … `orders`, the row a hash
+    of the n-gram ending there picks (`ngram_rows`). The table is a sparse ternary table
+    (trained like the embedding: a step reads and updates only the rows it used), so it can
+    be far larger than the dense model for the cost of a gather: a memory of which contexts
+    predict what, that the blocks no longer have to build from single bytes. Rows start at
+    1/8 of unit scale (the quiet start of the code memory's readouts)."""
+
+    def __init__(self, rows: int, dim: int, orders: int, pad: int, device=None):
+        super().__init__()
+        self.orders, self.pad = orders, pad
+        self.table = TernaryEmbeddingTable(rows, dim, device, exponent=VALUE_EXPONENT)
+
+    def history(self, batch: int, xp):
+        """The `previous` of a stream with no tokens yet: all padding."""
+        return xp.full((batch, self.orders - 1), self.pad, np.int64)
+
+    def forward(self, tokens, previous=None) -> Tensor:
+        xp = backend.get_array_module(tokens)
+        if previous is None:
+            previous = self.history(tokens.shape[0], xp)
+        ids = ngram_rows(tokens, previous, self.orders, self.table.rows)
+        return self.table(ids, check=False).sum(axis=2)
+
+
 class CodeMemoryLM(Module):
     """The assembled model; `forward(tokens)` -> (logits, auxiliary loss)."""
 
@@ -481,6 +565,9 @@ class CodeMemoryLM(Module):
             # values add little noise to what the code itself reads
             self.memory_values = TernaryEmbeddingTable(c.shared_vq_size, c.codebook_dim, device,
                                                        exponent=VALUE_EXPONENT)
+        if c.ngram_memory:
+            self.ngram = NgramMemory(c.ngram_rows, c.d_model, c.ngram_memory, c.vocab_size,
+                                     device)
 
     def components(self) -> dict:
         """Named groups of modules, for the trace and per-component reports."""
@@ -498,6 +585,7 @@ class CodeMemoryLM(Module):
             "kgvq": self.kgvq,
             "head": self.head,
             **({"memory_values": self.memory_values} if self.config.memory_values else {}),
+            **({"ngram_memory": self.ngram} if self.config.ngram_memory else {}),
         }
 
     def forward(self, tokens, *, check=True):
@@ -513,6 +601,8 @@ class CodeMemoryLM(Module):
         memory = self.shared_vq if c.use_shared_vq else None
         values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=check)
+        if c.ngram_memory:
+            x = x + self.ngram(backend.get_array_module(self.embed.T_packed).asarray(tokens))
         aux = None
         for block in self.blocks:
             x, a = block(x, memory, values)
@@ -592,6 +682,12 @@ class CodeMemoryLM(Module):
         memory = self.shared_vq if c.use_shared_vq else None
         memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=False)
+        if c.ngram_memory:
+            if cache.recent is None:
+                cache.recent = self.ngram.history(B, xp)
+            x = x + self.ngram(tokens, cache.recent)
+            cache.recent = xp.concatenate([cache.recent, tokens.astype(np.int64)],
+                                          axis=1)[:, -(c.ngram_memory - 1):]
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
             x = block.decode(x, memory, keys, values, start, memory_values)
         code = relation = graph = None
@@ -691,6 +787,7 @@ class KVCache:
         self.batch, self.capacity = batch, capacity
         self.length = 0
         self.code = None
+        self.recent = None   # the n-gram memory's: each stream's last tokens (B, n - 1)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys + self.values)
@@ -703,15 +800,18 @@ class KVCache:
         self.values = [v[index] for v in self.values]
         if self.code is not None:
             self.code = self.code[index]
+        if self.recent is not None:
+            self.recent = self.recent[index]
         self.batch = len(streams)
 
     def reset(self) -> None:
         """Empty every stream (the arrays are kept and overwritten)."""
         self.length = 0
         self.code = None
+        self.recent = None
 
 
-class GenerationError(ValueError):
+class GenerationError(TritnetError, ValueError):
     """A generation request the model cannot serve: the prompt or a sampling option."""
 
 
@@ -794,3 +894,48 @@ def next_tokens(logits, temperature: float, top_k: int | None, top_p: float | No
     pick = (cdf < (draws * cdf[:, -1])[:, None]).sum(axis=-1)
     pick = np.minimum(pick, logits.shape[-1] - 1)
     return order[np.arange(len(order)), pick]
+
+
+# --------------------------------------------------------------------------------------------
+# The trace: a config's trits per component, counted on a model built with shapes only.
+
+
+@dataclass
+class TraceReport:
+    """Logical ternary counts per component of a model built with shapes only."""
+    components: dict = field(default_factory=dict)   # component -> logical trits
+    state_bytes: dict = field(default_factory=dict)  # component -> bytes of integer state
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def format(self) -> str:
+        width = max(len(k) for k in self.components) if self.components else 10
+        lines = [f"{'component':<{width}}  {'logical trits':>16}  {'share':>6}  "
+                 f"{'state bytes/trit':>16}"]
+        for name, n in self.components.items():
+            per = self.state_bytes[name] / n if n else 0.0
+            lines.append(f"{name:<{width}}  {n:>16,}  {n / self.total:>6.1%}  {per:>16.3f}")
+        lines.append(f"{'total':<{width}}  {self.total:>16,}  {1:>6.0%}  "
+                     f"{sum(self.state_bytes.values()) / max(self.total, 1):>16.3f}")
+        lines.append(f"(traced in {self.seconds * 1000:.0f} ms, nothing allocated)")
+        return "\n".join(lines)
+
+
+def trace(config: Config) -> TraceReport:
+    """Build the model on the "meta" device and count logical trits per component."""
+    start = time.perf_counter()
+    model = CodeMemoryLM(config, device="meta")
+    report = TraceReport()
+    for component, module in model.components().items():
+        trits = state = 0
+        for m in module.modules():
+            if isinstance(m, TernaryModule):
+                trits += m.logical_trits()
+            state += sum(b.nbytes for b in m._buffers.values() if b is not None)
+        report.components[component] = trits
+        report.state_bytes[component] = state
+    report.seconds = time.perf_counter() - start
+    return report

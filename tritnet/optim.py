@@ -1,4 +1,4 @@
-"""TritFlip: the integer optimiser of ternary weights (DESIGN §5).
+"""TritFlip: the integer optimiser of ternary weights (docs/update-rule.md).
 
 In the family of latent-free binary optimisers (Bop): the only memory is an int8 accumulator
 per trit (and per row scale), not a float latent weight. One step, for each ternary tensor:
@@ -59,20 +59,21 @@ launch for its trits and one for its row scales.
 The step and the gain reach the kernels through `clock`, an int64 [step, gain in units of
 2**-32] array on the model's device that `step()` advances there (the gain from a table of
 the schedule, made on the host): a training step captured as a CUDA graph
-(tritnet/graphs.py) replays with the right step's random bits and gain, without a
-host-to-device copy. (Integers: no float state on any module, DESIGN §1.)
+(tritnet/capture.py) replays with the right step's random bits and gain, without a
+host-to-device copy. (Integers: no float state on any module, docs/design.md#integer-dtypes.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
 from . import backend
-from . import random as trandom
-from .nn.module import Module
-from .nn.ternary import GRAD_NORMS, TernaryModule
+from . import rng as trandom
+from .nn.module import Module, Observer
+from .nn.ternary import GRAD_NORMS, GradQuantizer, TernaryModule
 from tritnet_kernels import update as kupdate
 
 ACCUM_INITS = ("zero", "spread")
@@ -121,7 +122,7 @@ class TritFlip:
             modules = modules.modules()
         modules = list(modules)
         self.modules = [m for m in modules if isinstance(m, TernaryModule)]
-        self.observers = [m for m in modules if hasattr(m, "apply_observations")]
+        self.observers = [m for m in modules if isinstance(m, Observer)]
         if not self.modules:
             raise ValueError("TritFlip: no ternary modules to optimise (pass a model or a list "
                              "of modules that contains TernaryLinear or other ternary layers)")
@@ -130,9 +131,11 @@ class TritFlip:
         self.grad_clip_units = grad_clip_units
         self.step_count = 0
         self._groups = {"all": list(range(len(self.modules)))}
+        # how every module quantises its gradients: one object, shared, advanced by the steps
+        self.quantizer = GradQuantizer(clip_units=grad_clip_units, norm=grad_norm)
         for key, m in enumerate(self.modules):
             m.grad_seed = trandom.mix_seed(seed, key)
-            m.grad_norm = grad_norm
+            m.quantizer = self.quantizer
             if accum_init == "spread" and not backend.is_meta(m.T_accum):
                 kupdate.spread_accumulators(m.T_accum, trandom.mix_seed(seed, key, SPREAD_STREAM),
                                             flip_threshold - 1)
@@ -149,7 +152,8 @@ class TritFlip:
                                       for s in range(steps)], dtype=np.int64)
             self.clock = xp.zeros(2, np.int64)
             self._write_clock()
-        self._sync_modules()
+        self.quantizer.clock = self.clock
+        self._begin()
 
     def gain(self, step: int | None = None) -> float:
         """Accumulator units a one-RMS gradient adds at `step` (default: the current one)."""
@@ -160,13 +164,9 @@ class TritFlip:
         start, end = float(self.grad_rms_units), self.final_grad_rms_units
         return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def _sync_modules(self, shard: int = 0):
-        """The modules' host view of the step (the device's is `clock`)."""
-        gain = self.gain()
-        for m in self.modules:
-            m.grad_step, m.grad_shard, m.grad_uses = self.step_count, shard, 0
-            m.grad_rms_units, m.grad_clip_units = gain, self.grad_clip_units
-            m.grad_clock = self.clock
+    def _begin(self, shard: int = 0):
+        """The quantizer's host view of the step and shard (the device's is `clock`)."""
+        self.quantizer.advance(self.step_count, shard, self.gain(), self.grad_clip_units)
 
     def _write_clock(self):
         """clock = [step_count, its gain], copied from the host (at construction and load)."""
@@ -184,7 +184,7 @@ class TritFlip:
     def begin_shard(self, shard: int) -> None:
         """The next backward belongs to micro-batch `shard` of this step's global batch: its
         quantisation draws the random bits of that shard (tritnet/distributed.py)."""
-        self._sync_modules(shard)
+        self._begin(shard)
 
     def step(self) -> list:
         """Apply every pending int8 gradient, then the step's observations; returns
@@ -239,11 +239,20 @@ class TritFlip:
                 self._groups[name] = found
 
     def count_step(self) -> None:
-        """The host's half of a step: its count, and the modules' view of it (the device's
+        """The host's half of a step: its count, and the quantizer's view of it (the device's
         half advanced the clock). A replayed CUDA graph of step() leaves this to the host
-        (tritnet/graphs.py)."""
+        (tritnet/capture.py)."""
         self.step_count += 1
-        self._sync_modules()
+        self._begin()
+
+    def step_state(self) -> dict:
+        """The host state a step changes (tritnet/capture.py puts it back after a failed
+        capture): the step count and the quantizer's fields."""
+        return {"step_count": self.step_count, "quantizer": dataclasses.replace(self.quantizer)}
+
+    def load_step_state(self, state: dict) -> None:
+        self.step_count = state["step_count"]
+        vars(self.quantizer).update(vars(state["quantizer"]))   # the modules share this one
 
     def zero_grad(self) -> None:
         """Drop the step's pending gradients and observations (nothing is applied)."""
@@ -264,4 +273,4 @@ class TritFlip:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
         self._write_clock()
-        self._sync_modules()
+        self._begin()

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import TritnetError
+
 FORMATS = (".png", ".svg", ".pdf")
 X_AXES = ("tokens", "time")
 
 
-class PlotError(ValueError):
+class PlotError(TritnetError, ValueError):
     """Runs that cannot be plotted, or no matplotlib; the message says what to do."""
 
 

@@ -29,6 +29,7 @@ import re
 import numpy as np
 
 from .data import Corpus
+from .errors import TritnetError
 
 MAX_VOCAB = 65536               # tokens are stored as uint16, and Config.vocab_size's limit
 PIECE_BYTES = 1 << 20           # text is encoded in pieces of about this size ...
@@ -41,7 +42,7 @@ _CUT = re.compile(rb"[!-~](?=\n)")
 _ESCAPED_RUN = re.compile("[\udc80-\udcff]+|[^\udc80-\udcff]+")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(TritnetError, ValueError):
     """A tokenizer that cannot be made, read or used; the message says what to do."""
 
 

@@ -47,11 +47,12 @@ import time
 import numpy as np
 
 from . import backend, data as tdata, distributed
-from . import random as trandom
+from . import rng as trandom
 from .autograd import no_grad
 from .checkpoint import load_checkpoint, read_header, save_checkpoint
 from .config import Config, ConfigError
-from .graphs import CapturedStep
+from .errors import TritnetError
+from .capture import CapturedStep
 from .models import CodeMemoryLM
 from .nn.ternary import TernaryModule
 from .optim import TritFlip
@@ -66,7 +67,7 @@ RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_
                     "seed", "recompute", "cuda_graph", "flip_carry", "grad_norm", "accum_init")
 
 
-class TrainError(Exception):
+class TrainError(TritnetError):
     """The run cannot start or go on; the message says what and how to fix it."""
 
 
@@ -126,9 +127,9 @@ def frozen_heap():
 
     What exists when a loop starts -- the model, imported libraries, compiled kernels: ~500k
     objects -- outlives the loop. Frozen, it leaves the cyclic collector's generations, so
-    the collector's full passes stop rescanning it every few steps: they cost 16 ms a step on
-    the small preset and 42 ms on the default before (H200; 10 ms on the small after). Garbage
-    cycles from before are collected first, not frozen, and a process that goes on after the
+    the collector's full passes stop rescanning it every few steps: unfrozen, they cost 16 ms
+    a step on the small preset and 42 ms on the default (H200); frozen, 10 ms on the small.
+    Garbage cycles from before are collected first, not frozen, and a process that goes on after the
     loop (a notebook, a sweep) gets the usual collector back.
     """
     gc.collect()
@@ -360,7 +361,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
         if distributed.group_from_env_size() > 1:
             raise TrainError("--gpus starts its own ranks, but this process was started as a "
                              "rank (WORLD_SIZE is set): drop --gpus under a launcher")
-        return distributed.launch(gpus, dict(
+        return distributed.launch(gpus, train, dict(
             config=config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
             device=device, tokens=tokens, progress=progress, dtype=dtype, tokenizer=tokenizer))
     group = group if group is not None else distributed.group_from_env()
@@ -410,7 +411,7 @@ def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, pro
                           f"the tokenizer: set vocab_size = {tokenizer.vocab_size}")
     group.barrier()   # every rank has looked at the folder before rank 0 changes it
 
-    # Device and seeds first: the model's initial trits come from tritnet.random.
+    # Device and seeds first: the model's initial trits come from tritnet.rng.
     backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
     trandom.manual_seed(config.seed)
 

@@ -11,12 +11,12 @@ the same signature. `target(*arrays)` says which one a call takes:
 
 Mixing NumPy and CuPy arrays in one call is an error, named before anything launches.
 
-Cheap launches (DESIGN §3). Numba's own dispatch with CuPy arguments costs 42-96 µs of host
-time per launch, which would dominate a ~10 µs GEMV. `launch` therefore compiles the kernel
-once per (kernel, device, argument types) with Numba, loads the linked cubin into the current
-context through CuPy's driver bindings, and then launches it with one cuLaunchKernel from a
-parameter buffer it packs itself. That needs Numba's kernel ABI, which this module mirrors:
-each array argument is passed as its flattened struct fields
+Cheap launches (docs/kernels.md#launching). Numba's own dispatch with CuPy arguments costs
+42-96 µs of host time per launch, which would dominate a ~10 µs GEMV. `launch` therefore
+compiles the kernel once per (kernel, device, argument types) with Numba, loads the linked
+cubin into the current context through CuPy's driver bindings, and then launches it with one
+cuLaunchKernel from a parameter buffer it packs itself. That needs Numba's kernel ABI, which
+this module mirrors: each array argument is passed as its flattened struct fields
 
     meminfo (ptr), parent (ptr), nitems (int64), itemsize (int64), data (ptr),
     shape[ndim] (int64 each), strides[ndim] (int64 each, bytes)
@@ -28,10 +28,10 @@ a failed compile/load) falls back to Numba's dispatch, which stays correct, only
 `fast_launch_status()` says which kernels took which path and why.
 Set TRITNET_FAST_LAUNCH=0 to force Numba's dispatch everywhere.
 
-Measured on the lent H100 (2026-11-25, benchmarks/results/matmul-*.json): Numba's dispatch
-with CuPy arguments 168-260 us per launch; this path 13.5 us per launch in a loop whose
-kernel was itself ~15-20 us long, so that figure is an upper bound; the <= 10 us target is
-not yet confirmed (benchmarks/bench_matmul.py now probes with a one-tile kernel).
+Measured on an H100 80GB HBM3 (2026-11-25, benchmarks/results/matmul-*.json): Numba's
+dispatch with CuPy arguments 168-260 us per launch; this path at most 13.5 us per launch,
+measured in a loop whose kernel itself took ~15-20 us, so an upper bound, not the host cost
+alone (benchmarks/bench_matmul.py probes that with a one-tile kernel).
 """
 
 from . import _numba_compat  # noqa: F401  (must precede numba.cuda)

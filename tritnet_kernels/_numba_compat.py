@@ -2,9 +2,11 @@
 
 numba-cuda 0.30.x still calls `np.row_stack`, which NumPy 2.5 removed; the first CUDA kernel
 compile then dies with AttributeError. Its maintainers do not plan a fix (maintenance mode),
-and the lent GPU image ships NumPy 2.5.2 beside numba-cuda 0.30.4, so we alias the removed
-name to its documented replacement. pyproject pins numpy<2.5 for fresh installs; this guard
-only matters where 2.5 is already present. Drop it when numba-cuda stops using row_stack.
+and GPU images ship NumPy 2.5 beside numba-cuda 0.30 (NumPy 2.5.2 and numba-cuda 0.30.4 on
+the H100 and H200 machines of benchmarks/results/), so we alias the removed name to its
+documented replacement (docs/kernels.md#numpy-25-guard). pyproject pins numpy<2.5 for fresh
+installs; this guard only matters where 2.5 is already present. Drop it when numba-cuda stops
+using row_stack.
 """
 
 import numpy as np

@@ -4,7 +4,7 @@ Numba exposes no tensor-core instruction, but it lowers LLVM inline assembly, wh
 passes to PTX unchanged. The packed-trit matmul (matmul.py) decodes trits straight into
 mma fragments in registers, so one warp-wide `mma.sync.m16n8k16` replaces 4096 scalar
 multiply-adds: at M <= 16 this is what makes the GEMV faster than streaming fp16 weights
-through cuBLAS (DESIGN §5).
+through cuBLAS (docs/kernels.md#packed-trit-matmul).
 
 Helpers (all take and return uint32 / float32 scalars):
 

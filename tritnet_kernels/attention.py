@@ -35,7 +35,7 @@ import numpy as np
 from numba import cuda
 
 from ._launch import launch, on_device, target
-from .update import _block_tree_sum, _check_array, _check_distinct, _check_int
+from ._common import block_tree_sum, check_array, check_distinct, check_int
 
 __all__ = [
     "attention_softmax",
@@ -110,7 +110,7 @@ def _block_all(red, tid, value, is_max):
     if is_max:
         _block_tree_max(red, tid, _THREADS)
     else:
-        _block_tree_sum(red, tid, _THREADS)
+        block_tree_sum(red, tid, _THREADS)
     value = red[0]
     cuda.syncthreads()  # every thread has read red[0] before red is reused
     return value
@@ -152,8 +152,8 @@ def attention_softmax(scores, lse, slopes, scale, row0, causal):
     """
     op = "attention_softmax"
     tq = _check_tile(op, scores, slopes, row0, causal)
-    _check_array(op, "lse", lse, scores.dtype, shape=scores.shape[:1], writeable=True)
-    _check_distinct(op, scores=scores, lse=lse)
+    check_array(op, "lse", lse, scores.dtype, shape=scores.shape[:1], writeable=True)
+    check_distinct(op, scores=scores, lse=lse)
     if scores.size == 0:
         return lse
     args = (scores, lse, slopes, np.int64(tq), float(scale), np.int64(row0),
@@ -219,14 +219,14 @@ def attention_softmax_grad(scores, dp, lse, g, out, slopes, scale, row0, causal)
     op = "attention_softmax_grad"
     tq = _check_tile(op, scores, slopes, row0, causal)
     rows = scores.shape[0]
-    _check_array(op, "dp", dp, scores.dtype, shape=scores.shape, writeable=True)
-    _check_array(op, "lse", lse, scores.dtype, shape=(rows,))
-    _check_array(op, "g", g, scores.dtype, ndim=2)
+    check_array(op, "dp", dp, scores.dtype, shape=scores.shape, writeable=True)
+    check_array(op, "lse", lse, scores.dtype, shape=(rows,))
+    check_array(op, "g", g, scores.dtype, ndim=2)
     if g.shape[0] != rows:
         raise ValueError(f"{op}: g has shape {tuple(g.shape)}, expected ({rows}, D) to match "
                          f"the {rows} rows of scores")
-    _check_array(op, "out", out, scores.dtype, shape=g.shape)
-    _check_distinct(op, scores=scores, dp=dp)
+    check_array(op, "out", out, scores.dtype, shape=g.shape)
+    check_distinct(op, scores=scores, dp=dp)
     if scores.size == 0:
         return dp
     args = (scores, dp, lse, g, out, slopes, np.int64(tq), float(scale),
@@ -251,13 +251,13 @@ def _check_tile(op, scores, slopes, row0, causal):
     if not hasattr(scores, "dtype") or scores.dtype not in _FLOATS:
         raise TypeError(f"{op}: scores has dtype {getattr(scores, 'dtype', type(scores).__name__)}"
                         ", expected float32 or float64")
-    _check_array(op, "scores", scores, scores.dtype, ndim=2, writeable=True)
-    _check_array(op, "slopes", slopes, scores.dtype, ndim=1)
+    check_array(op, "scores", scores, scores.dtype, ndim=2, writeable=True)
+    check_array(op, "slopes", slopes, scores.dtype, ndim=1)
     batch, rows = slopes.shape[0], scores.shape[0]
     if rows and (batch == 0 or rows % batch):
         raise ValueError(f"{op}: scores has {rows} rows, which is not a whole number of rows "
                          f"for each of the {batch} slopes (one per batch entry)")
-    _check_int(op, "row0", row0, 0, 2**62)
+    check_int(op, "row0", row0, 0, 2**62)
     return rows // batch if batch else 0
 
 

@@ -1,7 +1,8 @@
 """Packed-trit matmul: y = x · (diag(s)·T)ᵀ and its input gradient gx = gy · diag(s)·T.
 
 T is bitplane32 (see packing.py), s = 2 ** (E / 8) per row with E int8, computed on the fly
-as exp2(E * 0.125) in float32. No float copy of the weights outlives a call (DESIGN §1.2):
+as exp2(E * 0.125) in float32. No float copy of the weights outlives a call
+(docs/design.md#no-float-weights):
 the paths below widen trits in registers, in a small reusable scratch (CPU), or into a
 transient workspace freed before the call returns (GPU, large M).
 
@@ -16,8 +17,8 @@ GPU, M <= 16 (decode / small batch): tensor-core GEMV. Each warp decodes its 16x
     adds the fp32 partial sums in a fixed order (deterministic; no float atomics).
     Weights are read once, 8 bytes per 32 trits; x is staged through shared memory.
 GPU, M > 16: widen W = diag(s)·T to x's dtype in a transient (N, K) workspace and call
-    cuBLAS through cupy.matmul (tensor cores for fp16). Numba has no tensor-core matmul of
-    its own, so an on-chip tiled kernel would run on the fp32 pipes at a fraction of
+    cuBLAS through tritnet_kernels.gemm (tensor cores for fp16). Numba has no tensor-core
+    matmul of its own, so an on-chip tiled kernel would run on the fp32 pipes at a fraction of
     cuBLAS's rate; the widening pass costs one write and one read of the fp16 matrix.
 GPU without mma.sync (compute capability < 8.0): the generic kernels below (one thread per
     output, the CUDA twins of the CPU code) for M <= 16, widen + cuBLAS above.
@@ -57,7 +58,8 @@ import numpy as np
 from numba import cuda
 
 from . import _launch, _ptx
-from . import gemm as kgemm
+from ._common import check_array
+from . import float_gemm as kgemm
 from ._launch import is_cupy, launch, on_device, simulator, target, xp_of
 from .packing import n_groups, unpack_trits_reference, validate_packed
 
@@ -692,21 +694,6 @@ def ternary_matmul_t_reference(gy, T_packed, E, cols):
 # Validation: everything is checked before any allocation or launch.
 
 
-def _check_array(op, name, a, dtypes, ndim):
-    if not (hasattr(a, "dtype") and hasattr(a, "shape") and hasattr(a, "flags")):
-        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if a.dtype not in dtypes:
-        want = " or ".join(np.dtype(d).name for d in dtypes)
-        raise TypeError(f"{op}: {name} has dtype {a.dtype}, expected {want}")
-    if a.ndim != ndim:
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {ndim} dimensions")
-    if not a.flags.c_contiguous:
-        # An error rather than a silent copy: a copy would hide a full-size allocation and an
-        # extra pass on the hot path, and the caller usually can produce contiguous data.
-        raise ValueError(f"{op}: {name} is not C-contiguous (strides {a.strides}); the kernel "
-                         f"reads it as a dense row-major matrix: pass xp.ascontiguousarray({name})")
-
-
 def _check_call(op, a, aname, T_packed, E, cols, inner, out, validate):
     if isinstance(cols, (bool, np.bool_)) or not isinstance(cols, (int, np.integer)):
         raise TypeError(f"{op}: cols must be an integer >= 1, got {cols!r}")
@@ -714,9 +701,9 @@ def _check_call(op, a, aname, T_packed, E, cols, inner, out, validate):
         raise ValueError(f"{op}: cols = {cols}, expected >= 1")
     cols = int(cols)
     float_types = (np.float32, np.float16) if is_cupy(a) else (np.float32,)
-    _check_array(op, aname, a, float_types, 2)
-    _check_array(op, "T_packed", T_packed, (np.uint32,), 2)
-    _check_array(op, "E", E, (np.int8,), 1)
+    check_array(op, aname, a, float_types, 2)
+    check_array(op, "T_packed", T_packed, (np.uint32,), 2)
+    check_array(op, "E", E, (np.int8,), 1)
     rows = T_packed.shape[0]
     if T_packed.shape[1] != 2 * n_groups(cols) or rows < 1:
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected (rows >= 1, "
@@ -730,7 +717,7 @@ def _check_call(op, a, aname, T_packed, E, cols, inner, out, validate):
                          f"match T_packed's {n_inner} {'columns' if inner == 'cols' else 'rows'}")
     n_out = rows if inner == "cols" else cols
     if out is not None:
-        _check_array(op, "out", out, (a.dtype,), 2)
+        check_array(op, "out", out, (a.dtype,), 2)
         if tuple(out.shape) != (a.shape[0], n_out):
             raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected "
                              f"{(a.shape[0], n_out)}")
@@ -898,7 +885,7 @@ def ternary_matmul(x, T_packed, E, cols, out=None, *, validate=False):
         return y
     W = _widen(T_packed, E, cols, x.dtype, xp)
     kgemm.matmul(x, W.T, out=y)
-    del W  # the widened weights live only inside this call (DESIGN §1.2)
+    del W  # the widened weights live only inside this call (docs/design.md#no-float-weights)
     return y
 
 
@@ -906,12 +893,12 @@ def widen(T_packed, E, cols, out):
     """out[...] = diag(s)·T, s = 2 ** (E / 8): the weight as float, for a product the caller
     runs itself (a grouped one: tritnet.nn.ternary.ExpertMatmul). out (rows, cols) float32
     (the kernels) or float64 (the NumPy reference: gradient checks), C-contiguous, on
-    T_packed's device. A transient: the caller frees it when its product is done (DESIGN
-    §1.2: no float copy of a weight outlives the op that made it)."""
+    T_packed's device. A transient: the caller frees it when its product is done (no float
+    copy of a weight outlives the op that made it: docs/design.md#no-float-weights)."""
     op = "widen"
-    _check_array(op, "out", out, (np.float32, np.float64), 2)
-    _check_array(op, "T_packed", T_packed, (np.uint32,), 2)
-    _check_array(op, "E", E, (np.int8,), 1)
+    check_array(op, "out", out, (np.float32, np.float64), 2)
+    check_array(op, "T_packed", T_packed, (np.uint32,), 2)
+    check_array(op, "E", E, (np.int8,), 1)
     rows = T_packed.shape[0]
     if T_packed.shape[1] != 2 * n_groups(cols) or E.shape != (rows,) or out.shape != (rows, cols):
         raise ValueError(f"{op}: T_packed {tuple(T_packed.shape)}, E {tuple(E.shape)} and out "

@@ -32,6 +32,7 @@ import numba
 import numpy as np
 from numba import cuda
 
+from ._common import blocks, check_array
 from ._launch import launch, on_device, target, xp_of
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 _THREADS = 256
-_MAX_BLOCKS = 65535
 # Row chunks for checks and converters: their temporaries stay near 16 MB whatever the table
 # (a 10M-row table must not need a full-size int8 or bool copy).
 _CHUNK_ELEMS = 1 << 24
@@ -55,10 +55,6 @@ def n_groups(cols):
 
 def n_base3_bytes(cols):
     return (cols + 4) // 5
-
-
-def _blocks(n):
-    return max(1, min(_MAX_BLOCKS, -(-n // _THREADS)))
 
 
 def _row_chunks(rows, row_elems):
@@ -237,17 +233,6 @@ def unpack_base3_reference(packed, cols):
 # in row chunks (bounded temporaries) and name the first offending row and column.
 
 
-def _check_array(op, name, a, dtype, ndim):
-    if not (hasattr(a, "dtype") and hasattr(a, "shape") and hasattr(a, "flags")):
-        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{op}: {name} has dtype {a.dtype}, expected {np.dtype(dtype).name}")
-    if a.ndim != ndim:
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {ndim} dimensions")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{op}: {name} is not C-contiguous; pass xp.ascontiguousarray({name})")
-
-
 def _check_cols(op, cols):
     if isinstance(cols, (bool, np.bool_)) or not isinstance(cols, (int, np.integer)):
         raise TypeError(f"{op}: cols must be an integer >= 1, got {cols!r}")
@@ -280,7 +265,7 @@ def validate_packed(T_packed, cols, op="validate_packed"):
     row chunks, on the array's own device; this is what checkpoint loading calls.
     """
     cols = _check_cols(op, cols)
-    _check_array(op, "T_packed", T_packed, np.uint32, 2)
+    check_array(op, "T_packed", T_packed, np.uint32, 2)
     G = n_groups(cols)
     if T_packed.shape[1] != 2 * G:
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
@@ -308,7 +293,7 @@ def validate_packed(T_packed, cols, op="validate_packed"):
 
 def _check_base3(op, packed, cols):
     cols = _check_cols(op, cols)
-    _check_array(op, "packed", packed, np.uint8, 2)
+    check_array(op, "packed", packed, np.uint8, 2)
     nb = n_base3_bytes(cols)
     if packed.shape[1] != nb:
         raise ValueError(f"{op}: packed has shape {tuple(packed.shape)}, expected (rows, {nb}) "
@@ -341,7 +326,7 @@ def _run(kernel_cpu, kernel_cuda, work, src, dst, op):
     if dev == "cpu":
         kernel_cpu(src, dst)
     else:
-        launch(kernel_cuda, _blocks(work), _THREADS, src, dst)
+        launch(kernel_cuda, blocks(work, _THREADS), _THREADS, src, dst)
 
 
 def _packed_like(src, shape, dtype, kernel_cpu, kernel_cuda, work, op):
@@ -375,7 +360,7 @@ def _unpack_base3(packed, cols, op):
 
 
 def _check_trits(op, trits):
-    _check_array(op, "trits", trits, np.int8, 2)
+    check_array(op, "trits", trits, np.int8, 2)
     if trits.shape[1] < 1:
         raise ValueError(f"{op}: trits has shape {tuple(trits.shape)}, expected >= 1 column")
     _check_trit_values(op, trits)

@@ -1,4 +1,4 @@
-"""Integer kernels behind the ternary optimiser (DESIGN §5).
+"""Integer kernels behind the ternary optimiser (docs/update-rule.md#one-step).
 
 A ternary weight W = diag(s)·T trains without any float copy: its float gradient is
 quantised to int8 (`quantize_grad`), added with saturation to the int8 accumulator beside
@@ -21,7 +21,8 @@ Every job here is a CUDA kernel (`_*_cuda`), a Numba CPU twin with the same argu
 (`_*_cpu`) and a plain-NumPy reference (`*_reference`) used by the tests. Integer outputs are
 bit-exact between the twins and the reference: the stochastic rounding draws its uniforms
 from a counter-based hash of (seed, flat index), not from a stateful generator, and the
-accumulator rule is one njit function (`_accumulator_step`) that both twins call.
+accumulator rule is one njit function (`_update_rules.accumulator_step`) that both twins
+call.
 """
 
 from . import _numba_compat  # noqa: F401  (must precede numba.cuda)
@@ -32,7 +33,11 @@ import numba
 import numpy as np
 from numba import cuda
 
+from ._common import (GOLDEN, MASK64, block_tree_sum, blocks, check_array, check_distinct,
+                      check_int, mix64, mix64_reference, stream_key)
 from ._launch import is_cupy, launch, on_device, target, xp_of
+from ._update_rules import (ACCUM_MAX, E_MAX, E_MIN, accumulator_step, exponent_step,
+                            exponent_step_dev, rule_reference, sat_accum, trit_group_step)
 from .packing import pack_trits_reference, unpack_trits_reference
 
 __all__ = [
@@ -55,16 +60,7 @@ __all__ = [
     "E_MAX",
 ]
 
-# int8 accumulators saturate at ±127, never -128, so that a run of positive and a run of
-# negative gradients of the same size are treated the same (no asymmetric extra step).
-ACCUM_MAX = 127
-E_MIN, E_MAX = -128, 127
 
-# splitmix64 (Steele, Lea & Flood 2014): the golden-ratio increment and the finaliser.
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_MASK64 = (1 << 64) - 1
 # 24 bits: every such integer is exact in float32, so u is the same on every device.
 _INV_2_24 = np.float32(1.0 / (1 << 24))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -82,7 +78,6 @@ EXPONENT_GRAD_FACTOR = np.float32(math.log(2) / 8)
 _QUANT_THREADS = 256
 _UPDATE_THREADS = 256       # 8 warps; each warp owns 8 32-trit groups of a row a pass
 _UPDATE_WARPS = _UPDATE_THREADS // 32
-_MAX_BLOCKS = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,16 +87,9 @@ _MAX_BLOCKS = 4096
 
 
 @numba.njit(cache=True)
-def _mix64(z):
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-@numba.njit(cache=True)
 def _uniform24(key, i):
     """Uniform in [0, 1) on the grid k / 2**24, a pure function of (key, flat index i)."""
-    z = _mix64(key + np.uint64(i) * _GOLDEN)
+    z = mix64(key + np.uint64(i) * GOLDEN)
     return np.float32(z >> np.uint64(40)) * _INV_2_24
 
 
@@ -124,110 +112,9 @@ def _round_stochastic(v, u, clip):
     return lo
 
 
-@numba.njit(cache=True)
-def _sat_accum(a):
-    if a > ACCUM_MAX:
-        return ACCUM_MAX
-    if a < -ACCUM_MAX:
-        return -ACCUM_MAX
-    return a
-
-
-@numba.njit(cache=True)
-def _accumulator_step(value, accum, grad, threshold, lowest, highest, decay_shift, carry):
-    """The update rule for one trit (lowest=-1, highest=1) or one exponent (-128, 127).
-
-    On a move the accumulator restarts at 0 (carry = 0), or keeps its place as a position
-    inside the value's bins of width 2·threshold (carry = 1: a ∓ 2·threshold, the far edge of
-    the new bin, as a float latent weight that crosses a rounding boundary). Returns the new
-    (value, accum). All arguments are int64.
-    """
-    a = _sat_accum(accum + grad)
-    # Positive accumulated gradient: the loss falls as the value falls.
-    if a >= threshold and value > lowest:
-        return value - 1, a - 2 * threshold if carry else 0
-    if a <= -threshold and value < highest:
-        return value + 1, a + 2 * threshold if carry else 0
-    if decay_shift > 0:
-        if a > 0:
-            a -= a >> decay_shift
-        else:
-            a += (-a) >> decay_shift
-    return value, a
-
-
-@numba.njit(cache=True)
-def _trit_group_step(T_packed, T_accum, grad_q, r, grad_row, g, cols, flip_threshold,
-                     flip_decay_shift, flip_carry):
-    """The rule for the 32-trit group g of row r, whose gradients are row grad_row of grad_q.
-
-    Rewrites the group's mask words and accumulators; returns how many trits changed.
-    """
-    plus = np.int64(T_packed[r, 2 * g])
-    minus = np.int64(T_packed[r, 2 * g + 1])
-    new_plus = 0
-    new_minus = 0
-    flips = 0
-    for b in range(min(32, cols - 32 * g)):
-        j = 32 * g + b
-        t = ((plus >> b) & 1) - ((minus >> b) & 1)
-        t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]), np.int64(grad_q[grad_row, j]),
-                                     flip_threshold, -1, 1, flip_decay_shift, flip_carry)
-        T_accum[r, j] = a
-        if t_new != t:
-            flips += 1
-        if t_new > 0:
-            new_plus |= 1 << b
-        elif t_new < 0:
-            new_minus |= 1 << b
-    T_packed[r, 2 * g] = new_plus
-    T_packed[r, 2 * g + 1] = new_minus
-    return flips
-
-
-@numba.njit(cache=True)
-def _exponent_step(E, E_accum, grad_E_q, r, grad_row, scale_threshold, scale_decay_shift):
-    """The rule for the exponent of row r (its gradient at grad_row); returns 1 if E[r] moved."""
-    e = np.int64(E[r])
-    e_new, a = _accumulator_step(e, np.int64(E_accum[r]), np.int64(grad_E_q[grad_row]),
-                                 scale_threshold, E_MIN, E_MAX, scale_decay_shift, 0)
-    E[r] = e_new
-    E_accum[r] = a
-    if e_new != e:
-        return 1
-    return 0
-
-
-_trit_group_step_dev = on_device(_trit_group_step)
-_exponent_step_dev = on_device(_exponent_step)
-
-
-def _stream_key(seed: int) -> np.uint64:
-    """Premix the seed on the host so that nearby seeds (step, step+1) give unrelated streams."""
-    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return np.uint64(z ^ (z >> 31))
-
-
 # --------------------------------------------------------------------------------------------
 # Validation shared by the wrappers. Everything a caller can get wrong is raised here, before
 # any allocation or launch, so a bad call leaves every array untouched.
-
-
-def _check_array(op, name, a, dtype, ndim=None, shape=None, writeable=False):
-    if not (hasattr(a, "dtype") and hasattr(a, "shape") and hasattr(a, "flags")):
-        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{op}: {name} has dtype {a.dtype}, expected {np.dtype(dtype).name}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {ndim} dimensions")
-    if shape is not None and tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{op}: {name} is not C-contiguous; pass xp.ascontiguousarray({name})")
-    if writeable and not getattr(a.flags, "writeable", True):
-        raise ValueError(f"{op}: {name} is read-only, but the kernel writes it in place")
 
 
 def _is_real(x):
@@ -235,47 +122,9 @@ def _is_real(x):
     return real and not isinstance(x, (bool, np.bool_))
 
 
-def _check_int(op, name, value, lo, hi):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{op}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= int(value) <= hi:
-        raise ValueError(f"{op}: {name} = {int(value)} is out of range, expected {lo}..{hi}")
-    return int(value)
-
-
-def _byte_range(a):
-    ptr = a.data.ptr if hasattr(a.data, "ptr") else a.__array_interface__["data"][0]
-    return ptr, ptr + a.nbytes
-
-
-def _check_distinct(op, **arrays):
-    """In-place kernels read one array while writing another: they must not overlap."""
-    items = [(n, _byte_range(a)) for n, a in arrays.items() if a is not None and a.nbytes]
-    for k, (name_a, (a0, a1)) in enumerate(items):
-        for name_b, (b0, b1) in items[k + 1:]:
-            if a0 < b1 and b0 < a1:
-                raise ValueError(f"{op}: {name_a} and {name_b} share memory; the kernel updates "
-                                 "them in place and needs separate arrays")
-
-
-def _blocks(work_items, per_block):
-    return max(1, min(_MAX_BLOCKS, -(-work_items // per_block)))
-
-
 # --------------------------------------------------------------------------------------------
 # 1. Gradient quantisation: float32 -> int8, stochastic rounding against a per-tensor scale.
 
-
-@cuda.jit(device=True)
-def _block_tree_sum(buf, tid, width):
-    """buf[0] = the sum of buf[:width] (shared memory, width a power of two), by halving in
-    a fixed order. Every thread of the block calls it, after a syncthreads."""
-    half = width // 2
-    while half > 0:
-        if tid < half:
-            buf[tid] += buf[tid + half]
-        cuda.syncthreads()
-        half //= 2
 
 @numba.njit(cache=True)
 def _inv_rms(total, n, gain):
@@ -322,7 +171,7 @@ def _clocked_key(key, clock):
     given, so that a replayed CUDA graph draws fresh bits every step."""
     if clock.shape[0] == 0:
         return key
-    return _mix64(key + np.uint64(clock[0]) * _GOLDEN)
+    return mix64(key + np.uint64(clock[0]) * GOLDEN)
 
 
 _clocked_key_dev = on_device(_clocked_key)
@@ -347,7 +196,7 @@ def _empty(xp, dtype):
 
 def _check_clock(op, clock, like):
     target(like, clock, op=op)   # raises if the clock is on another device
-    _check_array(op, "clock", clock, np.int64, shape=(2,))
+    check_array(op, "clock", clock, np.int64, shape=(2,))
 
 
 def _done_counter(xp):
@@ -363,7 +212,7 @@ def _done_counter(xp):
 def _check_seed(op, seed):
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"{op}: seed must be an integer in [0, 2**64), got {seed!r}")
-    if not 0 <= int(seed) <= _MASK64:
+    if not 0 <= int(seed) <= MASK64:
         raise ValueError(f"{op}: seed = {int(seed)} is out of range, expected 0 <= seed < 2**64")
 
 
@@ -374,7 +223,7 @@ def _quantized(g, scale, key, i, clip, accumulate, held):
     q = _round_stochastic(g * scale, _uniform24(key, i), clip)
     if accumulate:
         q += np.int64(held)
-    return _sat_accum(q)
+    return sat_accum(q)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -442,10 +291,10 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
     op = "quantize_grad"
     scale_on_device = isinstance(inv_scale, np.ndarray) or is_cupy(inv_scale)
     dev = target(G, out, inv_scale if scale_on_device else None, op=op)
-    _check_array(op, "G", G, np.float32)
-    _check_array(op, "out", out, np.int8, shape=G.shape, writeable=True)
+    check_array(op, "G", G, np.float32)
+    check_array(op, "out", out, np.int8, shape=G.shape, writeable=True)
     if scale_on_device:
-        _check_array(op, "inv_scale", inv_scale, np.float32, shape=(1,))
+        check_array(op, "inv_scale", inv_scale, np.float32, shape=(1,))
     elif _is_real(inv_scale):
         if not 0 <= inv_scale <= _FLOAT32_MAX:  # also rejects NaN
             raise ValueError(f"{op}: inv_scale = {inv_scale!r}, expected a number in "
@@ -454,8 +303,8 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
         raise TypeError(f"{op}: inv_scale must be a number or a float32 array of shape (1,), "
                         f"got {type(inv_scale).__name__}")
     _check_seed(op, seed)
-    _check_distinct(op, G=G, out=out)
-    clip = np.float32(_check_int(op, "clip", clip, 1, 128))
+    check_distinct(op, G=G, out=out)
+    clip = np.float32(check_int(op, "clip", clip, 1, 128))
     if clock is not None:
         _check_clock(op, clock, G)
 
@@ -464,22 +313,15 @@ def quantize_grad(G, inv_scale, seed, out, *, clip=128, accumulate=True, clock=N
     xp = xp_of(G)
     if not scale_on_device:
         inv_scale = xp.full(1, inv_scale, dtype=np.float32)
-    key = _stream_key(int(seed))
+    key = stream_key(int(seed))
     G_flat, out_flat = G.reshape(-1), out.reshape(-1)
     args = (G_flat, inv_scale, key, clip, np.int64(bool(accumulate)),
             _empty(xp, np.int64) if clock is None else clock, out_flat)
     if dev == "cpu":
         _quantize_grad_cpu(*args)
     else:
-        launch(_quantize_grad_cuda, _blocks(G.size, _QUANT_THREADS), _QUANT_THREADS, *args)
+        launch(_quantize_grad_cuda, blocks(G.size, _QUANT_THREADS), _QUANT_THREADS, *args)
     return out
-
-
-def _mix64_reference(z):
-    """_mix64 on uint64 arrays (whose arithmetic wraps silently, as the kernels' does)."""
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
 
 
 def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
@@ -491,10 +333,10 @@ def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
     v = np.clip(v, np.float32(-clip), np.float32(clip))
     lo = np.floor(v)
     i = np.arange(v.size, dtype=np.uint64)
-    key = np.array([_stream_key(int(seed))], np.uint64)
+    key = np.array([stream_key(int(seed))], np.uint64)
     if step is not None:   # _clocked_key
-        key = _mix64_reference(key + np.array([int(step)], np.uint64) * _GOLDEN)
-    z = _mix64_reference(key + i * _GOLDEN)
+        key = mix64_reference(key + np.array([int(step)], np.uint64) * GOLDEN)
+    z = mix64_reference(key + i * GOLDEN)
     u = (z >> np.uint64(40)).astype(np.float32) * _INV_2_24
     q = lo.astype(np.int64) + (u < v - lo)
     new = np.clip(out.reshape(-1).astype(np.int64) + q, -ACCUM_MAX, ACCUM_MAX)
@@ -509,7 +351,7 @@ def quantize_grad_reference(G, inv_scale, seed, out, *, clip=128, step=None):
 def _spread_value(key, i, bound):
     """A uniform integer in [-bound, bound], a pure function of (key, i): the top 24 bits of
     the hash times the 2·bound + 1 choices, in integers (exact on every device)."""
-    z = _mix64(key + np.uint64(i) * _GOLDEN) >> np.uint64(40)
+    z = mix64(key + np.uint64(i) * GOLDEN) >> np.uint64(40)
     return np.int64((z * np.uint64(2 * bound + 1)) >> np.uint64(24)) - bound
 
 
@@ -539,17 +381,17 @@ def spread_accumulators(accum, seed, bound):
     """
     op = "spread_accumulators"
     dev = target(accum, op=op)
-    _check_array(op, "accum", accum, np.int8, writeable=True)
-    bound = _check_int(op, "bound", bound, 0, ACCUM_MAX)
+    check_array(op, "accum", accum, np.int8, writeable=True)
+    bound = check_int(op, "bound", bound, 0, ACCUM_MAX)
     _check_seed(op, seed)
     if accum.size == 0:
         return accum
     flat = accum.reshape(-1)
-    args = (flat, _stream_key(int(seed)), np.int64(bound))
+    args = (flat, stream_key(int(seed)), np.int64(bound))
     if dev == "cpu":
         _spread_accumulators_cpu(*args)
     else:
-        launch(_spread_accumulators_cuda, _blocks(flat.size, _QUANT_THREADS), _QUANT_THREADS,
+        launch(_spread_accumulators_cuda, blocks(flat.size, _QUANT_THREADS), _QUANT_THREADS,
                *args)
     return accum
 
@@ -557,8 +399,8 @@ def spread_accumulators(accum, seed, bound):
 def spread_accumulators_reference(shape, seed, bound):
     """NumPy truth for `spread_accumulators`: a new int8 array of `shape`."""
     i = np.arange(int(np.prod(shape)), dtype=np.uint64)
-    key = np.array([_stream_key(int(seed))], np.uint64)
-    z = _mix64_reference(key + i * _GOLDEN) >> np.uint64(40)
+    key = np.array([stream_key(int(seed))], np.uint64)
+    z = mix64_reference(key + i * GOLDEN) >> np.uint64(40)
     v = ((z * np.uint64(2 * bound + 1)) >> np.uint64(24)).astype(np.int64) - bound
     return v.astype(np.int8).reshape(shape)
 
@@ -763,12 +605,12 @@ def _exponent_grad_and_scales_cuda(G, T_packed, E, cols, width, n, row_size, row
             esq += cuda.atomic.add(partial, (k, 1), 0.0)
         squares[tid] = sq
         cuda.syncthreads()
-        _block_tree_sum(squares, tid, _GRAD_THREADS)
+        block_tree_sum(squares, tid, _GRAD_THREADS)
         sq = squares[0]
         cuda.syncthreads()   # every thread has read squares[0] before it is overwritten
         squares[tid] = esq
         cuda.syncthreads()
-        _block_tree_sum(squares, tid, _GRAD_THREADS)
+        block_tree_sum(squares, tid, _GRAD_THREADS)
         if tid == 0:
             gain = _clocked_gain_dev(gain, clock)
             inv_scales[0] = _inv_rms_dev(sq, _counted_dev(n, row_size, rows), gain)
@@ -788,7 +630,7 @@ def exponent_grad_and_scales(G, T_packed, E, cols, grad_gain, *, rows=None, cloc
 
     rows: None, or an int64 (1,) array on G's device holding u: only the first u rows count
     in both mean squares (the rest are zero padding, as for the rows of
-    tritnet_kernels.tables' unique_rows). clock: None, or the optimiser's int64 (2,) [step,
+    tritnet_kernels.sparse_rows' unique_rows). clock: None, or the optimiser's int64 (2,) [step,
     gain / 2**-32] on G's device: the gain is then read there (grad_gain is ignored), as a
     replayed CUDA graph needs.
 
@@ -804,18 +646,18 @@ def exponent_grad_and_scales(G, T_packed, E, cols, grad_gain, *, rows=None, cloc
     """
     op = "exponent_grad_and_scales"
     dev = target(G, T_packed, E, rows, clock, op=op)
-    _check_array(op, "G", G, np.float32, ndim=2)
-    cols = _check_int(op, "cols", cols, 0, 2**31 - 1)
+    check_array(op, "G", G, np.float32, ndim=2)
+    cols = check_int(op, "cols", cols, 0, 2**31 - 1)
     if G.shape[1] != cols:
         raise ValueError(f"{op}: G has shape {tuple(G.shape)}, expected (rows, {cols}) for "
                          f"cols = {cols}")
     R = G.shape[0]
-    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2)
+    check_array(op, "T_packed", T_packed, np.uint32, ndim=2)
     if T_packed.shape != (R, 2 * -(-cols // 32)):
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
                          f"{(R, 2 * -(-cols // 32))} to match G's {R} rows and {cols} "
                          "columns (bitplane32: a plus and a minus word per 32 columns)")
-    _check_array(op, "E", E, np.int8, shape=(R,))
+    check_array(op, "E", E, np.int8, shape=(R,))
     if clock is not None:
         _check_clock(op, clock, G)
         grad_gain = 1.0
@@ -824,7 +666,7 @@ def exponent_grad_and_scales(G, T_packed, E, cols, grad_gain, *, rows=None, cloc
     if not (math.isfinite(grad_gain) and grad_gain > 0):
         raise ValueError(f"{op}: grad_gain = {grad_gain!r}, expected a finite number > 0")
     if rows is not None:
-        _check_array(op, "rows", rows, np.int64, shape=(1,))
+        check_array(op, "rows", rows, np.int64, shape=(1,))
 
     xp = xp_of(G)
     inv_scales = xp.zeros(2, dtype=np.float32)
@@ -886,14 +728,14 @@ def _ternary_update_cpu(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, f
     flips = 0
     steps = 0
     for r in numba.prange(T_accum.shape[0]):
-        # Per-row counts added at the top level of the loop body, as in tables.py's sparse
+        # Per-row counts added at the top level of the loop body, as in sparse_rows.py's sparse
         # twin (numba 0.68 loses some reductions made inside nested loops).
         row_flips = 0
         for g in range((cols + 31) // 32):
-            row_flips += _trit_group_step(T_packed, T_accum, grad_q, r, r, g, cols,
-                                          flip_threshold, flip_decay_shift, flip_carry)
-        row_steps = _exponent_step(E, E_accum, grad_E_q, r, r, scale_threshold,
-                                   scale_decay_shift)
+            row_flips += trit_group_step(T_packed, T_accum, grad_q, r, r, g, cols,
+                                         flip_threshold, flip_decay_shift, flip_carry)
+        row_steps = exponent_step(E, E_accum, grad_E_q, r, r, scale_threshold,
+                                  scale_decay_shift)
         if zero_grad:
             grad_q[r, :] = 0
             grad_E_q[r] = 0
@@ -946,9 +788,9 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
                 j = j0 + b
                 if j < cols:
                     t = ((plus >> (shift + b)) & 1) - ((minus >> (shift + b)) & 1)
-                    t_new, a = _accumulator_step(t, np.int64(T_accum[r, j]),
-                                                 np.int64(grad_q[r, j]), flip_threshold, -1,
-                                                 1, flip_decay_shift, flip_carry)
+                    t_new, a = accumulator_step(t, np.int64(T_accum[r, j]),
+                                                np.int64(grad_q[r, j]), flip_threshold, -1,
+                                                1, flip_decay_shift, flip_carry)
                     T_accum[r, j] = a
                     if zero_grad:
                         grad_q[r, j] = 0
@@ -959,8 +801,8 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
                     elif t_new < 0:
                         minus_bits |= np.uint32(1) << np.uint32(shift + b)
             if g == 0 and lane == 0:
-                steps += _exponent_step_dev(E, E_accum, grad_E_q, r, r, scale_threshold,
-                                            scale_decay_shift)
+                steps += exponent_step_dev(E, E_accum, grad_E_q, r, r, scale_threshold,
+                                           scale_decay_shift)
                 if zero_grad:
                     grad_E_q[r] = 0
         new_plus[tid] = plus_bits
@@ -986,14 +828,14 @@ def _ternary_update_cuda(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, 
 
 
 def _check_trit_state(op, T_packed, T_accum, grad_q, cols):
-    cols = _check_int(op, "cols", cols, 1, 2**31 - 1)
-    _check_array(op, "T_accum", T_accum, np.int8, ndim=2, writeable=True)
+    cols = check_int(op, "cols", cols, 1, 2**31 - 1)
+    check_array(op, "T_accum", T_accum, np.int8, ndim=2, writeable=True)
     if T_accum.shape[1] != cols:
         raise ValueError(f"{op}: T_accum has shape {tuple(T_accum.shape)}, expected "
                          f"(rows, {cols}) for cols = {cols}")
     rows = T_accum.shape[0]
-    _check_array(op, "grad_q", grad_q, np.int8, shape=(rows, cols), writeable=True)
-    _check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=True)
+    check_array(op, "grad_q", grad_q, np.int8, shape=(rows, cols), writeable=True)
+    check_array(op, "T_packed", T_packed, np.uint32, ndim=2, writeable=True)
     if T_packed.shape != (rows, 2 * -(-cols // 32)):
         raise ValueError(f"{op}: T_packed has shape {tuple(T_packed.shape)}, expected "
                          f"{(rows, 2 * -(-cols // 32))} to match T_accum's {rows} rows and "
@@ -1002,12 +844,12 @@ def _check_trit_state(op, T_packed, T_accum, grad_q, cols):
 
 
 def _check_scale_state(op, E, E_accum, grad_E_q, rows):
-    _check_array(op, "E", E, np.int8, ndim=1, writeable=True)
+    check_array(op, "E", E, np.int8, ndim=1, writeable=True)
     if E.shape[0] != rows:
         raise ValueError(f"{op}: E has shape {tuple(E.shape)}, expected ({rows},): one exponent "
                          "per row of T_accum")
-    _check_array(op, "E_accum", E_accum, np.int8, shape=(rows,), writeable=True)
-    _check_array(op, "grad_E_q", grad_E_q, np.int8, shape=(rows,), writeable=True)
+    check_array(op, "E_accum", E_accum, np.int8, shape=(rows,), writeable=True)
+    check_array(op, "grad_E_q", grad_E_q, np.int8, shape=(rows,), writeable=True)
 
 
 def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, flip_threshold,
@@ -1048,14 +890,14 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
     dev = target(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, counts, op=op)
     rows, cols = _check_trit_state(op, T_packed, T_accum, grad_q, cols)
     _check_scale_state(op, E, E_accum, grad_E_q, rows)
-    flip_threshold = _check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
-    scale_threshold = _check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
-    flip_decay_shift = _check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)
-    scale_decay_shift = _check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)
+    flip_threshold = check_int(op, "flip_threshold", flip_threshold, 1, ACCUM_MAX)
+    scale_threshold = check_int(op, "scale_threshold", scale_threshold, 1, ACCUM_MAX)
+    flip_decay_shift = check_int(op, "flip_decay_shift", flip_decay_shift, 0, 7)
+    scale_decay_shift = check_int(op, "scale_decay_shift", scale_decay_shift, 0, 7)
     if counts is not None:
-        _check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
-    _check_distinct(op, T_packed=T_packed, T_accum=T_accum, grad_q=grad_q, E=E,
-                    E_accum=E_accum, grad_E_q=grad_E_q, counts=counts)
+        check_array(op, "counts", counts, np.int64, shape=(2,), writeable=True)
+    check_distinct(op, T_packed=T_packed, T_accum=T_accum, grad_q=grad_q, E=E,
+                   E_accum=E_accum, grad_E_q=grad_E_q, counts=counts)
     if counts is None:
         counts = xp_of(T_accum).zeros(2, dtype=np.int64)
     if rows == 0:
@@ -1068,29 +910,12 @@ def ternary_update(T_packed, T_accum, grad_q, E, E_accum, grad_E_q, cols, *, fli
         _ternary_update_cpu(*args)
     else:
         tasks = rows * -(-cols // 256)   # a warp per 8 groups of a row
-        launch(_ternary_update_cuda, _blocks(tasks, _UPDATE_WARPS), _UPDATE_THREADS, *args)
+        launch(_ternary_update_cuda, blocks(tasks, _UPDATE_WARPS), _UPDATE_THREADS, *args)
     return counts
 
 
 # The references decode and encode masks with packing's NumPy references, not its kernels, so
 # they stay independent of every kernel they check.
-
-
-def _rule_reference(value, accum, grad, threshold, lowest, highest, decay_shift, carry=False):
-    """Vectorised `_accumulator_step` over integer arrays: returns (value, accum)."""
-    a = np.clip(accum + grad, -ACCUM_MAX, ACCUM_MAX)
-    down = (a >= threshold) & (value > lowest)
-    up = ~down & (a <= -threshold) & (value < highest)
-    if decay_shift > 0:
-        decayed = a - np.sign(a) * (np.abs(a) >> decay_shift)
-    else:
-        decayed = a
-    value = value - down + up
-    if carry:
-        accum = np.where(down, a - 2 * threshold, np.where(up, a + 2 * threshold, decayed))
-    else:
-        accum = np.where(down | up, 0, decayed)
-    return value, accum
 
 
 def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, grad_E_q=None, *,
@@ -1103,19 +928,18 @@ def ternary_update_reference(T_packed, T_accum, grad_q, E=None, E_accum=None, gr
     """
     cols = T_accum.shape[1]
     T = unpack_trits_reference(T_packed, cols)
-    T_new, T_accum_new = _rule_reference(T, T_accum.astype(np.int64), grad_q.astype(np.int64),
-                                         flip_threshold, -1, 1, flip_decay_shift, flip_carry)
+    T_new, T_accum_new = rule_reference(T, T_accum.astype(np.int64), grad_q.astype(np.int64),
+                                        flip_threshold, -1, 1, flip_decay_shift, flip_carry)
     counts = np.array([np.count_nonzero(T_new != T), 0], dtype=np.int64)
     E_new = E_accum_new = None
     if E is not None:
-        E_new, E_accum_new = _rule_reference(E.astype(np.int64), E_accum.astype(np.int64),
-                                             grad_E_q.astype(np.int64), scale_threshold,
-                                             E_MIN, E_MAX, scale_decay_shift)
+        E_new, E_accum_new = rule_reference(E.astype(np.int64), E_accum.astype(np.int64),
+                                            grad_E_q.astype(np.int64), scale_threshold,
+                                            E_MIN, E_MAX, scale_decay_shift)
         counts[1] = np.count_nonzero(E_new != E)
         E_new, E_accum_new = E_new.astype(np.int8), E_accum_new.astype(np.int8)
     return (pack_trits_reference(T_new), T_accum_new.astype(np.int8), E_new, E_accum_new,
             counts)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -1160,9 +984,9 @@ def count_saturated(accum, out, index=0):
     device; no host sync, so a captured step can count every step."""
     op = "count_saturated"
     dev = target(accum, out, op=op)
-    _check_array(op, "accum", accum, np.int8)
-    _check_array(op, "out", out, np.int64, ndim=1, writeable=True)
-    index = _check_int(op, "index", index, 0, max(out.shape[0] - 1, 0))
+    check_array(op, "accum", accum, np.int8)
+    check_array(op, "out", out, np.int64, ndim=1, writeable=True)
+    index = check_int(op, "index", index, 0, max(out.shape[0] - 1, 0))
     if out.shape[0] == 0:
         raise ValueError(f"{op}: out is empty; expected an int64 array with an entry {index}")
     if accum.size == 0:
@@ -1171,7 +995,7 @@ def count_saturated(accum, out, index=0):
     if dev == "cpu":
         _count_saturated_cpu(flat, out, np.int64(index))
     else:
-        launch(_count_saturated_cuda, _blocks(flat.size, _QUANT_THREADS), _QUANT_THREADS, flat,
+        launch(_count_saturated_cuda, blocks(flat.size, _QUANT_THREADS), _QUANT_THREADS, flat,
                out, np.int64(index))
     return out
 

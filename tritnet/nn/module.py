@@ -3,7 +3,8 @@
 A Module registers what is assigned to it by type: a `Parameter` (a float Tensor trained by
 gradient) goes to its parameters, a `Module` to its children; arrays registered with
 `register_buffer` are its buffers. Ternary modules keep all their state as integer buffers
-(packed trits, int8 scales and accumulators) and no Parameters at all (DESIGN §1).
+(packed trits, int8 scales and accumulators) and no Parameters at all
+(docs/design.md#integer-dtypes).
 `state_dict()` maps dotted names to the underlying arrays; `load_state_dict` checks names,
 shapes and dtypes before copying anything, so a bad dict changes nothing.
 """
@@ -201,6 +202,25 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
+    # --- a training step's host state ---------------------------------------------------
+    # The plain attributes a training step changes on the host, between its forward and the
+    # optimiser's step: int8 gradients waiting to be applied, recorded observations, step
+    # counters. Each class lists its own (with its base's); a captured CUDA graph step saves
+    # them and puts them back when its capture fails (tritnet/capture.py).
+    step_attributes: tuple = ()
+
+    def step_state(self) -> dict:
+        """{name: value} of `step_attributes` (lists copied: a forward appends in place)."""
+        state = {}
+        for name in self.step_attributes:
+            value = getattr(self, name)
+            state[name] = list(value) if isinstance(value, list) else value
+        return state
+
+    def load_step_state(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
     # --- calling and printing -----------------------------------------------------------
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.forward is not defined")
@@ -217,6 +237,32 @@ class Module:
             body = repr(child).replace("\n", "\n  ")
             lines.append(f"  ({name}): {body}")
         return "\n".join(lines) + (")" if len(lines) == 1 else "\n)")
+
+
+class Observer:
+    """A module that learns by an integer rule that is not a gradient (VQ usage and dead-code
+    restarts, code-graph edges). Its training forwards record observations in `observed`;
+    the optimiser's step applies them (`apply_observations`) or drops them
+    (`clear_observations`); a data-parallel step gathers them from every rank first, as rows
+    of the columns `observation_columns()` declares (tritnet/distributed.py)."""
+
+    def apply_observations(self) -> None:
+        raise NotImplementedError
+
+    def clear_observations(self) -> None:
+        raise NotImplementedError
+
+    def observation_columns(self) -> list:
+        """Per group of observations, its columns as (dtype, shape of one row)."""
+        raise NotImplementedError
+
+    def take_observations(self) -> list:
+        """Per group, this process's observations as arrays of equal length, one a column."""
+        raise NotImplementedError
+
+    def put_observations(self, groups: list) -> None:
+        """Replace the observations with `groups` (take_observations' form, every rank's)."""
+        raise NotImplementedError
 
 
 class ModuleList(Module):

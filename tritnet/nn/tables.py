@@ -5,12 +5,12 @@ row r = 2 ** (E[r] / 8) · T[r], T packed in bitplane32 words. Tables are read s
 
 - construction is packed-first: random trits are written straight into the packed words by
   a kernel, and the int8 accumulators start as calloc'd zeros, so no array of the table's
-  trit shape exists other than its final integer state (DESIGN §1.4);
+  trit shape exists other than its final integer state (docs/design.md#packed-first);
 - forward gathers the rows it needs, widened to float only for those rows;
 - backward sums the gradient of repeated indices (deterministically), quantises it to int8
   for the touched rows only, and the optimiser updates only those rows: a step costs
   O(batch · dim) whatever the table's size. The touched rows are padded to one per index
-  read (tritnet_kernels.tables.unique_rows), so backward needs no host sync and has the same
+  read (tritnet_kernels.sparse_rows.unique_rows), so backward needs no host sync and has the same
   shapes every step.
 """
 
@@ -22,12 +22,15 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
-from .. import random as trandom
+from .. import rng as trandom
 from ..autograd import Function, Tensor, is_grad_enabled, once_per_recompute
+from .module import Observer
 from .ternary import SCALE_EXPONENT_STEP, TernaryModule
 from tritnet_kernels import packing as kpacking
-from tritnet_kernels import tables as ktables
-from tritnet_kernels import vq as kvq
+from tritnet_kernels import sparse_rows as ksparse
+from tritnet_kernels import vq_route as kvq_route
+from tritnet_kernels import vq_search as kvq_search
+from tritnet_kernels import vq_usage as kvq_usage
 
 # Rows of uniform random trits (2/3 nonzero) at scale 2**(2/8) ≈ 1.19 ≈ sqrt(3/2) have unit RMS.
 UNIT_RMS_EXPONENT = 2
@@ -65,7 +68,7 @@ class RowGather(Function):
     def forward(self, *, table, indices, increasing=False):
         self.table, self.indices, self.increasing = table, indices, increasing
         self.updates_state = table.training and is_grad_enabled()
-        return ktables.gather_rows(table.T_packed, table.E, indices, table.dim, check=False)
+        return ksparse.gather_rows(table.T_packed, table.E, indices, table.dim, check=False)
 
     def backward(self, grad):
         self.table.accumulate_row_grad(self.indices, grad, increasing=self.increasing)
@@ -83,6 +86,7 @@ class TernaryEmbeddingTable(TernaryModule):
     """
 
     sparse = True   # a step reads and writes only the rows it touched
+    step_attributes = TernaryModule.step_attributes + ("pending",)
 
     def __init__(self, rows: int, dim: int, device: str | None = None,
                  exponent: int = UNIT_RMS_EXPONENT):
@@ -127,8 +131,8 @@ class TernaryEmbeddingTable(TernaryModule):
         if increasing:
             rows, G, count = indices.astype(np.int64, copy=False), grad, None
         else:
-            rows, inverse, order, offsets, count = ktables.unique_rows(indices)
-            G = ktables.segment_sum_rows(grad, inverse, rows.shape[0],
+            rows, inverse, order, offsets, count = ksparse.unique_rows(indices)
+            G = ksparse.segment_sum_rows(grad, inverse, rows.shape[0],
                                          segments=(order, offsets), check=False)
         # padding rows (-1) read the last row: their G is 0, so their gradients are 0 too
         grad_q, grad_E_q = self.quantize_grads(G, self.T_packed[rows], self.E[rows], rows=count)
@@ -137,7 +141,7 @@ class TernaryEmbeddingTable(TernaryModule):
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int,
                      flip_carry: bool = False, counts=None):
         for rows, grad_q, grad_E_q in self.pending:
-            counts = ktables.sparse_ternary_update(
+            counts = ksparse.sparse_ternary_update(
                 self.T_packed, self.T_accum, self.E, self.E_accum, rows, grad_q, grad_E_q,
                 flip_threshold=flip_threshold, flip_decay_shift=decay_shift,
                 scale_threshold=scale_threshold, scale_decay_shift=decay_shift,
@@ -156,7 +160,7 @@ class VQOutput(NamedTuple):
     loss: Tensor        # codebook loss + beta · commitment loss, a float scalar
 
 
-class TernaryVQCodebook(TernaryEmbeddingTable):
+class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
     """Vector quantisation onto `size` ternary codewords of width `dim`.
 
     Distance: queries are ternarised (sign of the entries above half the row's mean |x|) and
@@ -175,7 +179,8 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     `index_refresh` training steps, as codes move. `routed_recall()` measures recall@1 of the
     routed search against exact on given queries.
 
-    Dead codes (DESIGN §6): `usage` (int16, saturating) counts how often each code was chosen.
+    Dead codes (docs/model.md#dead-codes): `usage` (int16, saturating) counts how often each
+    code was chosen.
     Every `restart_every` training steps, each code with usage 0 is restarted from a random
     row of the step's queries (its ternarised pattern, with the least-squares scale for it),
     its accumulators cleared; then all counts are halved, so a code must keep being chosen to
@@ -188,6 +193,9 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     can gather each other's observations and apply the same ones (tritnet/distributed.py).
     """
 
+    step_attributes = TernaryEmbeddingTable.step_attributes + (
+        "observed", "restart_queries", "steps_since_restart", "steps_since_index", "index")
+
     def __init__(self, size: int, dim: int = 64, *, beta: float = 0.25, search: str = "exact",
                  n_partitions: int | None = None, nprobe: int | None = None, index_refresh: int = 1000,
                  restart_every: int = 100, device: str | None = None):
@@ -199,7 +207,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
             raise ValueError(f"{name}: beta must be >= 0, got {beta}")
         self.size, self.beta, self.search_mode = self.rows, float(beta), search
         self.n_partitions = n_partitions or max(1, min(size, int(round(math.sqrt(size)))))
-        # 48 of sqrt(K) partitions measured recall@1 0.98 on a 1M book (tests/test_tables_modules)
+        # 48 of sqrt(K) partitions measured recall@1 0.98 on a 1M book (tests/nn/test_tables.py)
         nprobe = min(48, self.n_partitions) if nprobe is None else nprobe
         if not 1 <= nprobe <= min(64, self.n_partitions):
             raise ValueError(f"{name}: nprobe must be in [1, {min(64, self.n_partitions)}], "
@@ -243,7 +251,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         picks = xp.asarray(np.linspace(0, K - 1, P).astype(np.int64))
         centroids = xp.ascontiguousarray(self.T_packed[picks])
         for it in range(iterations + 1):
-            assign = kvq.nearest_code(self.T_packed, centroids, self.dim)
+            assign = kvq_search.nearest_code(self.T_packed, centroids, self.dim)
             if it == iterations:
                 break
             sums = xp.zeros((P, self.dim), dtype=np.float32)
@@ -251,10 +259,10 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
             for start in range(0, K, chunk):
                 idx = xp.arange(start, min(K, start + chunk), dtype=np.int64)
                 trits = kpacking.unpack_trits(self.T_packed[idx], self.dim).astype(np.float32)
-                sums += ktables.segment_sum_rows(trits, assign[start:start + chunk], P,
+                sums += ksparse.segment_sum_rows(trits, assign[start:start + chunk], P,
                                                  check=False)
             empty = xp.abs(sums).sum(1) == 0  # keep the old centroid of an empty partition
-            fresh = kvq.ternarize_queries(xp.ascontiguousarray(sums))
+            fresh = kvq_search.ternarize_queries(xp.ascontiguousarray(sums))
             centroids = xp.where(empty[:, None], centroids, fresh)
         order = xp.argsort(assign, kind="stable").astype(np.int32)
         counts = xp.bincount(assign, minlength=P)
@@ -267,17 +275,17 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         """Nearest code (int32 (n,)) of each ternarised query (bitplanes (n, 2G))."""
         mode = mode or self.search_mode
         if mode == "exact":
-            return kvq.nearest_code(queries, self.T_packed, self.dim)
+            return kvq_search.nearest_code(queries, self.T_packed, self.dim)
         if self.index is None:
             self.build_index()
         centroids, offsets, codes = self.index
-        probe = kvq.top_codes(queries, centroids, self.dim, self.nprobe)
-        return kvq.nearest_code_in_partitions(queries, self.T_packed, self.dim, offsets, codes,
+        probe = kvq_route.top_codes(queries, centroids, self.dim, self.nprobe)
+        return kvq_route.nearest_code_in_partitions(queries, self.T_packed, self.dim, offsets, codes,
                                               probe, check=False)
 
     def routed_recall(self, x) -> float:
         """recall@1 of the routed search against exact on float queries x (n, dim)."""
-        q = kvq.ternarize_queries(self._queries(x))
+        q = kvq_search.ternarize_queries(self._queries(x))
         exact, routed = self.search(q, "exact"), self.search(q, "routed")
         return float((exact == routed).mean())
 
@@ -295,7 +303,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         if backend.is_cupy(flat) != backend.is_cupy(self.T_packed):
             raise TypeError(f"{type(self).__name__}: queries are on {x.device} but the "
                             f"codebook is on {backend.array_device(self.T_packed)}")
-        queries = kvq.ternarize_queries(flat)
+        queries = kvq_search.ternarize_queries(flat)
         indices = once_per_recompute(lambda: self.search(queries))  # one search a step
         codes = RowGather.apply(table=self, indices=indices).reshape(*x.shape)
         if codes.dtype != x.dtype:
@@ -326,7 +334,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
         if not self.observed:
             return
         xp = backend.get_array_module(self.T_packed)
-        kvq.count_usage(backend.concatenate(self.observed), self.usage, check=False)
+        kvq_usage.count_usage(backend.concatenate(self.observed), self.usage, check=False)
         self.tick()
         if self.restart_every and self.steps_since_restart >= self.restart_every:
             if self.restart_queries:
@@ -343,7 +351,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     def tick(self) -> None:
         """The host's count of one more training step (restart and index-refresh clocks):
         what apply_observations counts, and all a replayed CUDA graph of a step leaves to
-        the host (tritnet/graphs.py; such a step has no host work, see host_work_due)."""
+        the host (tritnet/capture.py; such a step has no host work, see host_work_due)."""
         self.steps_since_restart += 1
         self.steps_since_index += 1
 
@@ -358,17 +366,38 @@ class TernaryVQCodebook(TernaryEmbeddingTable):
     def clear_observations(self) -> None:
         self.observed, self.restart_queries = [], []
 
+    def observation_columns(self) -> list:
+        """Chosen codes; and the restart step's float and ternarised queries."""
+        return [[(np.int32, ())],
+                [(np.float32, (self.dim,)), (np.uint32, (2 * kpacking.n_groups(self.dim),))]]
+
+    def take_observations(self) -> list:
+        xp = backend.get_array_module(self.T_packed)
+        idx = xp.concatenate(self.observed) if self.observed else xp.zeros(0, np.int32)
+        if self.restart_queries:
+            flat = xp.concatenate([f for f, _ in self.restart_queries])
+            q = xp.concatenate([q for _, q in self.restart_queries])
+        else:
+            flat = xp.zeros((0, self.dim), np.float32)
+            q = xp.zeros((0, 2 * kpacking.n_groups(self.dim)), np.uint32)
+        return [(idx,), (flat, q)]
+
+    def put_observations(self, groups: list) -> None:
+        (idx,), (flat, q) = groups
+        self.observed = [idx] if idx.shape[0] else []
+        self.restart_queries = [(flat, q)] if flat.shape[0] else []
+
     def restart_dead_codes(self, flat, queries=None) -> int:
         """Restart unused codes from rows of `flat` (float queries (n, dim)), the rule in the
         class doc; returns the number restarted."""
         xp = backend.get_array_module(self.T_packed)
         if queries is None:
-            queries = kvq.ternarize_queries(flat)
+            queries = kvq_search.ternarize_queries(flat)
         dead = xp.nonzero(self.usage == 0)[0]
         n = min(int(dead.shape[0]), flat.shape[0])
         if n:
             # counter-based: the same draws on every rank, and after a resume
-            rng = np.random.default_rng(trandom.mix_seed(self.grad_seed, self.grad_step,
+            rng = np.random.default_rng(trandom.mix_seed(self.grad_seed, self.quantizer.step,
                                                          RESTART_STREAM))
             dead = dead[xp.asarray(rng.choice(int(dead.shape[0]), n, replace=False))]
             src = xp.asarray(rng.choice(flat.shape[0], n, replace=False))

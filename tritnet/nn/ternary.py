@@ -9,9 +9,9 @@ so one step of E changes a row's scale by 2**(1/8) ≈ 9%, and the int8 range co
 
 Training state beside the weight: `T_accum` (int8, one per trit) and `E_accum` (int8, one per
 row). The op that uses the weight computes the input gradient as usual and hands the weight
-gradient straight to integer state (DESIGN §1.3, §4): G = gyᵀ·x exists only as a transient
-inside backward, where it is quantised to int8 (`grad_q`, weight-shaped) and the scale
-gradient to int8 (`grad_E_q`, one per row). The optimiser (`tritnet.optim.TritFlip`) consumes
+gradient straight to integer state (docs/design.md#integer-gradients): G = gyᵀ·x exists only
+as a transient inside backward, where it is quantised to int8 (`grad_q`, weight-shaped) and the
+scale gradient to int8 (`grad_E_q`, one per row). The optimiser (`tritnet.optim.TritFlip`) consumes
 and frees both.
 
 Gradient quantisation: q = stochastic_round(G · grad_rms_units / rms(G)), clipped to
@@ -23,22 +23,23 @@ update scale-free (like a sign method that keeps magnitudes): a typical entry co
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import backend
-from .. import random as trandom
+from .. import rng as trandom
 from ..autograd import Function, is_grad_enabled
 from .module import Module
 from tritnet_kernels import matmul as kmatmul
-from tritnet_kernels import gemm as kgemm
+from tritnet_kernels import float_gemm as kgemm
 from tritnet_kernels import packing as kpacking
-from tritnet_kernels import tables as ktables
+from tritnet_kernels import sparse_rows as ksparse
 from tritnet_kernels import update as kupdate
 
 SCALE_EXPONENT_STEP = 0.125  # s = 2 ** (E * SCALE_EXPONENT_STEP)
 DEFAULT_GRAD_RMS_UNITS = 8
-DEFAULT_GRAD_CLIP_UNITS = 8   # TritFlip's defaults; the optimiser sets both every step
+DEFAULT_GRAD_CLIP_UNITS = 8   # TritFlip's defaults
 
 
 def scale_from_exponent(E, dtype=np.float32):
@@ -142,7 +143,7 @@ class ExpertMatmul(Function):
         x = xp.ascontiguousarray(x)
         W = self._weights(x.dtype, xp)
         y = kgemm.matmul_gathered(self._tiled(x), W.transpose(0, 2, 1), self.tiles, tile_expert)
-        del W  # the widened weights live only inside this call (DESIGN §1.2)
+        del W  # the widened weights live only inside this call (docs/design.md#no-float-weights)
         self.updates_state = first.training and is_grad_enabled()
         if self.updates_state:
             self.x = x
@@ -234,40 +235,64 @@ def normalized_grad(G, mode: str):
         xp.maximum(C, np.float32(1e-30)))
 
 
+@dataclass
+class GradQuantizer:
+    """How this step's weight gradients become int8: one object that an optimiser (TritFlip)
+    owns, advances and shares with every ternary module it drives; a module on its own has
+    one of its own, with the defaults.
+
+    `epoch` moves whenever `step` or `shard` does: a module counts its quantisations within
+    one epoch (TernaryModule.grad_uses), so that each draws fresh random bits.
+    """
+
+    rms_units: float = DEFAULT_GRAD_RMS_UNITS   # int8 units a one-RMS entry adds (the gain)
+    clip_units: int = DEFAULT_GRAD_CLIP_UNITS   # the most one quantisation adds; 0: no clip
+    norm: str = "tensor"   # how G is normalised before quantisation (GRAD_NORMS)
+    step: int = 0          # the optimiser's step
+    shard: int = 0         # the micro-batch of the step's global batch (distributed.py)
+    clock: object = None   # the optimiser's int64 [step, gain] on the device (TritFlip.clock)
+    epoch: int = 0
+
+    def advance(self, step: int, shard: int, rms_units: float, clip_units: int) -> None:
+        self.step, self.shard, self.rms_units, self.clip_units = step, shard, rms_units, \
+            clip_units
+        self.epoch += 1
+
+
 class TernaryModule(Module):
-    """Base of modules with ternary weights: knows how the optimiser drives its int8 state.
+    """Base of modules with ternary weights: the surface the optimiser, the distributed
+    reducer and the CUDA graph capture use.
 
     A subclass holds one ternary matrix made by `_init_ternary_state` — buffers T_packed
     (uint32 bitplanes), E, T_accum, E_accum — and implements `apply_update(flip_threshold,
-    scale_threshold, decay_shift)` and `zero_grad()`. The optimiser sets `grad_rms_units`,
-    `grad_clip_units`, `grad_seed`, `grad_step` and `grad_shard` (which micro-batch of the
-    step's global batch is running, tritnet/distributed.py); `grad_uses` counts backward
-    contributions within a shard so that every quantisation draws fresh random bits.
+    scale_threshold, decay_shift)` and `zero_grad()`. Its backward leaves the step's int8
+    gradients on the module: a dense module (`sparse = False`) in `grad_q` (weight-shaped) and
+    `grad_E_q` (one per row), a table (`sparse = True`) in `pending`, a list of (rows, grad_q,
+    grad_E_q) per use. `quantizer` says how gradients are quantised (shared with the
+    optimiser); `grad_seed` is this module's own random stream.
     """
 
     sparse = False   # a step updates every row (tables: only the rows a step touched)
+    step_attributes = ("grad_uses", "grad_epoch")
 
     def __init__(self):
         super().__init__()
-        self.grad_rms_units = DEFAULT_GRAD_RMS_UNITS
-        self.grad_clip_units = DEFAULT_GRAD_CLIP_UNITS
+        self.quantizer = GradQuantizer()
         self.grad_seed = int(trandom.generator().integers(0, 2**63))
-        self.grad_step = 0
-        self.grad_shard = 0
-        self.grad_uses = 0
-        self.grad_clock = None   # the optimiser's int64 [step, gain] (TritFlip.clock)
-        self.grad_norm = "tensor"   # how G is normalised before quantisation (GRAD_NORMS)
+        self.grad_uses = 0    # quantisations in the quantizer's epoch `grad_epoch`
+        self.grad_epoch = 0
 
     def _init_ternary_state(self, rows: int, cols: int, exponent: int, device: str | None):
         """Packed-first initial state: uniform random trits (2/3 nonzero) written straight
-        into the packed words by a kernel, E = exponent, zero accumulators (DESIGN §1.4).
+        into the packed words by a kernel, E = exponent, zero accumulators
+        (docs/design.md#packed-first).
         On the "meta" device only shapes and dtypes are recorded (the constructor trace)."""
         self.trit_shape = (rows, cols)
         T_packed = backend.empty((rows, 2 * kpacking.n_groups(cols)), np.uint32, device)
         E = backend.empty(rows, np.int8, device)
         if not backend.is_meta(T_packed):
             seed = int(trandom.generator().integers(0, 2**63))
-            ktables.random_table(T_packed, cols, seed, E=E, exponent=exponent)
+            ksparse.random_table(T_packed, cols, seed, E=E, exponent=exponent)
         self.register_buffer("T_packed", T_packed)
         self.register_buffer("E", E)
         # zeros() maps zero pages lazily (calloc): building never holds a second copy.
@@ -284,19 +309,23 @@ class TernaryModule(Module):
         base3-5 (1.6 bits per trit) and check every trit code when loading."""
         return {"T_packed": self.trit_shape[1]}
 
+    def _uses(self) -> int:
+        """Quantisations so far in the quantizer's epoch (none after it moved on)."""
+        return self.grad_uses if self.grad_epoch == self.quantizer.epoch else 0
+
     def next_grad_seed(self, which: int) -> int:
         """The seed of the next quantisation's random bits. With an optimiser's clock the step
         is not in it: the kernels mix in the clock's step on the device."""
-        if self.grad_clock is not None:
-            return trandom.mix_seed(self.grad_seed, self.grad_shard, self.grad_uses, which)
-        return trandom.mix_seed(self.grad_seed, self.grad_step, self.grad_shard, self.grad_uses,
-                                which)
+        q = self.quantizer
+        if q.clock is not None:
+            return trandom.mix_seed(self.grad_seed, q.shard, self._uses(), which)
+        return trandom.mix_seed(self.grad_seed, q.step, q.shard, self._uses(), which)
 
     def quantize_grads(self, G, T_packed, E, grad_q=None, grad_E_q=None, rows=None):
         """The int8 gradients of trits and row exponents from G = dL/dW (float32, rows of
         T_packed / E): added into grad_q / grad_E_q (allocated when None) and returned.
 
-        Each is stochastic_round(g · grad_rms_units / rms(g)), clipped to ±grad_clip_units
+        Each is stochastic_round(g · rms_units / rms(g)), clipped to ±clip_units (quantizer)
         (0: not clipped); with `rows` (int64 (1,) on the device: u), the rms is over G's first
         u rows, the rest being zero padding (a table's touched rows, padded to a fixed
         count). The scale stays on G's device (no host sync). A gradient that is all
@@ -304,13 +333,14 @@ class TernaryModule(Module):
         a non-finite loss first.
         """
         xp = backend.get_array_module(G)
-        clip, clock = self.grad_clip_units or 128, self.grad_clock
+        q = self.quantizer
+        clip, clock = q.clip_units or 128, q.clock
         # dL/dE_r = dL/ds_r · ds_r/dE_r = (Σ_j G_rj T_rj) · s_r · ln2/8, and both scales, in
         # one pass over G
         inv_scales, grad_E = kupdate.exponent_grad_and_scales(
-            G, T_packed, E, self.trit_shape[1], self.grad_rms_units, rows=rows, clock=clock)
-        if self.grad_norm != "tensor":
-            G, inv_scales = normalized_grad(G, self.grad_norm), inv_scales.copy()
+            G, T_packed, E, self.trit_shape[1], q.rms_units, rows=rows, clock=clock)
+        if q.norm != "tensor":
+            G, inv_scales = normalized_grad(G, q.norm), inv_scales.copy()
             inv_scales[:1] = self._gain(xp)
 
         def quantize(g, inv_scale, out, which):
@@ -322,14 +352,15 @@ class TernaryModule(Module):
 
         grad_q = quantize(G, inv_scales[:1], grad_q, 0)
         grad_E_q = quantize(grad_E, inv_scales[1:], grad_E_q, 1)
-        self.grad_uses += 1
+        self.grad_uses, self.grad_epoch = self._uses() + 1, q.epoch
         return grad_q, grad_E_q
 
     def _gain(self, xp):
         """The gain as a float32 (1,) array on the device: the clock's, else the host's."""
-        if self.grad_clock is not None:
-            return self.grad_clock[1:2].astype(np.float32) * np.float32(kupdate.CLOCK_GAIN_UNIT)
-        return xp.full(1, self.grad_rms_units, np.float32)
+        q = self.quantizer
+        if q.clock is not None:
+            return q.clock[1:2].astype(np.float32) * np.float32(kupdate.CLOCK_GAIN_UNIT)
+        return xp.full(1, q.rms_units, np.float32)
 
     def apply_update(self, flip_threshold: int, scale_threshold: int, decay_shift: int,
                      flip_carry: bool = False, counts=None):
@@ -349,6 +380,8 @@ class TernaryLinear(TernaryModule):
     array on the module. Ternary layers carry no bias: a bias would be a float parameter, and
     the RMS-normalised networks we build do not need one.
     """
+
+    step_attributes = TernaryModule.step_attributes + ("grad_q", "grad_E_q")
 
     def __init__(self, in_features: int, out_features: int, device: str | None = None):
         super().__init__()
