@@ -234,7 +234,8 @@ def train(preset_name, config_path, data_path, dtype, steps, tokens, batch_size,
           cuda_graph, tokenizer_path):
     """Train a model; with no options, the tiny preset on the default corpus.
 
-    The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint).
+    The run folder keeps config.json, metrics.jsonl and ckpt.h5 (the latest checkpoint),
+    and tokenizer.json for a run on subword tokens.
     """
     from tritnet.backend import announce_compilation
     from tritnet.config import Config, load_config, preset
@@ -322,8 +323,8 @@ def upgrade(checkpoint, out_path):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--prompt", default="\n", help="Text to continue, as UTF-8 bytes (default: a "
-              "newline); at most the model's context.")
+@click.option("--prompt", default="\n", help="Text to continue, as UTF-8 bytes or the "
+              "model's subword tokens (default: a newline); at most the model's context.")
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=200, show_default=True,
               help="New tokens to generate per sample (fewer where a --stop string ends it).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
