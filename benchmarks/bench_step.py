@@ -97,7 +97,8 @@ def count_launches():
         counter["n"] += 1
         return original(*args, **kwargs)
 
-    for name in ("graph", "matmul", "packing", "tables", "update", "vq"):
+    for name in ("attention", "code_graph", "matmul", "packing", "sparse_rows", "update",
+                 "vq_route", "vq_search", "vq_usage"):
         importlib.import_module(f"tritnet_kernels.{name}").launch = counted
     return counter
 

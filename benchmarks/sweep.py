@@ -50,8 +50,11 @@ def run_variant(name, flags, gpu, args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    cmd = [sys.executable, "-m", "cli.main", "train", "--preset", args.preset, "--tokens",
-           str(args.tokens), "--out", folder, "--overwrite", *shlex.split(flags)]
+    train = ([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "train_peak.py")] if args.peak else
+             [sys.executable, "-m", "cli.main", "train"])
+    cmd = [*train, "--preset", args.preset, "--tokens", str(args.tokens), "--out", folder,
+           "--overwrite", *shlex.split(flags)]
     start = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "log"), "w") as log:
@@ -68,6 +71,9 @@ def run_variant(name, flags, gpu, args):
         last = json.loads(open(metrics).readlines()[-1])
         result.update(median_step_tokens_per_s=rates[len(rates) // 2],
                       tokens_per_s=last["tokens"] / max(last["elapsed"], 1e-9))
+    peak = os.path.join(folder, "peak.json")
+    if os.path.exists(peak):
+        result.update(json.load(open(peak)))
     ckpt = os.path.join(folder, "ckpt.h5")
     for seq_len in args.eval_seq_len:
         if code or not os.path.exists(ckpt):
@@ -88,6 +94,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=5_000_000)
     parser.add_argument("--per-gpu", type=int, default=2)
     parser.add_argument("--eval-seq-len", type=int, nargs="*", default=[])
+    parser.add_argument("--peak", action="store_true",
+                        help="record each run's peak device memory (benchmarks/train_peak.py)")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="held-out batches of each extra evaluation (0: every window)")
     parser.add_argument("--out", required=True)
@@ -104,12 +112,13 @@ def main():
     extra = [f"eval_bpb_at_{n}" for n in args.eval_seq_len]
     print(f"{'variant':<16} {'held-out':>9} {'bigram':>7} " +
           " ".join(f"{'@' + str(n):>7}" for n in args.eval_seq_len) + f" {'time':>7} "
-          f"{'tok/s':>8}")
+          f"{'tok/s':>8} {'peak GiB':>8}")
     for r in results:
         cells = [f"{r[k]:7.4f}" if isinstance(r.get(k), float) else f"{'-':>7}" for k in extra]
         val = f"{r['val_bpb']:9.4f}" if "val_bpb" in r else f"{'exit ' + str(r['exit']):>9}"
         print(f"{r['name']:<16} {val} {r.get('bigram_bpb', float('nan')):7.4f} "
-              f"{' '.join(cells)} {r['train_s']:6.0f}s {r.get('tokens_per_s', 0):8.0f}")
+              f"{' '.join(cells)} {r['train_s']:6.0f}s {r.get('tokens_per_s', 0):8.0f} "
+              f"{r.get('peak_device_gib', float('nan')):8.3f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ GPU, M <= 16 (decode / small batch): tensor-core GEMV. Each warp decodes its 16x
     adds the fp32 partial sums in a fixed order (deterministic; no float atomics).
     Weights are read once, 8 bytes per 32 trits; x is staged through shared memory.
 GPU, M > 16: widen W = diag(s)·T to x's dtype in a transient (N, K) workspace and call
-    cuBLAS through tritnet_kernels.gemm (tensor cores for fp16). Numba has no tensor-core
+    cuBLAS through tritnet_kernels.float_gemm (tensor cores for fp16). Numba has no tensor-core
     matmul of its own, so an on-chip tiled kernel would run on the fp32 pipes at a fraction of
     cuBLAS's rate; the widening pass costs one write and one read of the fp16 matrix.
 GPU without mma.sync (compute capability < 8.0): the generic kernels below (one thread per

@@ -148,3 +148,14 @@ def test_module_pads_a_stream_without_history():
     out = memory(tokens)
     assert out.shape == (1, 3, 8)
     np.testing.assert_allclose(out.data, memory(tokens, memory.history(1, np)).data)
+
+
+@pytest.mark.cuda
+def test_cuda_rows_equal_the_host_rows():
+    cupy = pytest.importorskip("cupy")
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 256, (4, 33))
+    previous = rng.integers(0, 257, (4, 5)).astype(np.int64)
+    want = ngram_rows(tokens, previous, 6, 524288)
+    got = ngram_rows(cupy.asarray(tokens), cupy.asarray(previous), 6, 524288)
+    np.testing.assert_array_equal(cupy.asnumpy(got), want)

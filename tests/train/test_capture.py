@@ -63,20 +63,21 @@ def test_declared_step_state_is_all_a_step_changes_on_the_host():
         assert not changed, f"{work.__name__} changes undeclared host state: {changed}"
 
 
-def _config(search):
+def _config(search, ngram=0):
     return preset("tiny").override(d_model=64, n_heads=2, n_layers=2, batch_size=4, seq_len=32,
                                    steps=10, schedule="cosine", vq_search=search,
-                                   shared_vq_size=512, kgvq_size=128)
+                                   shared_vq_size=512, kgvq_size=128, ngram_memory=ngram,
+                                   ngram_rows=4096)
 
 
-def _pair(search):
+def _pair(search, ngram=0):
     """Two identical models on the GPU, restarting codes every 4 steps and (routed) rebuilding
     the index every 5: steps that must run eagerly in the captured run."""
     backend.set_device("cuda")
     made = []
     for _ in range(2):
         trandom.manual_seed(0)
-        model, optimizer = build(_config(search))
+        model, optimizer = build(_config(search, ngram))
         for book in model.modules():
             if isinstance(book, TernaryVQCodebook):
                 book.restart_every, book.index_refresh = 4, 5
@@ -102,9 +103,9 @@ def _state(model):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("search", ["exact", "routed"])
-def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search):
-    (eager, eager_opt), (model, optimizer) = _pair(search)
+@pytest.mark.parametrize("search, ngram", [("exact", 0), ("routed", 0), ("exact", 4)])
+def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search, ngram):
+    (eager, eager_opt), (model, optimizer) = _pair(search, ngram)
     step = CapturedStep(model, optimizer, warmup=2)
     corpus = tdata.load_corpus(None)
     batches = tdata.Batches(corpus, 4, 32, seed=3)

@@ -165,7 +165,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
 
     Distance: queries are ternarised (sign of the entries above half the row's mean |x|) and
     the nearest code maximises the signed squared cosine d·|d| / nnz(c), d the popcount dot
-    product of the ternary query and code (tritnet_kernels.vq documents it exactly); ties go
+    product of the ternary query and code (tritnet_kernels.vq_search documents it exactly); ties go
     to the lowest index. The code's scale does not enter the search: the search picks a
     direction, the gathered code supplies its learned length.
 
