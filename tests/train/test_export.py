@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from safetensors import safe_open
+safe_open = pytest.importorskip("safetensors").safe_open   # the test extra installs it
 
 from cli.main import main
 from tritnet import backend
