@@ -35,6 +35,7 @@ hold identical state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import json
@@ -58,13 +59,6 @@ from .nn.ternary import TernaryModule
 from .optim import TritFlip
 
 RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl", "tokenizer.json")
-# Fields that may change when a run is resumed: the run's length, logging, the optimiser's
-# "learning rate" and how activations are kept. Every other field shapes the model, and must
-# match the checkpoint's.
-RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
-                    "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
-                    "grad_rms_units", "grad_clip_units", "schedule", "final_grad_rms_units",
-                    "seed", "recompute", "cuda_graph", "flip_carry", "grad_norm", "accum_init")
 
 
 class TrainError(TritnetError):
@@ -106,7 +100,8 @@ def build(config: Config, device=None):
     """(model, optimizer) from the config's fields; sets the process's matmul precision."""
     backend.set_matmul_precision(config.matmul_precision)
     try:
-        model = CodeMemoryLM(config, device=device)
+        model = CodeMemoryLM(config.model, device=device, recompute=config.recompute,
+                             recompute_keep=config.recompute_keep)
     except ValueError as e:   # a combination of fields the model cannot be built with
         raise ConfigError(str(e)) from None
     optimizer = TritFlip(model, flip_threshold=config.flip_threshold,
@@ -649,9 +644,10 @@ def _check_resumable(saved: dict, config: Config, path):
         saved_config = Config().override(**saved)
     except ConfigError as e:
         raise TrainError(f"resume: the config in {path} cannot be used ({e})") from None
+    # the model's fields must match; the run's (RunConfig) may change
     changed = [f"{k} = {getattr(config, k)!r} (checkpoint: {v!r})"
-               for k, v in saved_config.to_dict().items()
-               if k not in RESUMABLE_FIELDS and getattr(config, k) != v]
+               for k, v in dataclasses.asdict(saved_config.model).items()
+               if getattr(config, k) != v]
     if changed:
         raise TrainError(f"resume: {path} is a model with other settings: "
                          f"{'; '.join(changed)}; resume with the run's own config (its "

@@ -1,5 +1,6 @@
 """The training loop (tritnet.train): exact resume, the run folder, metrics, faults."""
 
+import dataclasses
 import json
 import os
 
@@ -8,7 +9,7 @@ import pytest
 
 from tritnet import backend, data
 from tritnet.checkpoint import load_checkpoint
-from tritnet.config import Config, ConfigError
+from tritnet.config import Config, ConfigError, ModelConfig, RunConfig
 from tritnet.models import CodeMemoryLM
 from tritnet.train import LossNotFinite, TrainError, steps_for_tokens, train
 
@@ -137,6 +138,25 @@ def test_resume_refuses_another_model(tmp_path, corpus):
     # Run-length and optimiser fields may change on resume.
     train(small(steps=4, flip_threshold=100), data=corpus, out_dir=run, resume=True, log=quiet)
     assert load_checkpoint(run / "ckpt.h5").step == 4
+
+
+def test_what_may_change_on_resume_is_the_run_config():
+    """The model's fields (ModelConfig) are the checkpoint's; every field of the run's part
+    (RunConfig) may change on resume; together they are the one flat Config users write."""
+    model, run = ({f.name for f in dataclasses.fields(c)} for c in (ModelConfig, RunConfig))
+    assert not model & run and model | run == set(Config().to_dict())
+    names = list(Config().to_dict())   # the model's fields first, as configs were written
+    assert names[:len(model)] == [f.name for f in dataclasses.fields(ModelConfig)]
+    assert Config().model == ModelConfig() and isinstance(Config(), (ModelConfig, RunConfig))
+    assert {"d_model", "vq_beta", "quiet_memory"} <= model
+    assert {"steps", "seed", "flip_threshold", "recompute", "matmul_precision"} <= run
+
+
+def test_blocks_get_the_model_config():
+    model = CodeMemoryLM(small(recompute=True, recompute_keep=1))
+    assert type(model.config) is ModelConfig and model.config == small().model
+    assert [b.recompute for b in model.blocks] == [False]   # the last block keeps its own
+    assert [b.recompute for b in CodeMemoryLM(small().model, recompute=True).blocks] == [True]
 
 
 def test_nan_loss_saves_the_last_good_step(tmp_path, corpus, monkeypatch):
