@@ -11,7 +11,8 @@ from tritnet import backend, data
 from tritnet.checkpoint import load_checkpoint
 from tritnet.config import Config, ConfigError, ModelConfig, RunConfig
 from tritnet.models import CodeMemoryLM
-from tritnet.train import LossNotFinite, TrainError, steps_for_tokens, train
+from tritnet.train import (LossNotFinite, TrainError, evaluate_checkpoint, steps_for_tokens,
+                           train)
 
 # A model small enough that a step takes milliseconds: every code path of the tiny one.
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
@@ -150,6 +151,21 @@ def test_what_may_change_on_resume_is_the_run_config():
     assert Config().model == ModelConfig() and isinstance(Config(), (ModelConfig, RunConfig))
     assert {"d_model", "vq_beta", "quiet_memory"} <= model
     assert {"steps", "seed", "flip_threshold", "recompute", "matmul_precision"} <= run
+
+
+def test_evaluate_checkpoint_scores_what_the_run_scored(tmp_path, corpus):
+    """The library's evaluation of a checkpoint (what `tritnet eval` prints) scores the run's
+    own held-out windows by default, so it gives the run's last held-out score."""
+    run = train(small(steps=2), data=corpus, out_dir=tmp_path / "run", log=quiet)
+    score = evaluate_checkpoint(tmp_path / "run" / "ckpt.h5", data=corpus)
+    assert score["val"] == run["val_bpb"] and score["bigram"] == run["bigram_bpb"]
+    assert (score["unit"], score["source"], score["trained_on"]) == ("bpb", "synthetic code",
+                                                                     None)
+    assert score["tokens"] == 2 * 2 * 16   # eval_batches x batch_size x seq_len
+    one = evaluate_checkpoint(tmp_path / "run" / "ckpt.h5", data=corpus, batches=1, seq_len=8)
+    assert one["tokens"] == 2 * 8
+    with pytest.raises(ConfigError, match="--seq-len 64 exceeds the model's context = 32"):
+        evaluate_checkpoint(tmp_path / "run" / "ckpt.h5", data=corpus, seq_len=64)
 
 
 def test_blocks_get_the_model_config():
