@@ -401,45 +401,13 @@ def evaluate(checkpoint, data_path, dtype, batches, seq_len, device):
 
     Without --data it scores the default corpus's held-out split, and refuses a checkpoint
     trained on other data (it names that data: pass it, or any data, with --data)."""
-    import numpy as np
-
-    from tritnet import data as tdata
-    from tritnet.checkpoint import read_header
-    from tritnet.config import ConfigError
-    from tritnet.sample import load_model
-    from tritnet.tokenizer import checkpoint_tokenizer
-    from tritnet.train import evaluate as run_evaluate
-    model, config = load_model(checkpoint, device=device)
-    tokenizer = checkpoint_tokenizer(checkpoint)
-    trained_on = read_header(checkpoint)["train_state"].get("data_id")
-    seq_len = config.seq_len if seq_len is None else seq_len
-    if seq_len > config.context:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context = {config.context}; "
-                          f"score windows of at most {config.context} tokens")
-    corpus = tdata.load_corpus(data_path, dtype=dtype)
-    if tokenizer is not None:   # the text as the model's tokens; scores stay per byte
-        corpus = tokenizer.encode_corpus(corpus)
-    if corpus.vocab_size > config.vocab_size:
-        raise tdata.DataError(f"{corpus.source} has vocabulary {corpus.vocab_size}, the model "
-                              f"{config.vocab_size}: it cannot score tokens >= "
-                              f"{config.vocab_size}; pass data of the model's vocabulary")
-    own = trained_on is None or tdata.same_data(trained_on, corpus.identity())
-    if not own and data_path is None:
-        raise tdata.DataError(f"{checkpoint} was trained on {trained_on['source']}, not on the "
-                              "default corpus; score its own held-out split with --data "
-                              "pointing at that data, or other data with --data PATH")
-    corpus.check_seq_len(seq_len)
-    limit = config.eval_batches if batches is None else (batches or None)
-    windows = list(tdata.eval_batches(corpus.val, config.batch_size, seq_len, limit))
-    per_byte = corpus.tokens_per_byte_of(np.concatenate([y for _, y in windows]))
-    unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
-    val = tdata.bits_per_byte(run_evaluate(model, windows), per_byte)
-    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size,
-                              corpus.tokens_per_byte_of(corpus.val[1:]))
-    n = sum(x.size for x, _ in windows)
-    other = "" if own else f" (not its training data, {trained_on['source']})"
-    click.echo(f"{checkpoint}: held-out {val:.4f} {unit} on {n:,} tokens of {corpus.source}"
-               f"{other} | bigram baseline {bigram:.4f} {unit}")
+    from tritnet.train import evaluate_checkpoint
+    score = evaluate_checkpoint(checkpoint, data=data_path, dtype=dtype, batches=batches,
+                                seq_len=seq_len, device=device)
+    unit = score["unit"]
+    other = f" (not its training data, {score['trained_on']})" if score["trained_on"] else ""
+    click.echo(f"{checkpoint}: held-out {score['val']:.4f} {unit} on {score['tokens']:,} tokens "
+               f"of {score['source']}{other} | bigram baseline {score['bigram']:.4f} {unit}")
 
 
 @main.command()

@@ -101,7 +101,7 @@ class MetaArray:
     """What a buffer would be — shape and dtype — allocated nowhere (device "meta").
 
     Modules built on the meta device hold these instead of arrays, so the constructor trace
-    (tritnet.config.trace) sizes a 3B-trit model in well under a second and a few MB."""
+    (tritnet.models.trace) sizes a 3B-trit model in well under a second and a few MB."""
 
     __slots__ = ("shape", "dtype")
 

@@ -773,8 +773,8 @@ def _check_model_state(path, header, model, f):
     if header["module"] != type(model).__name__:
         raise CheckpointError(f"checkpoint {path} holds a model of class {header['module']}, not "
                               f"{type(model).__name__}; load it into the model it was saved from")
-    from .config import Config
-    if isinstance(getattr(model, "config", None), Config):   # the file's config must fit too
+    from .config import ModelConfig
+    if isinstance(getattr(model, "config", None), ModelConfig):   # the file's config must fit
         described = _model_for(path, header, f)
         ours = _signature(model)
         theirs = _signature(described) if described is not None else {}

@@ -1,10 +1,12 @@
 """One config object: the model's shape and the training run, with presets and validation.
 
 `Config` is a flat dataclass (nanoGPT-style: every knob in one place, readable top to
-bottom). Presets are named overrides of the defaults; a JSON or TOML file and CLI flags
-override further. Every field is checked by `validate()`, which names the field, the value and
-the allowed range. (`tritnet.models.trace(config)` counts a config's trits without building
-it.)
+bottom) made of two parts: `ModelConfig`, the model's fields (what a checkpoint's arrays are
+made for: a resumed run keeps them), and `RunConfig`, how a run trains it (free to change on
+resume). The model reads only its part (`config.model`). Presets are named overrides of
+the defaults; a JSON or TOML file and CLI flags override further. Every field is checked by
+`validate()`, which names the field, the value and the allowed range.
+(`tritnet.models.trace(config)` counts a config's trits without building it.)
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ class ConfigError(TritnetError, ValueError):
 
 
 @dataclass
-class Config:
-    # --- model: a byte-level decoder with a ternary code memory (docs/model.md) ----------
+class ModelConfig:
+    """The model: a byte-level decoder with a ternary code memory (docs/model.md). A checkpoint's
+    arrays are made for these fields, so a resumed run keeps every one; CodeMemoryLM and its
+    blocks read nothing else."""
+
     vocab_size: int = 256          # bytes
     d_model: int = 128
     n_layers: int = 2
@@ -62,6 +67,25 @@ class Config:
                                    # token's embedding gains one table row per n = 2 … this,
                                    # chosen by a hash of the token and the n - 1 before it
     ngram_rows: int = 65536        # rows of the n-gram memory's table (all orders share it)
+
+    @classmethod
+    def of(cls, config) -> "ModelConfig":
+        """The model's fields of `config` (a Config, or a ModelConfig itself)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    def validate(self) -> "ModelConfig":
+        return _validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunConfig:
+    """How a run trains the model: activations, products, the optimiser, the run's length
+    and its logging. Any of these may change when a run is resumed."""
+
+    # --- how the step runs -------------------------------------------------------------------
     recompute: bool = False        # keep one block's activations, recompute each in backward:
                                    # bit-identical training, far less memory, a second forward
     recompute_keep: int = 0        # with recompute: the last this-many blocks keep their
@@ -72,7 +96,7 @@ class Config:
     cuda_graph: bool = True        # on a GPU, replay each training step from CUDA graphs
                                    # (tritnet/capture.py) when the run allows (one rank, one
                                    # micro-batch); else, and on the CPU, steps run eagerly
-    # --- optimiser: TritFlip (tritnet/optim.py explains each) ------------------------------
+    # --- optimiser: TritFlip (tritnet/optim.py explains each) --------------------------------
     flip_threshold: int = 64
     scale_threshold: int = 64
     decay_shift: int = 0
@@ -97,68 +121,21 @@ class Config:
     save_every: int = 500
     seed: int = 0
 
+    def validate(self) -> "RunConfig":
+        return _validate(self)
+
+
+@dataclass
+class Config(RunConfig, ModelConfig):
+    """A run as users write it: the model's fields, then the run's, in one flat table (one
+    JSON or TOML file, one CLI flag per field; a checkpoint stores it as it is)."""
+
     def validate(self) -> "Config":
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = _FIELD_TYPES[f.name]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, f.name, value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ConfigError(f"config field {f.name} = {value!r}: expected "
-                                  f"{kind.__name__}")
-        for name, (lo, hi) in _RANGES.items():
-            value = getattr(self, name)
-            if not lo <= value <= hi:
-                raise ConfigError(f"config field {name} = {value!r} is out of range: "
-                                  f"expected {lo} <= {name} <= {hi}")
-        if self.position not in ("alibi", "nope"):
-            raise ConfigError(f"config field position = {self.position!r}: expected 'alibi' or "
-                              "'nope'")
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"config field schedule = {self.schedule!r}: expected 'constant' "
-                              "or 'cosine'")
-        if self.final_grad_rms_units > self.grad_rms_units:
-            raise ConfigError(f"config field final_grad_rms_units = {self.final_grad_rms_units} "
-                              f"exceeds grad_rms_units = {self.grad_rms_units} (the schedule "
-                              "decays the gain)")
-        if self.accum_init not in ("zero", "spread"):
-            raise ConfigError(f"config field accum_init = {self.accum_init!r}: expected 'zero' "
-                              "or 'spread'")
-        if self.grad_norm not in ("tensor", "row", "factored"):
-            raise ConfigError(f"config field grad_norm = {self.grad_norm!r}: expected "
-                              "'tensor', 'row' or 'factored'")
-        if self.matmul_precision not in ("fp32", "tf32"):
-            raise ConfigError(f"config field matmul_precision = {self.matmul_precision!r}: "
-                              "expected 'fp32' or 'tf32'")
-        if self.vq_search not in ("exact", "routed"):
-            raise ConfigError(f"config field vq_search = {self.vq_search!r}: expected 'exact' "
-                              "or 'routed'")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"config field d_model = {self.d_model} must be divisible by "
-                              f"n_heads = {self.n_heads}")
-        if 0 < self.expert_capacity < 1:
-            raise ConfigError(f"config field expert_capacity = {self.expert_capacity} is below "
-                              "one fair share: expected 0 (no dropping) or at least 1")
-        if self.ngram_memory == 1:
-            raise ConfigError("config field ngram_memory = 1: the token's own row is the "
-                              "embedding; expected 0 (off) or the longest n-gram, 2 or more")
-        if self.recompute_keep > self.n_layers:
-            raise ConfigError(f"config field recompute_keep = {self.recompute_keep} exceeds "
-                              f"n_layers = {self.n_layers}")
-        if self.top_k > self.n_experts:
-            raise ConfigError(f"config field top_k = {self.top_k} exceeds n_experts = "
-                              f"{self.n_experts}")
-        if self.seq_len > self.context:
-            raise ConfigError(f"config field seq_len = {self.seq_len} exceeds context = "
-                              f"{self.context}")
-        if self.batch_size % self.micro_batches:
-            raise ConfigError(f"config field batch_size = {self.batch_size} must be divisible by "
-                              f"micro_batches = {self.micro_batches} (equal shards)")
-        if self.graph_capacity and self.graph_capacity % self.graph_slots:
-            raise ConfigError(f"config field graph_capacity = {self.graph_capacity} must be a "
-                              f"multiple of graph_slots = {self.graph_slots}")
-        return self
+        return _validate(self)
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig.of(self)
 
     # --- files and overrides ----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -192,6 +169,81 @@ class Config:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; known fields: "
                               f"{', '.join(_FIELD_TYPES)}")
         return dataclasses.replace(self, **values).validate()
+
+
+def _validate(config):
+    """Check the fields `config` has (a Config, or its model's or run's part), and the rules
+    between them; returns config. Floats given as ints become floats."""
+    has = {f.name for f in fields(config)}
+
+    def rule(*names):
+        return has.issuperset(names)
+
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind = _FIELD_TYPES[f.name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(config, f.name, value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"config field {f.name} = {value!r}: expected "
+                              f"{kind.__name__}")
+    for name, (lo, hi) in _RANGES.items():
+        if name not in has:
+            continue
+        value = getattr(config, name)
+        if not lo <= value <= hi:
+            raise ConfigError(f"config field {name} = {value!r} is out of range: "
+                              f"expected {lo} <= {name} <= {hi}")
+    if rule("position") and config.position not in ("alibi", "nope"):
+        raise ConfigError(f"config field position = {config.position!r}: expected 'alibi' or "
+                          "'nope'")
+    if rule("schedule") and config.schedule not in ("constant", "cosine"):
+        raise ConfigError(f"config field schedule = {config.schedule!r}: expected 'constant' "
+                          "or 'cosine'")
+    if rule("final_grad_rms_units", "grad_rms_units") and \
+            config.final_grad_rms_units > config.grad_rms_units:
+        raise ConfigError(f"config field final_grad_rms_units = {config.final_grad_rms_units} "
+                          f"exceeds grad_rms_units = {config.grad_rms_units} (the schedule "
+                          "decays the gain)")
+    if rule("accum_init") and config.accum_init not in ("zero", "spread"):
+        raise ConfigError(f"config field accum_init = {config.accum_init!r}: expected 'zero' "
+                          "or 'spread'")
+    if rule("grad_norm") and config.grad_norm not in ("tensor", "row", "factored"):
+        raise ConfigError(f"config field grad_norm = {config.grad_norm!r}: expected "
+                          "'tensor', 'row' or 'factored'")
+    if rule("matmul_precision") and config.matmul_precision not in ("fp32", "tf32"):
+        raise ConfigError(f"config field matmul_precision = {config.matmul_precision!r}: "
+                          "expected 'fp32' or 'tf32'")
+    if rule("vq_search") and config.vq_search not in ("exact", "routed"):
+        raise ConfigError(f"config field vq_search = {config.vq_search!r}: expected 'exact' "
+                          "or 'routed'")
+    if rule("d_model", "n_heads") and config.d_model % config.n_heads:
+        raise ConfigError(f"config field d_model = {config.d_model} must be divisible by "
+                          f"n_heads = {config.n_heads}")
+    if rule("expert_capacity") and 0 < config.expert_capacity < 1:
+        raise ConfigError(f"config field expert_capacity = {config.expert_capacity} is below "
+                          "one fair share: expected 0 (no dropping) or at least 1")
+    if rule("ngram_memory") and config.ngram_memory == 1:
+        raise ConfigError("config field ngram_memory = 1: the token's own row is the "
+                          "embedding; expected 0 (off) or the longest n-gram, 2 or more")
+    if rule("recompute_keep", "n_layers") and config.recompute_keep > config.n_layers:
+        raise ConfigError(f"config field recompute_keep = {config.recompute_keep} exceeds "
+                          f"n_layers = {config.n_layers}")
+    if rule("top_k", "n_experts") and config.top_k > config.n_experts:
+        raise ConfigError(f"config field top_k = {config.top_k} exceeds n_experts = "
+                          f"{config.n_experts}")
+    if rule("seq_len", "context") and config.seq_len > config.context:
+        raise ConfigError(f"config field seq_len = {config.seq_len} exceeds context = "
+                          f"{config.context}")
+    if rule("batch_size", "micro_batches") and config.batch_size % config.micro_batches:
+        raise ConfigError(f"config field batch_size = {config.batch_size} must be divisible by "
+                          f"micro_batches = {config.micro_batches} (equal shards)")
+    if rule("graph_capacity", "graph_slots") and config.graph_capacity and \
+            config.graph_capacity % config.graph_slots:
+        raise ConfigError(f"config field graph_capacity = {config.graph_capacity} must be a "
+                          f"multiple of graph_slots = {config.graph_slots}")
+    return config
 
 
 def _toml_value(v) -> str:

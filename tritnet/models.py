@@ -28,7 +28,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .autograd import Tensor, is_grad_enabled, no_grad, recompute
-from .config import Config
+from .config import ModelConfig, RunConfig
 from .errors import TritnetError
 from .nn import Module, ModuleList
 from .nn.module import Observer
@@ -417,15 +417,16 @@ def expert_tiles(experts, n_experts: int, k: int, tile: int, capacity: int | Non
 class Block(Module):
     """x += Attention(rms_norm(x)); x += MoEGraph(rms_norm(x), memory).
 
-    With `recompute` (config field of that name), a training forward keeps only the block's
-    input and runs the block again in backward (autograd.recompute): the model then holds
-    one block's intermediates at a time, not n_layers of them, for a second forward per block.
+    With `recompute` (set by the model, from the run's field of that name), a training
+    forward keeps only the block's input and runs the block again in backward
+    (autograd.recompute): the model then holds one block's intermediates at a time, not
+    n_layers of them, for a second forward per block.
     """
 
-    def __init__(self, config: Config, device=None):
+    def __init__(self, config: ModelConfig, device=None):
         super().__init__()
         c = config
-        self.recompute = c.recompute
+        self.recompute = False
         self.attn = Attention(c.d_model, c.n_heads, device, position=c.position)
         self.moe = MoEGraph(c.d_model, c.shared_vq_size, n_experts=c.n_experts,
                             expert_hidden=c.expert_hidden, top_k=c.top_k,
@@ -536,11 +537,23 @@ class NgramMemory(Module):
 
 
 class CodeMemoryLM(Module):
-    """The assembled model; `forward(tokens)` -> (logits, auxiliary loss)."""
+    """The assembled model; `forward(tokens)` -> (logits, auxiliary loss).
 
-    def __init__(self, config: Config, device=None):
+    `config`: a ModelConfig, or a Config (its model fields are taken). `recompute` and
+    `recompute_keep` are the run's choice of how activations are kept (RunConfig's fields of
+    those names; by default a Config's own, else off): with recompute, every block but the
+    last `recompute_keep` runs again in backward instead of keeping its activations."""
+
+    def __init__(self, config: ModelConfig, device=None, *, recompute: bool | None = None,
+                 recompute_keep: int | None = None):
         super().__init__()
-        c = config.validate()
+        run = config if isinstance(config, RunConfig) else RunConfig()
+        recompute = run.recompute if recompute is None else recompute
+        recompute_keep = run.recompute_keep if recompute_keep is None else recompute_keep
+        c = ModelConfig.of(config).validate()
+        if not 0 <= recompute_keep <= c.n_layers:
+            raise ValueError(f"CodeMemoryLM: recompute_keep = {recompute_keep} is outside 0.."
+                             f"{c.n_layers} (n_layers)")
         if c.kgvq_dim != c.codebook_dim:
             raise ValueError(f"config: kgvq_dim = {c.kgvq_dim} must equal codebook_dim = "
                              f"{c.codebook_dim} (the relation composes two shared codes)")
@@ -548,7 +561,7 @@ class CodeMemoryLM(Module):
         self.embed = TernaryEmbeddingTable(c.vocab_size, c.d_model, device)
         self.blocks = ModuleList([Block(c, device) for _ in range(c.n_layers)])
         for i, block in enumerate(self.blocks):   # the last recompute_keep keep activations
-            block.recompute = c.recompute and i < c.n_layers - c.recompute_keep
+            block.recompute = recompute and i < c.n_layers - recompute_keep
         self.motif = TernaryLinear(c.d_model, c.codebook_dim, device)
         self.shared_vq = TernaryVQCodebook(c.shared_vq_size, c.codebook_dim, beta=c.vq_beta,
                                            search=c.vq_search, device=device)
@@ -815,8 +828,8 @@ class GenerationError(TritnetError, ValueError):
     """A generation request the model cannot serve: the prompt or a sampling option."""
 
 
-def generation_request(config: Config, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-                       stop):
+def generation_request(config: ModelConfig, prompt_ids, max_new_tokens, temperature, top_k,
+                       top_p, stop):
     """Check a generate() request against the model's config: (prompts int64 (B, T) on the
     host, whether the prompt was 1-D, the stop sequences as lists of ids). Raises
     GenerationError naming the bad value and what to give instead."""
@@ -924,7 +937,7 @@ class TraceReport:
         return "\n".join(lines)
 
 
-def trace(config: Config) -> TraceReport:
+def trace(config: ModelConfig) -> TraceReport:
     """Build the model on the "meta" device and count logical trits per component."""
     start = time.perf_counter()
     model = CodeMemoryLM(config, device="meta")

@@ -35,6 +35,7 @@ hold identical state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import json
@@ -58,13 +59,6 @@ from .nn.ternary import TernaryModule
 from .optim import TritFlip
 
 RUN_FILES = ("config.json", "ckpt.h5", "metrics.jsonl", "tokenizer.json")
-# Fields that may change when a run is resumed: the run's length, logging, the optimiser's
-# "learning rate" and how activations are kept. Every other field shapes the model, and must
-# match the checkpoint's.
-RESUMABLE_FIELDS = ("steps", "eval_every", "eval_batches", "save_every", "batch_size",
-                    "seq_len", "micro_batches", "flip_threshold", "scale_threshold", "decay_shift",
-                    "grad_rms_units", "grad_clip_units", "schedule", "final_grad_rms_units",
-                    "seed", "recompute", "cuda_graph", "flip_carry", "grad_norm", "accum_init")
 
 
 class TrainError(TritnetError):
@@ -102,11 +96,60 @@ def evaluate(model, batches) -> float:
     return total / count
 
 
+def evaluate_checkpoint(checkpoint, *, data=None, dtype=None, batches=None, seq_len=None,
+                        device=None) -> dict:
+    """The held-out score of a checkpoint's model beside the bigram baseline (`tritnet eval`).
+
+    data: a Corpus, or a path for load_corpus (with `dtype` for a .bin); without it the
+    default corpus, which a checkpoint trained on other data refuses (the message names that
+    data). A checkpoint with a tokenizer scores its tokens of the text, per byte. batches:
+    held-out batches to score (default: the config's eval_batches; 0: all). seq_len: tokens
+    per scored window, each scored from its own first token (default: the training seq_len;
+    at most the model's context).
+
+    Returns {"val": held-out score, "bigram": the baseline's, "unit": "bpb" or "bits/token",
+    "tokens": tokens scored, "source": the data's name, "trained_on": the name of the data
+    the model was trained on when that is other data, else None}.
+    """
+    from .sample import load_model
+    from .tokenizer import checkpoint_tokenizer
+    model, config = load_model(checkpoint, device=device)
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    trained_on = read_header(checkpoint)["train_state"].get("data_id")
+    seq_len = config.seq_len if seq_len is None else seq_len
+    if seq_len > config.context:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context = {config.context}; "
+                          f"score windows of at most {config.context} tokens")
+    corpus = data if isinstance(data, tdata.Corpus) else tdata.load_corpus(data, dtype=dtype)
+    if tokenizer is not None:   # the text as the model's tokens; scores stay per byte
+        corpus = tokenizer.encode_corpus(corpus)
+    if corpus.vocab_size > config.vocab_size:
+        raise tdata.DataError(f"{corpus.source} has vocabulary {corpus.vocab_size}, the model "
+                              f"{config.vocab_size}: it cannot score tokens >= "
+                              f"{config.vocab_size}; pass data of the model's vocabulary")
+    own = trained_on is None or tdata.same_data(trained_on, corpus.identity())
+    if not own and data is None:
+        raise tdata.DataError(f"{checkpoint} was trained on {trained_on['source']}, not on the "
+                              "default corpus; score its own held-out split with --data "
+                              "pointing at that data, or other data with --data PATH")
+    corpus.check_seq_len(seq_len)
+    limit = config.eval_batches if batches is None else (batches or None)
+    windows = list(tdata.eval_batches(corpus.val, config.batch_size, seq_len, limit))
+    per_byte = corpus.tokens_per_byte_of(np.concatenate([y for _, y in windows]))
+    return {"val": tdata.bits_per_byte(evaluate(model, windows), per_byte),
+            "bigram": tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size,
+                                       corpus.tokens_per_byte_of(corpus.val[1:])),
+            "unit": "bpb" if corpus.tokens_per_byte is not None else "bits/token",
+            "tokens": sum(x.size for x, _ in windows), "source": corpus.source,
+            "trained_on": None if own else trained_on["source"]}
+
+
 def build(config: Config, device=None):
     """(model, optimizer) from the config's fields; sets the process's matmul precision."""
     backend.set_matmul_precision(config.matmul_precision)
     try:
-        model = CodeMemoryLM(config, device=device)
+        model = CodeMemoryLM(config.model, device=device, recompute=config.recompute,
+                             recompute_keep=config.recompute_keep)
     except ValueError as e:   # a combination of fields the model cannot be built with
         raise ConfigError(str(e)) from None
     optimizer = TritFlip(model, flip_threshold=config.flip_threshold,
@@ -345,288 +388,387 @@ def train(config: Config, *, data=None, out_dir, resume=False, overwrite=False, 
     DistributedError with a message that says how to fix the problem, and KeyboardInterrupt
     after saving on Ctrl-C.
     """
-    with contextlib.ExitStack() as held:   # the run folder's lock, however the run ends
-        return _train(config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
-                      device=device, tokens=tokens, log=log, progress=progress, dtype=dtype,
-                      gpus=gpus, group=group, held=held, tokenizer=tokenizer)
-
-
-def _train(config, *, data, out_dir, resume, overwrite, device, tokens, log, progress, dtype,
-           gpus, group, held, tokenizer) -> dict:
     out_dir = os.fspath(out_dir)
     config = config.validate()
     if gpus is not None and (not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1):
         raise ConfigError(f"gpus = {gpus!r}: expected a positive integer")
-    if gpus and gpus > 1 and group is None:
+    if gpus and gpus > 1 and group is None:   # one process per GPU, each running train()
         if distributed.group_from_env_size() > 1:
             raise TrainError("--gpus starts its own ranks, but this process was started as a "
                              "rank (WORLD_SIZE is set): drop --gpus under a launcher")
         return distributed.launch(gpus, train, dict(
             config=config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
             device=device, tokens=tokens, progress=progress, dtype=dtype, tokenizer=tokenizer))
-    group = group if group is not None else distributed.group_from_env()
-    is_main = group.rank == 0
-    if not is_main:
-        log = _silent
-    if group.size > 1:
-        if isinstance(group, distributed.NcclGroup):
-            if device not in (None, "cuda"):
-                raise TrainError(f"data-parallel training runs on GPUs (NCCL); drop --device "
-                                 f"{device} or use --device cuda")
-            device = "cuda"
-        if config.micro_batches == 1:
-            config = config.override(micro_batches=group.size)
-        if config.micro_batches % group.size:
-            raise ConfigError(f"config field micro_batches = {config.micro_batches} must be a "
-                              f"multiple of the {group.size} ranks")
-    if tokens is not None:
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-            raise ConfigError(f"tokens = {tokens!r}: expected a positive integer")
-        config = config.override(steps=steps_for_tokens(tokens, config.batch_size,
-                                                        config.seq_len))
-    if resume and overwrite:
-        raise TrainError("resume and overwrite exclude each other: --resume continues the run "
-                         f"in {out_dir}, --overwrite starts a new one there")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TrainError(f"--out {out_dir} is a file, not a folder; choose another --out")
-    if is_main:
-        held.enter_context(_RunLock(out_dir))
-    existing = _existing_run(out_dir)
-    ckpt_path = os.path.join(out_dir, "ckpt.h5")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if resume and not os.path.exists(ckpt_path):
-        raise TrainError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to "
-                         "start a run" + (", or --overwrite to start over" if existing else ""))
-    if existing and not resume and not overwrite:
-        raise TrainError(f"run folder {out_dir} already holds a run ({', '.join(existing)}); "
-                         "continue it with --resume, start over with --overwrite (its files "
-                         "move to previous-<time>/), or choose another --out")
-    if resume:
-        header = read_header(ckpt_path)
-        tokenizer = _resumed_tokenizer(header["tokenizer"], tokenizer, ckpt_path)
-        _check_resumable(header["config"], config, ckpt_path)
-    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
-        raise ConfigError(f"config field vocab_size = {config.vocab_size}, but the tokenizer "
-                          f"has {tokenizer.vocab_size} tokens; the model's vocabulary follows "
-                          f"the tokenizer: set vocab_size = {tokenizer.vocab_size}")
-    group.barrier()   # every rank has looked at the folder before rank 0 changes it
+    with contextlib.ExitStack() as held:   # the run folder's lock, however the run ends
+        # the folder, the data, the model and optimiser, and where the run starts
+        run = _Run(config, data=data, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                   device=device, tokens=tokens, log=log, progress=progress, dtype=dtype,
+                   group=group, held=held, tokenizer=tokenizer)
+        step = run.training_step()   # chosen once: replayed from CUDA graphs, or eager
+        run.begin()
+        with _StopOnSigint() as stop, run.bar, frozen_heap():
+            while run.step < run.config.steps and not run.stopping:
+                run.train_one_step(step, stop)   # a step, its metrics row, a checkpoint
+            run.finish()
+        return run.result()
 
-    # Device and seeds first: the model's initial trits come from tritnet.rng.
-    backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
-    trandom.manual_seed(config.seed)
 
-    # Data, and the bigram baseline on the same held-out split.
-    if data is None or isinstance(data, (str, os.PathLike)):
-        corpus = tdata.load_corpus(data, dtype=dtype)
-    else:
-        corpus = data
-    if tokenizer is not None:
-        corpus = tokenizer.encode_corpus(corpus)
-    corpus.check_seq_len(config.seq_len)
-    _check_vocab(corpus, config)
-    unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
-    log(f"data: {corpus.describe()}")
-    bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size,
-                              corpus.tokens_per_byte_of(corpus.val[1:]))
-    log(f"bigram baseline: {bigram:.4f} held-out {unit} (add-one bigram fitted on train)")
-    batches = tdata.Batches(corpus, config.batch_size, config.seq_len,
-                            seed=trandom.mix_seed(config.seed, 1))
-    # Fixed held-out windows: every evaluation scores the same text, so numbers compare.
-    val_batches = list(tdata.eval_batches(corpus.val, config.batch_size, config.seq_len,
-                                          config.eval_batches))
-    val_tokens_per_byte = corpus.tokens_per_byte_of(np.concatenate([y for _, y in val_batches]))
-    data_id = corpus.identity()
+class EagerStep:
+    """A training step run op by op: each of this rank's shards of the global batch runs its
+    forward and backward (the optimiser draws that shard's random bits), the shards'
+    contributions are combined over all shards (distributed.StepReducer), then the
+    optimiser's update. The interface of CapturedStep, which replays the same step from CUDA
+    graphs where it can: forward_backward, then update, or drop for a step not to apply."""
 
-    # Model and optimiser, then the run's starting point.
-    model, optimizer = build(config)
-    trits = sum(m.logical_trits() for m in model.modules() if isinstance(m, TernaryModule))
-    log(f"model: CodeMemoryLM, d_model {config.d_model}, n_layers {config.n_layers}, "
-        f"{trits:,} logical trits, on {backend.device()}")
-    step, elapsed_before, summary = 0, 0.0, {}
-    if resume:
-        ckpt = load_checkpoint(ckpt_path, model, optimizer, restore_rng=True)
+    def __init__(self, model, optimizer, group, shards: int):
+        self.model, self.optimizer, self.group = model, optimizer, group
+        self.local_shards = shards // group.size
+        self.reducer = distributed.StepReducer(model, group, shards) if shards > 1 else None
+        self.shards = shards
+
+    def forward_backward(self, x, y):
+        """(loss, cross-entropy) of batch (x, y), summed over this rank's shards, as (1,)
+        device arrays, after each shard's backward."""
+        rows_per_shard = x.shape[0] // self.shards
+        losses, ces = [], []
+        for j in range(self.local_shards):
+            shard = self.group.rank * self.local_shards + j
+            rows = slice(shard * rows_per_shard, (shard + 1) * rows_per_shard)
+            self.optimizer.begin_shard(shard)
+            loss, ce = self.model.loss(x[rows], y[rows])
+            loss.backward()
+            if self.reducer is not None:
+                self.reducer.collect()
+            losses.append(loss.data.reshape(1))
+            ces.append(ce.data.reshape(1))
+        xp = backend.get_array_module(losses[0])
+        return xp.stack(losses).sum(0), xp.stack(ces).sum(0)
+
+    def update(self):
+        if self.reducer is not None:
+            self.reducer.reduce()
+        self.optimizer.step()
+
+    def drop(self):
+        """Apply nothing of this step (its loss was not finite)."""
+        self.optimizer.zero_grad()
+        if self.reducer is not None:
+            self.reducer.clear()
+
+
+class _Replayed:
+    """CapturedStep with EagerStep's results: (loss, cross-entropy) as (1,) arrays."""
+
+    def __init__(self, captured):
+        self.captured, self.update, self.drop = captured, captured.update, captured.drop
+
+    def forward_backward(self, x, y):
+        loss, ce = self.captured.forward_backward(x, y)
+        return loss.reshape(1), ce.reshape(1)
+
+
+class _Run:
+    """One training run: its folder, data, model and optimiser, where it stands, and what it
+    writes (metrics rows, checkpoints, log lines). Made ready by __init__ (folder checked and
+    locked, data loaded, model built or resumed); the loop in `train` drives it."""
+
+    def __init__(self, config, *, data, out_dir, resume, overwrite, device, tokens, log,
+                 progress, dtype, group, held, tokenizer):
+        group = group if group is not None else distributed.group_from_env()
+        self.group, self.is_main, self.out_dir = group, group.rank == 0, out_dir
+        self.log = log if self.is_main else _silent
+        config, device = self._fit_to_ranks(config, group, device)
+        if tokens is not None:
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+                raise ConfigError(f"tokens = {tokens!r}: expected a positive integer")
+            config = config.override(steps=steps_for_tokens(tokens, config.batch_size,
+                                                            config.seq_len))
+        self.config = config
+        existing, self.tokenizer = self._claim_folder(resume, overwrite, held, tokenizer)
+        group.barrier()   # every rank has looked at the folder before rank 0 changes it
+
+        # Device and seeds first: the model's initial trits come from tritnet.rng.
+        backend.set_device(device if device is not None else os.environ.get("TRITNET_DEVICE"))
+        trandom.manual_seed(config.seed)
+        self._load_data(data, dtype)
+        # Model and optimiser, then the run's starting point.
+        self.model, self.optimizer = build(config)
+        trits = sum(m.logical_trits() for m in self.model.modules()
+                    if isinstance(m, TernaryModule))
+        self.log(f"model: CodeMemoryLM, d_model {config.d_model}, n_layers {config.n_layers}, "
+                 f"{trits:,} logical trits, on {backend.device()}")
+        self.step, self.elapsed_before, self.summary = 0, 0.0, {}
+        if resume:
+            self._resume()
+        elif existing and self.is_main:
+            moved = _move_aside(out_dir, existing)
+            self.log(f"overwrite: the earlier run's files moved to {moved}")
+        if self.is_main:
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+                config.save(os.path.join(out_dir, "config.json"))
+            except OSError as e:
+                raise TrainError(f"cannot write {os.path.join(out_dir, 'config.json')} "
+                                 f"({e.strerror}); free disk space or choose another --out") \
+                    from None
+            if self.tokenizer is not None:
+                from .tokenizer import save_tokenizer
+                save_tokenizer(self.tokenizer, os.path.join(out_dir, "tokenizer.json"))
+        self.resumed, self.bar = resume, _Progress(progress and self.is_main)
+
+    # --- preparing the run --------------------------------------------------------------------
+    @staticmethod
+    def _fit_to_ranks(config, group, device):
+        """(config, device) for the ranks: micro_batches a multiple of them (one shard each by
+        default), and NCCL's ranks on GPUs."""
+        if group.size > 1:
+            if isinstance(group, distributed.NcclGroup):
+                if device not in (None, "cuda"):
+                    raise TrainError(f"data-parallel training runs on GPUs (NCCL); drop "
+                                     f"--device {device} or use --device cuda")
+                device = "cuda"
+            if config.micro_batches == 1:
+                config = config.override(micro_batches=group.size)
+            if config.micro_batches % group.size:
+                raise ConfigError(f"config field micro_batches = {config.micro_batches} must "
+                                  f"be a multiple of the {group.size} ranks")
+        return config, device
+
+    def _claim_folder(self, resume, overwrite, held, tokenizer):
+        """Check and lock the run folder; returns the earlier run's files found there, and the
+        tokenizer the run goes on with."""
+        out_dir = self.out_dir
+        if resume and overwrite:
+            raise TrainError("resume and overwrite exclude each other: --resume continues the "
+                             f"run in {out_dir}, --overwrite starts a new one there")
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise TrainError(f"--out {out_dir} is a file, not a folder; choose another --out")
+        if self.is_main:
+            held.enter_context(_RunLock(out_dir))
+        existing = _existing_run(out_dir)
+        self.ckpt_path = os.path.join(out_dir, "ckpt.h5")
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        if resume and not os.path.exists(self.ckpt_path):
+            raise TrainError(f"nothing to resume: {self.ckpt_path} does not exist; drop --resume "
+                             "to start a run" + (", or --overwrite to start over" if existing
+                                                 else ""))
+        if existing and not resume and not overwrite:
+            raise TrainError(f"run folder {out_dir} already holds a run ({', '.join(existing)}); "
+                             "continue it with --resume, start over with --overwrite (its "
+                             "files move to previous-<time>/), or choose another --out")
+        if resume:
+            header = read_header(self.ckpt_path)
+            tokenizer = _resumed_tokenizer(header["tokenizer"], tokenizer, self.ckpt_path)
+            _check_resumable(header["config"], self.config, self.ckpt_path)
+        config = self.config
+        if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+            raise ConfigError(f"config field vocab_size = {config.vocab_size}, but the "
+                              f"tokenizer has {tokenizer.vocab_size} tokens; the model's "
+                              "vocabulary follows the tokenizer: set vocab_size = "
+                              f"{tokenizer.vocab_size}")
+        return existing, tokenizer
+
+    def _load_data(self, data, dtype):
+        """The corpus, its batches, fixed held-out windows and the bigram baseline."""
+        config = self.config
+        if data is None or isinstance(data, (str, os.PathLike)):
+            corpus = tdata.load_corpus(data, dtype=dtype)
+        else:
+            corpus = data
+        if self.tokenizer is not None:
+            corpus = self.tokenizer.encode_corpus(corpus)
+        corpus.check_seq_len(config.seq_len)
+        _check_vocab(corpus, config)
+        self.corpus = corpus
+        self.unit = "bpb" if corpus.tokens_per_byte is not None else "bits/token"
+        self.log(f"data: {corpus.describe()}")
+        self.bigram = tdata.bigram_bpb(corpus.train, corpus.val, corpus.vocab_size,
+                                       corpus.tokens_per_byte_of(corpus.val[1:]))
+        self.log(f"bigram baseline: {self.bigram:.4f} held-out {self.unit} (add-one bigram "
+                 "fitted on train)")
+        self.batches = tdata.Batches(corpus, config.batch_size, config.seq_len,
+                                     seed=trandom.mix_seed(config.seed, 1))
+        # Fixed held-out windows: every evaluation scores the same text, so numbers compare.
+        self.val_batches = list(tdata.eval_batches(corpus.val, config.batch_size,
+                                                   config.seq_len, config.eval_batches))
+        self.val_tokens_per_byte = corpus.tokens_per_byte_of(
+            np.concatenate([y for _, y in self.val_batches]))
+        self.data_id = corpus.identity()
+
+    def _resume(self):
+        ckpt_path = self.ckpt_path
+        ckpt = load_checkpoint(ckpt_path, self.model, self.optimizer, restore_rng=True)
         saved_id = ckpt.train_state.get("data_id")
-        if saved_id is not None and not tdata.same_data(saved_id, data_id):
+        if saved_id is not None and not tdata.same_data(saved_id, self.data_id):
             raise TrainError(f"resume: {ckpt_path} was trained on other data "
                              f"({saved_id['source']}: {saved_id['train_tokens']:,} + "
                              f"{saved_id['val_tokens']:,} tokens, sha256 "
                              f"{saved_id['sha256'][:12]}...); pass the run's --data")
-        batches.load_state_dict(ckpt.train_state["data"])
-        step = int(ckpt.step)
-        elapsed_before = float(ckpt.train_state.get("elapsed", 0.0))
+        self.batches.load_state_dict(ckpt.train_state["data"])
+        self.step = int(ckpt.step)
+        self.elapsed_before = float(ckpt.train_state.get("elapsed", 0.0))
         # its held-out score is the old step's: the run evaluates again before it reports one
-        summary = {k: v for k, v in (ckpt.metrics or {}).items() if k != "val_bpb"}
-        if is_main:
-            _trim_metrics(metrics_path, step)
-        log(f"resumed from {ckpt_path} at step {step}")
-    elif existing and is_main:
-        moved = _move_aside(out_dir, existing)
-        log(f"overwrite: the earlier run's files moved to {moved}")
-    if is_main:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            config.save(os.path.join(out_dir, "config.json"))
-        except OSError as e:
-            raise TrainError(f"cannot write {os.path.join(out_dir, 'config.json')} "
-                             f"({e.strerror}); free disk space or choose another --out") from None
-        if tokenizer is not None:
-            from .tokenizer import save_tokenizer
-            save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer.json"))
-    shards = config.micro_batches
-    local_shards, shard_rows = shards // group.size, config.batch_size // shards
-    reducer = distributed.StepReducer(model, group, shards) if shards > 1 else None
-    if group.size > 1:
-        log(f"data-parallel: {group.size} ranks, {shards} shards of {shard_rows} x "
-            f"{config.seq_len} tokens a step")
-    captured = None
-    if config.cuda_graph and backend.device() == "cuda" and shards == 1:
-        captured = CapturedStep(model, optimizer, log=log)
-        log("steps replay from CUDA graphs after 3 eager ones (cuda_graph; eager again on "
-            "steps that restart codes or rebuild an index)")
+        self.summary = {k: v for k, v in (ckpt.metrics or {}).items() if k != "val_bpb"}
+        if self.is_main:
+            _trim_metrics(self.metrics_path, self.step)
+        self.log(f"resumed from {ckpt_path} at step {self.step}")
 
-    tokens_per_step = config.batch_size * config.seq_len
-    summary.update(step=step, tokens=step * tokens_per_step, bigram_bpb=bigram)
-    start = time.perf_counter()
+    def training_step(self):
+        """The step this run takes, chosen once: replayed from CUDA graphs where the run
+        allows (a GPU, one micro-batch), else eager."""
+        config, shards = self.config, self.config.micro_batches
+        if self.group.size > 1:
+            self.log(f"data-parallel: {self.group.size} ranks, {shards} shards of "
+                     f"{config.batch_size // shards} x {config.seq_len} tokens a step")
+        if config.cuda_graph and backend.device() == "cuda" and shards == 1:
+            self.log("steps replay from CUDA graphs after 3 eager ones (cuda_graph; eager "
+                     "again on steps that restart codes or rebuild an index)")
+            return _Replayed(CapturedStep(self.model, self.optimizer, log=self.log))
+        return EagerStep(self.model, self.optimizer, self.group, shards)
 
-    def elapsed():
-        return elapsed_before + time.perf_counter() - start
+    def begin(self):
+        """Start the clock; score step 0 of a new run; say what the run will do."""
+        config = self.config
+        self.tokens_per_step = config.batch_size * config.seq_len
+        self.summary.update(step=self.step, tokens=self.step * self.tokens_per_step,
+                            bigram_bpb=self.bigram)
+        self.start = time.perf_counter()
+        # A step's row is written once its update's statistics are known: they come back
+        # with the next step's loss (one host sync a step), or are read at once before
+        # anything else is written (a checkpoint, the end, a stop).
+        self.pending = None
+        self.step_time, self.stopping = None, False
+        if self.step == 0 and config.eval_every and not self.resumed:
+            self.record({"step": 0, "tokens": 0, "elapsed": 0.0, "val_bpb": self.estimate_loss(),
+                         "bigram_bpb": self.bigram})
+        self.log(f"training {config.steps - self.step} steps of {config.batch_size} x "
+                 f"{config.seq_len} tokens (to step {config.steps}), checkpoints in "
+                 f"{self.ckpt_path}")
 
-    def save():
-        distributed.check_replicas(group, model, step)
-        if not is_main:
+    # --- one step -----------------------------------------------------------------------------
+    def train_one_step(self, step, stop):
+        config, batches = self.config, self.batches
+        t0 = time.perf_counter()
+        data_before, rng_before = batches.state_dict(), trandom.get_state()
+        x, y = batches.get("train")
+        loss, ce = step.forward_backward(x, y)
+        loss_value, ce_value, stops = self._agree(loss, ce, stop.requested)
+        if not math.isfinite(loss_value):
+            # Nothing has been applied by this step: drop it and save the last good one.
+            step.drop()
+            batches.load_state_dict(data_before)
+            trandom.set_state(rng_before)
+            self.save()
+            raise LossNotFinite(
+                f"step {self.step + 1}: the loss is {loss_value}; stopped and saved the last "
+                f"good step ({self.step}) in {self.ckpt_path}. Try a larger --flip-threshold or "
+                "a smaller --grad-rms-units, then --resume")
+        step.update()
+        self.step += 1
+        self.stopping = stops > 0
+        self._report(time.perf_counter() - t0, loss_value, ce_value, y)
+        if config.save_every and self.step % config.save_every == 0 and \
+                self.step < config.steps:
+            self.flush()
+            self.save()
+
+    def _agree(self, loss, ce, stop_requested):
+        """(loss, cross-entropy, stop requests) of the step over every shard and rank: one
+        all-reduce and one host sync. The last update's statistics ride along (identical on
+        every rank: one update) and complete its pending metrics row."""
+        xp = backend.get_array_module(loss)
+        totals = xp.concatenate([loss, ce, xp.full(1, float(stop_requested))]).astype(np.float64)
+        if self.pending is not None and self.optimizer.stats is not None:
+            totals = xp.concatenate([totals, self.optimizer.stats.reshape(-1)])
+        reduced = self.group.all_reduce_sum([totals])[0]
+        loss_sum, ce_sum, stops = reduced[:3].tolist()
+        if self.pending is not None:
+            self.flush(backend.to_numpy(reduced[3:]).reshape(-1, 3) / self.group.size)
+        shards = self.config.micro_batches
+        return loss_sum / shards, ce_sum / shards, stops
+
+    def _report(self, dt, loss_value, ce_value, targets):
+        """The step's status line, its metrics row (pending its update's statistics) and, at
+        evaluation points, the held-out score."""
+        config, step, per_step = self.config, self.step, self.tokens_per_step
+        self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
+        row = {"step": step, "tokens": step * per_step, "loss": loss_value,
+               "train_bpb": tdata.bits_per_byte(ce_value,
+                                                self.corpus.tokens_per_byte_of(targets)),
+               "tokens_per_s": per_step / dt, "elapsed": self.elapsed()}
+        self.summary.update(step=step, tokens=row["tokens"], loss=loss_value,
+                            elapsed=row["elapsed"])
+        status = (f" | loss {loss_value:.4f} | {per_step / self.step_time:,.0f} tok/s | "
+                  f"ETA {_duration((config.steps - step) * self.step_time)}")
+        self.bar.update(f"step {step}/{config.steps}{status}")
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            row.update(val_bpb=self.estimate_loss(status), bigram_bpb=self.bigram)
+        self.pending = row
+
+    # --- what the run writes --------------------------------------------------------------------
+    def elapsed(self):
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def save(self):
+        distributed.check_replicas(self.group, self.model, self.step)
+        if not self.is_main:
             return
-        state = {"step": step, "data": batches.state_dict(), "data_id": data_id,
-                 "tokens": step * tokens_per_step, "elapsed": elapsed()}
-        save_checkpoint(ckpt_path, model, optimizer=optimizer, config=config.to_dict(),
-                        train_state=state, metrics_summary=summary,
-                        tokenizer=None if tokenizer is None else tokenizer.to_json())
+        state = {"step": self.step, "data": self.batches.state_dict(), "data_id": self.data_id,
+                 "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed()}
+        save_checkpoint(self.ckpt_path, self.model, optimizer=self.optimizer,
+                        config=self.config.to_dict(), train_state=state,
+                        metrics_summary=self.summary,
+                        tokenizer=None if self.tokenizer is None else self.tokenizer.to_json())
 
-    bar = _Progress(progress and is_main)
+    def say(self, text):
+        self.bar.clear()
+        self.log(text)
 
-    def say(text):
-        bar.clear()
-        log(text)
+    def record(self, row):
+        if self.is_main:
+            _append_metrics(self.metrics_path, row, self.ckpt_path)
 
-    def record(row):
-        if is_main:
-            _append_metrics(metrics_path, row, ckpt_path)
+    def flush(self, stats=None):
+        """Write the pending row, with its update's statistics (`stats`: read earlier)."""
+        if self.pending is not None:
+            self.pending["opt"] = self.optimizer.observe(stats)
+            self.record(self.pending)
+            self.pending = None
 
-    # A step's row is written once its update's statistics are known: they come back with
-    # the next step's loss (one host sync a step, as before), or are read at once before
-    # anything else is written (a checkpoint, the end, a stop).
-    pending = None
-
-    def flush(stats=None):
-        nonlocal pending
-        if pending is not None:
-            pending["opt"] = optimizer.observe(stats)
-            record(pending)
-            pending = None
-
-    def estimate_loss(status=""):
-        if not is_main:   # rank 0 evaluates; evaluation changes no state
+    def estimate_loss(self, status=""):
+        if not self.is_main:   # rank 0 evaluates; evaluation changes no state
             return None
-        val = tdata.bits_per_byte(evaluate(model, val_batches), val_tokens_per_byte)
-        summary["val_bpb"] = val
-        say(f"step {step}/{config.steps}{status} | held-out {val:.4f} {unit} | bigram "
-            f"baseline {bigram:.4f} {unit}")
+        val = tdata.bits_per_byte(evaluate(self.model, self.val_batches),
+                                  self.val_tokens_per_byte)
+        self.summary["val_bpb"] = val
+        self.say(f"step {self.step}/{self.config.steps}{status} | held-out {val:.4f} "
+                 f"{self.unit} | bigram baseline {self.bigram:.4f} {self.unit}")
         return val
 
-    if step == 0 and config.eval_every and not resume:
-        record({"step": 0, "tokens": 0, "elapsed": 0.0, "val_bpb": estimate_loss(),
-                "bigram_bpb": bigram})
-    log(f"training {config.steps - step} steps of {config.batch_size} x {config.seq_len} "
-        f"tokens (to step {config.steps}), checkpoints in {ckpt_path}")
-    step_time = None
-    stopping = False
-    with _StopOnSigint() as stop, bar, frozen_heap():
-        while step < config.steps and not stopping:
-            t0 = time.perf_counter()
-            data_before, rng_before = batches.state_dict(), trandom.get_state()
-            x, y = batches.get("train")
-            losses = []
-            if captured is not None:
-                losses += [v.reshape(1) for v in captured.forward_backward(x, y)]
-            else:
-                for j in range(local_shards):
-                    shard = group.rank * local_shards + j
-                    rows = slice(shard * shard_rows, (shard + 1) * shard_rows)
-                    optimizer.begin_shard(shard)
-                    loss, ce = model.loss(x[rows], y[rows])
-                    loss.backward()
-                    if reducer is not None:
-                        reducer.collect()
-                    losses += [loss.data.reshape(1), ce.data.reshape(1)]
-            # One all-reduce (and one host sync) agrees on the step's loss and on stopping.
-            xp = backend.get_array_module(losses[0])
-            totals = xp.concatenate([xp.stack(losses[0::2]).sum(0), xp.stack(losses[1::2]).sum(0),
-                                     xp.full(1, float(stop.requested))]).astype(np.float64)
-            # the last update's statistics ride along (identical on every rank: one update)
-            if pending is not None and optimizer.stats is not None:
-                totals = xp.concatenate([totals, optimizer.stats.reshape(-1)])
-            reduced = group.all_reduce_sum([totals])[0]
-            loss_sum, ce_sum, stops = reduced[:3].tolist()
-            if pending is not None:
-                flush(backend.to_numpy(reduced[3:]).reshape(-1, 3) / group.size)
-            loss_value, ce_value = loss_sum / shards, ce_sum / shards
-            if not math.isfinite(loss_value):
-                # Nothing has been applied by this step: drop it and save the last good one.
-                if captured is not None:
-                    captured.drop()
-                else:
-                    optimizer.zero_grad()
-                if reducer is not None:
-                    reducer.clear()
-                batches.load_state_dict(data_before)
-                trandom.set_state(rng_before)
-                save()
-                raise LossNotFinite(
-                    f"step {step + 1}: the loss is {loss_value}; stopped and saved the last good "
-                    f"step ({step}) in {ckpt_path}. Try a larger --flip-threshold or a smaller "
-                    "--grad-rms-units, then --resume")
-            if reducer is not None:
-                reducer.reduce()
-            if captured is not None:
-                captured.update()
-            else:
-                optimizer.step()
-            step += 1
-            stopping = stops > 0
-
-            dt = time.perf_counter() - t0
-            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-            row = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value,
-                   "train_bpb": tdata.bits_per_byte(ce_value, corpus.tokens_per_byte_of(y)),
-                   "tokens_per_s": tokens_per_step / dt, "elapsed": elapsed()}
-            summary.update(step=step, tokens=row["tokens"], loss=loss_value,
-                           elapsed=row["elapsed"])
-            status = (f" | loss {loss_value:.4f} | {tokens_per_step / step_time:,.0f} tok/s | "
-                      f"ETA {_duration((config.steps - step) * step_time)}")
-            bar.update(f"step {step}/{config.steps}{status}")
-            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                row.update(val_bpb=estimate_loss(status), bigram_bpb=bigram)
-            pending = row
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                flush()
-                save()
-        flush()
-        if stopping:
-            save()
-            say(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
+    # --- the end ------------------------------------------------------------------------------
+    def finish(self):
+        """After the last step, or the step a Ctrl-C stopped at: the last row, a held-out
+        score if the run has none yet, and the checkpoint."""
+        self.flush()
+        if self.stopping:
+            self.save()
+            self.say(f"interrupted at step {self.step}: saved {self.ckpt_path}; continue with "
+                     "--resume")
             raise KeyboardInterrupt
-        if "val_bpb" not in summary:   # eval_every = 0, or resumed at the end
-            estimate_loss()
-        save()
-    if not is_main:
-        return dict(summary, unit=unit, out_dir=out_dir)
-    val = summary["val_bpb"]
-    this_run = _duration(time.perf_counter() - start)
-    took = (f"this run {this_run}, run total {_duration(elapsed())}" if resume else
-            f"run time {this_run}")
-    log(f"done: step {step}, held-out {val:.4f} {unit} vs bigram {bigram:.4f} {unit} "
-        f"({'below' if val < bigram else 'NOT below'} the baseline), {took}, checkpoint "
-        f"{ckpt_path}")
-    return dict(summary, unit=unit, out_dir=out_dir)
+        if "val_bpb" not in self.summary:   # eval_every = 0, or resumed at the end
+            self.estimate_loss()
+        self.save()
+
+    def result(self) -> dict:
+        if self.is_main:
+            val, bigram, unit = self.summary["val_bpb"], self.bigram, self.unit
+            this_run = _duration(time.perf_counter() - self.start)
+            took = (f"this run {this_run}, run total {_duration(self.elapsed())}"
+                    if self.resumed else f"run time {this_run}")
+            self.log(f"done: step {self.step}, held-out {val:.4f} {unit} vs bigram "
+                     f"{bigram:.4f} {unit} ({'below' if val < bigram else 'NOT below'} the "
+                     f"baseline), {took}, checkpoint {self.ckpt_path}")
+        return dict(self.summary, unit=self.unit, out_dir=self.out_dir)
 
 
 def _resumed_tokenizer(saved, given, path):
@@ -649,9 +791,10 @@ def _check_resumable(saved: dict, config: Config, path):
         saved_config = Config().override(**saved)
     except ConfigError as e:
         raise TrainError(f"resume: the config in {path} cannot be used ({e})") from None
+    # the model's fields must match; the run's (RunConfig) may change
     changed = [f"{k} = {getattr(config, k)!r} (checkpoint: {v!r})"
-               for k, v in saved_config.to_dict().items()
-               if k not in RESUMABLE_FIELDS and getattr(config, k) != v]
+               for k, v in dataclasses.asdict(saved_config.model).items()
+               if getattr(config, k) != v]
     if changed:
         raise TrainError(f"resume: {path} is a model with other settings: "
                          f"{'; '.join(changed)}; resume with the run's own config (its "

@@ -388,7 +388,8 @@ def _one_backward(recompute, keep=0):
     from tritnet.nn.tables import TernaryEmbeddingTable
     from tritnet.nn.ternary import TernaryLinear
     trandom.manual_seed(0)
-    model = CodeMemoryLM(_recompute_pair_config(recompute, keep))
+    model = CodeMemoryLM(_recompute_pair_config(recompute, keep), recompute=recompute,
+                         recompute_keep=keep)
     assert [b.recompute for b in model.blocks] == [recompute and i < 3 - keep for i in range(3)]
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 256, (8, 17))
@@ -431,7 +432,7 @@ def test_recompute_searches_the_code_book_once_per_step(monkeypatch):
         monkeypatch.setattr(TernaryVQCodebook, "search",
                             lambda self, *a, **k: calls.append(1) or search(self, *a, **k))
         trandom.manual_seed(0)
-        model = CodeMemoryLM(_recompute_pair_config(recompute))
+        model = CodeMemoryLM(_recompute_pair_config(recompute), recompute=recompute)
         tokens = np.random.default_rng(3).integers(0, 256, (8, 17))
         loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
         loss.backward()

@@ -80,9 +80,10 @@ def trained(config, steps=3):
 def checkpoint(tmp_path_factory):
     """The tiny preset after three steps, saved once for the tests that only read it."""
     backend.set_device("cpu")
-    model = trained(preset("tiny"))
+    config = preset("tiny")
+    model = trained(config)
     path = tmp_path_factory.mktemp("tiny") / "ckpt.h5"
-    save_checkpoint(path, model, config=model.config.to_dict(), train_state={"step": 3})
+    save_checkpoint(path, model, config=config.to_dict(), train_state={"step": 3})
     return path
 
 

@@ -1,5 +1,6 @@
 """The training loop (tritnet.train): exact resume, the run folder, metrics, faults."""
 
+import dataclasses
 import json
 import os
 
@@ -8,9 +9,10 @@ import pytest
 
 from tritnet import backend, data
 from tritnet.checkpoint import load_checkpoint
-from tritnet.config import Config, ConfigError
+from tritnet.config import Config, ConfigError, ModelConfig, RunConfig
 from tritnet.models import CodeMemoryLM
-from tritnet.train import LossNotFinite, TrainError, steps_for_tokens, train
+from tritnet.train import (LossNotFinite, TrainError, evaluate_checkpoint, steps_for_tokens,
+                           train)
 
 # A model small enough that a step takes milliseconds: every code path of the tiny one.
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
@@ -137,6 +139,40 @@ def test_resume_refuses_another_model(tmp_path, corpus):
     # Run-length and optimiser fields may change on resume.
     train(small(steps=4, flip_threshold=100), data=corpus, out_dir=run, resume=True, log=quiet)
     assert load_checkpoint(run / "ckpt.h5").step == 4
+
+
+def test_what_may_change_on_resume_is_the_run_config():
+    """The model's fields (ModelConfig) are the checkpoint's; every field of the run's part
+    (RunConfig) may change on resume; together they are the one flat Config users write."""
+    model, run = ({f.name for f in dataclasses.fields(c)} for c in (ModelConfig, RunConfig))
+    assert not model & run and model | run == set(Config().to_dict())
+    names = list(Config().to_dict())   # the model's fields first, as configs were written
+    assert names[:len(model)] == [f.name for f in dataclasses.fields(ModelConfig)]
+    assert Config().model == ModelConfig() and isinstance(Config(), (ModelConfig, RunConfig))
+    assert {"d_model", "vq_beta", "quiet_memory"} <= model
+    assert {"steps", "seed", "flip_threshold", "recompute", "matmul_precision"} <= run
+
+
+def test_evaluate_checkpoint_scores_what_the_run_scored(tmp_path, corpus):
+    """The library's evaluation of a checkpoint (what `tritnet eval` prints) scores the run's
+    own held-out windows by default, so it gives the run's last held-out score."""
+    run = train(small(steps=2), data=corpus, out_dir=tmp_path / "run", log=quiet)
+    score = evaluate_checkpoint(tmp_path / "run" / "ckpt.h5", data=corpus)
+    assert score["val"] == run["val_bpb"] and score["bigram"] == run["bigram_bpb"]
+    assert (score["unit"], score["source"], score["trained_on"]) == ("bpb", "synthetic code",
+                                                                     None)
+    assert score["tokens"] == 2 * 2 * 16   # eval_batches x batch_size x seq_len
+    one = evaluate_checkpoint(tmp_path / "run" / "ckpt.h5", data=corpus, batches=1, seq_len=8)
+    assert one["tokens"] == 2 * 8
+    with pytest.raises(ConfigError, match="--seq-len 64 exceeds the model's context = 32"):
+        evaluate_checkpoint(tmp_path / "run" / "ckpt.h5", data=corpus, seq_len=64)
+
+
+def test_blocks_get_the_model_config():
+    model = CodeMemoryLM(small(recompute=True, recompute_keep=1))
+    assert type(model.config) is ModelConfig and model.config == small().model
+    assert [b.recompute for b in model.blocks] == [False]   # the last block keeps its own
+    assert [b.recompute for b in CodeMemoryLM(small().model, recompute=True).blocks] == [True]
 
 
 def test_nan_loss_saves_the_last_good_step(tmp_path, corpus, monkeypatch):

@@ -165,8 +165,8 @@ class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
 
     Distance: queries are ternarised (sign of the entries above half the row's mean |x|) and
     the nearest code maximises the signed squared cosine d·|d| / nnz(c), d the popcount dot
-    product of the ternary query and code (tritnet_kernels.vq_search documents it exactly); ties go
-    to the lowest index. The code's scale does not enter the search: the search picks a
+    product of the ternary query and code (tritnet_kernels/vq_search.py states it exactly); ties
+    go to the lowest index. The code's scale does not enter the search: the search picks a
     direction, the gathered code supplies its learned length.
 
     Forward returns the straight-through quantised vectors, the code indices and
