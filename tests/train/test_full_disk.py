@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
              top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
              graph_slots=4, batch_size=2, seq_len=16, steps=2, eval_every=0, eval_batches=1,
-             save_every=2)
+             save_every=2, ngram_rows=1024)
 TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + 1\n" for i in range(300))
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
