@@ -73,3 +73,12 @@ def pytest_terminal_summary(terminalreporter):
     if None in counts:
         parts.append(f"{counts[None]} for reasons of their own (-rs lists them)")
     terminalreporter.write_line(f"skipped {len(skipped)}: " + "; ".join(parts))
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """The test runs on NumPy, and so do the tritnet processes it starts (TRITNET_DEVICE=cpu).
+    A test file takes it for all its tests with
+    `pytestmark = pytest.mark.usefixtures("cpu_only")`."""
+    monkeypatch.setenv("TRITNET_DEVICE", "cpu")
+    backend.set_device("cpu")

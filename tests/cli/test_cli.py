@@ -5,7 +5,6 @@ import builtins
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,43 +14,23 @@ import zlib
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from cli.main import main
+from tests.helpers import (REPO, child_env, cli, code_text, one_error_line, poison_loss,
+                           small_config, train_args, write_run_files)
 from tritnet import backend
 from tritnet import data as tdata
 from tritnet.checkpoint import load_checkpoint
 from tritnet.models import CodeMemoryLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
-             top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
-             graph_slots=4, batch_size=2, seq_len=16, steps=4, eval_every=2, eval_batches=2,
-             save_every=2)
-TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + 1\n" for i in range(400))
-
-
-@pytest.fixture(autouse=True)
-def _cpu(monkeypatch):
-    monkeypatch.setenv("TRITNET_DEVICE", "cpu")
-    backend.set_device("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_only")
+SMALL = small_config(steps=4, eval_every=2, eval_batches=2, save_every=2)
+TEXT = code_text(400)
 
 
 @pytest.fixture
 def files(tmp_path):
     """A small config file and a text file to train on."""
-    (tmp_path / "small.json").write_text(json.dumps(SMALL))
-    (tmp_path / "code.txt").write_text(TEXT)
-    return tmp_path
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def train_args(files, out, *extra):
-    return ["train", "--config", files / "small.json", "--data", files / "code.txt", "--out",
-            out, *extra]
+    return write_run_files(tmp_path, SMALL, TEXT)
 
 
 @pytest.fixture
@@ -79,15 +58,10 @@ def fails(root, args, match, code=1):
     `match`, no traceback, and every checkpoint that was under root still there, unchanged."""
     before = checkpoints(root)
     res = cli(*args)
-    assert res.exit_code == code, res.output
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("tritnet: error: "), lines[0]
-    assert re.search(match, lines[0]), lines[0]
-    assert "Traceback" not in res.output
+    one_error_line(res, code, match)
     after = checkpoints(root)
     assert {k: after.get(k) for k in before} == before   # new ones may appear (a NaN's save)
-    return lines[0]
+    return res.stderr.splitlines()[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,17 +375,7 @@ def test_missing_checkpoint(files):
 
 
 def test_nan_loss_stops_with_the_last_good_step(files, monkeypatch):
-    original, calls = CodeMemoryLM.loss, []
-
-    def poisoned(self, tokens, targets):
-        loss, ce = original(self, tokens, targets)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 3:
-                loss = loss * float("inf")
-        return loss, ce
-
-    monkeypatch.setattr(CodeMemoryLM, "loss", poisoned)
+    poison_loss(monkeypatch, call=3, factor=float("inf"))
     fails(files, train_args(files, files / "r", "--save-every", 0),
           r"step 3: the loss is (inf|nan); stopped and saved the last good step \(2\)")
     assert load_checkpoint(files / "r" / "ckpt.h5").step == 2
@@ -426,8 +390,7 @@ def test_debug_shows_the_traceback(files):
 def training_child(files, out, stdout):
     """A `tritnet train` process on `out` (many steps, a checkpoint every step), returned once
     its first checkpoint exists."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TRITNET_DEVICE="cpu")
+    env = child_env()
     child = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "train", "--config", str(files / "small.json"),
          "--data", str(files / "code.txt"), "--out", str(out), "--steps", "100000",

@@ -10,36 +10,18 @@ import sys
 
 import numba
 import pytest
-from click.testing import CliRunner
 
-from cli.main import main
+from tests.helpers import (REPO, child_env, cli, code_text, small_config, train_args,
+                           write_run_files)
 from tritnet import backend
 from tritnet import rng as trandom
 from tritnet.checkpoint import CheckpointError, save_checkpoint
 from tritnet.config import Config
 from tritnet.models import CodeMemoryLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
-            top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
-            graph_slots=4, batch_size=2, seq_len=16, steps=2, eval_every=2, eval_batches=2,
-            save_every=0)
-TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + 1\n" for i in range(400))
-
-
-@pytest.fixture(autouse=True)
-def _cpu(monkeypatch):
-    monkeypatch.setenv("TRITNET_DEVICE", "cpu")
-    backend.set_device("cpu")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def child_env():
-    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                TRITNET_DEVICE="cpu")
+pytestmark = pytest.mark.usefixtures("cpu_only")
+TINY = small_config(steps=2, eval_every=2, eval_batches=2, save_every=0)
+TEXT = code_text(400)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +67,8 @@ def test_own_text_speaks_in_one_line_and_resumes(tmp_path):
 
 
 def test_a_resumed_runs_last_line_says_both_times(tmp_path):
-    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    (tmp_path / "code.txt").write_text(TEXT)
-    args = ["train", "--config", tmp_path / "tiny.json", "--data", tmp_path / "code.txt",
-            "--out", tmp_path / "run"]
+    write_run_files(tmp_path, TINY, TEXT, config_name="tiny.json")
+    args = train_args(tmp_path, tmp_path / "run", config_name="tiny.json")
     res = cli(*args)
     assert res.exit_code == 0, res.output
     assert re.search(r"done: step 2, .*, run time \d+s, checkpoint ", res.stdout), res.stdout

@@ -4,40 +4,23 @@ clear error line for what cannot be drawn."""
 import gzip
 import json
 import os
-import re
 import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 # matplotlib's own dependency: the test extra installs both; a GPU machine running only
 # `-m cuda` may have neither
 Image = pytest.importorskip("PIL.Image")
 
-from cli.main import main
+from tests.helpers import (REPO, cli, code_text, one_error_line, small_config, train_args,
+                           write_run_files)
 from tritnet import backend
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEARNING = os.path.join(REPO, "benchmarks", "results", "learning", "tiny-cpu")
-TINY = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
-            top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
-            graph_slots=4, batch_size=2, seq_len=16, steps=4, eval_every=2, eval_batches=2,
-            save_every=0)
-TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + 1\n" for i in range(400))
+TINY = small_config(steps=4, eval_every=2, eval_batches=2, save_every=0)
+TEXT = code_text(400)
 # matplotlib's first two colours: the first and second run
 RUN_COLOURS = [(0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(res, code, match):
-    assert res.exit_code == code, res.output
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tritnet: error: "), res.stderr
-    assert re.search(match, lines[0]), lines[0]
-    assert "Traceback" not in res.output
 
 
 def image(path):
@@ -76,11 +59,9 @@ def test_plot_of_committed_runs(tmp_path):
 def test_plot_of_a_run_trained_here(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITNET_DEVICE", "cpu")
     backend.set_device("cpu")
-    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    (tmp_path / "code.txt").write_text(TEXT)
+    write_run_files(tmp_path, TINY, TEXT, config_name="tiny.json")
     run = tmp_path / "run"
-    res = cli("train", "--config", tmp_path / "tiny.json", "--data", tmp_path / "code.txt",
-              "--out", run)
+    res = cli(*train_args(tmp_path, run, config_name="tiny.json"))
     assert res.exit_code == 0, res.output
     out = tmp_path / "run.svg"
     res = cli("plot", run, "-o", out)

@@ -11,34 +11,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
-from tritnet import backend
+from tests.helpers import cupy, pack
 from tritnet_kernels import _common
 from tritnet_kernels import sparse_rows as tb
 from tritnet_kernels import update as U
 
-SIM = bool(numba.config.ENABLE_CUDASIM)
-
-cupy = backend.cupy
-HAVE_GPU = backend.gpu_usable()[0]
-
-
-
-
-# --- independent bitplane32 helpers (docs/kernels.md#bitplane32, written out again) ---
-
-
-def pack(T):
-    rows, cols = T.shape
-    out = np.zeros((rows, 2 * -(-cols // 32)), dtype=np.uint32)
-    for j in range(cols):
-        bit = np.uint32(1 << (j % 32))
-        out[T[:, j] == 1, 2 * (j // 32)] |= bit
-        out[T[:, j] == -1, 2 * (j // 32) + 1] |= bit
-    return out
+# --- independent bitplane32 helpers (docs/kernels.md#bitplane32, written out again; pack is
+# in tests/helpers.py) ---
 
 
 def unpack(T_packed, cols):

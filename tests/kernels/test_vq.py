@@ -2,32 +2,14 @@
 nearest code, top-k routing, partition search, usage counts. CPU twin against the independent NumPy reference (identical argmins), tie rules,
 the CUDA kernels against the CPU twin under the simulator and on a GPU, and bad input."""
 
-import numba
 import numpy as np
 import pytest
 
-from tritnet import backend
+from tests.helpers import cupy, pack
 from tritnet_kernels import _vq_rules
 from tritnet_kernels import vq_route
 from tritnet_kernels import vq_search
 from tritnet_kernels import vq_usage
-
-SIM = bool(numba.config.ENABLE_CUDASIM)
-
-cupy = backend.cupy
-HAVE_GPU = backend.gpu_usable()[0]
-
-
-
-
-def pack(T):
-    rows, cols = T.shape
-    out = np.zeros((rows, 2 * -(-cols // 32)), dtype=np.uint32)
-    for j in range(cols):
-        bit = np.uint32(1 << (j % 32))
-        out[T[:, j] == 1, 2 * (j // 32)] |= bit
-        out[T[:, j] == -1, 2 * (j // 32) + 1] |= bit
-    return out
 
 
 def book(K, dim, seed, density=2 / 3):

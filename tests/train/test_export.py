@@ -4,15 +4,13 @@ plain NumPy, gives tritnet's logits; what cannot be exported is one clear error 
 import importlib.util
 import json
 import os
-import re
 import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 safe_open = pytest.importorskip("safetensors").safe_open   # the test extra installs it
 
-from cli.main import main
+from tests.helpers import REPO, cli, one_error_line
 from tritnet import backend
 from tritnet import data as tdata
 from tritnet import rng as trandom
@@ -21,8 +19,9 @@ from tritnet.checkpoint import save_checkpoint
 from tritnet.config import preset
 from tritnet.train import build
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 3}\n" for i in range(600))
+pytestmark = pytest.mark.usefixtures("cpu_only")
+# its own corpus (TEXT), not code_text(): `+ {i % 3}` for `+ 1`, 600 functions
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, context=32, n_experts=3, expert_hidden=32,
              top_k=2, codebook_dim=32, kgvq_dim=32, shared_vq_size=256, kgvq_size=64,
              graph_slots=4, seq_len=32, quiet_memory=True)
@@ -43,24 +42,6 @@ def numpy_inference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def _cpu(monkeypatch):
-    monkeypatch.setenv("TRITNET_DEVICE", "cpu")
-    backend.set_device("cpu")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(res, code, match):
-    assert res.exit_code == code, res.output
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tritnet: error: "), res.stderr
-    assert re.search(match, lines[0]), lines[0]
-    assert "Traceback" not in res.output
 
 
 def trained(config, steps=3):

@@ -16,35 +16,24 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from cli.main import main
-from tritnet import backend
+from tests.helpers import (child_env, cli, code_text, process_error_line, small_config,
+                           train_args, write_run_files)
 from tritnet import checkpoint as ck
 from tritnet import train as ttrain
 from tritnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tritnet.nn.tables import TernaryEmbeddingTable
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
-             top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
-             graph_slots=4, batch_size=2, seq_len=16, steps=2, eval_every=0, eval_batches=1,
-             save_every=2, ngram_rows=1024)
-TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + 1\n" for i in range(300))
+pytestmark = pytest.mark.usefixtures("cpu_only")
+# ngram_rows=1024: the n-gram table must fit the 4 MB disks below
+SMALL = small_config(steps=2, eval_every=0, eval_batches=1, save_every=2, ngram_rows=1024)
+TEXT = code_text(300)
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-@pytest.fixture(autouse=True)
-def _cpu(monkeypatch):
-    monkeypatch.setenv("TRITNET_DEVICE", "cpu")
-    backend.set_device("cpu")
 
 
 @pytest.fixture
 def files(tmp_path):
-    (tmp_path / "small.json").write_text(json.dumps(SMALL))
-    (tmp_path / "code.txt").write_text(TEXT)
-    return tmp_path
+    return write_run_files(tmp_path, SMALL, TEXT)
 
 
 @pytest.fixture
@@ -79,17 +68,9 @@ def fill(where, leave):
 
 
 def tritnet(*args):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TRITNET_DEVICE="cpu")
+    """`tritnet ARGS...` in a child process: a crash shows as a signal."""
     return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
-def one_error_line(res, match):
-    assert res.returncode == 1, (res.returncode, res.stderr)   # a signal would be negative
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tritnet: error: "), res.stderr
-    assert re.search(match, lines[0]), lines[0]
+                          capture_output=True, text=True, env=child_env(), timeout=300)
 
 
 def sha(path):
@@ -106,11 +87,6 @@ def no_temporaries(run):
     return [p.name for p in run.iterdir() if ".tmp" in p.name or p.name == ".lock"] == []
 
 
-def train_args(files, out, *extra):
-    return ["train", "--config", files / "small.json", "--data", files / "code.txt", "--out",
-            out, *extra]
-
-
 # --------------------------------------------------------------------------------------------
 # Real full and read-only disks.
 
@@ -123,7 +99,7 @@ def test_a_save_on_a_full_disk_keeps_the_previous_checkpoint(files, tmpfs):
     ckpt, rows = sha(run / "ckpt.h5"), whole_rows(run / "metrics.jsonl")
     fill(fs, 64 << 10)   # room for metrics rows, not for another checkpoint
     res = tritnet(*train_args(files, run, "--resume", "--steps", 4))
-    one_error_line(res, rf"save_checkpoint: cannot write {run}/ckpt.h5 \(No space left on "
+    process_error_line(res, rf"save_checkpoint: cannot write {run}/ckpt.h5 \(No space left on "
                         r"device\); the previous checkpoint there, if any, is untouched")
     assert sha(run / "ckpt.h5") == ckpt and no_temporaries(run)
     assert whole_rows(run / "metrics.jsonl")[:len(rows)] == rows
@@ -139,7 +115,7 @@ def test_a_run_without_checkpoints_stops_cleanly_when_metrics_fill_the_disk(file
     fill(fs, 12 << 10)   # three pages: the lock, config.json, a few metrics rows
     run = fs / "run"
     res = tritnet(*train_args(files, run, "--steps", 200, "--save-every", 0))
-    one_error_line(res, rf"cannot write {run}/metrics.jsonl \(No space left on device\): the "
+    process_error_line(res, rf"cannot write {run}/metrics.jsonl \(No space left on device\): the "
                         r"run stopped at step \d+, and it had saved no checkpoint yet")
     rows = whole_rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
@@ -155,14 +131,14 @@ def test_resume_that_must_trim_metrics_on_a_full_then_read_only_disk(files, tmpf
     ckpt, metrics = sha(run / "ckpt.h5"), sha(run / "metrics.jsonl")
     fill(fs, 0)
     res = tritnet(*train_args(files, run, "--resume", "--steps", 4))
-    one_error_line(res, rf"resume: cannot rewrite {run}/metrics.jsonl without the rows after "
+    process_error_line(res, rf"resume: cannot rewrite {run}/metrics.jsonl without the rows after "
                         r"the checkpoint's step 2 \(No space left on device\); it is as it was")
     assert sha(run / "ckpt.h5") == ckpt and sha(run / "metrics.jsonl") == metrics
     assert no_temporaries(run)
     os.unlink(fs / "filler")
     subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
     res = tritnet(*train_args(files, run, "--resume", "--steps", 4))
-    one_error_line(res, rf"cannot lock the run folder {run} \(Read-only file system\)")
+    process_error_line(res, rf"cannot lock the run folder {run} \(Read-only file system\)")
     assert sha(run / "ckpt.h5") == ckpt and sha(run / "metrics.jsonl") == metrics
 
 
@@ -237,7 +213,7 @@ def test_metrics_row_on_a_full_disk(files, monkeypatch):
     opener.rows = 0
     monkeypatch.setattr(ttrain, "open", opener, raising=False)
     run = files / "run"
-    res = CliRunner().invoke(main, [str(a) for a in train_args(files, run, "--steps", 6)])
+    res = cli(*train_args(files, run, "--steps", 6))
     assert res.exit_code == 1 and len(res.stderr.splitlines()) == 1, res.output
     assert re.search(rf"tritnet: error: cannot write {run}/metrics.jsonl \(No space left on "
                      rf"device\): the run stopped at step 4, and the steps since its last "
@@ -248,7 +224,7 @@ def test_metrics_row_on_a_full_disk(files, monkeypatch):
 
 def test_trimming_metrics_on_a_full_disk(files, monkeypatch):
     run = files / "run"
-    assert CliRunner().invoke(main, [str(a) for a in train_args(files, run)]).exit_code == 0
+    assert cli(*train_args(files, run)).exit_code == 0
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 3, "loss": 9.0}\n')
     before = sha(run / "metrics.jsonl")
@@ -261,8 +237,7 @@ def test_trimming_metrics_on_a_full_disk(files, monkeypatch):
             raise ENOSPC
         return fh
     monkeypatch.setattr(ttrain, "open", opener, raising=False)
-    res = CliRunner().invoke(main, [str(a) for a in train_args(files, run, "--resume",
-                                                               "--steps", 4)])
+    res = cli(*train_args(files, run, "--resume", "--steps", 4))
     assert res.exit_code == 1 and len(res.stderr.splitlines()) == 1, res.output
     assert "cannot rewrite" in res.stderr and "(No space left on device)" in res.stderr
     assert sha(run / "metrics.jsonl") == before and no_temporaries(run)

@@ -9,10 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from cli.main import main
-from tritnet import backend
+from tests import helpers
+from tests.helpers import cli, one_error_line, small_config, write_run_files
 from tritnet import data as tdata
 from tritnet.checkpoint import read_header
 from tritnet.sample import load_model
@@ -20,41 +19,19 @@ from tritnet.tokenizer import (Tokenizer, TokenizerError, load_tokenizer, text_p
                                train_tokenizer)
 from tritnet.train import evaluate
 
-TINY = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
-            top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
-            graph_slots=4, batch_size=2, seq_len=16, steps=4, eval_every=2, eval_batches=2,
-            save_every=0)
+pytestmark = pytest.mark.usefixtures("cpu_only")
+TINY = small_config(steps=4, eval_every=2, eval_batches=2, save_every=0)
+# its own corpus, not code_text(): a non-ASCII comment and a blank line after each function
 TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + 1  # é{i}\n\n" for i in range(300))
-
-
-@pytest.fixture(autouse=True)
-def _cpu(monkeypatch):
-    monkeypatch.setenv("TRITNET_DEVICE", "cpu")
-    backend.set_device("cpu")
 
 
 @pytest.fixture
 def files(tmp_path):
-    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    (tmp_path / "code.txt").write_text(TEXT)
-    return tmp_path
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(res, code, match):
-    assert res.exit_code == code, res.output
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tritnet: error: "), res.stderr
-    assert re.search(match, lines[0]), lines[0]
-    assert "Traceback" not in res.output
+    return write_run_files(tmp_path, TINY, TEXT, config_name="tiny.json")
 
 
 def train_args(files, out, *extra):
-    return ["train", "--config", files / "tiny.json", "--data", files / "code.txt", "--out", out,
-            *extra]
+    return helpers.train_args(files, out, *extra, config_name="tiny.json")
 
 
 @pytest.fixture

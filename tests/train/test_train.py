@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.helpers import code_text, poison_loss, small_config
 from tritnet import backend, data
 from tritnet.checkpoint import load_checkpoint
 from tritnet.config import Config, ConfigError, ModelConfig, RunConfig
@@ -15,11 +16,8 @@ from tritnet.train import (LossNotFinite, TrainError, evaluate_checkpoint, steps
                            train)
 
 # A model small enough that a step takes milliseconds: every code path of the tiny one.
-SMALL = dict(d_model=32, n_layers=1, n_heads=2, context=32, n_experts=2, expert_hidden=32,
-             top_k=1, codebook_dim=32, shared_vq_size=64, kgvq_size=32, kgvq_dim=32,
-             graph_slots=4, batch_size=2, seq_len=16, steps=6, eval_every=2, eval_batches=2,
-             save_every=3)
-TEXT = b"".join(b"def f%d(x):\n    return x * %d + 1\n" % (i, i % 7) for i in range(400))
+SMALL = small_config(steps=6, eval_every=2, eval_batches=2, save_every=3)
+TEXT = code_text(400).encode()
 
 
 @pytest.fixture(autouse=True)
@@ -179,17 +177,7 @@ def test_nan_loss_saves_the_last_good_step(tmp_path, corpus, monkeypatch):
     clean = tmp_path / "clean"
     train(small(steps=3, eval_every=0, save_every=0), data=corpus, out_dir=clean, log=quiet)
 
-    original, calls = CodeMemoryLM.loss, []
-
-    def poisoned(self, tokens, targets):
-        loss, ce = original(self, tokens, targets)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 4:
-                loss = loss * float("nan")
-        return loss, ce
-
-    monkeypatch.setattr(CodeMemoryLM, "loss", poisoned)
+    poison_loss(monkeypatch, call=4, factor=float("nan"))
     run = tmp_path / "run"
     with pytest.raises(LossNotFinite, match=r"step 4: the loss is nan; stopped and saved the "
                                             r"last good step \(3\)"):
