@@ -19,9 +19,9 @@ from tritnet.checkpoint import save_checkpoint
 from tritnet.config import preset
 from tritnet.train import build
 
-TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 3}\n" for i in range(600))
 pytestmark = pytest.mark.usefixtures("cpu_only")
-# its own corpus (TEXT), not code_text(): `+ {i % 3}` for `+ 1`, 600 functions
+# its own corpus, not code_text(): `+ {i % 3}` for `+ 1`, 600 functions
+TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 3}\n" for i in range(600))
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, context=32, n_experts=3, expert_hidden=32,
              top_k=2, codebook_dim=32, kgvq_dim=32, shared_vq_size=256, kgvq_size=64,
              graph_slots=4, seq_len=32, quiet_memory=True)
