@@ -195,29 +195,16 @@ def _validate(config):
         if not lo <= value <= hi:
             raise ConfigError(f"config field {name} = {value!r} is out of range: "
                               f"expected {lo} <= {name} <= {hi}")
-    if rule("position") and config.position not in ("alibi", "nope"):
-        raise ConfigError(f"config field position = {config.position!r}: expected 'alibi' or "
-                          "'nope'")
-    if rule("schedule") and config.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"config field schedule = {config.schedule!r}: expected 'constant' "
-                          "or 'cosine'")
+    for name, allowed in _CHOICES.items():
+        if name in has and getattr(config, name) not in allowed:
+            quoted = [repr(a) for a in allowed]
+            raise ConfigError(f"config field {name} = {getattr(config, name)!r}: expected "
+                              f"{', '.join(quoted[:-1])} or {quoted[-1]}")
     if rule("final_grad_rms_units", "grad_rms_units") and \
             config.final_grad_rms_units > config.grad_rms_units:
         raise ConfigError(f"config field final_grad_rms_units = {config.final_grad_rms_units} "
                           f"exceeds grad_rms_units = {config.grad_rms_units} (the schedule "
                           "decays the gain)")
-    if rule("accum_init") and config.accum_init not in ("zero", "spread"):
-        raise ConfigError(f"config field accum_init = {config.accum_init!r}: expected 'zero' "
-                          "or 'spread'")
-    if rule("grad_norm") and config.grad_norm not in ("tensor", "row", "factored"):
-        raise ConfigError(f"config field grad_norm = {config.grad_norm!r}: expected "
-                          "'tensor', 'row' or 'factored'")
-    if rule("matmul_precision") and config.matmul_precision not in ("fp32", "tf32"):
-        raise ConfigError(f"config field matmul_precision = {config.matmul_precision!r}: "
-                          "expected 'fp32' or 'tf32'")
-    if rule("vq_search") and config.vq_search not in ("exact", "routed"):
-        raise ConfigError(f"config field vq_search = {config.vq_search!r}: expected 'exact' "
-                          "or 'routed'")
     if rule("d_model", "n_heads") and config.d_model % config.n_heads:
         raise ConfigError(f"config field d_model = {config.d_model} must be divisible by "
                           f"n_heads = {config.n_heads}")
@@ -256,6 +243,12 @@ def _toml_value(v) -> str:
 
 _FIELD_TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[f.type]
                 for f in fields(Config)}
+
+_CHOICES = {   # fields that take one of a few names
+    "position": ("alibi", "nope"), "schedule": ("constant", "cosine"),
+    "accum_init": ("zero", "spread"), "grad_norm": ("tensor", "row", "factored"),
+    "matmul_precision": ("fp32", "tf32"), "vq_search": ("exact", "routed"),
+}
 
 _RANGES = {
     "vocab_size": (2, 65536), "d_model": (8, 65536), "n_layers": (1, 1024),

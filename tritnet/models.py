@@ -35,6 +35,7 @@ from .nn.module import Observer
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
 from .nn.ternary import TernaryLinear, TernaryModule, expert_matmul
 from tritnet_kernels import code_graph as kgraph
+from tritnet_kernels import sparse_rows as ksparse
 
 
 class Attention(Module):
@@ -475,47 +476,13 @@ class CompositeHead(Module):
         return self.lm_head(F.rms_norm(h))
 
 
-_U64 = np.uint64
-_NGRAM_PRIME = _U64(0x100000001B3)          # FNV-1a's 64-bit prime: one token into the hash
-_NGRAM_ORDER = _U64(0x9E3779B97F4A7C15)     # separates the orders' hashes
-
-
-def _mix64(z):
-    """splitmix64's finaliser on uint64 arrays (wrapping products): every input bit moves
-    every output bit, so a hash's low bits (the row) depend on the whole n-gram."""
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
-
-
-def ngram_rows(tokens, previous, orders: int, rows: int):
-    """Row ids (B, T, orders - 1) int64 of the n-grams ending at each token, n = 2 … orders:
-    row = mix(hash(n, the token and the n - 1 before it)) mod rows. `previous` (B, orders - 1)
-    holds the tokens before the window (the pad id, vocab_size, where a stream has none: a
-    window's first tokens hash their missing history as padding, in training and decoding
-    alike)."""
-    xp = backend.get_array_module(tokens)
-    B, T = tokens.shape
-    seq = xp.concatenate([previous, tokens], axis=1).astype(_U64) + _U64(1)
-    h = xp.zeros((B, T), _U64)
-    ids = xp.empty((B, T, orders - 1), np.int64)
-    with np.errstate(over="ignore"):   # the hash wraps by design
-        for back in range(orders):          # the token `back` places before position t
-            h = (h ^ seq[:, orders - 1 - back:orders - 1 - back + T]) * _NGRAM_PRIME
-            if back:
-                n = _U64(back + 1)
-                ids[:, :, back - 1] = (_mix64(h ^ (n * _NGRAM_ORDER)) % _U64(rows)).astype(
-                    np.int64)
-    return ids
-
-
 class NgramMemory(Module):
     """Hashed n-gram embeddings: a ternary table read by the recent tokens themselves.
 
     Each position adds, to its token's embedding, one row per n = 2 … `orders`, the row a hash
-    of the n-gram ending there picks (`ngram_rows`). The table is a sparse ternary table
-    (trained like the embedding: a step reads and updates only the rows it used), so it can
-    be far larger than the dense model for the cost of a gather: a memory of which contexts
+    of the n-gram ending there picks (`tritnet_kernels.sparse_rows.ngram_rows`). The table is
+    a sparse ternary table (trained like the embedding: a step reads and updates only the rows
+    it used), so it can be far larger than the dense model for the cost of a gather: a memory of which contexts
     predict what, that the blocks no longer have to build from single bytes. Rows start at
     1/8 of unit scale (the quiet start of the code memory's readouts)."""
 
@@ -532,7 +499,7 @@ class NgramMemory(Module):
         xp = backend.get_array_module(tokens)
         if previous is None:
             previous = self.history(tokens.shape[0], xp)
-        ids = ngram_rows(tokens, previous, self.orders, self.table.rows)
+        ids = ksparse.ngram_rows(tokens, previous, self.orders, self.table.rows)
         return self.table(ids, check=False).sum(axis=2)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "gather_rows_reference",
     "unique_rows",
     "segment_sum_rows",
+    "ngram_rows",
     "segment_sum_rows_reference",
     "segment_sum_sorted_reference",
     "sparse_ternary_update",
@@ -724,3 +725,30 @@ def sparse_ternary_update_reference(T_packed, T_accum, E, E_accum, rows, grad_q_
         E_accum_new[rows] = a.astype(np.int8)
     return T_packed_new, T_accum_new, E_new, E_accum_new, counts
 
+
+# --------------------------------------------------------------------------------------------
+# Hashed rows of n-grams (the n-gram memory's reads): array arithmetic on NumPy or CuPy, no
+# kernel of its own; the same bits on every device.
+
+NGRAM_PRIME = np.uint64(0x100000001B3)   # FNV-1a's 64-bit prime: one token into the hash
+
+
+def ngram_rows(tokens, previous, orders: int, rows: int):
+    """Row ids (B, T, orders - 1) int64 of the n-grams ending at each token, n = 2 … orders:
+    row = mix64(hash(the token and the n - 1 before it) ^ n·GOLDEN) mod rows, the hash an
+    FNV-style product over token ids + 1. `previous` (B, orders - 1) holds the tokens before
+    the window (a pad id where a stream has none: a window's first tokens hash their missing
+    history as padding, in training and decoding alike)."""
+    xp = xp_of(tokens)
+    B, T = tokens.shape
+    seq = xp.concatenate([previous, tokens], axis=1).astype(np.uint64) + np.uint64(1)
+    h = xp.zeros((B, T), np.uint64)
+    ids = xp.empty((B, T, orders - 1), np.int64)
+    with np.errstate(over="ignore"):   # the hash wraps by design
+        for back in range(orders):          # the token `back` places before position t
+            h = (h ^ seq[:, orders - 1 - back:orders - 1 - back + T]) * NGRAM_PRIME
+            if back:
+                n = np.uint64(back + 1)
+                ids[:, :, back - 1] = (mix64_reference(h ^ (n * GOLDEN)) %
+                                       np.uint64(rows)).astype(np.int64)
+    return ids

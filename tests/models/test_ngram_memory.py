@@ -7,7 +7,8 @@ import pytest
 from tritnet import backend
 from tritnet import rng as trandom
 from tritnet.config import Config, ConfigError
-from tritnet.models import CodeMemoryLM, NgramMemory, ngram_rows
+from tritnet.models import CodeMemoryLM, NgramMemory
+from tritnet_kernels.sparse_rows import ngram_rows
 from tritnet.train import build
 
 
