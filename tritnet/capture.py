@@ -21,10 +21,13 @@ the loss (the step's one host sync) and drops a step whose loss is not finite be
 anything is applied, as the eager loop does.
 
 A replay runs the step's device work only. The host's part of a step -- the optimiser's step
-count, the code books' restart and index clocks -- is advanced by `update()` itself. Steps
-with host work run eagerly instead: a dead-code restart (random choices made on the host)
-and a routed-search index (re)build (new arrays). The graphs are captured again after such a
-step, and after the first `warmup` steps, which compile kernels and fill caches.
+count, the code books' restart and index clocks -- is advanced by `update()` itself, and so
+is a dead-code restart that falls due (random choices made on the host, written into the
+books' arrays in place): its queries are the ones the replayed forward wrote, in arrays the
+capture kept (the books record every step's queries while a capture runs). Steps that make
+new arrays run eagerly instead: a routed-search index (re)build. The graphs are captured
+again after such a step, and after the first `warmup` steps, which compile kernels and fill
+caches.
 
 Memory: the graphs' intermediate arrays come from a memory pool of their own, kept while the
 graphs live (graph replays write them; nothing else may get them). It holds one step's
@@ -79,6 +82,7 @@ class CapturedStep:
         self.tokens = self.targets = None   # the graphs' inputs, refilled every step
         self.loss = self.ce = None          # ... and outputs
         self.ticking = []                   # code books whose clocks a step advances
+        self.recorded = {}                  # book -> the queries its captured forward writes
         self.mode = None                    # this step's: "eager", "capture" or "replay"
         self.counts = {"eager": 0, "capture": 0, "replay": 0}
         self.failed = None                  # why capture failed (then every step is eager)
@@ -108,9 +112,18 @@ class CapturedStep:
                 loss.backward()
                 self.loss, self.ce = loss.data, ce.data
 
-            graph = self._capture(forward_backward)
+            for book in self.books:
+                book.keep_queries = True
+            try:
+                graph = self._capture(forward_backward)
+            finally:
+                for book in self.books:
+                    book.keep_queries = False
             if graph is None:
                 return self._eager_forward_backward(x, y)
+            # arrays of the graphs' pool that every replay of the forward writes again
+            self.recorded = {book: list(book.restart_queries) for book in self.books
+                             if book.restart_queries}
             self.mode, self.graphs = "capture", (graph, None)
         else:
             self.mode = "replay-pending"
@@ -152,7 +165,7 @@ class CapturedStep:
         """Drop the graphs and give their pool's idle blocks back to the device, so that eager
         work (a step with host work, an evaluation) does not hold its working set beside
         theirs. The next step that can be captured captures them again."""
-        self.graphs = None
+        self.graphs, self.recorded = None, {}
         self.pool.free_all_blocks()
 
     def _eager_forward_backward(self, x, y):
@@ -192,10 +205,12 @@ class CapturedStep:
 
     # --- what a replay leaves to the host ----------------------------------------------
     def _tick(self):
-        """The host half of optimizer.step(): its step count and the code books' clocks (the
-        device half, the clock included, was in the graph)."""
+        """The host half of optimizer.step(): the code books' clocks and the restarts that
+        fall due, then its step count (the device half, the clock included, was in the graph).
+        In the eager step's order: a restart's random choices are seeded by the step count."""
         for book in self.ticking:
             book.tick()
+            book.restart_when_due(self.recorded.get(book, []))
         self.optimizer.count_step()
 
     def _check_batch(self, x, y):

@@ -622,7 +622,7 @@ class _Run:
                      f"{config.batch_size // shards} x {config.seq_len} tokens a step")
         if config.cuda_graph and backend.device() == "cuda" and shards == 1:
             self.log("steps replay from CUDA graphs after 3 eager ones (cuda_graph; eager "
-                     "again on steps that restart codes or rebuild an index)")
+                     "again on steps that rebuild a routed index)")
             return _Replayed(CapturedStep(self.model, self.optimizer, log=self.log))
         return EagerStep(self.model, self.optimizer, self.group, shards)
 

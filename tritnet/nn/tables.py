@@ -219,6 +219,9 @@ class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
         self.steps_since_restart = 0
         self.observed = []         # this step's chosen codes, one int32 array per use
         self.restart_queries = []  # (float queries, ternarised queries) per use, restart steps only
+        # set while a CUDA graph of a step is captured (tritnet/capture.py): every step's
+        # queries are then recorded, so that a replayed step can restart codes from them
+        self.keep_queries = False
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, search={self.search_mode!r}"
@@ -310,7 +313,7 @@ class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
             codes = codes.astype(x.dtype)
         if self.training and is_grad_enabled():
             self.observed.append(indices)
-            if self.restart_due():
+            if self.restart_due() or self.keep_queries:
                 self.restart_queries.append((flat, queries))
         diff = codes - x.detach()
         loss = (diff * diff).mean()
@@ -333,17 +336,9 @@ class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
         dead-code restart from the step's queries, then the routed index's refresh clock."""
         if not self.observed:
             return
-        xp = backend.get_array_module(self.T_packed)
         kvq_usage.count_usage(backend.concatenate(self.observed), self.usage, check=False)
         self.tick()
-        if self.restart_every and self.steps_since_restart >= self.restart_every:
-            if self.restart_queries:
-                flat = xp.concatenate([f for f, _ in self.restart_queries])
-                queries = xp.concatenate([q for _, q in self.restart_queries])
-            else:  # restart_every was lowered mid-step: no queries kept, only halve the counts
-                flat = xp.zeros((0, self.dim), np.float32)
-                queries = xp.zeros((0, 2 * kpacking.n_groups(self.dim)), np.uint32)
-            self.restart_dead_codes(flat, queries)
+        self.restart_when_due(self.restart_queries)
         if self.search_mode == "routed" and self.steps_since_index >= self.index_refresh:
             self.index = None  # rebuilt lazily by the next search
         self.clear_observations()
@@ -351,17 +346,33 @@ class TernaryVQCodebook(TernaryEmbeddingTable, Observer):
     def tick(self) -> None:
         """The host's count of one more training step (restart and index-refresh clocks):
         what apply_observations counts, and all a replayed CUDA graph of a step leaves to
-        the host (tritnet/capture.py; such a step has no host work, see host_work_due)."""
+        the host (tritnet/capture.py), with a dead-code restart when one is due
+        (`restart_when_due`)."""
         self.steps_since_restart += 1
         self.steps_since_index += 1
 
+    def restart_when_due(self, recorded) -> None:
+        """The step's dead-code restart, if one is due (after `tick`), from `recorded`: the
+        step's (float, ternarised) query pairs, one per use of the book; the eager step's
+        own, or those a replayed step's graph wrote (tritnet/capture.py)."""
+        if not (self.restart_every and self.steps_since_restart >= self.restart_every):
+            return
+        xp = backend.get_array_module(self.T_packed)
+        if recorded:
+            flat = xp.concatenate([f for f, _ in recorded])
+            queries = xp.concatenate([q for _, q in recorded])
+        else:  # restart_every was lowered mid-step: no queries kept, only halve the counts
+            flat = xp.zeros((0, self.dim), np.float32)
+            queries = xp.zeros((0, 2 * kpacking.n_groups(self.dim)), np.uint32)
+        self.restart_dead_codes(flat, queries)
+
     def host_work_due(self) -> bool:
-        """Whether the next training step works on the host: a dead-code restart (random
-        choices, host syncs) or a routed index (re)build (new arrays). A captured CUDA graph
-        cannot replay such a step."""
-        routed = self.search_mode == "routed"
-        return self.restart_due() or (routed and (
-            self.index is None or self.steps_since_index + 1 >= self.index_refresh))
+        """Whether the next training step makes new arrays: a routed index (re)build. A
+        captured CUDA graph reads the arrays it was captured with, so it cannot replay such a
+        step. (A dead-code restart writes the book's arrays in place: a replayed step does it
+        after its graphs, tritnet/capture.py.)"""
+        return self.search_mode == "routed" and (
+            self.index is None or self.steps_since_index + 1 >= self.index_refresh)
 
     def clear_observations(self) -> None:
         self.observed, self.restart_queries = [], []
