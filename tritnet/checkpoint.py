@@ -47,6 +47,7 @@ import json
 import math
 import os
 import stat
+import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -332,28 +333,42 @@ def _reserve(fd, offset, length):
             raise
 
 
-def _write_tensor(f, t: _Tensor, compression):
-    path = t.name.replace(".", "/")
-    parent, _, leaf = path.rpartition("/")
-    group = f[parent] if parent else f
+def _host_copy(t: _Tensor) -> np.ndarray:
+    """The tensor's disk form, as a host array of its own (later changes to the model's
+    buffer do not reach it). Packed trits are converted to base3 in row chunks on the array's
+    own device, so only the smaller base3 bytes cross to the host."""
     shape, dtype = _disk_shape(t)
-    # Small datasets stay contiguous: chunk indexes would cost more than gzip saves.
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    opts = {"compression": compression} if compression and nbytes >= _MIN_COMPRESS_BYTES else {}
-    ds = group.create_dataset(leaf, shape=shape, dtype=dtype, **opts)
-    crc = 0
+    if t.cols is None and not backend.is_cupy(t.array):
+        return np.array(t.array, dtype=dtype, copy=True, order="C")
+    out = np.empty(shape, dtype)
     for rows in _row_chunks(shape, dtype.itemsize):
         part = t.array if rows is None else t.array[rows]
         if t.cols is not None:
             part = backend.get_array_module(part).ascontiguousarray(part)
             try:
-                # On the array's own device: only the smaller base3 bytes cross to the host.
                 part = kpacking.bitplane_to_base3(part, t.cols)
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"save_checkpoint: buffer `{t.name}` (rows {rows.start}.."
                                       f"{rows.stop - 1}) is not a valid bitplane32 trit array: "
                                       f"{e}") from None
-        part = np.ascontiguousarray(backend.to_numpy(part))
+        if rows is None:
+            out[()] = backend.to_numpy(part)
+        else:
+            out[rows] = backend.to_numpy(part)
+    return out
+
+
+def _write_tensor(f, t: _Tensor, host: np.ndarray, compression):
+    path = t.name.replace(".", "/")
+    parent, _, leaf = path.rpartition("/")
+    group = f[parent] if parent else f
+    # Small datasets stay contiguous: chunk indexes would cost more than gzip saves.
+    opts = ({"compression": compression}
+            if compression and host.nbytes >= _MIN_COMPRESS_BYTES else {})
+    ds = group.create_dataset(leaf, shape=host.shape, dtype=host.dtype, **opts)
+    crc = 0
+    for rows in _row_chunks(host.shape, host.dtype.itemsize):
+        part = host if rows is None else host[rows]
         if rows is None:
             ds[()] = part
         else:
@@ -362,6 +377,17 @@ def _write_tensor(f, t: _Tensor, compression):
     ds.attrs["crc32"] = np.uint32(crc)
     for k, v in _disk_attrs(t).items():
         ds.attrs[k] = v if isinstance(v, str) else np.asarray(v, dtype=np.int64)
+
+
+class _Snapshot(NamedTuple):
+    """Everything a checkpoint file holds, taken at one moment: written later (_write)."""
+    path: str
+    attrs: dict
+    crc: int
+    tensors: "OrderedDict[str, _Tensor]"
+    hosts: "OrderedDict[str, np.ndarray]"   # each tensor's disk form, host copies
+    groups: "OrderedDict[str, str]"
+    compression: str | None
 
 
 def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: dict,
@@ -377,7 +403,64 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
 
     A failure (a full or read-only disk, ...) raises CheckpointError naming the path and the
     cause; the temporary file is removed and the previous checkpoint at `path` is untouched.
+    `CheckpointWriter` does the same with the file written in the background.
     """
+    return _write(_snapshot(path, model, optimizer=optimizer, config=config,
+                            train_state=train_state, metrics_summary=metrics_summary,
+                            compression=compression, tokenizer=tokenizer))
+
+
+class CheckpointWriter:
+    """save_checkpoint with the file written in a background thread, so that training goes on
+    while a checkpoint reaches the disk:
+
+        writer = CheckpointWriter()
+        writer.save(path, model, optimizer=..., config=..., train_state=...)  # returns soon
+        ...                      # training changes the model: the checkpoint does not change
+        writer.wait()            # the file is in place (or its CheckpointError is raised)
+
+    `save` takes everything the file will hold at once (host copies of every array; the
+    caller's values are checked there, as save_checkpoint checks them), then returns. One
+    write runs at a time: `save` first waits for the one before. A write that failed raises
+    its CheckpointError at the next `save` or `wait`; as with save_checkpoint, the previous
+    checkpoint at the path is untouched. Call `wait` before the process ends."""
+
+    def __init__(self):
+        self._thread = None
+        self._error = None
+
+    def save(self, path, model, **kwargs) -> None:
+        self.wait()
+        snapshot = _snapshot(path, model, **kwargs)
+        self._thread = threading.Thread(target=self._write, args=(snapshot,),
+                                        name="tritnet-checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, snapshot):
+        try:
+            _write(snapshot)
+        except BaseException as e:   # raised in the caller's thread by wait()
+            self._error = e
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the last save's file is in place; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _snapshot(path, model, *, optimizer=None, config: dict, train_state: dict,
+              metrics_summary: dict | None = None, compression: str | None = None,
+              tokenizer: str | None = None) -> _Snapshot:
+    """Check the caller's values and take host copies of everything the file will hold:
+    what can fail on the caller's values fails here, before any file exists."""
     path = os.fspath(path)
     if compression not in (None, "gzip"):
         raise CheckpointError(f"save_checkpoint: compression must be None or 'gzip', "
@@ -390,7 +473,6 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
     state["tritnet_rng"] = trandom.get_state()
     module_state = {name: m.get_extra_state() for name, m in model.named_modules()
                     if hasattr(m, "get_extra_state")}
-    # Everything that can fail on the caller's values fails here, before any file exists.
     attrs = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -416,36 +498,41 @@ def save_checkpoint(path, model, *, optimizer=None, config: dict, train_state: d
             except _SchemaError as e:
                 raise CheckpointError(f"save_checkpoint: {e}; a checkpoint with it could not "
                                       "be loaded") from None
-    crc = root_crc32(attrs)
-    tensors = _tensors(model)
-    groups = _groups(model, tensors)
-
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
     if os.path.isdir(path):
         raise CheckpointError(f"save_checkpoint: {path} is a directory; give a file name such "
                               "as ckpt.h5")
+    directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        _remove_stale_temporaries(directory, base)
+        _remove_stale_temporaries(directory, os.path.basename(path))
     except OSError as e:
         raise CheckpointError(f"save_checkpoint: cannot write in {directory} ({e.strerror}); "
                               "choose another --out") from None
-    tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}")
+    tensors = _tensors(model)
+    hosts = OrderedDict((name, _host_copy(t)) for name, t in tensors.items())
+    return _Snapshot(path, attrs, root_crc32(attrs), tensors, hosts, _groups(model, tensors),
+                     compression)
+
+
+def _write(snap: _Snapshot) -> str:
+    """The file of a snapshot: written beside the target, fsynced, renamed onto it."""
+    path, attrs, tensors = snap.path, snap.attrs, snap.tensors
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     fd = None
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        reserved = _size_bound(tensors, groups, attrs, compression)
+        reserved = _size_bound(tensors, snap.groups, attrs, snap.compression)
         _reserve(fd, 0, reserved)
         reserved_file = _ReservedFile(fd, reserved)
         with h5py.File(reserved_file, "w", track_order=True) as f:
             for k, v in attrs.items():
                 f.attrs[k] = np.int64(v) if k == "format_version" else v
-            f.attrs["crc32"] = np.uint32(crc)
-            for name, cls in groups.items():
+            f.attrs["crc32"] = np.uint32(snap.crc)
+            for name, cls in snap.groups.items():
                 f.create_group(name, track_order=True).attrs["module"] = cls
-            for t in tensors.values():
-                _write_tensor(f, t, compression)
+            for name, t in tensors.items():
+                _write_tensor(f, t, snap.hosts[name], snap.compression)
         os.ftruncate(fd, reserved_file.size)   # gives back what the reservation did not use
         os.fsync(fd)
         os.close(fd)

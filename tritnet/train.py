@@ -50,7 +50,7 @@ import numpy as np
 from . import backend, data as tdata, distributed
 from . import rng as trandom
 from .autograd import no_grad
-from .checkpoint import load_checkpoint, read_header, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, read_header
 from .config import Config, ConfigError
 from .errors import TritnetError
 from .capture import CapturedStep
@@ -237,8 +237,10 @@ def _trim_metrics(path, last_step):
                          "--resume again") from None
 
 
-def _append_metrics(path, row, ckpt_path):
-    """Add one row to metrics.jsonl, whole or not at all."""
+def _append_metrics(path, row, ckpt_path, writer=None):
+    """Add one row to metrics.jsonl, whole or not at all (`writer`: the run's
+    CheckpointWriter, whose write in flight is waited for before the error says what was
+    saved)."""
     line, end = (json.dumps(row) + "\n").encode(), None
     try:
         with open(path, "ab", buffering=0) as fh:
@@ -250,6 +252,9 @@ def _append_metrics(path, row, ckpt_path):
         if end is not None:
             with contextlib.suppress(OSError):
                 os.truncate(path, end)
+        if writer is not None:
+            with contextlib.suppress(CheckpointError):
+                writer.wait()
         kept = (f"the steps since its last checkpoint ({ckpt_path}) are lost; free disk "
                 "space, then --resume") if os.path.exists(ckpt_path) else \
             "it had saved no checkpoint yet; free disk space and start it again (--overwrite)"
@@ -485,6 +490,11 @@ class _Run:
                                                             config.seq_len))
         self.config = config
         existing, self.tokenizer = self._claim_folder(resume, overwrite, held, tokenizer)
+        # Checkpoints between the first step and the last are written in the background while
+        # training goes on; however the run ends, the write in flight finishes first (before
+        # the folder's lock is let go).
+        self.writer = CheckpointWriter()
+        held.push(self._end_writes)
         group.barrier()   # every rank has looked at the folder before rank 0 changes it
 
         # Device and seeds first: the model's initial trits come from tritnet.rng.
@@ -670,7 +680,7 @@ class _Run:
         if config.save_every and self.step % config.save_every == 0 and \
                 self.step < config.steps:
             self.flush()
-            self.save()
+            self.save(wait=False)
 
     def _agree(self, loss, ce, stop_requested):
         """(loss, cross-entropy, stop requests) of the step over every shard and rank: one
@@ -709,16 +719,31 @@ class _Run:
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.start
 
-    def save(self):
+    def save(self, wait=True):
+        """Checkpoint the run as it stands; `wait=False`: the file is written in the background
+        (a failed write raises at the next save)."""
         distributed.check_replicas(self.group, self.model, self.step)
         if not self.is_main:
             return
         state = {"step": self.step, "data": self.batches.state_dict(), "data_id": self.data_id,
                  "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed()}
-        save_checkpoint(self.ckpt_path, self.model, optimizer=self.optimizer,
-                        config=self.config.to_dict(), train_state=state,
-                        metrics_summary=self.summary,
-                        tokenizer=None if self.tokenizer is None else self.tokenizer.to_json())
+        self.writer.save(self.ckpt_path, self.model, optimizer=self.optimizer,
+                         config=self.config.to_dict(), train_state=state,
+                         metrics_summary=self.summary,
+                         tokenizer=None if self.tokenizer is None else self.tokenizer.to_json())
+        if wait:
+            self.writer.wait()
+
+    def _end_writes(self, exc_type, exc, tb):
+        """The run's exit: the checkpoint write in flight finishes; its failure is raised, or
+        said beside the error that is ending the run."""
+        try:
+            self.writer.wait()
+        except CheckpointError as e:
+            if exc_type is None:
+                raise
+            self.log(f"also: {e}")
+        return False
 
     def say(self, text):
         self.bar.clear()
@@ -726,7 +751,7 @@ class _Run:
 
     def record(self, row):
         if self.is_main:
-            _append_metrics(self.metrics_path, row, self.ckpt_path)
+            _append_metrics(self.metrics_path, row, self.ckpt_path, self.writer)
 
     def flush(self, stats=None):
         """Write the pending row, with its update's statistics (`stats`: read earlier)."""

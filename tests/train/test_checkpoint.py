@@ -316,18 +316,18 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temporary(saved, monkeypa
     old_hash = sha(path)
     calls = []
 
-    def failing(f, t, compression):
+    def failing(f, t, host, compression):
         calls.append(t.name)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return original(f, t, compression)
+        return original(f, t, host, compression)
 
     original = ck._write_tensor
     monkeypatch.setattr(ck, "_write_tensor", failing)
     with pytest.raises(CheckpointError, match="previous checkpoint there, if any, is untouched"):
         save_checkpoint(path, model, config={}, train_state={"step": 8})
 
-    def interrupted(f, t, compression):
+    def interrupted(f, t, host, compression):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ck, "_write_tensor", interrupted)
@@ -357,8 +357,8 @@ KILLED_SAVER = textwrap.dedent("""
     table = TernaryEmbeddingTable(200_000, 64)   # ~16 MB file: a save takes real time
     original = ck._write_tensor
 
-    def write_then_stall(f, t, compression):
-        original(f, t, compression)
+    def write_then_stall(f, t, host, compression):
+        original(f, t, host, compression)
         f.flush()                 # the temporary file now holds real, partial data
         print("mid-write", t.name, flush=True)
         time.sleep(60)            # the parent SIGKILLs us here
@@ -628,3 +628,97 @@ def test_optimizer_state_required_when_asked(tmp_path):
 def test_no_pickle_anywhere():
     source = open(ck.__file__).read() + open(data.__file__).read()
     assert "pickle" not in source.replace("no pickle", "").replace("No pickle", "")
+
+
+def _stall_first_write(monkeypatch):
+    """Make the first dataset write wait until the test says go: (started, go) events."""
+    import threading
+    started, go = threading.Event(), threading.Event()
+    original = ck._write_tensor
+
+    def stalled(f, t, host, compression):
+        if not started.is_set():
+            started.set()
+            assert go.wait(30), "the test never let the write go on"
+        return original(f, t, host, compression)
+
+    monkeypatch.setattr(ck, "_write_tensor", stalled)
+    return started, go
+
+
+def test_writer_saves_the_state_of_the_moment_save_returned(saved, monkeypatch):
+    """CheckpointWriter: the file is written in the background while the model changes; it
+    holds the state at save() (packed trits included), as save_checkpoint would have."""
+    path, model, opt = saved
+    other = path.parent / "sync.h5"
+    scramble(model, 3)
+    save_checkpoint(other, model, optimizer=opt, config={"a": 1}, train_state={"step": 9})
+    want = load_checkpoint(other)
+    started, go = _stall_first_write(monkeypatch)
+    writer = ck.CheckpointWriter()
+    writer.save(path, model, optimizer=opt, config={"a": 1}, train_state={"step": 9})
+    assert started.wait(30) and writer.busy
+    scramble(model, 4)                      # the run goes on while the file is written
+    changed = TinyLM()
+    for name, a in model.state_dict().items():
+        if name.endswith("T_packed"):
+            a[...] = changed.state_dict()[name]
+    go.set()
+    writer.wait()
+    assert not writer.busy
+    got = load_checkpoint(path)
+    assert got.step == 9 and got.config == {"a": 1}
+    assert got.arrays.keys() == want.arrays.keys()
+    for name in want.arrays:
+        np.testing.assert_array_equal(got.arrays[name], want.arrays[name], err_msg=name)
+    assert [n for n in os.listdir(path.parent) if ".tmp-" in n] == []
+
+
+def test_writer_reports_a_failed_write_and_keeps_the_previous_checkpoint(saved, monkeypatch):
+    path, model, opt = saved
+    old_hash = sha(path)
+    original = ck._write_tensor
+
+    def full_disk(f, t, host, compression):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "_write_tensor", full_disk)
+    writer = ck.CheckpointWriter()
+    writer.save(path, model, optimizer=opt, config={}, train_state={"step": 8})   # returns
+    with pytest.raises(CheckpointError, match=r"cannot write .*ckpt.h5 \(No space left on "
+                                              r"device\); the previous checkpoint there, if "
+                                              r"any, is untouched"):
+        writer.wait()
+    assert sha(path) == old_hash
+    assert [n for n in os.listdir(path.parent) if ".tmp-" in n] == []
+    writer.wait()   # the error is raised once
+    # ... and at the next save, if nobody waited: that save is not started
+    writer.save(path, model, optimizer=opt, config={}, train_state={"step": 9})
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        writer.save(path, model, optimizer=opt, config={}, train_state={"step": 10})
+    assert sha(path) == old_hash
+    monkeypatch.setattr(ck, "_write_tensor", original)
+    writer.save(path, model, optimizer=opt, config={}, train_state={"step": 11})
+    writer.wait()
+    assert load_checkpoint(path).step == 11
+
+
+def test_writer_checks_values_at_once_and_writes_one_file_at_a_time(saved, monkeypatch):
+    path, model, opt = saved
+    writer = ck.CheckpointWriter()
+    with pytest.raises(CheckpointError, match="config and train_state must be dicts"):
+        writer.save(path, model, config="tiny", train_state={"step": 1})
+    assert not writer.busy
+    started, go = _stall_first_write(monkeypatch)
+    writer.save(path, model, optimizer=opt, config={}, train_state={"step": 20})
+    assert started.wait(30)
+    import threading
+    second = threading.Thread(target=writer.save, args=(path, model),
+                              kwargs=dict(optimizer=opt, config={}, train_state={"step": 21}))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()          # waits for the first write
+    go.set()
+    second.join(30)
+    writer.wait()
+    assert load_checkpoint(path).step == 21

@@ -74,6 +74,34 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, corpus):
     assert a.train_state["data"] == b.train_state["data"]
 
 
+def test_the_checkpoint_written_during_the_run_is_the_step_it_was_taken_at(tmp_path, corpus,
+                                                                          monkeypatch):
+    """Checkpoints between the first step and the last are written in the background while
+    training goes on: the one taken at step 3 of 6 holds step 3, as a run of 3 steps ends."""
+    import shutil
+    from tritnet import checkpoint as ck
+    copies, write = [], ck._write
+
+    def keep_a_copy(snapshot):
+        path = write(snapshot)
+        copies.append(shutil.copy(path, tmp_path / f"written{len(copies)}.h5"))
+        return path
+
+    monkeypatch.setattr(ck, "_write", keep_a_copy)
+    train(small(steps=6), data=corpus, out_dir=tmp_path / "six", log=quiet)
+    train(small(steps=3), data=corpus, out_dir=tmp_path / "three", log=quiet)
+    assert len(copies) == 3   # step 3 of six, step 6 of six, step 3 of three
+    during, three = load_checkpoint(copies[0]), load_checkpoint(copies[2])
+    assert during.step == three.step == 3
+    assert list(during.arrays) == list(three.arrays)
+    for k in three.arrays:
+        np.testing.assert_array_equal(during.arrays[k], three.arrays[k], err_msg=k)
+    for k in ("data", "tritnet_rng"):
+        assert during.train_state[k] == three.train_state[k], k
+    assert {**during.train_state["optimizer"], "total_steps": 3} == \
+        three.train_state["optimizer"]   # the runs' lengths differ, nothing else
+
+
 def test_metrics_config_and_baseline(tmp_path, corpus):
     lines = []
     result = train(small(), data=corpus, out_dir=tmp_path / "run", log=lines.append)
