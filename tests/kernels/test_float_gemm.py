@@ -117,16 +117,18 @@ def test_cuda_matmul_is_captured_in_a_graph_and_replays_on_new_inputs():
     a = cupy.asarray(rng.standard_normal((4, 32, 16)).astype(np.float32))
     b = cupy.asarray(rng.standard_normal((16, 8)).astype(np.float32))
     float_gemm.matmul(a, b)   # first call outside: the handle, its workspace, the library
+    # As tritnet.capture does: the graph's arrays (b's copy, out) come from a pool of their own
+    # that nothing else allocates from while the graph lives, and all work is on one stream.
+    pool = cupy.cuda.MemoryPool()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        stream.begin_capture()
-        out = float_gemm.matmul(a, b.T.copy().T)
-        graph = stream.end_capture()
-    a[...] = cupy.asarray(rng.standard_normal(a.shape).astype(np.float32))
-    b[...] = cupy.asarray(rng.standard_normal(b.shape).astype(np.float32))
-    graph.launch(stream)
-    stream.synchronize()
-    with stream:
+        with cupy.cuda.using_allocator(pool.malloc):
+            stream.begin_capture()
+            out = float_gemm.matmul(a, b.T.copy().T)
+            graph = stream.end_capture()
+        a[...] = cupy.asarray(rng.standard_normal(a.shape).astype(np.float32))
+        b[...] = cupy.asarray(rng.standard_normal(b.shape).astype(np.float32))
+        graph.launch(stream)
         eager = float_gemm.matmul(a, b)
     stream.synchronize()
     np.testing.assert_array_equal(out.get(), eager.get())   # same handle, same algorithm

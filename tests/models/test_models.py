@@ -154,7 +154,7 @@ def test_experts_run_each_token_on_its_chosen_experts(device):
                    device=device)
     xp = backend.cupy if device == "cuda" else np
     h = tritnet.tensor(xp.asarray(np.random.default_rng(6).standard_normal((10, 16))),
-                       requires_grad=True)
+                       requires_grad=True, device=device)
     choice, gates, _ = moe.route(h.astype(np.float32))   # the router's table is float32
     fixed_gates = Tensor(gates.data.astype(np.float64))
     out = moe.experts_forward(h, choice, fixed_gates)

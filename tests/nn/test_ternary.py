@@ -102,7 +102,8 @@ def test_expert_matmul_runs_each_tile_through_its_expert(device):
     layers = [TernaryLinear(9, 5, device=device) for _ in range(3)]
     tile_expert = xp.asarray([2, 0, 0, 1, 0])
     rng = np.random.default_rng(4)
-    x = tritnet.tensor(xp.asarray(rng.standard_normal((20, 9))), requires_grad=True)
+    x = tritnet.tensor(xp.asarray(rng.standard_normal((20, 9))), requires_grad=True,
+                       device=device)
     y = expert_matmul(x, layers, tile_expert, 4)
     te = backend.to_numpy(tile_expert)
     xh = backend.to_numpy(x.data)
@@ -124,7 +125,8 @@ def test_expert_matmul_runs_each_tile_through_its_expert(device):
         G = sum(gy[4 * t:4 * t + 4].T @ xh[4 * t:4 * t + 4] for t in mine)
         np.testing.assert_allclose(recorded[e], G, rtol=1e-10, atol=1e-10)
     # rows=: the tiled input gathered from x inside the op, the same as gathering first
-    small = tritnet.tensor(xp.asarray(rng.standard_normal((7, 9))), requires_grad=True)
+    small = tritnet.tensor(xp.asarray(rng.standard_normal((7, 9))), requires_grad=True,
+                           device=device)
     rows = xp.asarray(rng.integers(0, 7, 20))
     recorded.clear()
     expert_matmul(small, layers, tile_expert, 4, rows=rows).backward(xp.asarray(gy))

@@ -131,7 +131,8 @@ def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search, ngram):
         # both books restart at steps 4, 8 and 12 (replayed steps: only 1 and 2 ran eagerly),
         # and codes did restart
         assert len(restarted) == 6 and sum(restarted) > 0, restarted
-    assert step.counts["capture"] >= 2 and step.counts["replay"] >= 1, step.counts
+    else:
+        assert step.counts["capture"] >= 2 and step.counts["replay"] >= 1, step.counts
     want = _state(eager)
     for name, got in _state(model).items():
         np.testing.assert_array_equal(got, want[name], err_msg=name)

@@ -286,7 +286,7 @@ def test_one_rank_nccl_communicator_reduces_and_gathers():
     opt = TritFlip(model, seed=0)
     reducer = distributed.StepReducer(model, group, shards=1)
     opt.begin_shard(0)
-    layer(tritnet.tensor(cupy.ones((4, 64), cupy.float32))).sum().backward()
+    layer(tritnet.tensor(cupy.ones((4, 64), cupy.float32), device="cuda")).sum().backward()
     before = layer.grad_q.copy()
     reducer.reduce()
     np.testing.assert_array_equal(layer.grad_q.get(), before.get())   # mean of one shard
