@@ -276,16 +276,19 @@ PRESETS = {
     "tiny": dict(batch_size=32, seq_len=32, steps=1000, eval_every=200, save_every=200,
                  eval_batches=16, position="alibi", quiet_memory=True, ngram_memory=6,
                  ngram_rows=65536),
-    # The comparison preset: 18.3M logical trits outside the code memory's tables. 5M tokens
-    # of the default corpus learn best at 128 x 32 tokens a step with the cosine gain (32 x 32
-    # was 0.006 bpb better at 5M tokens and ~30% slower). The code memory starts quiet and
-    # reads a value per code (quiet_memory, memory_values): at 32 x 32 both together were
-    # 0.06 bpb ahead of the plain memory after 4M tokens (benchmarks/results/learning/).
-    # Blocks are recomputed in backward: a step at 32 x 256 then fits in 1 GB.
+    # The comparison preset: 18.3M logical trits outside the memory tables. 5M tokens of the
+    # default corpus learn best at 128 x 32 tokens a step with the cosine gain (32 x 32 was
+    # 0.006 bpb better at 5M tokens and ~30% slower). The code memory starts quiet and reads
+    # a value per code (quiet_memory, memory_values): at 32 x 32 both together were 0.06 bpb
+    # ahead of the plain memory after 4M tokens. The n-gram memory (n up to 6, 524,288 rows)
+    # took 5M tokens from 2.01 to 1.91 held-out bpb (three seeds) and 20M tokens from 1.81 to
+    # 1.79 (benchmarks/results/learning/). Blocks are recomputed in backward: a step at
+    # 128 x 32 peaks at 0.87 GiB.
     "small": dict(d_model=384, n_layers=6, n_heads=6, context=512, n_experts=4,
                   expert_hidden=768, shared_vq_size=131_072, kgvq_size=16_384,
                   graph_capacity=1 << 16, batch_size=128, seq_len=32, position="alibi",
-                  schedule="cosine", recompute=True, quiet_memory=True, memory_values=True),
+                  schedule="cosine", recompute=True, quiet_memory=True, memory_values=True,
+                  ngram_memory=6, ngram_rows=524_288),
     # ≈ 3.0B logical trits: CODEBOOK_DIM 64, SHARED_VQ_SIZE 10M, KGVQ 5M × 64. The first 3
     # blocks are recomputed in backward: a step at 4 x 512 fits in 16 GB (14.62
     # GiB = 15.70 GB keeping 21 blocks, 14.11 GiB keeping 20, 15.85 GiB = 17.0 GB without
