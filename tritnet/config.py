@@ -98,6 +98,8 @@ class RunConfig:
                                    # micro-batch); else, and on the CPU, steps run eagerly
     # --- optimiser: TritFlip (tritnet/optim.py explains each) --------------------------------
     flip_threshold: int = 64
+    ngram_flip_threshold: int = 0  # the n-gram memory table's flip threshold (0: flip_threshold):
+                                   # its rows gather gradient only on the steps that read them
     scale_threshold: int = 64
     decay_shift: int = 0
     grad_rms_units: int = 8
@@ -259,7 +261,7 @@ _RANGES = {
     "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
     "expert_capacity": (0.0, 4096.0), "recompute_keep": (0, 1024),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),
-    "decay_shift": (0, 7), "grad_rms_units": (1, 127), "grad_clip_units": (0, 127),
+    "ngram_flip_threshold": (0, 127), "decay_shift": (0, 7), "grad_rms_units": (1, 127), "grad_clip_units": (0, 127),
     "final_grad_rms_units": (0.001, 127.0), "batch_size": (1, 1 << 20),
     "micro_batches": (1, 1 << 16),
     "seq_len": (1, 1 << 20), "steps": (0, 1 << 40), "eval_every": (0, 1 << 40),

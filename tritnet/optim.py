@@ -17,6 +17,10 @@ The hyperparameters are this scheme's learning rate:
 - flip_threshold (default 64): accumulated units that move a trit one step. A consistent
   one-RMS gradient flips a trit in flip_threshold / grad_rms_units = 8 steps; noise (random
   sign) needs about (flip_threshold / grad_rms_units)² = 64 steps;
+- flip_thresholds: per-module overrides of flip_threshold ({module: threshold}). A sparse
+  table's row takes a gradient only on the steps that read it, so a row read rarely never
+  gathers flip_threshold units at the default: the n-gram memory's table learns at a lower
+  threshold (config `ngram_flip_threshold`);
 - scale_threshold (default 64): the same for the row scale E (one step = ×2^(±1/8));
 - grad_clip_units (default 8, one RMS at the default gain; 0 = off): the most units one
   backward adds to one accumulator. Below flip_threshold, no single step's gradient can flip
@@ -92,7 +96,7 @@ class TritFlip:
                  decay_shift: int = 0, grad_rms_units: int = 8, grad_clip_units: int = 8,
                  seed: int = 0, schedule: str = "constant", final_grad_rms_units: float = 1.0,
                  total_steps: int = 0, flip_carry: bool = False, accum_init: str = "zero",
-                 grad_norm: str = "tensor"):
+                 grad_norm: str = "tensor", flip_thresholds: dict | None = None):
         _check_int("flip_threshold", flip_threshold, 1, 127)
         _check_int("scale_threshold", scale_threshold, 1, 127)
         _check_int("decay_shift", decay_shift, 0, 7)
@@ -127,6 +131,7 @@ class TritFlip:
             raise ValueError("TritFlip: no ternary modules to optimise (pass a model or a list "
                              "of modules that contains TernaryLinear or other ternary layers)")
         self.flip_threshold, self.scale_threshold = flip_threshold, scale_threshold
+        self.thresholds = self._flip_thresholds(flip_thresholds or {})
         self.decay_shift, self.grad_rms_units, self.seed = decay_shift, grad_rms_units, seed
         self.grad_clip_units = grad_clip_units
         self.step_count = 0
@@ -138,7 +143,7 @@ class TritFlip:
             m.quantizer = self.quantizer
             if accum_init == "spread" and not backend.is_meta(m.T_accum):
                 kupdate.spread_accumulators(m.T_accum, trandom.mix_seed(seed, key, SPREAD_STREAM),
-                                            flip_threshold - 1)
+                                            self.thresholds[key] - 1)
         like = self.modules[0].T_packed
         self.clock = self._gains = self.stats = None
         if not backend.is_meta(like):
@@ -194,7 +199,7 @@ class TritFlip:
         flips = []
         for i, m in enumerate(self.modules):
             counts = None if self.stats is None else self.stats[i, :2]
-            flips.append(m.apply_update(self.flip_threshold, self.scale_threshold,
+            flips.append(m.apply_update(self.thresholds[i], self.scale_threshold,
                                         self.decay_shift, self.flip_carry, counts))
             if self.stats is not None and not m.sparse:   # a table's step stays sparse
                 kupdate.count_saturated(m.T_accum, self.stats[i], 2)
@@ -203,6 +208,23 @@ class TritFlip:
         self._advance_clock()
         self.count_step()
         return flips
+
+    def _flip_thresholds(self, overrides: dict) -> list:
+        """Each module's flip threshold: `flip_threshold`, or the one `overrides` gives its
+        owner ({module or list of modules: threshold}; every ternary module inside an owner
+        takes the owner's)."""
+        thresholds = [self.flip_threshold] * len(self.modules)
+        index = {id(m): i for i, m in enumerate(self.modules)}
+        for owner, threshold in overrides.items():
+            _check_int("flip_thresholds' threshold", threshold, 1, 127)
+            members = owner.modules() if isinstance(owner, Module) else owner
+            found = [index[id(m)] for m in members if id(m) in index]
+            if not found:
+                raise ValueError(f"TritFlip: flip_thresholds names {type(owner).__name__}, "
+                                 "which holds none of the optimised ternary modules")
+            for i in found:
+                thresholds[i] = threshold
+        return thresholds
 
     def observe(self, stats=None) -> dict:
         """The optimiser's view of its last step, per group of modules: the share of trits

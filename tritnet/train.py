@@ -159,7 +159,9 @@ def build(config: Config, device=None):
                          schedule=config.schedule,
                          final_grad_rms_units=config.final_grad_rms_units,
                          total_steps=config.steps, flip_carry=config.flip_carry,
-                         accum_init=config.accum_init, grad_norm=config.grad_norm)
+                         accum_init=config.accum_init, grad_norm=config.grad_norm,
+                         flip_thresholds={model.ngram.table: config.ngram_flip_threshold}
+                         if config.ngram_memory and config.ngram_flip_threshold else None)
     optimizer.set_groups(model.components())
     return model, optimizer
 

@@ -160,3 +160,17 @@ def test_cuda_rows_equal_the_host_rows():
     want = ngram_rows(tokens, previous, 6, 524288)
     got = ngram_rows(cupy.asarray(tokens), cupy.asarray(previous), 6, 524288)
     np.testing.assert_array_equal(cupy.asnumpy(got), want)
+
+
+def test_the_table_flips_at_its_own_threshold_when_asked():
+    """ngram_flip_threshold sets the n-gram table's flip threshold alone (0: flip_threshold)."""
+    config = Config().override(d_model=32, n_heads=2, n_layers=1, n_experts=2, expert_hidden=16,
+                               shared_vq_size=64, kgvq_size=32, ngram_memory=3, ngram_rows=512)
+    for asked, want in ((16, 16), (0, 64)):
+        model, opt = build(config.override(ngram_flip_threshold=asked))
+        table = opt.modules.index(model.ngram.table)
+        assert opt.thresholds[table] == want
+        assert [t for i, t in enumerate(opt.thresholds) if i != table] == \
+            [64] * (len(opt.modules) - 1)
+    with pytest.raises(ConfigError, match="ngram_flip_threshold"):
+        config.override(ngram_flip_threshold=128)

@@ -202,6 +202,29 @@ def test_optimizer_rejects_bad_hyperparameters():
         TritFlip(Module())
 
 
+def test_a_module_can_flip_at_its_own_threshold():
+    """flip_thresholds: the module named there flips at its threshold, the others at
+    flip_threshold; with the clip at 8 units one step cannot reach 64, but can reach 8."""
+    a, b = TernaryLinear(16, 8), TernaryLinear(16, 8)
+    b.T_packed[...] = a.T_packed
+    b.E[...] = a.E
+    opt = TritFlip([a, b], flip_threshold=64, flip_thresholds={b: 8}, seed=1)
+    assert opt.thresholds == [64, 8]
+    x = tritnet.tensor(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32))
+    (a(x) * a(x)).sum().backward()
+    (b(x) * b(x)).sum().backward()
+    before = a.trits().copy()
+    opt.step()
+    assert np.array_equal(a.trits(), before)
+    assert (b.trits() != before).sum() > 0
+    with pytest.raises(ValueError, match=r"flip_thresholds' threshold must be an integer in "
+                                         r"\[1, 127\], got 0"):
+        TritFlip([a, b], flip_thresholds={b: 0})
+    with pytest.raises(ValueError, match="flip_thresholds names TernaryLinear, which holds "
+                                         "none of the optimised ternary modules"):
+        TritFlip([a], flip_thresholds={b: 8})
+
+
 def _teacher_run(seed, steps=300):
     trandom.manual_seed(seed)
     rng = np.random.default_rng(seed)
