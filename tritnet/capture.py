@@ -99,7 +99,10 @@ class CapturedStep:
         self._check_batch(x, y)
         # (only the books a step uses count: an unused one's restart is never applied)
         if (self.failed or self.counts["eager"] < self.warmup
-                or any(b.host_work_due() for b in self.ticking)):
+                or any(b.host_work_due() for b in self.ticking)
+                or (self.graphs is None and any(b.restart_due() for b in self.ticking))):
+            # (a replay restarts codes after its graphs, but a capture would record the
+            # restart's host syncs into the update's graph: such a step captures nothing)
             return self._eager_forward_backward(x, y)
         if self.tokens is None:
             self.tokens = cupy.empty(x.shape, np.int64)
@@ -157,7 +160,7 @@ class CapturedStep:
     def drop(self):
         """Apply nothing of this step (its loss was not finite), as optimizer.zero_grad()."""
         if self.mode == "capture":
-            self.graphs = None   # half captured: capture both again next time
+            self.graphs, self.recorded = None, {}   # half captured: capture both again
         self.optimizer.zero_grad()
         self.mode = None
 

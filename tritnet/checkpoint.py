@@ -419,19 +419,29 @@ class CheckpointWriter:
         ...                      # training changes the model: the checkpoint does not change
         writer.wait()            # the file is in place (or its CheckpointError is raised)
 
-    `save` takes everything the file will hold at once (host copies of every array; the
-    caller's values are checked there, as save_checkpoint checks them), then returns. One
-    write runs at a time: `save` first waits for the one before. A write that failed raises
-    its CheckpointError at the next `save` or `wait`; as with save_checkpoint, the previous
-    checkpoint at the path is untouched. Call `wait` before the process ends."""
+    `save` takes everything the file will hold at once (host copies of every array, so the
+    host holds a second copy of the model's state meanwhile; the caller's values are checked
+    there, as save_checkpoint checks them), then returns. One write runs at a time: `save`
+    first waits for the one before. A write that failed is raised by `wait`; a `save` after
+    it writes its own snapshot at once, in the caller's thread, and raises the earlier
+    failure only if that write fails too (so a full disk that frees up loses nothing). As with
+    save_checkpoint, a failed write leaves the previous checkpoint at the path untouched.
+    Call `wait` before the process ends."""
 
     def __init__(self):
         self._thread = None
         self._error = None
 
     def save(self, path, model, **kwargs) -> None:
-        self.wait()
+        self.join()
         snapshot = _snapshot(path, model, **kwargs)
+        earlier, self._error = self._error, None
+        if earlier is not None:
+            try:
+                _write(snapshot)
+            except BaseException as e:
+                raise e from earlier
+            return
         self._thread = threading.Thread(target=self._write, args=(snapshot,),
                                         name="tritnet-checkpoint-writer")
         self._thread.start()
@@ -446,11 +456,15 @@ class CheckpointWriter:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def wait(self) -> None:
-        """Block until the last save's file is in place; raise its error if it failed."""
+    def join(self) -> None:
+        """Block until the write in flight, if any, has ended (its error is kept for `wait`)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def wait(self) -> None:
+        """Block until the last save's file is in place; raise its error if it failed."""
+        self.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error

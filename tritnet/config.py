@@ -98,8 +98,9 @@ class RunConfig:
                                    # micro-batch); else, and on the CPU, steps run eagerly
     # --- optimiser: TritFlip (tritnet/optim.py explains each) --------------------------------
     flip_threshold: int = 64
-    ngram_flip_threshold: int = 0  # the n-gram memory table's flip threshold (0: flip_threshold):
-                                   # its rows gather gradient only on the steps that read them
+    ngram_flip_threshold: int = 0  # the n-gram memory table's flip threshold (0: flip_threshold;
+                                   # nothing without the n-gram memory): its rows gather
+                                   # gradient only on the steps that read them
     scale_threshold: int = 64
     decay_shift: int = 0
     grad_rms_units: int = 8

@@ -211,7 +211,7 @@ class TritFlip:
 
     def _flip_thresholds(self, overrides: dict) -> list:
         """Each module's flip threshold: `flip_threshold`, or the one `overrides` gives its
-        owner ({module or list of modules: threshold}; every ternary module inside an owner
+        owner ({module or tuple of modules: threshold}; every ternary module inside an owner
         takes the owner's)."""
         thresholds = [self.flip_threshold] * len(self.modules)
         index = {id(m): i for i, m in enumerate(self.modules)}

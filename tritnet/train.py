@@ -50,7 +50,7 @@ import numpy as np
 from . import backend, data as tdata, distributed
 from . import rng as trandom
 from .autograd import no_grad
-from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, read_header
+from .checkpoint import CheckpointWriter, load_checkpoint, read_header
 from .config import Config, ConfigError
 from .errors import TritnetError
 from .capture import CapturedStep
@@ -255,8 +255,7 @@ def _append_metrics(path, row, ckpt_path, writer=None):
             with contextlib.suppress(OSError):
                 os.truncate(path, end)
         if writer is not None:
-            with contextlib.suppress(CheckpointError):
-                writer.wait()
+            writer.join()   # a checkpoint still being written counts once it is in place
         kept = (f"the steps since its last checkpoint ({ckpt_path}) are lost; free disk "
                 "space, then --resume") if os.path.exists(ckpt_path) else \
             "it had saved no checkpoint yet; free disk space and start it again (--overwrite)"
@@ -741,10 +740,10 @@ class _Run:
         said beside the error that is ending the run."""
         try:
             self.writer.wait()
-        except CheckpointError as e:
+        except Exception as e:
             if exc_type is None:
                 raise
-            self.log(f"also: {e}")
+            self.log(f"also: {e}")   # the error ending the run stays the one raised
         return False
 
     def say(self, text):

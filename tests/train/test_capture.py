@@ -143,6 +143,23 @@ def test_cuda_captured_steps_are_the_eager_steps_bit_for_bit(search, ngram):
 
 
 @pytest.mark.cuda
+def test_cuda_a_capture_never_falls_on_a_restart_step():
+    """A step that restarts codes replays, but is never the one captured (the restart's host
+    syncs would break the capture and turn the graphs off): with warm-up 3 the first restart
+    (step 4) runs eagerly, the graphs are captured at step 5, and step 8's restart replays."""
+    (eager, eager_opt), (model, optimizer) = _pair("exact")
+    step = CapturedStep(model, optimizer, warmup=3)
+    batches = tdata.Batches(tdata.load_corpus(None), 4, 32, seed=3)
+    for i, want, got in _steps(eager, eager_opt, step, batches, 8):
+        assert got == want, i
+    assert step.failed is None
+    assert step.counts == {"eager": 4, "capture": 1, "replay": 3}, step.counts
+    want = _state(eager)
+    for name, got in _state(model).items():
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("half", ["forward_backward", "update"])
 def test_cuda_a_failed_capture_falls_back_to_eager_steps(half):
     """A step that syncs with the host cannot be captured: the half-captured step's host state

@@ -692,15 +692,22 @@ def test_writer_reports_a_failed_write_and_keeps_the_previous_checkpoint(saved, 
     assert sha(path) == old_hash
     assert [n for n in os.listdir(path.parent) if ".tmp-" in n] == []
     writer.wait()   # the error is raised once
-    # ... and at the next save, if nobody waited: that save is not started
+    # A save after a failed write writes at once, and raises only if that fails too ...
     writer.save(path, model, optimizer=opt, config={}, train_state={"step": 9})
-    with pytest.raises(CheckpointError, match="No space left on device"):
+    with pytest.raises(CheckpointError, match="No space left on device") as raised:
         writer.save(path, model, optimizer=opt, config={}, train_state={"step": 10})
+    assert isinstance(raised.value.__cause__, CheckpointError)   # the earlier failure
     assert sha(path) == old_hash
-    monkeypatch.setattr(ck, "_write_tensor", original)
+    # ... so a disk that frees up loses nothing: the next save is the newest state
     writer.save(path, model, optimizer=opt, config={}, train_state={"step": 11})
+    writer.join()                 # that write has failed (its error kept), then space frees
+    monkeypatch.setattr(ck, "_write_tensor", original)
+    writer.save(path, model, optimizer=opt, config={}, train_state={"step": 12})
+    assert not writer.busy and load_checkpoint(path).step == 12   # written in the save
+    writer.save(path, model, optimizer=opt, config={}, train_state={"step": 13})
     writer.wait()
-    assert load_checkpoint(path).step == 11
+    assert load_checkpoint(path).step == 13
+    assert [n for n in os.listdir(path.parent) if ".tmp-" in n] == []
 
 
 def test_writer_checks_values_at_once_and_writes_one_file_at_a_time(saved, monkeypatch):
