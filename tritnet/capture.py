@@ -24,8 +24,9 @@ A replay runs the step's device work only. The host's part of a step -- the opti
 count, the code books' restart and index clocks -- is advanced by `update()` itself, and so
 is a dead-code restart that falls due (random choices made on the host, written into the
 books' arrays in place): its queries are the ones the replayed forward wrote, in arrays the
-capture kept (the books record every step's queries while a capture runs). Steps that make
-new arrays run eagerly instead: a routed-search index (re)build. The graphs are captured
+capture kept (the books record every step's queries while a capture runs); a capture never
+falls on such a step (its host syncs would break it). Steps that make new arrays run eagerly
+instead: a routed-search index (re)build. The graphs are captured
 again after such a step, and after the first `warmup` steps, which compile kernels and fill
 caches.
 
