@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import cupy  # noqa: E402
 from numba.cuda.core import config as numba_cuda_config  # noqa: E402
 
+from tritnet_kernels import packing as kpacking  # noqa: E402
 from tritnet_kernels import sparse_rows as tb  # noqa: E402
 from tritnet_kernels import update as U  # noqa: E402
 from tritnet_kernels import _vq_rules  # noqa: E402
@@ -314,7 +315,7 @@ def main():
         for row in T_src:
             j = rng.choice(dim, 8, replace=False)
             row[j] = rng.integers(-1, 2, 8)
-        qn = cupy.asarray(_pack(T_src))
+        qn = cupy.asarray(kpacking.pack_trits(T_src.astype(np.int8)))
         exact_host = vq_search.nearest_code(qn, T_packed, dim).get()
         out_r = cupy.empty(n, dtype=cupy.int32)
         out_p = cupy.empty(n, dtype=cupy.int32)
@@ -507,16 +508,6 @@ def summary(res, path):
     if res.get("errors"):
         lines.append(f"FAILED sections: {', '.join(res['errors'])}")
     return "\n".join(lines)
-
-
-def _pack(T):
-    rows, cols = T.shape
-    out = np.zeros((rows, 2 * -(-cols // 32)), dtype=np.uint32)
-    for j in range(cols):
-        bit = np.uint32(1 << (j % 32))
-        out[T[:, j] == 1, 2 * (j // 32)] |= bit
-        out[T[:, j] == -1, 2 * (j // 32) + 1] |= bit
-    return out
 
 
 def _has(md, name):
