@@ -26,9 +26,8 @@ is a dead-code restart that falls due (random choices made on the host, written 
 books' arrays in place): its queries are the ones the replayed forward wrote, in arrays the
 capture kept (the books record every step's queries while a capture runs); a capture never
 falls on such a step (its host syncs would break it). Steps that make new arrays run eagerly
-instead: a routed-search index (re)build. The graphs are captured
-again after such a step, and after the first `warmup` steps, which compile kernels and fill
-caches.
+instead: a routed-search index (re)build. The graphs are captured again after such a step,
+and after the first `warmup` steps, which compile kernels and fill caches.
 
 Memory: the graphs' intermediate arrays come from a memory pool of their own, kept while the
 graphs live (graph replays write them; nothing else may get them). It holds one step's

@@ -214,11 +214,9 @@ class TritFlip:
         owner ({module or tuple of modules: threshold}; every ternary module inside an owner
         takes the owner's)."""
         thresholds = [self.flip_threshold] * len(self.modules)
-        index = {id(m): i for i, m in enumerate(self.modules)}
         for owner, threshold in overrides.items():
             _check_int("flip_thresholds' threshold", threshold, 1, 127)
-            members = owner.modules() if isinstance(owner, Module) else owner
-            found = [index[id(m)] for m in members if id(m) in index]
+            found = self._indices(owner)
             if not found:
                 raise ValueError(f"TritFlip: flip_thresholds names {type(owner).__name__}, "
                                  "which holds none of the optimised ternary modules")
@@ -252,13 +250,18 @@ class TritFlip:
     def set_groups(self, groups: dict) -> None:
         """Name groups of modules for `observe` ({name: module or modules}); ternary modules
         in no group are left out of the view."""
-        index = {id(m): i for i, m in enumerate(self.modules)}
         self._groups = {}
         for name, owner in groups.items():
-            members = owner.modules() if isinstance(owner, Module) else owner
-            found = sorted({index[id(m)] for m in members if id(m) in index})
+            found = self._indices(owner)
             if found:
                 self._groups[name] = found
+
+    def _indices(self, owner) -> list:
+        """Sorted indices in `modules` of the ternary modules inside `owner` (a module or
+        several)."""
+        index = {id(m): i for i, m in enumerate(self.modules)}
+        members = owner.modules() if isinstance(owner, Module) else owner
+        return sorted({index[id(m)] for m in members if id(m) in index})
 
     def count_step(self) -> None:
         """The host's half of a step: its count, and the quantizer's view of it (the device's

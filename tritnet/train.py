@@ -722,7 +722,7 @@ class _Run:
 
     def save(self, wait=True):
         """Checkpoint the run as it stands; `wait=False`: the file is written in the background
-        (a failed write raises at the next save)."""
+        (CheckpointWriter: a failed write is tried again by the next save)."""
         distributed.check_replicas(self.group, self.model, self.step)
         if not self.is_main:
             return
