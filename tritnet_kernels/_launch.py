@@ -35,6 +35,7 @@ alone (benchmarks/bench_matmul.py probes that with a one-tile kernel).
 """
 
 from . import _numba_compat  # noqa: F401  (must precede numba.cuda)
+from . import _disk_cache
 
 import ctypes
 import os
@@ -186,18 +187,26 @@ class _FastLauncher:
                     layout.append(("scalar", _SCALAR_FORMATS[str(ty)]))
                 else:
                     raise _Unsupported(f"argument type {ty}")
-            compiled = kernel.compile(argtypes)
-            if getattr(compiled, "cooperative", False) or getattr(compiled, "debug", False) \
-                    or getattr(kernel, "extensions", None):
-                raise _Unsupported("cooperative, debug or extension kernel")
+            if getattr(kernel, "extensions", None):
+                raise _Unsupported("extension kernel")
             cc = cupy.cuda.Device().compute_capability
-            image = compiled._codelibrary.get_cubin(cc=(int(cc[:-1]), int(cc[-1])))
-            image = getattr(image, "code", image)  # numba-cuda 0.2x wraps it in an ObjectCode
-            if isinstance(image, (str, os.PathLike)):
-                with open(image, "rb") as f:
-                    image = f.read()
-            module = cupy.cuda.driver.moduleLoadData(bytes(image))
-            func = cupy.cuda.driver.moduleGetFunction(module, compiled.entry_name)
+            cc = (int(cc[:-1]), int(cc[-1]))
+
+            def compile_image():
+                compiled = kernel.compile(argtypes)
+                if getattr(compiled, "cooperative", False) or getattr(compiled, "debug", False):
+                    raise _Unsupported("cooperative or debug kernel")
+                image = compiled._codelibrary.get_cubin(cc=cc)
+                image = getattr(image, "code", image)  # numba-cuda 0.2x wraps it in an ObjectCode
+                if isinstance(image, (str, os.PathLike)):
+                    with open(image, "rb") as f:
+                        image = f.read()
+                return bytes(image), compiled.entry_name
+
+            image, entry = _disk_cache.cubin(name, _cubin_key(kernel, argtypes, cc),
+                                             compile_image)
+            module = cupy.cuda.driver.moduleLoadData(image)
+            func = cupy.cuda.driver.moduleGetFunction(module, entry)
             return cls(func, layout)
         except Exception as exc:  # any surprise: stay correct through Numba's dispatch
             _fallbacks[name] = f"{type(exc).__name__}: {exc}"
@@ -217,6 +226,17 @@ class _FastLauncher:
             self.packer.pack_into(self.buf, 0, *vals)
             self.cu_launch(self.func, g[0], g[1], g[2], b[0], b[1], b[2], 0, stream,
                            self.params_ptr, 0)
+
+
+def _cubin_key(kernel, argtypes, cc):
+    """What a kernel's linked image depends on besides the package's sources: the kernel, its
+    compile options, its argument types, the GPU architecture and the compiler's versions."""
+    from importlib.metadata import version
+    func = kernel.py_func
+    options = sorted((k, repr(v)) for k, v in kernel.targetoptions.items())
+    return (func.__module__, func.__qualname__, tuple(options), tuple(map(str, argtypes)), cc,
+            numba.__version__, version("numba-cuda"), cupy.cuda.runtime.runtimeGetVersion(),
+            cupy.cuda.runtime.driverGetVersion())
 
 
 def fast_launch_status():

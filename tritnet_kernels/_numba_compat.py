@@ -23,3 +23,9 @@ if not hasattr(np, "row_stack"):
 import os  # noqa: E402
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Kernels compiled by an earlier run are loaded from disk, and recompiled when any source file
+# of this package changed (_disk_cache.py).
+from ._disk_cache import install_locators  # noqa: E402
+
+install_locators()
