@@ -67,6 +67,9 @@ class ModelConfig:
                                    # token's embedding gains one table row per n = 2 … this,
                                    # chosen by a hash of the token and the n - 1 before it
     ngram_rows: int = 65536        # rows of the n-gram memory's table (all orders share it)
+    ngram_gate_layer: int = 0      # with the n-gram memory: its rows are added again at the
+                                   # input of this block, gated by how well they agree with
+                                   # the stream there (0: only at the embedding)
 
     @classmethod
     def of(cls, config) -> "ModelConfig":
@@ -217,6 +220,12 @@ def _validate(config):
     if rule("ngram_memory") and config.ngram_memory == 1:
         raise ConfigError("config field ngram_memory = 1: the token's own row is the "
                           "embedding; expected 0 (off) or the longest n-gram, 2 or more")
+    if rule("ngram_gate_layer", "ngram_memory", "n_layers") and config.ngram_gate_layer and \
+            (not config.ngram_memory or config.ngram_gate_layer >= config.n_layers):
+        raise ConfigError(f"config field ngram_gate_layer = {config.ngram_gate_layer}: expected "
+                          "0, or a block after the first (1 to n_layers - 1 = "
+                          f"{config.n_layers - 1}) with the n-gram memory on (ngram_memory = "
+                          f"{config.ngram_memory})")
     if rule("recompute_keep", "n_layers") and config.recompute_keep > config.n_layers:
         raise ConfigError(f"config field recompute_keep = {config.recompute_keep} exceeds "
                           f"n_layers = {config.n_layers}")
@@ -259,6 +268,7 @@ _RANGES = {
     "expert_hidden": (1, 1 << 20), "top_k": (1, 64), "codebook_dim": (1, 4096),
     "shared_vq_size": (1, 1 << 31), "kgvq_size": (1, 1 << 31), "kgvq_dim": (1, 4096),
     "graph_slots": (1, 64), "ngram_memory": (0, 16), "ngram_rows": (1, 1 << 31),
+    "ngram_gate_layer": (0, 1023),
     "graph_capacity": (0, 1 << 31), "vq_beta": (0.0, 100.0),
     "expert_capacity": (0.0, 4096.0), "recompute_keep": (0, 1024),
     "aux_loss_weight": (0.0, 100.0), "flip_threshold": (1, 127), "scale_threshold": (1, 127),

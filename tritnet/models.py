@@ -502,6 +502,16 @@ class NgramMemory(Module):
         ids = ksparse.ngram_rows(tokens, previous, self.orders, self.table.rows)
         return self.table(ids, check=False).sum(axis=2)
 
+    @staticmethod
+    def gate_into(x: Tensor, e: Tensor) -> Tensor:
+        """x + g·e, g = sigmoid(⟨rms_norm(x), rms_norm(e)⟩ / √d) per position: the rows added
+        again deeper in the model, where the stream has context to judge them by. A row that
+        agrees with what the context says passes; one that does not (a hash collision, an
+        n-gram whose continuation this context contradicts) is damped. No weights: the gate
+        learns through the rows and the stream."""
+        agree = (F.rms_norm(x) * F.rms_norm(e)).sum(axis=-1, keepdims=True)
+        return x + F.sigmoid(agree * (1.0 / math.sqrt(x.shape[-1]))) * e
+
 
 class CodeMemoryLM(Module):
     """The assembled model; `forward(tokens)` -> (logits, auxiliary loss).
@@ -582,9 +592,12 @@ class CodeMemoryLM(Module):
         values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=check)
         if c.ngram_memory:
-            x = x + self.ngram(backend.get_array_module(self.embed.T_packed).asarray(tokens))
+            rows = self.ngram(backend.get_array_module(self.embed.T_packed).asarray(tokens))
+            x = x + rows
         aux = None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if c.ngram_gate_layer and i == c.ngram_gate_layer:
+                x = NgramMemory.gate_into(x, rows)
             x, a = block(x, memory, values)
             aux = a if aux is None else aux + a
         code = relation = graph = None
@@ -665,10 +678,13 @@ class CodeMemoryLM(Module):
         if c.ngram_memory:
             if cache.recent is None:
                 cache.recent = self.ngram.history(B, xp)
-            x = x + self.ngram(tokens, cache.recent)
+            rows = self.ngram(tokens, cache.recent)
+            x = x + rows
             cache.recent = xp.concatenate([cache.recent, tokens.astype(np.int64)],
                                           axis=1)[:, -(c.ngram_memory - 1):]
-        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+        for i, (block, keys, values) in enumerate(zip(self.blocks, cache.keys, cache.values)):
+            if c.ngram_gate_layer and i == c.ngram_gate_layer:
+                x = NgramMemory.gate_into(x, rows)
             x = block.decode(x, memory, keys, values, start, memory_values)
         code = relation = graph = None
         if c.use_shared_vq:

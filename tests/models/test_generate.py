@@ -25,6 +25,8 @@ CONFIGS = {
     "small-no-shared-vq": dict(SMALL, position="alibi", use_shared_vq=False),
     "small-memory-values": dict(SMALL, position="alibi", memory_values=True),
     "small-ngram-memory": dict(SMALL, position="alibi", ngram_memory=4, ngram_rows=97),
+    "small-ngram-gated": dict(SMALL, position="alibi", ngram_memory=4, ngram_rows=97,
+                              ngram_gate_layer=1),
 }
 
 

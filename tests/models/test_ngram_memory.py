@@ -6,6 +6,8 @@ import pytest
 
 from tritnet import backend
 from tritnet import rng as trandom
+from tritnet.autograd import Tensor
+from tritnet.gradcheck import check_backward
 from tritnet.config import Config, ConfigError
 from tritnet.models import CodeMemoryLM, NgramMemory
 from tritnet_kernels.sparse_rows import ngram_rows
@@ -174,3 +176,52 @@ def test_the_table_flips_at_its_own_threshold_when_asked():
             [64] * (len(opt.modules) - 1)
     with pytest.raises(ConfigError, match="ngram_flip_threshold"):
         config.override(ngram_flip_threshold=128)
+
+
+def test_the_gate_passes_rows_that_agree_with_the_stream():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 16))
+    agree = NgramMemory.gate_into(Tensor(x), Tensor(x)).data - x
+    oppose = NgramMemory.gate_into(Tensor(x), Tensor(-x)).data - x
+    # gate = sigmoid(√d) for a row equal to the stream, sigmoid(-√d) for its opposite (up to
+    # rms_norm's epsilon)
+    np.testing.assert_allclose(agree / x, 1 / (1 + np.exp(-4.0)), rtol=1e-4)
+    np.testing.assert_allclose(oppose / x, -1 / (1 + np.exp(4.0)), rtol=1e-4)
+
+
+def test_the_gate_gradient_matches_finite_differences():
+    rng = np.random.default_rng(8)
+    x = Tensor(rng.standard_normal((2, 3, 8)), requires_grad=True)
+    e = Tensor(rng.standard_normal((2, 3, 8)), requires_grad=True)
+    check_backward(NgramMemory.gate_into, [x, e])
+
+
+def test_the_gated_rows_enter_at_their_block_only():
+    """ngram_gate_layer = k adds the rows again before block k: with the same weights, the
+    blocks before it see the same stream as without the gate, block k a different one."""
+    config = Config().override(d_model=32, n_heads=2, n_layers=3, n_experts=2,
+                               expert_hidden=16, shared_vq_size=64, kgvq_size=32,
+                               ngram_memory=3, ngram_rows=512)
+    tokens = np.random.default_rng(9).integers(0, 256, (2, 10))
+    seen = {}
+    for layer in (0, 2):
+        trandom.manual_seed(0)
+        model, _ = build(config.override(ngram_gate_layer=layer))
+        inputs = []
+        for block in model.blocks:
+            block.forward = (lambda f, keep: lambda x, *a: (keep.append(x.data.copy()),
+                                                            f(x, *a))[1])(block.forward, inputs)
+        model.eval()
+        model(tokens)
+        seen[layer] = inputs
+    np.testing.assert_array_equal(seen[0][0], seen[2][0])
+    np.testing.assert_array_equal(seen[0][1], seen[2][1])
+    assert np.abs(seen[0][2] - seen[2][2]).max() > 1e-3
+
+
+def test_config_refuses_a_gate_layer_it_cannot_place():
+    config = Config().override(n_layers=3, ngram_memory=3)
+    assert config.override(ngram_gate_layer=2).ngram_gate_layer == 2
+    for bad in ({"ngram_gate_layer": 3}, {"ngram_gate_layer": 1, "ngram_memory": 0}):
+        with pytest.raises(ConfigError, match="ngram_gate_layer"):
+            config.override(**bad)
