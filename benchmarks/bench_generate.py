@@ -10,6 +10,8 @@ in B streams at once, sampling at temperature 1 with no stop, through CodeMemory
     decode_tokens_per_s B x (tokens - 1) new tokens over the time after the first one
     tokens_per_s        B x tokens over the whole call, first token included
     cache_bytes         the KV cache (keys and values of every layer at the run's capacity)
+    cuda_graph          on a GPU each batch runs twice: decode steps replayed from a CUDA
+                        graph (generate's default there) and eager decode steps
     weight_bytes        the packed trits and exponents the decode steps read (T_packed, E)
 
 A warm-up generation per preset compiles the kernels (or loads them from Numba's cache) first.
@@ -78,13 +80,16 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def run(model, prompt, batch, tokens, seed=0):
+def run(model, prompt, batch, tokens, seed=0, cuda_graph=False):
     prompts = [prompt] * batch
-    ttft, _ = timed(lambda: model.generate(prompts, 1, temperature=1.0, seed=seed))
-    total, outs = timed(lambda: model.generate(prompts, tokens, temperature=1.0, seed=seed))
+    ttft, _ = timed(lambda: model.generate(prompts, 1, temperature=1.0, seed=seed,
+                                           cuda_graph=cuda_graph))
+    total, outs = timed(lambda: model.generate(prompts, tokens, temperature=1.0, seed=seed,
+                                               cuda_graph=cuda_graph))
     assert all(len(o) == tokens for o in outs)
     cache = model.new_cache(batch, min(model.config.context, len(prompt) + tokens))
-    return {"batch": batch, "prompt_tokens": len(prompt), "new_tokens": tokens,
+    return {"batch": batch, "cuda_graph": cuda_graph, "prompt_tokens": len(prompt),
+            "new_tokens": tokens,
             "ttft_s": ttft, "total_s": total,
             "decode_tokens_per_s": batch * (tokens - 1) / max(total - ttft, 1e-9),
             "tokens_per_s": batch * tokens / total, "cache_bytes": cache.nbytes()}
@@ -115,10 +120,12 @@ def main():
         model.generate(prompt, 4, temperature=1.0)             # compile / load the kernels
         model.generate([prompt] * max(args.batches), 2, temperature=1.0)
         runs = []
-        for batch in args.batches:
-            r = run(model, prompt, batch, args.tokens)
+        graphs = [True, False] if backend.device() == "cuda" else [False]
+        for batch, cuda_graph in [(b, g) for b in args.batches for g in graphs]:
+            r = run(model, prompt, batch, args.tokens, cuda_graph=cuda_graph)
             runs.append(r)
-            print(f"{name:>6} B={batch:<3} ttft {r['ttft_s'] * 1000:8.1f} ms   decode "
+            print(f"{name:>6} B={batch:<3} {'graph' if cuda_graph else 'eager'} ttft "
+                  f"{r['ttft_s'] * 1000:8.1f} ms   decode "
                   f"{r['decode_tokens_per_s']:9.1f} tok/s   overall {r['tokens_per_s']:9.1f} "
                   f"tok/s   cache {r['cache_bytes'] / 2**20:7.1f} MiB", flush=True)
         result["presets"][name] = {"context": config.context, "d_model": config.d_model,

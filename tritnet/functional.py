@@ -892,7 +892,7 @@ class ScaledDotProductAttention(Function):
         self.causal, self.scale = causal, scale
         self.block_size = block_size or builtins.max(1, self.TILE_ELEMENTS // builtins.max(
             1, n_batch * Tk))
-        self.slopes = _device_slopes(xp, alibi_slopes, batch, q.dtype)
+        self.slopes = device_slopes(xp, alibi_slopes, batch, q.dtype)
         outs, lses = [], []
         # Query row i sits at key position i + offset: the causal mask and ALiBi's distances
         # use it. Without either it does not matter, and it is 0 (the kernels take offsets
@@ -962,7 +962,7 @@ def _join(xp, parts, axis, shape, dtype):
 _slopes_on_device = {}   # (slopes, batch, dtype, device) -> the per-batch-row slopes array
 
 
-def _device_slopes(xp, alibi_slopes, batch, dtype):
+def device_slopes(xp, alibi_slopes, batch, dtype):
     """One slope per batch row ((n_batch,), zeros without ALiBi) on xp's device, copied there
     once and kept: a copy per call would be a host-to-device transfer per attention layer,
     which a captured CUDA graph cannot hold."""

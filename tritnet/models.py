@@ -35,6 +35,7 @@ from .nn.module import Observer
 from .nn.tables import KGVQCodebook, TernaryEmbeddingTable, TernaryVQCodebook
 from .nn.ternary import TernaryLinear, TernaryModule, expert_matmul
 from tritnet_kernels import code_graph as kgraph
+from tritnet_kernels import float_gemm as kgemm
 from tritnet_kernels import sparse_rows as ksparse
 
 
@@ -85,6 +86,33 @@ class Attention(Module):
                                            Tensor(values[:, :, :end]), causal=True,
                                            alibi_slopes=slopes)
         return self.o(y.transpose(0, 2, 1, 3).reshape(B, T, d))
+
+
+    def decode_at(self, x: Tensor, keys, values, position) -> Tensor:
+        """decode's output for one token per stream, x (B, 1, d), at the position a device
+        array holds (int64 (1,): the tokens before it): its key and value are written there
+        and it attends to every cached position, the later ones masked. The arrays touched
+        and their shapes are the same at every position, and nothing is read on the host, so
+        the step can be captured as a CUDA graph and replayed token after token."""
+        B, T, d = x.shape
+        h = self.n_heads
+        xp = backend.get_array_module(x.data)
+
+        def heads(t):
+            return t.data.reshape(B, T, h, d // h).transpose(0, 2, 1, 3)
+
+        keys[:, :, position] = heads(self.k(x))
+        values[:, :, position] = heads(self.v(x))
+        q = xp.ascontiguousarray(heads(self.q(x)))
+        scores = kgemm.matmul(q, xp.swapaxes(keys, -1, -2)) * (1.0 / math.sqrt(d // h))
+        behind = position - xp.arange(keys.shape[2])          # (capacity,): pos - j
+        if self.position == "alibi":
+            slopes = F.device_slopes(xp, F.alibi_slopes(h), (h,), scores.dtype)
+            scores = scores - slopes[:, None, None] * behind.astype(scores.dtype)
+        scores = xp.where(behind >= 0, scores, -xp.inf)
+        scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+        y = kgemm.matmul(scores / scores.sum(axis=-1, keepdims=True), values)
+        return self.o(Tensor(y.transpose(0, 2, 1, 3).reshape(B, T, d)))
 
 
 class Expert(Module):
@@ -310,16 +338,19 @@ class MoEGraph(Module):
                                 check=False)
         return self.code_out(g), read
 
-    def decode(self, x: Tensor, memory: TernaryVQCodebook | None, values=None) -> Tensor:
+    def decode(self, x: Tensor, memory: TernaryVQCodebook | None, values=None, *,
+               dense_experts: bool = False) -> Tensor:
         """forward's output for inference (eval, no gradient): the same routing, code-memory
         read and hop, with each expert run on its routed rows through the packed product
-        (routed_experts) instead of on fixed tiles of widened weights. Every routed entry runs
+        (routed_experts) instead of on fixed tiles of widened weights; with dense_experts,
+        every expert on every row, the routing never read on the host. Every routed entry runs
         (no expert capacity: dropping depends on the other tokens of a batch, which a token
         decoded alone does not have), and no edges are recorded."""
         B, T, d = x.shape
         h = x.reshape(B * T, d)
         choice, gates, _ = self.route(h)
-        out = self.routed_experts(h, choice, gates)
+        experts = self.dense_experts if dense_experts else self.routed_experts
+        out = experts(h, choice, gates)
         if memory is not None:
             out = out + self.read_memory(h, memory, values)[0]
         return out.reshape(B, T, d)
@@ -338,6 +369,18 @@ class MoEGraph(Module):
                 rows, slot = xp.asarray(rows), xp.asarray(slot)
                 y = expert(Tensor(h.data[rows])).data
                 out[rows] += gates.data[rows, slot, None] * y
+        return Tensor(out)
+
+    def dense_experts(self, h: Tensor, choice, gates: Tensor) -> Tensor:
+        """routed_experts' sum with every expert run on every row through the packed product,
+        its gate 0 where the row did not choose it: the routing is never read on the host
+        (a decode step captured as a CUDA graph), for n_experts / top_k times the products.
+        Inference only (no gradient)."""
+        xp = backend.get_array_module(h.data)
+        out = xp.zeros(h.shape, h.dtype)
+        for e, expert in enumerate(self.experts):
+            gate = (gates.data * (choice == e)).sum(axis=1, keepdims=True)
+            out += gate * expert(h).data
         return Tensor(out)
 
     def expand(self, memory: TernaryEmbeddingTable, codes, *, check=True) -> Tensor:
@@ -452,6 +495,13 @@ class Block(Module):
         (Attention.decode, MoEGraph.decode)."""
         x = x + self.attn.decode(F.rms_norm(x), keys, values, start)
         return x + self.moe.decode(F.rms_norm(x), memory, memory_values)
+
+    def decode_at(self, x: Tensor, memory, keys, values, position,
+                  memory_values=None) -> Tensor:
+        """decode for one token per stream at a device-held position, without host syncs
+        (Attention.decode_at; every expert runs, MoEGraph.decode's dense_experts)."""
+        x = x + self.attn.decode_at(F.rms_norm(x), keys, values, position)
+        return x + self.moe.decode(F.rms_norm(x), memory, memory_values, dense_experts=True)
 
 
 class CompositeHead(Module):
@@ -650,7 +700,9 @@ class CodeMemoryLM(Module):
             raise GenerationError(f"cache capacity {capacity} is out of range: expected 1 to the "
                                   f"model's context = {c.context}")
         xp = backend.get_array_module(self.embed.T_packed)
-        return KVCache(c.n_layers, batch, c.n_heads, capacity, c.d_model // c.n_heads, xp)
+        return KVCache(c.n_layers, batch, c.n_heads, capacity, c.d_model // c.n_heads, xp,
+                       code_dim=c.codebook_dim if c.use_shared_vq else 0,
+                       recent=c.ngram_memory - 1 if c.ngram_memory else 0, pad=c.vocab_size)
 
     def decode(self, tokens, cache: "KVCache") -> Tensor:
         """Logits (B, T, vocab) of tokens (B, T): the next T tokens of the cache's B streams,
@@ -674,30 +726,53 @@ class CodeMemoryLM(Module):
         tokens = xp.asarray(tokens)
         memory = self.shared_vq if c.use_shared_vq else None
         memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
+        logits = self._decode(tokens, cache, lambda block, x, keys, values: block.decode(
+            x, memory, keys, values, start, memory_values))
+        cache.length = start + T
+        cache.position.fill(start + T)
+        return logits
+
+    def decode_at(self, tokens, cache: "KVCache") -> Tensor:
+        """decode of one token per stream, tokens (B, 1) on the model's device, at the
+        position cache.position holds on the device, which it advances there: the same logits
+        (within float rounding: attention sums over the masked whole cache, every expert
+        runs), with nothing read on the host and the same arrays at every position, so that
+        the step is captured once as a CUDA graph and replayed for every token
+        (CapturedDecode). The host's cache.length is left to the caller."""
+        c = self.config
+        memory = self.shared_vq if c.use_shared_vq else None
+        memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
+        logits = self._decode(tokens, cache, lambda block, x, keys, values: block.decode_at(
+            x, memory, keys, values, cache.position, memory_values))
+        cache.position += 1
+        return logits
+
+    def _decode(self, tokens, cache: "KVCache", block_decode) -> Tensor:
+        """What decode and decode_at share: every layer but the blocks' attention and experts
+        (block_decode(block, x, keys, values)); the n-gram history and the last code are
+        written into the cache's own arrays, in place."""
+        c = self.config
         x = self.embed(tokens, check=False)
         if c.ngram_memory:
-            if cache.recent is None:
-                cache.recent = self.ngram.history(B, xp)
             rows = self.ngram(tokens, cache.recent)
             x = x + rows
-            cache.recent = xp.concatenate([cache.recent, tokens.astype(np.int64)],
-                                          axis=1)[:, -(c.ngram_memory - 1):]
+            xp = backend.get_array_module(tokens)
+            cache.recent[...] = xp.concatenate([cache.recent, tokens.astype(np.int64)],
+                                               axis=1)[:, -(c.ngram_memory - 1):]
         for i, (block, keys, values) in enumerate(zip(self.blocks, cache.keys, cache.values)):
             if c.ngram_gate_layer and i == c.ngram_gate_layer:
                 x = NgramMemory.gate_into(x, rows)
-            x = block.decode(x, memory, keys, values, start, memory_values)
+            x = block_decode(block, x, keys, values)
         code = relation = graph = None
         if c.use_shared_vq:
-            first = xp.zeros((B, 1, c.codebook_dim), x.data.dtype) if cache.code is None \
-                else cache.code
-            code, relation, graph, _ = self.code_reads(x, memory_values, first)
-            cache.code = code.data[:, -1:]
-        cache.length = start + T
+            values = self.memory_values if c.memory_values else None
+            code, relation, graph, _ = self.code_reads(x, values, cache.code)
+            cache.code[...] = code.data[:, -1:]
         return self.head(x, code, relation, graph)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop=None):
+                 stop=None, cuda_graph: bool = True):
         """New tokens after prompt_ids: a list of ints for a 1-D prompt (bytes, a list or an
         array), a list of B such lists for a (B, T) prompt (B streams, decoded as one batch).
 
@@ -715,6 +790,10 @@ class CodeMemoryLM(Module):
         reaches it, the window slides: the cache is refilled from the last context // 2
         tokens (one prefill) and decoding goes on, so each token sees between context // 2
         and context tokens, and its logits are forward's over exactly those.
+
+        On a GPU (with cuda_graph) the decode step is captured once as a CUDA graph and
+        replayed for every token (CapturedDecode: decode_at, every expert run
+        on every stream); elsewhere each token runs decode, its experts on their routed rows.
 
         The model is left as it was: generation runs in eval mode without gradients, records
         no code transitions and no code usage (it restores the mode, and the routed search's
@@ -734,12 +813,14 @@ class CodeMemoryLM(Module):
         try:
             with no_grad():
                 cache = self.new_cache(B, min(c.context, T + max_new_tokens))
-                logits = self.decode(prompts, cache) if max_new_tokens else None
+                captured = CapturedDecode(self, cache) if cuda_graph and \
+                    backend.is_cupy(cache.keys[0]) else None
+                logits = self.decode(prompts, cache).data if max_new_tokens else None
                 for step in range(max_new_tokens):
                     # one draw per stream and step, used or not: a stream's draws do not
                     # depend on when the others stop
                     draws = rng.random(B)
-                    last = backend.to_numpy(logits.data[:, -1]).astype(np.float64)
+                    last = backend.to_numpy(logits[:, -1]).astype(np.float64)
                     picked = next_tokens(last, temperature, top_k, top_p, draws[alive])
                     going = []
                     for j, s in enumerate(alive):
@@ -758,9 +839,11 @@ class CodeMemoryLM(Module):
                     if cache.length == cache.capacity:   # the window is full: slide it
                         cache.reset()
                         window = np.array([history[s][-(c.context // 2):] for s in alive])
-                        logits = self.decode(window, cache)
+                        logits = self.decode(window, cache).data
+                    elif captured is not None:
+                        logits = captured(picked)
                     else:
-                        logits = self.decode(np.asarray(picked, np.int64)[:, None], cache)
+                        logits = self.decode(np.asarray(picked, np.int64)[:, None], cache).data
         finally:
             self.train(was_training)
             for vq, clock in clocks:
@@ -776,14 +859,23 @@ class KVCache:
     the code memory needs nothing carried: routing, code reads and graph hops are per token."""
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, capacity: int, head_dim: int,
-                 xp=np, dtype=np.float32):
+                 xp=np, dtype=np.float32, *, code_dim: int = 0, recent: int = 0, pad: int = 0):
         shape = (batch, n_heads, capacity, head_dim)
         self.keys = [xp.zeros(shape, dtype) for _ in range(n_layers)]
         self.values = [xp.zeros(shape, dtype) for _ in range(n_layers)]
-        self.batch, self.capacity = batch, capacity
+        self.batch, self.capacity, self.pad = batch, capacity, pad
         self.length = 0
-        self.code = None
-        self.recent = None   # the n-gram memory's: each stream's last tokens (B, n - 1)
+        self.position = xp.zeros(1, np.int64)   # the length, on the device (decode_at)
+        # the last token's shared code (zero at a stream's start, as forward's first
+        # relation reads), and the n-gram memory's history (each stream's last tokens,
+        # padding at its start); written in place, so a captured decode step keeps them
+        self.code = xp.zeros((batch, 1, code_dim), dtype) if code_dim else None
+        self.recent = xp.full((batch, recent), pad, np.int64) if recent else None
+
+    def arrays(self) -> list:
+        """Every array a decode step reads or writes (a captured step holds their addresses)."""
+        return [a for a in (*self.keys, *self.values, self.position, self.code, self.recent)
+                if a is not None]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys + self.values)
@@ -803,8 +895,84 @@ class KVCache:
     def reset(self) -> None:
         """Empty every stream (the arrays are kept and overwritten)."""
         self.length = 0
-        self.code = None
-        self.recent = None
+        self.position.fill(0)
+        if self.code is not None:
+            self.code.fill(0)
+        if self.recent is not None:
+            self.recent.fill(self.pad)
+
+
+class CapturedDecode:
+    """CodeMemoryLM.decode_at of one token per stream, replayed from a CUDA graph.
+
+        step = CapturedDecode(model, cache)
+        logits = step(picked)   # picked: the B streams' new tokens (host ints); logits
+                                # (B, 1, vocab) on the device, valid until the next call
+
+    A decode step of the small preset launches a few hundred kernels, whose host-side
+    issuing would cost more than their GPU work; replayed from a graph it costs one launch.
+    decode_at keeps every array and shape fixed and reads nothing on the host: the tokens
+    come from an input buffer refilled before each replay, the position from the cache's
+    device counter, which the graph advances. The first call runs eagerly (it compiles the
+    kernels and copies the constants a capture cannot), the second is captured, every later
+    one replays. The cache's arrays must stay the ones captured: after KVCache.select (streams
+    that stopped) the step is captured again; a reset and a prefill write the same arrays
+    and keep it. A capture that fails costs speed only: every later call runs decode_at
+    eagerly and `failed` says why.
+    """
+
+    def __init__(self, model, cache, *, warmup: int = 1):
+        if backend.cupy is None or not backend.is_cupy(cache.keys[0]):
+            raise GenerationError("CapturedDecode: the cache is not on a CUDA device (CUDA graphs "
+                                  "need CuPy and a GPU); decode eagerly")
+        cupy = backend.cupy
+        self.model, self.cache, self.warmup = model, cache, warmup
+        self.pool = cupy.cuda.MemoryPool()
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.graph = self.held = self.tokens = self.logits = None
+        self.fresh = False   # the graph was captured by this call: its launch is its first run
+        self.counts = {"eager": 0, "capture": 0, "replay": 0}
+        self.failed = None
+
+    def __call__(self, picked):
+        cupy = backend.cupy
+        cache = self.cache
+        picked = np.asarray(picked, np.int64).reshape(-1, 1)
+        if picked.shape[0] != cache.batch or cache.length >= cache.capacity:
+            raise GenerationError(f"CapturedDecode: {picked.shape[0]} tokens for a cache of "
+                                  f"{cache.batch} streams holding {cache.length} of "
+                                  f"{cache.capacity} tokens")
+        if self.tokens is None or self.tokens.shape != picked.shape:
+            self.tokens, self.graph = cupy.empty(picked.shape, np.int64), None
+        self.tokens.set(picked)
+        held = [a.data.ptr for a in cache.arrays()] + [self.tokens.data.ptr]
+        if self.graph is not None and held != self.held:
+            self.graph = None   # the cache's arrays moved: capture again
+        if self.graph is None and not self.failed and self.counts["eager"] >= self.warmup:
+            self._capture(held)
+        if self.graph is not None:
+            self.graph.launch(cupy.cuda.get_current_stream())
+            mode, self.fresh = ("capture" if self.fresh else "replay"), False
+        else:
+            self.logits = self.model.decode_at(self.tokens, cache).data
+            mode = "eager"
+        self.counts[mode] += 1
+        cache.length += 1
+        return self.logits
+
+    def _capture(self, held):
+        cupy = backend.cupy
+        try:
+            with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
+                self.stream.begin_capture()
+                try:
+                    logits = self.model.decode_at(self.tokens, self.cache)
+                finally:
+                    graph = self.stream.end_capture()
+        except Exception as e:   # whatever refused capture: decode on, eagerly
+            self.failed = f"{type(e).__name__}: {e}"
+            return
+        self.graph, self.held, self.logits, self.fresh = graph, held, logits.data, True
 
 
 class GenerationError(TritnetError, ValueError):

@@ -244,3 +244,83 @@ def test_window_rules_and_bad_requests_are_clear_errors():
     prompts, single, stops = generation_request(c, b"ab", 4, 0, None, None, ["\n\n", b"x"])
     assert prompts.tolist() == [[97, 98]] and single and stops == [[10, 10], [120]]
     assert generation_request(c, [list(range(24))], 100, 1.0, 3, 1.0, None)[0].shape == (1, 24)
+
+
+def _decode_pair(model, streams, prompt_len, steps, step_at):
+    """Logits of decode and of step_at (decode_at, or a captured decode) fed the same tokens,
+    token by token, after one prompt; then through a reset and a refill (a window slide)."""
+    rng = np.random.default_rng(4)
+    prompts = rng.integers(0, 256, (streams, prompt_len))
+    follow = rng.integers(0, 256, (streams, steps))
+    eager, other = model.new_cache(streams, 16), model.new_cache(streams, 16)
+    pairs = []
+    with no_grad():
+        for refill in range(2):
+            for cache in (eager, other):
+                cache.reset()
+                model.decode(prompts[:, refill:], cache)
+            for t in range(steps):
+                want = model.decode(follow[:, t:t + 1], eager).data
+                got = step_at(other, follow[:, t])
+                assert other.length == eager.length
+                assert int(backend.to_numpy(other.position)[0]) == eager.length
+                pairs.append((backend.to_numpy(got), backend.to_numpy(want)))
+    return pairs, eager, other
+
+
+def _decode_at(model):
+    def step(cache, tokens):
+        xp = backend.get_array_module(cache.keys[0])
+        logits = model.decode_at(xp.asarray(tokens.reshape(-1, 1)), cache).data
+        cache.length += 1
+        return logits
+    return step
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_at_equals_decode_token_by_token(name):
+    """decode_at (one token per stream at the position the cache holds on the device, every
+    expert run, attention over the masked whole cache) gives decode's logits, token after
+    token, before and after a reset and a refill."""
+    model = trained(preset("tiny").override(**CONFIGS[name]))
+    pairs, _, _ = _decode_pair(model, 3, 5, 9, _decode_at(model))
+    for i, (got, want) in enumerate(pairs):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"token {i}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["small-alibi-dense-exact", "small-nope-active-routed",
+                                  "small-ngram-gated", "small-memory-values"])
+def test_cuda_captured_decode_equals_decode(name):
+    """CapturedDecode: the first token eager, the second captured, the rest replayed from
+    the graph, each with decode's logits; a reset and refill keep the graph; streams dropped
+    from the cache (select) capture it again; generate's greedy tokens are the same with and
+    without graphs."""
+    backend.set_device("cuda")
+    model = trained(preset("tiny").override(**CONFIGS[name]))
+    steps = {}
+
+    def captured(cache, tokens):
+        if id(cache) not in steps:
+            steps[id(cache)] = models.CapturedDecode(model, cache)
+        return steps[id(cache)](tokens)
+
+    pairs, eager, other = _decode_pair(model, 3, 5, 6, captured)
+    (step,) = steps.values()
+    assert step.failed is None, step.failed
+    assert step.counts == {"eager": 1, "capture": 1, "replay": 10}
+    for i, (got, want) in enumerate(pairs):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"token {i}")
+    with no_grad():
+        eager.select([0, 2])
+        other.select([0, 2])
+        tokens = np.array([7, 9])
+        want = model.decode(tokens[:, None], eager).data
+        got = step(tokens)
+    assert step.counts["capture"] == 2
+    np.testing.assert_allclose(backend.to_numpy(got), backend.to_numpy(want), rtol=1e-4,
+                               atol=1e-4)
+    prompts = np.random.default_rng(5).integers(0, 256, (2, 8))
+    with_graphs = model.generate(prompts, 30, temperature=0)
+    without = model.generate(prompts, 30, temperature=0, cuda_graph=False)
+    assert with_graphs == without
