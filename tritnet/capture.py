@@ -230,4 +230,3 @@ class CapturedStep:
                 bad = a.min() if a.min() < 0 else a.max()
                 raise IndexError(f"CapturedStep: {name} hold id {bad}, out of range for the "
                                  f"vocabulary of {vocab}")
-
