@@ -169,8 +169,12 @@ class Model:
         if c.get("ngram_memory"):
             if previous is None:
                 previous = np.full((len(tokens), c["ngram_memory"] - 1), c["vocab_size"])
-            x = x + self.ngram(tokens, previous)
+            rows = self.ngram(tokens, previous)
+            x = x + rows
         for i in range(c["n_layers"]):
+            if c.get("ngram_gate_layer") and i == c["ngram_gate_layer"]:   # gate_into
+                agree = (rms_norm(x) * rms_norm(rows)).sum(axis=-1, keepdims=True)
+                x = x + rows / (1 + np.exp(-agree / np.sqrt(x.shape[-1])))
             x = x + self.attention(f"blocks.{i}.attn", rms_norm(x))
             x = x + self.moe(f"blocks.{i}.moe", rms_norm(x))
         h = x
