@@ -87,7 +87,6 @@ class Attention(Module):
                                            alibi_slopes=slopes)
         return self.o(y.transpose(0, 2, 1, 3).reshape(B, T, d))
 
-
     def decode_at(self, x: Tensor, keys, values, position) -> Tensor:
         """decode's output for one token per stream, x (B, 1, d), at the position a device
         array holds (int64 (1,): the tokens before it): its key and value are written there
@@ -532,9 +531,10 @@ class NgramMemory(Module):
     Each position adds, to its token's embedding, one row per n = 2 … `orders`, the row a hash
     of the n-gram ending there picks (`tritnet_kernels.sparse_rows.ngram_rows`). The table is
     a sparse ternary table (trained like the embedding: a step reads and updates only the rows
-    it used), so it can be far larger than the dense model for the cost of a gather: a memory of which contexts
-    predict what, that the blocks no longer have to build from single bytes. Rows start at
-    1/8 of unit scale (the quiet start of the code memory's readouts)."""
+    it used), so it can be far larger than the dense model for the cost of a gather: a memory
+    of which contexts predict what, that the blocks no longer have to build from single
+    bytes. Rows start at 1/8 of unit scale (the quiet start of the code memory's readouts).
+    With ngram_gate_layer the rows are added again at that block (gate_into)."""
 
     def __init__(self, rows: int, dim: int, orders: int, pad: int, device=None):
         super().__init__()
