@@ -172,7 +172,8 @@ class Model:
             rows = self.ngram(tokens, previous)
             x = x + rows
         for i in range(c["n_layers"]):
-            if c.get("ngram_gate_layer") and i == c["ngram_gate_layer"]:   # gate_into
+            gate = c.get("ngram_gate_layer", 0) if c.get("ngram_memory") else 0
+            if gate and i == gate:                        # NgramMemory.gate_into
                 agree = (rms_norm(x) * rms_norm(rows)).sum(axis=-1, keepdims=True)
                 x = x + rows / (1 + np.exp(-agree / np.sqrt(x.shape[-1])))
             x = x + self.attention(f"blocks.{i}.attn", rms_norm(x))

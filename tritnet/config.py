@@ -69,7 +69,8 @@ class ModelConfig:
     ngram_rows: int = 65536        # rows of the n-gram memory's table (all orders share it)
     ngram_gate_layer: int = 0      # with the n-gram memory: its rows are added again at the
                                    # input of this block, gated by how well they agree with
-                                   # the stream there (0: only at the embedding)
+                                   # the stream there (0: only at the embedding; nothing
+                                   # without the n-gram memory or past the last block)
 
     @classmethod
     def of(cls, config) -> "ModelConfig":
@@ -220,12 +221,6 @@ def _validate(config):
     if rule("ngram_memory") and config.ngram_memory == 1:
         raise ConfigError("config field ngram_memory = 1: the token's own row is the "
                           "embedding; expected 0 (off) or the longest n-gram, 2 or more")
-    if rule("ngram_gate_layer", "ngram_memory", "n_layers") and config.ngram_gate_layer and \
-            (not config.ngram_memory or config.ngram_gate_layer >= config.n_layers):
-        raise ConfigError(f"config field ngram_gate_layer = {config.ngram_gate_layer}: expected "
-                          "0, or a block after the first (1 to n_layers - 1 = "
-                          f"{config.n_layers - 1}) with the n-gram memory on (ngram_memory = "
-                          f"{config.ngram_memory})")
     if rule("recompute_keep", "n_layers") and config.recompute_keep > config.n_layers:
         raise ConfigError(f"config field recompute_keep = {config.recompute_keep} exceeds "
                           f"n_layers = {config.n_layers}")

@@ -646,7 +646,7 @@ class CodeMemoryLM(Module):
             x = x + rows
         aux = None
         for i, block in enumerate(self.blocks):
-            if c.ngram_gate_layer and i == c.ngram_gate_layer:
+            if c.ngram_memory and c.ngram_gate_layer and i == c.ngram_gate_layer:
                 x = NgramMemory.gate_into(x, rows)
             x, a = block(x, memory, values)
             aux = a if aux is None else aux + a
@@ -760,7 +760,7 @@ class CodeMemoryLM(Module):
             cache.recent[...] = xp.concatenate([cache.recent, tokens.astype(np.int64)],
                                                axis=1)[:, -(c.ngram_memory - 1):]
         for i, (block, keys, values) in enumerate(zip(self.blocks, cache.keys, cache.values)):
-            if c.ngram_gate_layer and i == c.ngram_gate_layer:
+            if c.ngram_memory and c.ngram_gate_layer and i == c.ngram_gate_layer:
                 x = NgramMemory.gate_into(x, rows)
             x = block_decode(block, x, keys, values)
         code = relation = graph = None

@@ -219,9 +219,20 @@ def test_the_gated_rows_enter_at_their_block_only():
     assert np.abs(seen[0][2] - seen[2][2]).max() > 1e-3
 
 
-def test_config_refuses_a_gate_layer_it_cannot_place():
-    config = Config().override(n_layers=3, ngram_memory=3)
-    assert config.override(ngram_gate_layer=2).ngram_gate_layer == 2
-    for bad in ({"ngram_gate_layer": 3}, {"ngram_gate_layer": 1, "ngram_memory": 0}):
-        with pytest.raises(ConfigError, match="ngram_gate_layer"):
-            config.override(**bad)
+def test_a_gate_layer_without_its_block_or_memory_adds_nothing():
+    """A preset's gate layer stays valid when a config drops the n-gram memory or blocks:
+    then there is no gated copy, and the model equals one built without the field."""
+    base = Config().override(d_model=32, n_heads=2, n_layers=2, n_experts=2,
+                             expert_hidden=16, shared_vq_size=64, kgvq_size=32,
+                             ngram_memory=3, ngram_rows=512)
+    tokens = np.random.default_rng(10).integers(0, 256, (2, 8))
+    for inert in ({"n_layers": 1}, {"ngram_memory": 0}):
+        outs = []
+        for layer in (0, 1):
+            trandom.manual_seed(0)
+            model, _ = build(base.override(**inert, ngram_gate_layer=layer))
+            model.eval()
+            outs.append(model(tokens)[0].data)
+        np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(ConfigError, match="ngram_gate_layer"):
+        base.override(ngram_gate_layer=-1)
