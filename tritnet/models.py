@@ -723,11 +723,7 @@ class CodeMemoryLM(Module):
                                   f"{cache.batch} streams holding {start} of {cache.capacity} "
                                   "tokens")
         xp = backend.get_array_module(self.embed.T_packed)
-        tokens = xp.asarray(tokens)
-        memory = self.shared_vq if c.use_shared_vq else None
-        memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
-        logits = self._decode(tokens, cache, lambda block, x, keys, values: block.decode(
-            x, memory, keys, values, start, memory_values))
+        logits = self._decode(xp.asarray(tokens), cache, start)
         cache.length = start + T
         cache.position.fill(start + T)
         return logits
@@ -739,19 +735,17 @@ class CodeMemoryLM(Module):
         runs), with nothing read on the host and the same arrays at every position, so that
         the step is captured once as a CUDA graph and replayed for every token
         (CapturedDecode). The host's cache.length is left to the caller."""
-        c = self.config
-        memory = self.shared_vq if c.use_shared_vq else None
-        memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
-        logits = self._decode(tokens, cache, lambda block, x, keys, values: block.decode_at(
-            x, memory, keys, values, cache.position, memory_values))
+        logits = self._decode(tokens, cache, None)
         cache.position += 1
         return logits
 
-    def _decode(self, tokens, cache: "KVCache", block_decode) -> Tensor:
-        """What decode and decode_at share: every layer but the blocks' attention and experts
-        (block_decode(block, x, keys, values)); the n-gram history and the last code are
+    def _decode(self, tokens, cache: "KVCache", start) -> Tensor:
+        """decode's layers at host position `start`, or decode_at's at the cache's device
+        position (start None: Block.decode_at); the n-gram history and the last code are
         written into the cache's own arrays, in place."""
         c = self.config
+        memory = self.shared_vq if c.use_shared_vq else None
+        memory_values = self.memory_values if c.use_shared_vq and c.memory_values else None
         x = self.embed(tokens, check=False)
         if c.ngram_memory:
             rows = self.ngram(tokens, cache.recent)
@@ -762,11 +756,13 @@ class CodeMemoryLM(Module):
         for i, (block, keys, values) in enumerate(zip(self.blocks, cache.keys, cache.values)):
             if c.ngram_memory and c.ngram_gate_layer and i == c.ngram_gate_layer:
                 x = NgramMemory.gate_into(x, rows)
-            x = block_decode(block, x, keys, values)
+            if start is None:
+                x = block.decode_at(x, memory, keys, values, cache.position, memory_values)
+            else:
+                x = block.decode(x, memory, keys, values, start, memory_values)
         code = relation = graph = None
         if c.use_shared_vq:
-            values = self.memory_values if c.memory_values else None
-            code, relation, graph, _ = self.code_reads(x, values, cache.code)
+            code, relation, graph, _ = self.code_reads(x, memory_values, cache.code)
             cache.code[...] = code.data[:, -1:]
         return self.head(x, code, relation, graph)
 
