@@ -713,7 +713,6 @@ class CodeMemoryLM(Module):
         rounding (the products' summation order differs). Inference only: call it in eval
         mode without gradients (generate does); it records no code transitions and no code
         usage. Token ids are not range-checked here: generate checks them on the host."""
-        c = self.config
         if isinstance(tokens, Tensor):
             tokens = tokens.data
         B, T = tokens.shape
