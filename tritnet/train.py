@@ -86,14 +86,20 @@ def evaluate(model, batches) -> float:
     """Mean cross-entropy (nats/token) of `model` over fixed held-out batches, in eval mode."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    ces, sizes = [], []
     with no_grad():
         for x, y in batches:
             _, ce = model.loss(x, y)
-            total += float(ce.item()) * x.size
-            count += x.size
+            ces.append(ce.data.reshape(1))   # stays on the device: one host sync at the end
+            sizes.append(x.size)
     model.train(was_training)
-    return total / count
+    if not ces:
+        raise ValueError("evaluate: no held-out batches to score; give at least one")
+    values = backend.to_numpy(backend.get_array_module(ces[0]).concatenate(ces)).tolist()
+    total = 0.0
+    for value, size in zip(values, sizes):
+        total += value * size
+    return total / sum(sizes)
 
 
 def evaluate_checkpoint(checkpoint, *, data=None, dtype=None, batches=None, seq_len=None,
