@@ -318,7 +318,8 @@ def preset(name: str) -> Config:
 
 
 def load_config(path, base: Config | None = None) -> Config:
-    """Fields from a JSON or TOML file over `base` (default: the tiny preset), validated."""
+    """Fields from a JSON or TOML file over `base` (default: the dataclass defaults, Config();
+    the CLI lays a file over its --preset), validated."""
     path = Path(path)
     try:
         if not path.is_file() and path.exists():
